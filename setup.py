@@ -1,0 +1,56 @@
+"""Build sharpfast and its extension ``sharpfast._C``.
+
+The C++ sources are always compiled. CUDA sources are added when the installed torch was
+built with CUDA *and* a CUDA toolkit is found (``CUDA_HOME``); a CPU-only torch wheel lacks
+the c10/cuda headers even where ``nvcc`` is on the PATH. Override with ``FORCE_CUDA=1`` or
+``FORCE_ONLY_CPU=1``. Install with ``pip install --no-build-isolation -e .`` so the build uses
+the torch that is already installed (pin ``torch==2.13.0``; never let pip pick another).
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("FORCE_ONLY_CPU") == "1":
+        return False
+    if os.environ.get("FORCE_CUDA") == "1":
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extension():
+    rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    cxx = ["-O3", "-std=c++17"]
+    if _want_cuda():
+        sources += rel("csrc/cuda/*.cu")
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        return CUDAExtension("sharpfast._C", sources, include_dirs=include_dirs,
+                             define_macros=[("SHARPFAST_WITH_CUDA", "1")],
+                             extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+    return CppExtension("sharpfast._C", sources, include_dirs=include_dirs,
+                        extra_compile_args={"cxx": cxx})
+
+
+setup(
+    name="sharpfast",
+    version="0.1.0",
+    description="Fast, exact sharpness measures (average- and worst-case, adaptive) for PyTorch models",
+    packages=find_packages(include=["sharpfast", "sharpfast.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch==2.13.0", "numpy", "scipy", "scikit-learn", "safetensors", "tqdm",
+                      "pyyaml", "matplotlib"],
+    extras_require={"test": ["pytest", "hypothesis", "pytest-benchmark"],
+                    "ray": ["ray[default]"]},
+    entry_points={"console_scripts": ["sharpfast=sharpfast.cli:main"]},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
