@@ -1,2 +1,10 @@
-"""sharpfast: fast, exact sharpness measures for PyTorch models."""
+"""sharpfast: fast, exact sharpness measures for PyTorch models.
+
+>>> r = sharpfast.worst_case_sharpness(model, batches, rho=0.002, norm="linf", adaptive=True)
+>>> r.sharpness, r.err_sharpness, r.per_batch, r.delta_norm
+"""
+from .api import average_sharpness, worst_case_sharpness
+from .config import SharpnessResult
+
 __version__ = "0.1.0"
+__all__ = ["worst_case_sharpness", "average_sharpness", "SharpnessResult", "__version__"]

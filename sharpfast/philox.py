@@ -112,3 +112,14 @@ def philox_draw(distribution: str, seed: int, stream: int, sample: int, offset: 
         r = torch.sqrt(-2.0 * torch.log(u1))
         out = torch.where(is_first, r * torch.cos(theta), r * torch.sin(theta))
     return out.to(dtype)
+
+
+# Which counter streams the evaluators use: stream = index of the m-sharpness batch;
+# the sample word distinguishes average-case draws from the random starts of APGD.
+AVERAGE_SAMPLE_BASE = 0
+RAND_INIT_SAMPLE_BASE = 1 << 31
+
+
+def noise_distribution(norm: str) -> str:
+    """Gaussian noise for the l2 definitions, uniform(-1, 1) for linf (DESIGN §1)."""
+    return "normal" if norm == "l2" else "uniform"

@@ -1,0 +1,86 @@
+"""The public entry points (DESIGN §5): validate, guard the model, dispatch to a backend."""
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from . import reference
+from .config import SharpnessResult, check_batches, make_settings
+from .params import ModelGuard
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"auto"`` picks the fused backend where the extension supports ``device``, else the reference."""
+    if backend == "reference":
+        return "reference"
+    if importlib.util.find_spec("sharpfast.fused") is None:
+        available, why = False, "this build has no fused evaluators"
+    else:
+        from . import fused  # imported lazily: the reference needs no extension
+        available, why = fused.available(device)
+    if backend == "fused" and not available:
+        raise RuntimeError(f"backend='fused' is not available on {device}: {why}")
+    return "fused" if available else "reference"
+
+
+def _evaluate(kind: str, model: nn.Module, data: Iterable, **kwargs) -> SharpnessResult:
+    settings, params = make_settings(kind, model, **kwargs)
+    batches = check_batches(data)
+    backend = resolve_backend(settings.backend, params.device)
+    if backend == "fused":
+        from . import fused
+        impl = fused.worst_case_sharpness if kind == "worst" else fused.average_sharpness
+    else:
+        impl = reference.worst_case_sharpness if kind == "worst" else reference.average_sharpness
+    with ModelGuard(model, eval_mode=settings.eval_mode):
+        return impl(model, batches, params, settings)
+
+
+def worst_case_sharpness(
+    model: nn.Module, data: Iterable, rho: float, norm: str = "linf", adaptive: bool = True,
+    scale: Mapping[str, torch.Tensor] | None = None, loss_fn: Callable | None = None,
+    normalize_logits: bool | str = False, n_iters: int = 20, n_restarts: int = 1,
+    rand_init: bool = False, step_size_mult: float = 1.0, seed: int = 0, backend: str = "auto",
+    adaptive_eta: float = 0.0, adaptive_weights_only: bool = False, eval_mode: bool = True,
+    min_update_ratio: float = 0.75,
+) -> SharpnessResult:
+    """Worst-case sharpness ``E_S max_{||delta/c||_p <= rho} L_S(w + delta) - L_S(w)`` by APGD.
+
+    ``data``: iterable of ``(x, y)`` (or ``(x, _, y, _, _)``) batches, one per m-sharpness batch.
+    ``norm``: ``"linf"`` or ``"l2"``. ``adaptive``: ``c = |w|`` (+ ``adaptive_eta``; only weight
+    matrices with ``adaptive_weights_only``), else ``c = 1``; ``scale``: ``{name: c}`` overrides.
+    ``normalize_logits``: ``True``/``"norm"`` (published code) or ``"std"`` (slides).
+    The model is left exactly as it was, also after an exception or interrupt.
+    """
+    return _evaluate("worst", model, data, rho=rho, norm=norm, adaptive=adaptive, scale=scale,
+                     loss_fn=loss_fn, normalize_logits=normalize_logits, n_iters=n_iters,
+                     n_restarts=n_restarts, rand_init=rand_init, step_size_mult=step_size_mult,
+                     seed=seed, backend=backend, adaptive_eta=adaptive_eta,
+                     adaptive_weights_only=adaptive_weights_only, eval_mode=eval_mode,
+                     min_update_ratio=min_update_ratio)
+
+
+def average_sharpness(
+    model: nn.Module, data: Iterable, rho: float, norm: str = "l2", adaptive: bool = True,
+    scale: Mapping[str, torch.Tensor] | None = None, loss_fn: Callable | None = None,
+    normalize_logits: bool | str = False, n_samples: int = 20, seed: int = 0,
+    backend: str = "auto", adaptive_eta: float = 0.0, adaptive_weights_only: bool = False,
+    eval_mode: bool = True, antithetic: bool = False,
+) -> SharpnessResult:
+    """Average-case sharpness ``E_S E_xi L_S(w + rho * c * xi) - L_S(w)``.
+
+    ``xi ~ N(0, I)`` for ``norm="l2"``, ``U(-1, 1)`` for ``"linf"``; ``n_samples`` draws per batch
+    (``antithetic=True`` pairs ``+xi`` with ``-xi``, cancelling the odd terms of the estimate).
+    Other arguments as :func:`worst_case_sharpness`.
+    """
+    return _evaluate("average", model, data, rho=rho, norm=norm, adaptive=adaptive, scale=scale,
+                     loss_fn=loss_fn, normalize_logits=normalize_logits, n_samples=n_samples,
+                     seed=seed, backend=backend, adaptive_eta=adaptive_eta,
+                     adaptive_weights_only=adaptive_weights_only, eval_mode=eval_mode,
+                     antithetic=antithetic)
+
+
+__all__ = ["worst_case_sharpness", "average_sharpness", "SharpnessResult", "resolve_backend"]

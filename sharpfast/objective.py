@@ -1,0 +1,119 @@
+"""The quantity whose sharpness is measured: batches in, mean loss and 0-1 error out.
+
+A batch is ``(x, y)`` or the published code's ``(x, _, y, _, _)``; ``x`` is a tensor, a tuple
+of positional inputs or a dict of keyword inputs (as Hugging Face models take). Model outputs
+that are not tensors (an object with ``.logits``, a dict with ``"logits"``) are unwrapped.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+LOGIT_NORMALIZATIONS = ("norm", "std")
+
+
+def unpack_batch(batch: Any, index: int) -> tuple[Any, Any]:
+    """``(x, y)`` from a batch of the forms above."""
+    if isinstance(batch, (tuple, list)) and len(batch) in (2, 5):
+        return (batch[0], batch[1]) if len(batch) == 2 else (batch[0], batch[2])
+    raise TypeError(f"batch {index} must be (x, y) or (x, _, y, _, _), got {type(batch).__name__}"
+                    + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device) for v in x)
+    return x
+
+
+def call_model(model: Callable, x: Any) -> Any:
+    if isinstance(x, dict):
+        return model(**x)
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    return model(x)
+
+
+def unwrap_logits(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) and "logits" in output:
+        return output["logits"]
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}; "
+                    "return a tensor, a dict with 'logits' or an object with .logits")
+
+
+def normalize_logits(f: torch.Tensor, form: str) -> torch.Tensor:
+    """Scale-invariant logits: ``(f - mean f) / max(||f - mean f||, 1e-10)`` over the last dim.
+
+    ``form="norm"`` divides by the plain l2 norm, as the published code does (and as produced the
+    published numbers); ``form="std"`` by the standard deviation over the K logits,
+    ``||f - mean f|| / sqrt(K)``, as the paper's slides write it.
+    """
+    centered = f - f.mean(dim=-1, keepdim=True)
+    norms = centered.norm(dim=-1, keepdim=True)
+    if form == "std":
+        norms = norms / math.sqrt(f.shape[-1])
+    return centered / torch.clamp(norms, min=1e-10)
+
+
+def default_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if logits.dim() > 2:  # sequence outputs [B, T, K] with labels [B, T]
+        return F.cross_entropy(logits.flatten(0, -2), y.flatten())
+    return F.cross_entropy(logits, y)
+
+
+@dataclass
+class Objective:
+    """``loss_fn(normalized logits, y)`` and the 0-1 error, for one batch at the current weights."""
+
+    loss_fn: Callable | None = None
+    logit_normalization: str | None = None  # None, "norm" or "std"
+
+    def logits(self, model: Callable, x: Any) -> torch.Tensor:
+        f = unwrap_logits(call_model(model, x))
+        if self.logit_normalization is not None:
+            f = normalize_logits(f, self.logit_normalization)
+        return f
+
+    def loss(self, f: torch.Tensor, y: Any) -> torch.Tensor:
+        loss = (self.loss_fn or default_loss)(f, y)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError("loss_fn(output, y) must return the mean loss of the batch as a "
+                            f"one-element tensor, got {type(loss).__name__}"
+                            + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
+        return loss.reshape(())
+
+    @staticmethod
+    def error(f: torch.Tensor, y: Any) -> torch.Tensor | None:
+        """Mean 0-1 error ``argmax != y``, or None where ``y`` are not class labels for ``f``."""
+        if (isinstance(y, torch.Tensor) and not y.is_floating_point() and not y.is_complex()
+                and y.dtype != torch.bool and f.dim() >= 1 and tuple(f.shape[:-1]) == tuple(y.shape)):
+            return (f.argmax(dim=-1) != y).to(torch.float32).mean()
+        return None
+
+    def loss_and_error(self, model: Callable, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        f = self.logits(model, x)
+        return self.loss(f, y), self.error(f.detach(), y)
+
+
+def resolve_logit_normalization(normalize_logits_arg: bool | str | None) -> str | None:
+    if normalize_logits_arg is None or normalize_logits_arg is False:
+        return None
+    if normalize_logits_arg is True:
+        return "norm"
+    if isinstance(normalize_logits_arg, str) and normalize_logits_arg in LOGIT_NORMALIZATIONS:
+        return normalize_logits_arg
+    raise ValueError(f"normalize_logits must be False, True, 'norm' or 'std', got {normalize_logits_arg!r}")

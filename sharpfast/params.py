@@ -1,0 +1,114 @@
+"""Which parameters are perturbed, their scale vector ``c``, and the guard that restores a model.
+
+The perturbed parameters are the floating-point parameters that require grad, in
+``named_parameters()`` order, each counted once even when tied. Their concatenation defines
+the global element index used by the counter-based sampler (``sharpfast.philox``), so every
+backend draws the same noise for the same coordinate.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ScaleSpec:
+    """How the per-coordinate scale ``c`` is chosen (DESIGN §1).
+
+    ``adaptive``: ``c = |w| + eta`` (Kwon et al. 2021; ``eta > 0`` is ASAM's variant), else ``c = 1``.
+    ``weights_only``: only parameters with two or more dimensions (weight matrices and kernels)
+    are adaptive; biases and normalization parameters get ``c = 1``.
+    ``custom``: ``{name: tensor}`` overriding ``c`` for those parameters; ``c = 0`` freezes a
+    coordinate (never perturbed, never divided by).
+    """
+
+    adaptive: bool = True
+    eta: float = 0.0
+    weights_only: bool = False
+    custom: Mapping[str, torch.Tensor] | None = None
+
+    def scale_for(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        if self.custom is not None and name in self.custom:
+            return self.custom[name].detach().to(device=w.device, dtype=w.dtype)
+        if self.adaptive and (w.dim() >= 2 or not self.weights_only):
+            return w.detach().abs() + self.eta
+        return torch.ones_like(w)
+
+    def is_identity(self, params: "ParamSet") -> bool:
+        """True when ``c = 1`` for every coordinate (the l2 projection is then a rescaling)."""
+        if self.custom:
+            return False
+        return not self.adaptive or (self.weights_only and all(p.dim() < 2 for p in params.tensors))
+
+
+class ParamSet:
+    """The trainable floating-point parameters of a model, deduplicated, in a fixed order."""
+
+    def __init__(self, model: nn.Module):
+        named = [(n, p) for n, p in model.named_parameters()  # remove_duplicate=True: tied once
+                 if p.requires_grad and p.is_floating_point()]
+        self.names = [n for n, _ in named]
+        self.tensors = [p for _, p in named]
+        self.numels = [p.numel() for p in self.tensors]
+        self.offsets = [sum(self.numels[:i]) for i in range(len(self.numels))]
+        self.numel = sum(self.numels)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors[0].device
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a flat vector shaped like the parameters."""
+        return [chunk.view_as(p) for chunk, p in zip(flat.split(self.numels), self.tensors)]
+
+    def scales(self, spec: ScaleSpec) -> list[torch.Tensor]:
+        return [spec.scale_for(n, p) for n, p in zip(self.names, self.tensors)]
+
+
+class ModelGuard(contextlib.AbstractContextManager):
+    """Leaves a model exactly as it was found, whatever happens inside the ``with`` block.
+
+    On entry it records, for every parameter, its ``.data`` tensor (the user's storage),
+    ``.grad`` and ``requires_grad``; every module's ``training`` flag; and every buffer, which
+    it replaces by a private copy so that in-place updates (BatchNorm statistics in train mode)
+    never reach the user's tensors. On exit, also after an exception or ``KeyboardInterrupt``,
+    it points everything back. The evaluators never write into the user's parameter storage:
+    they point ``param.data`` at their own tensors, so restoring is bit-exact.
+    """
+
+    def __init__(self, model: nn.Module, eval_mode: bool = True):
+        self.model = model
+        self.eval_mode = eval_mode
+
+    def __enter__(self):
+        model = self.model
+        self._params = [(p, p.data, p.grad, p.requires_grad)
+                        for p in model.parameters()]
+        self._training = [(m, m.training) for m in model.modules()]
+        self._buffers = []
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                self._buffers.append((module, name, buf))
+                if buf is not None:
+                    module._buffers[name] = buf.clone()
+        if self.eval_mode:
+            model.eval()
+        return self
+
+    def __exit__(self, *exc):
+        for p, data, grad, requires_grad in self._params:
+            p.data = data
+            p.grad = grad
+            p.requires_grad_(requires_grad)
+        for module, training in self._training:
+            module.training = training
+        for module, name, buf in self._buffers:
+            module._buffers[name] = buf
+        return False
