@@ -1,0 +1,291 @@
+"""Sharpness definitions: one configuration of the public API, its stable key, configs, presets.
+
+A :class:`Definition` is everything that changes a sharpness value: average- or worst-case,
+the norm, adaptive or not, logit normalization, ``m`` (the m-sharpness batch size), the
+number of examples, the radius ``rho`` and the estimator's settings. Its ``key`` (a hash of
+all fields) identifies it in the results store, so a changed setting is a new definition.
+
+Configs (YAML or TOML)::
+
+    defaults:                      # optional, applied to every definition
+      m: 128
+      n_examples: 512
+    preset: default                # optional: start from a preset's definitions
+    definitions:
+      - {kind: max, norm: linf, adaptive: true, normalize_logits: true, rho: [0.001, 0.002]}
+      - {kind: avg, norm: l2, adaptive: true, rho: 0.1, n_samples: 20}
+
+``rho`` may be a number or a list (one definition per radius).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Iterable
+
+KINDS = ("avg", "max")
+NORMS = ("l2", "linf")
+LOGIT_NORMS = (False, "norm", "std")
+
+
+class ConfigError(ValueError):
+    """A sharpness-definition config or flag combination that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Definition:
+    kind: str                      # "avg" (average-case) or "max" (worst-case, APGD)
+    norm: str                      # "l2" or "linf"
+    rho: float
+    adaptive: bool = True
+    normalize_logits: Any = False  # False | "norm" (published code) | "std" (slides)
+    m: int = 128                   # examples per m-sharpness batch
+    n_examples: int = 512          # examples sharpness is measured on (a multiple of m)
+    n_iters: int = 20              # worst-case: APGD iterations
+    n_restarts: int = 1            # worst-case
+    rand_init: bool = False        # worst-case
+    step_size_mult: float = 1.0    # worst-case
+    n_samples: int = 20            # average-case: noise draws per batch
+    seed: int = 0
+    adaptive_eta: float = 0.0
+    adaptive_weights_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        nl = self.normalize_logits
+        if nl is True:
+            object.__setattr__(self, "normalize_logits", "norm")
+        elif nl in (None, "none", "false", "off"):
+            object.__setattr__(self, "normalize_logits", False)
+        if self.normalize_logits not in LOGIT_NORMS:
+            raise ConfigError(f"normalize_logits must be false, true/'norm' or 'std', got {nl!r}")
+        for name in ("adaptive", "rand_init", "adaptive_weights_only"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("m", "n_examples", "n_iters", "n_restarts", "n_samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        for name in ("rho", "step_size_mult", "adaptive_eta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        if not self.rho > 0 or self.rho == float("inf"):
+            raise ConfigError(f"rho must be a positive finite number, got {self.rho!r}")
+        if not self.step_size_mult > 0:
+            raise ConfigError(f"step_size_mult must be positive, got {self.step_size_mult!r}")
+        if self.adaptive_eta < 0:
+            raise ConfigError(f"adaptive_eta must be >= 0, got {self.adaptive_eta!r}")
+        if self.n_examples % self.m:
+            raise ConfigError(f"n_examples ({self.n_examples}) must be a multiple of m ({self.m}): "
+                              "every m-sharpness batch has m examples")
+
+    # -- identity -------------------------------------------------------------------------
+    def canonical(self) -> dict[str, Any]:
+        """The fields that matter for this kind (worst-case settings are dropped for avg and
+        vice versa), so irrelevant settings do not split one definition into several keys."""
+        d = asdict(self)
+        if self.kind == "avg":
+            for k in ("n_iters", "n_restarts", "rand_init", "step_size_mult"):
+                d.pop(k)
+        else:
+            d.pop("n_samples")
+        return d
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def family(self) -> str:
+        """The definition without its radius, e.g. ``max-linf-adaptive-norm m=128``."""
+        parts = [self.kind, self.norm, "adaptive" if self.adaptive else "standard"]
+        if self.normalize_logits:
+            parts.append("lognorm" if self.normalize_logits == "norm" else "logstd")
+        name = "-".join(parts) + f" m={self.m}"
+        base = Definition(self.kind, self.norm, 1.0, m=self.m)
+        extra = [f"{k}={v}" for k, v in self.canonical().items()
+                 if k not in ("kind", "norm", "rho", "adaptive", "normalize_logits", "m")
+                 and v != base.canonical().get(k)]
+        return name + ("" if not extra else " " + " ".join(extra))
+
+    @property
+    def name(self) -> str:
+        return f"{self.family} rho={self.rho:g}"
+
+    # -- evaluation -----------------------------------------------------------------------
+    def api_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``sharpfast.worst_case_sharpness`` / ``average_sharpness``."""
+        kw = dict(rho=self.rho, norm=self.norm, adaptive=self.adaptive,
+                  normalize_logits=self.normalize_logits, seed=self.seed)
+        if self.adaptive_eta:
+            kw["adaptive_eta"] = self.adaptive_eta
+        if self.adaptive_weights_only:
+            kw["adaptive_weights_only"] = True
+        if self.kind == "max":
+            kw.update(n_iters=self.n_iters, n_restarts=self.n_restarts, rand_init=self.rand_init,
+                      step_size_mult=self.step_size_mult)
+        else:
+            kw.update(n_samples=self.n_samples)
+        return kw
+
+    def to_json(self) -> str:
+        return json.dumps(self.canonical(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "definition") -> "Definition":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        missing = {"kind", "norm", "rho"} - set(d)
+        if missing:
+            raise ConfigError(f"{where}: missing field(s) {sorted(missing)}")
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        except TypeError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- presets
+
+def _grid(kind: str, norm: str, radii: dict[str, list[float]], **common: Any) -> list[dict[str, Any]]:
+    variants = {"standard": dict(adaptive=False), "adaptive": dict(adaptive=True),
+                "adaptive-lognorm": dict(adaptive=True, normalize_logits="norm")}
+    return [dict(kind=kind, norm=norm, rho=r, **variants[v], **common)
+            for v, rs in radii.items() for r in rs]
+
+
+def _paper() -> list[dict[str, Any]]:
+    """The published CIFAR-10 ResNet-18 grid (sh/eval_sharpness_final.sh of the paper's code):
+    {avg, max} x {l2, linf} x {standard, adaptive, adaptive + logit normalization} x 4 radii,
+    m = 128 on 1024 training examples, 20 APGD iterations / 20 noise draws, no random init."""
+    same = lambda rs: {"standard": rs, "adaptive": rs, "adaptive-lognorm": rs}
+    common = dict(m=128, n_examples=1024, n_iters=20, n_samples=20)
+    return (_grid("avg", "l2", same([0.05, 0.1, 0.2, 0.4]), **common)
+            + _grid("avg", "linf", same([0.1, 0.2, 0.4, 0.8]), **common)
+            + _grid("max", "l2", same([0.25, 0.5, 1.0, 2.0]), **common)
+            + _grid("max", "linf", {"standard": [0.0005, 0.001, 0.002, 0.004],
+                                    "adaptive": [0.001, 0.002, 0.004, 0.008],
+                                    "adaptive-lognorm": [0.001, 0.002, 0.004, 0.008]}, **common))
+
+
+PRESETS: dict[str, list[dict[str, Any]]] = {
+    "paper": _paper(),
+    # the main job on the digits zoo: the paper's four families, one radius each, m = 128 on 512
+    # training examples (radii chosen so the loss increase is well above noise yet < ~1 nat)
+    "default": [
+        dict(kind="max", norm="linf", adaptive=True, normalize_logits="norm", rho=0.002),
+        dict(kind="max", norm="linf", adaptive=True, rho=0.002),
+        dict(kind="max", norm="l2", adaptive=True, rho=0.5),
+        dict(kind="max", norm="l2", adaptive=False, rho=0.1),
+        dict(kind="avg", norm="l2", adaptive=True, rho=0.1),
+        dict(kind="avg", norm="linf", adaptive=True, normalize_logits="norm", rho=0.2),
+    ],
+    # smoke tests: two cheap definitions
+    "quick": [
+        dict(kind="max", norm="linf", adaptive=True, rho=0.002, n_iters=5, m=64, n_examples=128),
+        dict(kind="avg", norm="l2", adaptive=True, rho=0.1, n_samples=4, m=64, n_examples=128),
+    ],
+}
+
+
+def preset(name: str, **overrides: Any) -> list[Definition]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+    return [Definition.from_dict({**d, **overrides}, f"preset {name!r} #{i}") for i, d in enumerate(PRESETS[name])]
+
+
+# ----------------------------------------------------------------------------- configs
+
+def _expand(d: dict[str, Any], defaults: dict[str, Any], where: str) -> list[Definition]:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    merged = {**defaults, **d}
+    rhos = merged.get("rho")
+    if isinstance(rhos, (list, tuple)):
+        if not rhos:
+            raise ConfigError(f"{where}: 'rho' is an empty list")
+        return [Definition.from_dict({**merged, "rho": r}, f"{where} (rho={r!r})") for r in rhos]
+    return [Definition.from_dict(merged, where)]
+
+
+def parse_config(raw: Any, where: str = "config") -> list[Definition]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(raw).__name__}")
+    unknown = set(raw) - {"defaults", "definitions", "preset"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown top-level key(s) {sorted(unknown)}; "
+                          "expected 'defaults', 'definitions', 'preset'")
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{where}: 'defaults' must be a mapping")
+    out: list[Definition] = []
+    if raw.get("preset") is not None:
+        names = raw["preset"] if isinstance(raw["preset"], list) else [raw["preset"]]
+        for n in names:
+            if n not in PRESETS:
+                raise ConfigError(f"{where}: unknown preset {n!r}; available: {sorted(PRESETS)}")
+            out += [d for i, p in enumerate(PRESETS[n]) for d in _expand(p, defaults, f"{where}: preset {n} #{i}")]
+    defs = raw.get("definitions", [])
+    if not isinstance(defs, list):
+        raise ConfigError(f"{where}: 'definitions' must be a list")
+    for i, d in enumerate(defs):
+        out += _expand(d, defaults, f"{where}: definitions[{i}]")
+    if not out:
+        raise ConfigError(f"{where}: no definitions (give 'definitions' or 'preset')")
+    return dedupe(out)
+
+
+def load_config(path: str) -> list[Definition]:
+    """Definitions from a ``.yaml``/``.yml``/``.json`` or ``.toml`` file."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".toml":
+            import tomllib
+
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        elif ext in (".yaml", ".yml", ".json"):
+            import yaml
+
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f)
+        else:
+            raise ConfigError(f"config {path!r}: unknown extension {ext!r}; use .yaml, .yml, .json or .toml")
+    except ConfigError:
+        raise
+    except Exception as e:  # yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError
+        raise ConfigError(f"config {path!r} cannot be parsed: {e}") from e
+    return parse_config(raw, f"config {path!r}")
+
+
+def dedupe(defs: Iterable[Definition]) -> list[Definition]:
+    seen: dict[str, Definition] = {}
+    for d in defs:
+        seen.setdefault(d.key, d)
+    return list(seen.values())
+
+
+def with_overrides(defs: Iterable[Definition], **overrides: Any) -> list[Definition]:
+    """Apply ``n_examples=...``, ``m=...`` etc. to every definition (``None`` values ignored)."""
+    ov = {k: v for k, v in overrides.items() if v is not None}
+    if not ov:
+        return list(defs)
+    try:
+        return dedupe(replace(d, **ov) for d in defs)
+    except ConfigError as e:
+        raise ConfigError(f"override {ov}: {e}") from None

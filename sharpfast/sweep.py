@@ -1,0 +1,247 @@
+"""Sweeps: checkpoints x definitions -> results store, resumable and idempotent.
+
+The driver plans the work (every (checkpoint, definition) pair without an ``ok`` row for the
+checkpoint's current sha256), hands one task per checkpoint to an executor, and writes each
+checkpoint's rows in one transaction as its task returns. Executors:
+
+* ``local``: tasks run one after another in this process;
+* ``ray``:   one Ray task per checkpoint (a local cluster by default, or ``address``), with a
+  GPU requested per task when the cluster has GPUs. Workers only compute and return rows;
+  the driver alone writes the store.
+
+A checkpoint that fails to load, or a definition that fails to evaluate, becomes a row with
+status ``error`` and the message; the sweep goes on. Errors are retried on a rerun.
+"""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .checkpoints import CheckpointError, Manifest, ManifestError, ModelEntry, load_model
+from .definitions import Definition
+from .store import Store
+
+_DATA_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _versions() -> tuple[str, str]:
+    import sharpfast
+
+    return getattr(sharpfast, "__version__", "unknown"), torch.__version__
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return device
+
+
+def _short_error(e: BaseException) -> str:
+    msg = f"{type(e).__name__}: {e}"
+    return msg if len(msg) < 2000 else msg[:2000] + " ..."
+
+
+def evaluate_checkpoint(data_spec: dict[str, Any], root: str, entry: dict[str, Any],
+                        definitions: list[dict[str, Any]], device: str = "auto",
+                        threads: int | None = None, backend: str = "auto") -> list[dict[str, Any]]:
+    """Evaluate every definition on one checkpoint; return the store rows (plain dicts).
+
+    Runs in the driver (local executor) or in a worker (Ray): it touches no store and never
+    raises for a bad checkpoint or a failing definition; those become ``error`` rows.
+    """
+    import sharpfast
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    sf_version, torch_version = _versions()
+    defs = [Definition.from_dict(d) for d in definitions]
+    base = dict(checkpoint_id=entry["id"], device=dev, sharpfast_version=sf_version,
+                torch_version=torch_version, checkpoint_sha256=entry.get("sha256"))
+    manifest = Manifest(data=data_spec, models=[], root=root)
+    try:
+        model = load_model(manifest, ModelEntry.from_dict(entry)).to(dev)
+    except Exception as e:  # CheckpointError, ManifestError, anything a factory raises
+        err = _short_error(e)
+        return [dict(base, definition_key=d.key, status="error", error=err, time_s=0.0) for d in defs]
+    rows = []
+    for d in defs:
+        t0 = time.perf_counter()
+        try:
+            ck = (data_spec["factory"], repr(sorted(data_spec.get("kwargs", {}).items())), d.n_examples)
+            if ck not in _DATA_CACHE:
+                _DATA_CACHE[ck] = manifest.sharpness_data(d.n_examples)
+            x, y = _DATA_CACHE[ck]
+            if len(y) < d.n_examples:
+                raise ValueError(f"the definition needs {d.n_examples} examples, the data has {len(y)}")
+            x, y = x[:d.n_examples].to(dev), y[:d.n_examples].to(dev)
+            batches = [(x[i:i + d.m], y[i:i + d.m]) for i in range(0, d.n_examples, d.m)]
+            fn = sharpfast.worst_case_sharpness if d.kind == "max" else sharpfast.average_sharpness
+            r = fn(model, batches, backend=backend, **d.api_kwargs())
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+            rows.append(dict(base, definition_key=d.key, status="ok", value=float(r.sharpness),
+                             err_value=None if r.err_sharpness is None else float(r.err_sharpness),
+                             per_batch=[float(v) for v in r.per_batch], delta_norm=float(r.delta_norm),
+                             backend=getattr(r, "backend", None), time_s=time.perf_counter() - t0))
+        except Exception as e:
+            rows.append(dict(base, definition_key=d.key, status="error", error=_short_error(e),
+                             time_s=time.perf_counter() - t0))
+    return rows
+
+
+# ----------------------------------------------------------------------------- planning
+
+@dataclass
+class Task:
+    entry: ModelEntry
+    definitions: list[Definition]
+
+
+@dataclass
+class SweepSummary:
+    n_checkpoints: int = 0
+    n_definitions: int = 0
+    skipped: int = 0
+    ok: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    failed: dict[str, str] = field(default_factory=dict)  # "checkpoint / definition" -> message
+
+    def text(self, store_path: str) -> str:
+        total = self.n_checkpoints * self.n_definitions
+        lines = [f"sweep: {self.n_checkpoints} checkpoint(s) x {self.n_definitions} definition(s) = {total} row(s); "
+                 f"computed {self.ok + self.errors} ({self.ok} ok, {self.errors} error), "
+                 f"{self.skipped} already done; {self.seconds:.1f}s -> {store_path}"]
+        for k, v in list(self.failed.items())[:10]:
+            lines.append(f"  error: {k}: {v.splitlines()[0][:300]}")
+        if len(self.failed) > 10:
+            lines.append(f"  ... and {len(self.failed) - 10} more (see the store's results.error)")
+        return "\n".join(lines)
+
+
+def plan(manifest: Manifest, defs: list[Definition], store: Store, retry_errors: bool = True) -> tuple[list[Task], int]:
+    done = store.done_keys(include_errors=not retry_errors)
+    tasks, skipped = [], 0
+    for e in manifest.models:
+        todo = []
+        for d in defs:
+            k = (e.id, d.key)
+            if k in done and (e.sha256 is None or done[k] == e.sha256):
+                skipped += 1
+            else:
+                todo.append(d)
+        if todo:
+            tasks.append(Task(e, todo))
+    return tasks, skipped
+
+
+# ----------------------------------------------------------------------------- executors
+
+def _checkpoint_meta(e: ModelEntry) -> dict[str, Any]:
+    return dict(checkpoint_id=e.id, sha256=e.sha256, factory=e.factory, hparams=e.hparams, metrics=e.metrics)
+
+
+def _run_local(manifest: Manifest, tasks: list[Task], device: str, threads: int | None, backend: str,
+               on_result: Callable[[Task, list[dict]], None]) -> None:
+    for t in tasks:
+        rows = evaluate_checkpoint(manifest.data, manifest.root, t.entry.to_dict(),
+                                   [d.canonical() for d in t.definitions], device, threads, backend)
+        on_result(t, rows)
+
+
+def _run_ray(manifest: Manifest, tasks: list[Task], device: str, threads: int | None, backend: str,
+             on_result: Callable[[Task, list[dict]], None], address: str | None = None,
+             num_cpus: int | None = None, cpus_per_task: float = 1.0) -> None:
+    try:
+        import ray
+    except ImportError as e:
+        raise RuntimeError("the Ray executor needs ray: pip install 'ray' (or sharpfast[ray])") from e
+    started = False
+    if not ray.is_initialized():
+        kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        if address:
+            ray.init(address=address, **kw)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), **kw)
+        started = True
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0) if device != "cpu" else 0
+        num_gpus = 1 if gpus > 0 else 0
+        task_device = ("cuda" if num_gpus else "cpu") if device == "auto" else device
+        remote = ray.remote(num_cpus=cpus_per_task, num_gpus=num_gpus, max_retries=0)(evaluate_checkpoint)
+        pending = {}
+        for t in tasks:
+            ref = remote.remote(manifest.data, manifest.root, t.entry.to_dict(),
+                                [d.canonical() for d in t.definitions], task_device,
+                                threads or max(1, int(cpus_per_task)), backend)
+            pending[ref] = t
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            t = pending.pop(ready[0])
+            try:
+                rows = ray.get(ready[0])
+            except Exception as e:  # the worker died or the task could not run
+                err = _short_error(e)
+                rows = [dict(checkpoint_id=t.entry.id, definition_key=d.key, status="error", error=err,
+                             checkpoint_sha256=t.entry.sha256) for d in t.definitions]
+            on_result(t, rows)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, executor: str = "local",
+              device: str = "auto", threads: int | None = None, backend: str = "auto",
+              retry_errors: bool = True, progress: bool = True, address: str | None = None,
+              num_cpus: int | None = None, limit: int | None = None) -> SweepSummary:
+    """Evaluate every missing (checkpoint, definition) pair and store it; return a summary.
+
+    ``limit`` stops after that many checkpoints (for smoke runs).
+    """
+    from tqdm import tqdm
+
+    if executor not in ("local", "ray"):
+        raise ValueError(f"unknown executor {executor!r}; expected 'local' or 'ray'")
+    if not defs:
+        raise ValueError("no sharpness definitions to sweep")
+    t0 = time.perf_counter()
+    summary = SweepSummary(n_checkpoints=len(manifest.models), n_definitions=len(defs))
+    with Store(store_path) as store:
+        store.put_definitions(defs)
+        # checkpoint metadata is refreshed even where nothing is left to compute
+        with store.transaction() as db:
+            for e in manifest.models:
+                store.put_checkpoint(db, **_checkpoint_meta(e))
+        tasks, summary.skipped = plan(manifest, defs, store, retry_errors)
+        if limit is not None:
+            tasks = tasks[:limit]
+        names = {d.key: d.name for d in defs}
+        bar = tqdm(total=len(tasks), desc=f"sweep ({executor})", unit="ckpt",
+                   disable=not progress or not tasks)
+
+        def on_result(task: Task, rows: list[dict]) -> None:
+            store.put_results(_checkpoint_meta(task.entry), rows)
+            for r in rows:
+                if r["status"] == "ok":
+                    summary.ok += 1
+                else:
+                    summary.errors += 1
+                    summary.failed[f"{r['checkpoint_id']} / {names.get(r['definition_key'], r['definition_key'])}"] = r["error"]
+            bar.update(1)
+            bar.set_postfix(ok=summary.ok, error=summary.errors, refresh=False)
+
+        if executor == "local":
+            _run_local(manifest, tasks, device, threads, backend, on_result)
+        else:
+            _run_ray(manifest, tasks, device, threads, backend, on_result, address, num_cpus)
+        bar.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary

@@ -1,0 +1,265 @@
+"""The built-in model zoo: small MLPs and CNNs trained on scikit-learn digits over a grid of
+hyperparameters (learning rate, batch size, width, weight decay, augmentation, optimizer).
+
+Every model is saved as safetensors with a manifest entry (``sharpfast.checkpoints``) holding
+its factory, hyperparameters, train/test error and loss, and its error on digits-C.
+Training is deterministic: the seed fixes the initialization and the batch order, and each
+model is trained with one intra-op thread.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import digits
+from .checkpoints import MANIFEST_NAME, Manifest, ModelEntry, file_sha256, save_state_dict
+
+# ----------------------------------------------------------------------------- factories
+
+
+def mlp(width: int = 64, depth: int = 2, n_classes: int = digits.N_CLASSES, in_features: int = 64) -> nn.Module:
+    """``depth`` hidden ReLU layers of ``width`` units on flattened 8x8 images."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    d = in_features
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.ReLU()]
+        d = width
+    layers.append(nn.Linear(d, n_classes))
+    return nn.Sequential(*layers)
+
+
+def cnn(width: int = 16, n_classes: int = digits.N_CLASSES) -> nn.Module:
+    """Two 3x3 convolutions (the second with stride 2) and a linear head on 8x8 images."""
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(2 * width * 16, n_classes),
+    )
+
+
+ARCHS: dict[str, str] = {"mlp": "sharpfast.zoo:mlp", "cnn": "sharpfast.zoo:cnn"}
+
+# ----------------------------------------------------------------------------- grids
+
+#: optimizer-specific base learning rates; the grid's ``lr`` is a multiplier of these, so
+#: "the same learning rate" means the same relative step size for SGD and Adam.
+BASE_LR = {"sgd": 0.05, "adam": 0.002}
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """A full factorial grid ``factors`` over the training configuration ``fixed``."""
+
+    factors: dict[str, list[Any]]
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def configs(self) -> list[dict[str, Any]]:
+        names = list(self.factors)
+        out = []
+        for values in itertools.product(*(self.factors[n] for n in names)):
+            cfg = dict(DEFAULT_TRAIN)
+            cfg.update(self.fixed)
+            cfg.update(dict(zip(names, values)))
+            out.append(cfg)
+        return out
+
+
+DEFAULT_TRAIN: dict[str, Any] = {
+    "arch": "mlp", "width": 64, "optimizer": "sgd", "lr": 1.0, "batch_size": 32,
+    "weight_decay": 0.0, "augment": False, "epochs": 20, "seed": 0, "n_train": 600,
+    "n_test": digits.DEFAULT_N_TEST, "split_seed": digits.DEFAULT_SPLIT_SEED,
+}
+
+ZOO_PRESETS: dict[str, ZooSpec] = {
+    # the README's main job: 2^6 = 64 models (both architectures, five training knobs)
+    "default": ZooSpec({"arch": ["mlp", "cnn"], "lr": [0.5, 2.0], "batch_size": [16, 128],
+                        "width": [16, 64], "weight_decay": [0.0, 5e-3], "augment": [False, True]},
+                       {"optimizer": "sgd", "epochs": 15}),
+    # every factor the zoo knows, 2^7 = 128 models
+    "full": ZooSpec({"arch": ["mlp", "cnn"], "optimizer": ["sgd", "adam"], "lr": [0.5, 2.0],
+                     "batch_size": [16, 128], "width": [16, 64], "weight_decay": [0.0, 5e-3],
+                     "augment": [False, True]}, {"epochs": 15}),
+    # for tests and smoke runs: 8 tiny MLPs
+    "tiny": ZooSpec({"lr": [0.5, 2.0], "batch_size": [32, 128], "width": [8, 16]},
+                    {"arch": "mlp", "epochs": 3, "n_train": 256}),
+}
+
+
+def config_id(cfg: dict[str, Any]) -> str:
+    """A readable, unique, stable name for one training configuration."""
+    short = {"arch": "", "optimizer": "", "lr": "lr", "batch_size": "bs", "width": "w",
+             "weight_decay": "wd", "augment": "aug", "epochs": "ep", "seed": "s"}
+    parts = []
+    for k, p in short.items():
+        v = cfg[k]
+        if isinstance(v, bool):
+            v = int(v)
+        parts.append(f"{p}{v:g}" if isinstance(v, float) else f"{p}{v}")
+    digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:6]
+    return "-".join(parts) + "-" + digest
+
+
+def model_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    if cfg["arch"] == "mlp":
+        return {"width": int(cfg["width"])}
+    if cfg["arch"] == "cnn":
+        return {"width": int(cfg["width"])}
+    raise ValueError(f"unknown arch {cfg['arch']!r}; expected one of {sorted(ARCHS)}")
+
+
+def build(cfg: dict[str, Any]) -> nn.Module:
+    module, fn = ARCHS[cfg["arch"]].split(":")
+    return {"mlp": mlp, "cnn": cnn}[fn](**model_kwargs(cfg))
+
+
+# ----------------------------------------------------------------------------- training
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
+    """``(error, mean cross-entropy)`` in eval mode."""
+    was = model.training
+    model.eval()
+    wrong, loss = 0, 0.0
+    for i in range(0, len(y), batch_size):
+        out = model(x[i:i + batch_size])
+        loss += float(F.cross_entropy(out, y[i:i + batch_size], reduction="sum"))
+        wrong += int((out.argmax(1) != y[i:i + batch_size]).sum())
+    model.train(was)
+    return wrong / len(y), loss / len(y)
+
+
+def train(cfg: dict[str, Any]) -> tuple[nn.Module, dict[str, float]]:
+    """Train one model of the grid; return it (eval mode) and its metrics."""
+    x, y, xt, yt = digits.split(cfg["n_train"], cfg["n_test"], cfg["split_seed"])
+    torch.manual_seed(cfg["seed"])
+    model = build(cfg)
+    opt_name = cfg["optimizer"]
+    if opt_name not in BASE_LR:
+        raise ValueError(f"unknown optimizer {opt_name!r}; expected one of {sorted(BASE_LR)}")
+    lr = BASE_LR[opt_name] * float(cfg["lr"])
+    if opt_name == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=cfg["weight_decay"])
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg["weight_decay"])
+    g = torch.Generator().manual_seed(cfg["seed"] + 1)
+    bs = int(cfg["batch_size"])
+    steps_per_epoch = -(-len(y) // bs)
+    total = cfg["epochs"] * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))  # cosine decay
+    model.train()
+    for _ in range(cfg["epochs"]):
+        perm = torch.randperm(len(y), generator=g)
+        for i in range(0, len(y), bs):
+            idx = perm[i:i + bs]
+            xb = x[idx]
+            if cfg["augment"]:
+                xb = digits.augment(xb, g)
+            loss = F.cross_entropy(model(xb), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    train_err, train_loss = evaluate(model, x, y)
+    test_err, test_loss = evaluate(model, xt, yt)
+    m = {"train_error": train_err, "train_loss": train_loss, "test_error": test_err,
+         "test_loss": test_loss, "gap": test_err - train_err}
+    ood = []
+    for kind, xc in digits.corrupted_test_sets(xt, seed=cfg["split_seed"]).items():
+        e, l = evaluate(model, xc, yt)
+        m[f"ood_error_{kind}"] = e
+        m[f"ood_loss_{kind}"] = l
+        ood.append(e)
+    m["ood_error"] = sum(ood) / len(ood)
+    return model, m
+
+
+def _train_one(cfg: dict[str, Any], ckpt_dir: str) -> dict[str, Any]:
+    """Train, save the safetensors checkpoint, return the manifest entry as a dict."""
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    model, metrics = train(cfg)
+    mid = config_id(cfg)
+    rel = os.path.join("checkpoints", mid + ".safetensors")
+    path = os.path.join(ckpt_dir, mid + ".safetensors")
+    save_state_dict(model.state_dict(), path)
+    return ModelEntry(id=mid, factory=ARCHS[cfg["arch"]], kwargs=model_kwargs(cfg), checkpoint=rel,
+                      sha256=file_sha256(path), hparams=dict(cfg), metrics=metrics,
+                      train_time_s=time.perf_counter() - t0).to_dict()
+
+
+def data_spec(cfgs: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's ``data`` entry: where the sweep gets the examples sharpness is measured on."""
+    keys = {(c["n_train"], c["n_test"], c["split_seed"]) for c in cfgs}
+    if len(keys) != 1:
+        raise ValueError("all models of one zoo must share n_train, n_test and split_seed "
+                         f"(the sharpness data), got {sorted(keys)}")
+    n_train, n_test, split_seed = keys.pop()
+    return {"factory": "sharpfast.digits:sharpness_data",
+            "kwargs": {"n_train": n_train, "n_test": n_test, "split_seed": split_seed}}
+
+
+def build_zoo(out_dir: str, spec: ZooSpec, jobs: int = 1, progress: bool = True,
+              log: Callable[[str], None] = print) -> Manifest:
+    """Train every configuration of ``spec`` not yet in ``out_dir``'s manifest (resumable).
+
+    The manifest is rewritten atomically after every model, so an interrupted run loses at
+    most the models in flight; a rerun trains only what is missing.
+    """
+    from tqdm import tqdm
+
+    cfgs = spec.configs()
+    os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
+    mpath = os.path.join(out_dir, MANIFEST_NAME)
+    if os.path.exists(mpath):
+        manifest = Manifest.load(mpath)
+    else:
+        manifest = Manifest(data=data_spec(cfgs), models=[], root=out_dir)
+    if manifest.data != data_spec(cfgs):
+        raise ValueError(f"{mpath} holds a zoo with other sharpness data ({manifest.data}); "
+                         "use another output folder")
+    have = {m.id for m in manifest.models
+            if os.path.exists(os.path.join(out_dir, m.checkpoint))}
+    manifest.models = [m for m in manifest.models if m.id in have]
+    todo = [c for c in cfgs if config_id(c) not in have]
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="zoo", unit="model", disable=not progress or not todo)
+
+    def done(entry: dict[str, Any]) -> None:
+        manifest.models.append(ModelEntry.from_dict(entry))
+        manifest.save(mpath)
+        bar.update(1)
+
+    if jobs <= 1 or len(todo) <= 1:
+        for cfg in todo:
+            done(_train_one(cfg, ckpt_dir))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_train_one, cfg, ckpt_dir) for cfg in todo]
+            for f in as_completed(futures):
+                done(f.result())
+    bar.close()
+    order = {config_id(c): i for i, c in enumerate(cfgs)}
+    manifest.models.sort(key=lambda m: order.get(m.id, len(order)))
+    manifest.save(mpath)
+    if todo:
+        log(f"zoo: trained {len(todo)} model(s) in {time.perf_counter() - t0:.1f}s "
+            f"({len(cfgs) - len(todo)} already present) -> {mpath}")
+    else:
+        log(f"zoo: all {len(cfgs)} model(s) already present in {mpath}")
+    return manifest
