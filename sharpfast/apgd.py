@@ -12,8 +12,19 @@ from typing import Callable
 MOMENTUM = 0.75            # alpha: delta_new = alpha * z + (1 - alpha) * delta_prev
 MIN_UPDATE_RATIO = 0.75    # halve the step when fewer than this fraction of steps improved
 STEP_SIZE_SCALER = 0.5
-BISECTION_TOL = 1e-5       # | ||z_lambda / c|| - rho | <= tol ends the bisection
+PUBLISHED_BISECTION_TOL = 1e-5  # the published code stops at | ||z_lambda / c|| - rho | <= 1e-5
 BISECTION_MAX_STEPS = 500  # guard: the published loop could spin forever when tol < float resolution
+
+
+def bisection_tolerance(rho: float, projection_tol: float | None = None) -> float:
+    """Absolute tolerance of the ellipsoid bisection.
+
+    The published 1e-5 is absolute: at the small radii used with adaptive sharpness
+    (rho ~ 5e-4) it lets an iterate leave the ellipsoid by 2% of its radius. By default
+    sharpfast uses ``1e-5 * min(1, rho)``: the published value for rho >= 1, 1e-5 relative below.
+    ``projection_tol`` overrides it (``sharpfast.compat`` passes the published 1e-5).
+    """
+    return PUBLISHED_BISECTION_TOL * min(1.0, rho) if projection_tol is None else projection_tol
 
 
 def checkpoint_schedule(n_iters: int) -> list[int]:
@@ -41,7 +52,7 @@ class BisectionState:
     is within ``tol`` of rho; that ``lambda`` is the one applied.
     """
 
-    def __init__(self, rho: float, tol: float = BISECTION_TOL):
+    def __init__(self, rho: float, tol: float):
         self.rho, self.tol = rho, tol
         self.lam, self.lo, self.hi, self.limit = 0.1, 0.0, 10.0, 10.0
         self.steps = 0
@@ -70,15 +81,15 @@ class BisectionState:
             self.accepted = self.best_feasible if self.best_feasible is not None else lam
 
 
-def ellipsoid_lambda(weighted_norm_at: Callable[[float], float], rho: float) -> float:
+def ellipsoid_lambda(weighted_norm_at: Callable[[float], float], rho: float, tol: float) -> float:
     """The multiplier the published projection applies (0.0: ``z`` already inside the ellipsoid).
 
     ``weighted_norm_at(lam)`` returns ``|| z c / (c^2 + 2 lam) ||_2`` (terms with ``c = 0`` are 0).
     """
     unprojected = weighted_norm_at(0.0)
-    if unprojected <= rho or abs(unprojected - rho) <= BISECTION_TOL:
+    if unprojected <= rho or abs(unprojected - rho) <= tol:
         return 0.0
-    state = BisectionState(rho)
+    state = BisectionState(rho, tol)
     while not state.done:
         state.update(weighted_norm_at(state.lam))
     return state.accepted

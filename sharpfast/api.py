@@ -45,7 +45,7 @@ def worst_case_sharpness(
     normalize_logits: bool | str = False, n_iters: int = 20, n_restarts: int = 1,
     rand_init: bool = False, step_size_mult: float = 1.0, seed: int = 0, backend: str = "auto",
     adaptive_eta: float = 0.0, adaptive_weights_only: bool = False, eval_mode: bool = True,
-    min_update_ratio: float = 0.75,
+    min_update_ratio: float = 0.75, projection_tol: float | None = None,
 ) -> SharpnessResult:
     """Worst-case sharpness ``E_S max_{||delta/c||_p <= rho} L_S(w + delta) - L_S(w)`` by APGD.
 
@@ -53,6 +53,8 @@ def worst_case_sharpness(
     ``norm``: ``"linf"`` or ``"l2"``. ``adaptive``: ``c = |w|`` (+ ``adaptive_eta``; only weight
     matrices with ``adaptive_weights_only``), else ``c = 1``; ``scale``: ``{name: c}`` overrides.
     ``normalize_logits``: ``True``/``"norm"`` (published code) or ``"std"`` (slides).
+    ``projection_tol``: absolute tolerance of the l2 ellipsoid bisection; default
+    ``1e-5 * min(1, rho)`` (the published code's 1e-5 is absolute, see ``apgd.bisection_tolerance``).
     The model is left exactly as it was, also after an exception or interrupt.
     """
     return _evaluate("worst", model, data, rho=rho, norm=norm, adaptive=adaptive, scale=scale,
@@ -60,7 +62,7 @@ def worst_case_sharpness(
                      n_restarts=n_restarts, rand_init=rand_init, step_size_mult=step_size_mult,
                      seed=seed, backend=backend, adaptive_eta=adaptive_eta,
                      adaptive_weights_only=adaptive_weights_only, eval_mode=eval_mode,
-                     min_update_ratio=min_update_ratio)
+                     min_update_ratio=min_update_ratio, projection_tol=projection_tol)
 
 
 def average_sharpness(

@@ -9,10 +9,12 @@ scripts do, or use :func:`sharpfast.worst_case_sharpness` with ``normalize_logit
 Differences, all deliberate: ``rand_init=True`` works (the published init function is
 accidentally a tuple and crashes); adaptive l2 with exact-zero weights freezes those
 coordinates instead of producing NaN norms and skipping the projection; ``no_grad_norm`` and
-``layer_name_pattern`` are accepted and ignored, as they are ignored there.
+``layer_name_pattern`` are accepted and ignored, as they are ignored there. The ellipsoid
+bisection keeps the published absolute tolerance 1e-5 here (the main API tightens it below rho = 1).
 """
 from __future__ import annotations
 
+from . import apgd
 from .api import average_sharpness, worst_case_sharpness
 
 
@@ -35,7 +37,8 @@ def eval_APGD_sharpness(model, batches, loss_f, train_err=None, train_loss=None,
     r = worst_case_sharpness(model, batches, rho=rho, norm=norm, adaptive=adaptive, loss_fn=loss_f,
                              n_iters=n_iters, n_restarts=n_restarts, rand_init=rand_init,
                              step_size_mult=step_size_mult, seed=seed, backend=backend,
-                             eval_mode=False, min_update_ratio=min_update_ratio)
+                             eval_mode=False, min_update_ratio=min_update_ratio,
+                             projection_tol=apgd.PUBLISHED_BISECTION_TOL)
     vals = (r.sharpness, r.err_sharpness, r.delta_norm)
     output = _log("Sharpness", r)
     if verbose:

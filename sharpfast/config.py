@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .apgd import bisection_tolerance
 from .objective import Objective, resolve_logit_normalization
 from .params import ParamSet, ScaleSpec
 
@@ -59,6 +60,7 @@ class Settings:
     rand_init: bool = False
     step_size_mult: float = 1.0
     min_update_ratio: float = 0.75
+    projection_tol: float = 1e-5   # absolute tolerance of the ellipsoid bisection (apgd.bisection_tolerance)
     # average-case
     n_samples: int = 20
     antithetic: bool = False
@@ -162,7 +164,9 @@ def make_settings(kind: str, model: nn.Module, *, rho, norm, adaptive, scale, lo
         settings = Settings(**common, n_iters=n_iters, n_restarts=n_restarts, rand_init=rand_init,
                             step_size_mult=_positive_float("step_size_mult", specific.get("step_size_mult", 1.0)),
                             min_update_ratio=_positive_float("min_update_ratio",
-                                                             specific.get("min_update_ratio", 0.75), allow_zero=True))
+                                                             specific.get("min_update_ratio", 0.75), allow_zero=True),
+                            projection_tol=bisection_tolerance(rho, None if specific.get("projection_tol") is None else
+                                                               _positive_float("projection_tol", specific["projection_tol"])))
     elif kind == "average":
         n_samples = _positive_int("n_samples", specific.get("n_samples", 20))
         antithetic = bool(specific.get("antithetic", False))

@@ -121,7 +121,7 @@ def ascent(delta: Tensors, g: Tensors, c: Tensors, step: float, norm: str) -> Te
     return [d + step / (g_norm + 1e-12) * gi * ci for d, gi, ci in zip(delta, g, c)]
 
 
-def project(z: Tensors, c: Tensors, rho: float, norm: str, c_is_one: bool) -> Tensors:
+def project(z: Tensors, c: Tensors, rho: float, norm: str, c_is_one: bool, tol: float) -> Tensors:
     """Onto ``{||delta / c||_p <= rho}``: a clamp (linf), a rescaling (l2, c = 1) or the
     ellipsoid projection ``z / (1 + 2 lambda / c^2)`` with the published bisection for lambda."""
     if norm == "linf":
@@ -129,7 +129,7 @@ def project(z: Tensors, c: Tensors, rho: float, norm: str, c_is_one: bool) -> Te
     if c_is_one:
         z_norm = l2_norm(z)
         return [zi * (rho / z_norm) for zi in z] if z_norm > rho else z
-    lam = apgd.ellipsoid_lambda(lambda lam: weighted_norm(shrink(z, c, lam), c), rho)
+    lam = apgd.ellipsoid_lambda(lambda lam: weighted_norm(shrink(z, c, lam), c), rho, tol)
     return z if lam == 0.0 else shrink(z, c, lam)
 
 
@@ -137,9 +137,14 @@ def apgd_restart(model, params: ParamSet, s: Settings, x, y, w0: Tensors, c: Ten
                  L0: float, E0, stream: int, restart: int, on_iterate=None):
     """One APGD run on one batch; returns ``(best loss, its error, ||delta||_2 there)``."""
     c_is_one = s.scale.is_identity(params)
-    if s.rand_init:  # a random start inside the box / with the Gaussian's scale, not projected
+    if s.rand_init:
         xi = draw_noise(params, s, stream=stream, sample=RAND_INIT_SAMPLE_BASE + restart)
-        delta = [s.rho * ci * x_ for ci, x_ in zip(c, xi)]
+        if s.norm == "l2":
+            # A Gaussian direction on the ellipsoid's surface, ||delta / c||_2 = rho: the raw
+            # rho * c * xi has ||xi||_2 ~ sqrt(N) times the radius, far outside the ball.
+            xi_norm = weighted_norm([x_ * ci for x_, ci in zip(xi, c)], c)
+            xi = [x_ / xi_norm for x_ in xi]
+        delta = [s.rho * ci * x_ for ci, x_ in zip(c, xi)]  # linf: uniform(-1, 1), inside the box
     else:
         delta = [torch.zeros_like(w) for w in w0]
     set_weights(params, [w + d for w, d in zip(w0, delta)])
@@ -154,7 +159,7 @@ def apgd_restart(model, params: ParamSet, s: Settings, x, y, w0: Tensors, c: Ten
     for i in range(s.n_iters):
         g = gradient(model, s.objective, params, x, y)               # at the current weights
         with torch.no_grad():
-            z = project(ascent(delta, g, c, step, s.norm), c, s.rho, s.norm, c_is_one)
+            z = project(ascent(delta, g, c, step, s.norm), c, s.rho, s.norm, c_is_one, s.projection_tol)
             delta, delta_prev = [apgd.MOMENTUM * zi + (1 - apgd.MOMENTUM) * dp
                                  for zi, dp in zip(z, delta_prev)], delta
             set_weights(params, [w + d for w, d in zip(w0, delta)])
