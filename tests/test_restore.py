@@ -1,0 +1,115 @@
+"""The model is exactly as before after every call: success, exception, KeyboardInterrupt.
+
+Exactly means: the same parameter objects pointing at the same storage with bit-identical
+values, the same ``.grad`` objects and values, the same ``requires_grad`` flags, the same buffer
+objects with bit-identical values, and the same train/eval flag on every module.
+"""
+import pytest
+import torch
+
+import sharpfast
+from toy_models import MODEL_KINDS, model_and_data
+
+BACKENDS = ["reference"]
+
+
+def snapshot(model):
+    params = [(p, p.data_ptr(), p.detach().clone(), p.requires_grad, p.grad,
+               None if p.grad is None else p.grad.clone()) for p in model.parameters()]
+    buffers = [(m, name, b, None if b is None else b.clone()) for m in model.modules() for name, b in m._buffers.items()]
+    flags = [(m, m.training) for m in model.modules()]
+    return params, buffers, flags
+
+
+def assert_unchanged(model, snap):
+    params, buffers, flags = snap
+    now = list(model.parameters())
+    assert len(now) == len(params)
+    for q, (p, ptr, values, requires_grad, grad, grad_values) in zip(now, params):
+        assert q is p and p.data_ptr() == ptr
+        assert torch.equal(p.detach().view(-1).view(torch.uint8), values.view(-1).view(torch.uint8))
+        assert p.requires_grad == requires_grad
+        assert p.grad is grad
+        if grad is not None:
+            assert torch.equal(grad, grad_values)
+    for m, name, b, values in buffers:
+        assert m._buffers[name] is b
+        if b is not None:
+            assert torch.equal(b, values)
+    for m, training in flags:
+        assert m.training == training
+
+
+def prepared(kind):
+    model, data = model_and_data(kind)
+    model.train()                                   # the call must switch to eval and back
+    first = next(p for p in model.parameters() if p.requires_grad)
+    first.grad = torch.full_like(first, 0.5)        # a stale gradient the call must not touch
+    return model, data
+
+
+def calls(backend):
+    return [
+        lambda m, d, **kw: sharpfast.worst_case_sharpness(m, d, rho=0.05, norm="linf", n_iters=4, backend=backend, **kw),
+        lambda m, d, **kw: sharpfast.worst_case_sharpness(m, d, rho=0.05, norm="l2", n_iters=4, rand_init=True,
+                                                          backend=backend, **kw),
+        lambda m, d, **kw: sharpfast.average_sharpness(m, d, rho=0.05, n_samples=3, backend=backend, **kw),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_model_restored_after_success(kind, backend):
+    model, data = prepared(kind)
+    snap = snapshot(model)
+    for call in calls(backend):
+        r = call(model, data)
+        assert r.sharpness == r.sharpness  # not NaN
+        assert_unchanged(model, snap)
+
+
+class Boom(Exception):
+    pass
+
+
+def failing_loss(after, exc):
+    count = {"n": 0}
+
+    def loss_fn(out, y):
+        count["n"] += 1
+        if count["n"] > after:
+            raise exc
+        return torch.nn.functional.cross_entropy(out, y)
+    return loss_fn
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("exc", [Boom("mid-run"), KeyboardInterrupt()])
+@pytest.mark.parametrize("after", [0, 1, 5])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "tied"])
+def test_model_restored_after_a_raise_mid_run(kind, after, exc, backend):
+    model, data = prepared(kind)
+    snap = snapshot(model)
+    for call in calls(backend):
+        with pytest.raises(type(exc)):
+            call(model, data, loss_fn=failing_loss(after, exc))
+        assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batchnorm_statistics_untouched_in_train_mode_evaluation(backend):
+    model, data = prepared("cnn")
+    snap = snapshot(model)
+    r = sharpfast.worst_case_sharpness(model, data, rho=0.05, n_iters=3, eval_mode=False, backend=backend)
+    assert r.sharpness == r.sharpness
+    assert_unchanged(model, snap)
+
+
+def test_evaluation_uses_running_statistics_by_default():
+    model, data = prepared("cnn")
+    in_eval = sharpfast.average_sharpness(model.eval(), data, rho=0.05, n_samples=2, backend="reference")
+    in_train = sharpfast.average_sharpness(model.train(), data, rho=0.05, n_samples=2, backend="reference")
+    batch_stats = sharpfast.average_sharpness(model, data, rho=0.05, n_samples=2, eval_mode=False,
+                                              backend="reference")
+    assert in_eval.sharpness == in_train.sharpness
+    assert in_eval.init_loss != batch_stats.init_loss
