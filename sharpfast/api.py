@@ -9,27 +9,27 @@ from torch import nn
 
 from . import reference
 from .config import SharpnessResult, check_batches, make_settings
-from .params import ModelGuard
+from .params import ModelGuard, ParamSet
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``"auto"`` picks the fused backend where the extension supports ``device``, else the reference."""
+def resolve_backend(backend: str, params: ParamSet) -> str:
+    """``"auto"`` picks the fused backend where the extension supports the parameters, else the reference."""
     if backend == "reference":
         return "reference"
     if importlib.util.find_spec("sharpfast.fused") is None:
         available, why = False, "this build has no fused evaluators"
     else:
         from . import fused  # imported lazily: the reference needs no extension
-        available, why = fused.available(device)
+        available, why = fused.available(params)
     if backend == "fused" and not available:
-        raise RuntimeError(f"backend='fused' is not available on {device}: {why}")
+        raise RuntimeError(f"backend='fused' is not available for these parameters on {params.device}: {why}")
     return "fused" if available else "reference"
 
 
 def _evaluate(kind: str, model: nn.Module, data: Iterable, **kwargs) -> SharpnessResult:
     settings, params = make_settings(kind, model, **kwargs)
     batches = check_batches(data)
-    backend = resolve_backend(settings.backend, params.device)
+    backend = resolve_backend(settings.backend, params)
     if backend == "fused":
         from . import fused
         impl = fused.worst_case_sharpness if kind == "worst" else fused.average_sharpness

@@ -84,6 +84,8 @@ class Objective:
 
     def logits(self, model: Callable, x: Any) -> torch.Tensor:
         f = unwrap_logits(call_model(model, x))
+        if f.dtype in (torch.float16, torch.bfloat16):  # half-precision models: the loss in fp32
+            f = f.float()
         if self.logit_normalization is not None:
             f = normalize_logits(f, self.logit_normalization)
         return f

@@ -156,7 +156,8 @@ def test_output_without_logits(setup):
 
 def test_fused_backend_request_says_why_when_unavailable(setup):
     from sharpfast.api import resolve_backend
-    ok = resolve_backend("auto", torch.device("cpu"))
+    from sharpfast.params import ParamSet
+    ok = resolve_backend("auto", ParamSet(setup[0]))
     assert ok in ("reference", "fused")
     if ok == "reference":
         with pytest.raises(RuntimeError, match="fused"):
