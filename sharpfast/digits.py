@@ -103,9 +103,9 @@ def corrupted_test_sets(x_test: torch.Tensor, seed: int = 0) -> dict[str, torch.
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Training-time augmentation: random +-1 pixel shift and a small random rotation (+-10 deg)."""
+    """Training-time augmentation: random +-1 pixel shift and a small random rotation (+-6 deg)."""
     n = x.shape[0]
-    a = (torch.rand(n, generator=generator) * 2 - 1) * (10 * math.pi / 180)
+    a = (torch.rand(n, generator=generator) * 2 - 1) * (6 * math.pi / 180)
     t = (torch.randint(-1, 2, (n, 2), generator=generator).float()) * (2 / 8)  # 1 px in [-1, 1] coords
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = torch.cos(a), -torch.sin(a), t[:, 0]

@@ -150,11 +150,36 @@ def _checkpoint_meta(e: ModelEntry) -> dict[str, Any]:
 
 
 def _run_local(manifest: Manifest, tasks: list[Task], device: str, threads: int | None, backend: str,
-               on_result: Callable[[Task, list[dict]], None]) -> None:
-    for t in tasks:
-        rows = evaluate_checkpoint(manifest.data, manifest.root, t.entry.to_dict(),
-                                   [d.canonical() for d in t.definitions], device, threads, backend)
-        on_result(t, rows)
+               on_result: Callable[[Task, list[dict]], None], jobs: int = 1) -> None:
+    """In this process (``jobs=1``) or in ``jobs`` spawned worker processes; results come back
+    here in completion order and only this process writes the store."""
+    args = lambda t: (manifest.data, manifest.root, t.entry.to_dict(), [d.canonical() for d in t.definitions],
+                      device, threads, backend)
+    if jobs <= 1 or len(tasks) <= 1:
+        for t in tasks:
+            on_result(t, evaluate_checkpoint(*args(t)))
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, wait, FIRST_COMPLETED
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        pending = {pool.submit(evaluate_checkpoint, *args(t)): t for t in tasks}
+        try:
+            while pending:
+                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                for f in done:
+                    t = pending.pop(f)
+                    try:
+                        rows = f.result()
+                    except Exception as e:  # a worker died (e.g. out of memory)
+                        rows = [dict(checkpoint_id=t.entry.id, definition_key=d.key, status="error",
+                                     error=_short_error(e), checkpoint_sha256=t.entry.sha256)
+                                for d in t.definitions]
+                    on_result(t, rows)
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
 
 
 def _run_ray(manifest: Manifest, tasks: list[Task], device: str, threads: int | None, backend: str,
@@ -199,12 +224,15 @@ def _run_ray(manifest: Manifest, tasks: list[Task], device: str, threads: int | 
 
 
 def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, executor: str = "local",
-              device: str = "auto", threads: int | None = None, backend: str = "auto",
+              device: str = "auto", threads: int | None = 1, backend: str = "auto", jobs: int = 1,
               retry_errors: bool = True, progress: bool = True, address: str | None = None,
               num_cpus: int | None = None, limit: int | None = None) -> SweepSummary:
     """Evaluate every missing (checkpoint, definition) pair and store it; return a summary.
 
-    ``limit`` stops after that many checkpoints (for smoke runs).
+    ``threads``: torch intra-op threads per evaluation (default 1: the small models of a zoo
+    run fastest one per core, and every executor then computes bit-identical values).
+    ``jobs``: worker processes of the local executor. ``limit``: stop after that many
+    checkpoints (smoke runs).
     """
     from tqdm import tqdm
 
@@ -239,7 +267,7 @@ def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, execu
             bar.set_postfix(ok=summary.ok, error=summary.errors, refresh=False)
 
         if executor == "local":
-            _run_local(manifest, tasks, device, threads, backend, on_result)
+            _run_local(manifest, tasks, device, threads, backend, on_result, jobs)
         else:
             _run_ray(manifest, tasks, device, threads, backend, on_result, address, num_cpus)
         bar.close()

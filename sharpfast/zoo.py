@@ -84,11 +84,11 @@ ZOO_PRESETS: dict[str, ZooSpec] = {
     # the README's main job: 2^6 = 64 models (both architectures, five training knobs)
     "default": ZooSpec({"arch": ["mlp", "cnn"], "lr": [0.5, 2.0], "batch_size": [16, 128],
                         "width": [16, 64], "weight_decay": [0.0, 5e-3], "augment": [False, True]},
-                       {"optimizer": "sgd", "epochs": 15}),
+                       {"optimizer": "sgd", "epochs": 60}),
     # every factor the zoo knows, 2^7 = 128 models
     "full": ZooSpec({"arch": ["mlp", "cnn"], "optimizer": ["sgd", "adam"], "lr": [0.5, 2.0],
                      "batch_size": [16, 128], "width": [16, 64], "weight_decay": [0.0, 5e-3],
-                     "augment": [False, True]}, {"epochs": 15}),
+                     "augment": [False, True]}, {"epochs": 60}),
     # for tests and smoke runs: 8 tiny MLPs
     "tiny": ZooSpec({"lr": [0.5, 2.0], "batch_size": [32, 128], "width": [8, 16]},
                     {"arch": "mlp", "epochs": 3, "n_train": 256}),
@@ -112,8 +112,8 @@ def config_id(cfg: dict[str, Any]) -> str:
 def model_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["arch"] == "mlp":
         return {"width": int(cfg["width"])}
-    if cfg["arch"] == "cnn":
-        return {"width": int(cfg["width"])}
+    if cfg["arch"] == "cnn":  # the CNN's first layer has width/2 channels (its cost grows as width^2)
+        return {"width": max(1, int(cfg["width"]) // 2)}
     raise ValueError(f"unknown arch {cfg['arch']!r}; expected one of {sorted(ARCHS)}")
 
 

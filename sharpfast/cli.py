@@ -1,0 +1,289 @@
+"""The ``sharpfast`` command line: ``zoo``, ``sweep``, ``report``, ``run`` (all three), ``definitions``.
+
+    sharpfast run --out sharpfast-out             # the main job: zoo -> sweep -> report
+    sharpfast zoo --out zoo --preset default --jobs 2
+    sharpfast sweep --zoo zoo --store results.db --preset default [--config defs.yaml] [--executor ray]
+    sharpfast report --store results.db --out report
+    sharpfast definitions --preset paper          # list a preset's definitions
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+from . import definitions as defs_mod
+from .checkpoints import CheckpointError, Manifest, ManifestError
+from .definitions import ConfigError, Definition
+from .store import StoreError
+
+
+class CLIError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _zoo_spec(args: argparse.Namespace):
+    from .zoo import DEFAULT_TRAIN, ZOO_PRESETS, ZooSpec
+
+    if args.grid:
+        import yaml
+
+        if not os.path.isfile(args.grid):
+            raise ConfigError(f"zoo grid {args.grid!r} does not exist")
+        try:
+            with open(args.grid, encoding="utf-8") as f:
+                raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"zoo grid {args.grid!r} cannot be parsed: {e}") from e
+        if not isinstance(raw, dict) or set(raw) - {"factors", "fixed"}:
+            raise ConfigError(f"zoo grid {args.grid!r}: expected a mapping with 'factors' and optional 'fixed'")
+        factors, fixed = raw.get("factors") or {}, raw.get("fixed") or {}
+        if not isinstance(factors, dict) or not all(isinstance(v, list) and v for v in factors.values()):
+            raise ConfigError(f"zoo grid {args.grid!r}: 'factors' must map names to non-empty lists")
+        spec = ZooSpec(factors, fixed)
+    else:
+        if args.zoo_preset not in ZOO_PRESETS:
+            raise ConfigError(f"unknown zoo preset {args.zoo_preset!r}; available: {sorted(ZOO_PRESETS)}")
+        spec = ZOO_PRESETS[args.zoo_preset]
+    fixed = dict(spec.fixed)
+    if args.epochs is not None:
+        fixed["epochs"] = args.epochs
+    if args.seed is not None:
+        fixed["seed"] = args.seed
+    spec = ZooSpec(spec.factors, fixed)
+    bad = (set(spec.factors) | set(spec.fixed)) - set(DEFAULT_TRAIN)
+    if bad:
+        raise ConfigError(f"unknown zoo hyperparameter(s) {sorted(bad)}; known: {sorted(DEFAULT_TRAIN)}")
+    return spec
+
+
+def _definitions(args: argparse.Namespace, default_preset: str | None = "default") -> list[Definition]:
+    out: list[Definition] = []
+    for path in args.config or []:
+        out += defs_mod.load_config(path)
+    for name in args.preset or []:
+        out += defs_mod.preset(name)
+    if args.kind:
+        if not args.rho:
+            raise ConfigError("--kind needs --rho (one or more radii)")
+        common: dict[str, Any] = {}
+        for flag, field_name in (("m", "m"), ("n_iters", "n_iters"), ("n_samples", "n_samples"),
+                                 ("def_seed", "seed"), ("n_restarts", "n_restarts")):
+            if getattr(args, flag) is not None:
+                common[field_name] = getattr(args, flag)
+        if args.rand_init:
+            common["rand_init"] = True
+        nl = {"none": False, "norm": "norm", "std": "std"}[args.normalize_logits]
+        for kind in args.kind:
+            for norm in args.norm or ["linf"]:
+                for adaptive in ([True, False] if args.adaptive == "both" else [args.adaptive == "true"]):
+                    for rho in args.rho:
+                        out.append(Definition.from_dict(dict(kind=kind, norm=norm, rho=rho, adaptive=adaptive,
+                                                             normalize_logits=nl, **common), "flags"))
+    elif args.rho:
+        raise ConfigError("--rho is only used with --kind (to change a preset's radii, write a config)")
+    if not out:
+        if default_preset is None:
+            raise ConfigError("no definitions: give --preset, --config or --kind/--norm/--rho")
+        out = defs_mod.preset(default_preset)
+    return defs_mod.with_overrides(defs_mod.dedupe(out), n_examples=args.n_examples)
+
+
+def _add_definition_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sharpness definitions (config, presets and flags are combined)")
+    g.add_argument("--config", action="append", metavar="FILE",
+                   help="YAML/TOML file with 'definitions' (and optional 'defaults', 'preset'); repeatable")
+    g.add_argument("--preset", action="append", metavar="NAME",
+                   help=f"definition preset, repeatable: {', '.join(sorted(defs_mod.PRESETS))} "
+                        "(default: 'default' when nothing else is given)")
+    g.add_argument("--kind", nargs="+", choices=defs_mod.KINDS, help="avg (average-case) and/or max (worst-case)")
+    g.add_argument("--norm", nargs="+", choices=defs_mod.NORMS, help="with --kind (default linf)")
+    g.add_argument("--rho", nargs="+", type=float, help="with --kind: one or more radii")
+    g.add_argument("--adaptive", choices=["true", "false", "both"], default="true", help="with --kind")
+    g.add_argument("--normalize-logits", choices=["none", "norm", "std"], default="none", help="with --kind")
+    g.add_argument("--m", type=int, help="with --kind: examples per m-sharpness batch (default 128)")
+    g.add_argument("--n-iters", type=int, help="with --kind: APGD iterations (default 20)")
+    g.add_argument("--n-samples", type=int, help="with --kind: noise draws per batch (default 20)")
+    g.add_argument("--n-restarts", type=int, help="with --kind: APGD restarts (default 1)")
+    g.add_argument("--rand-init", action="store_true", help="with --kind: APGD random start")
+    g.add_argument("--def-seed", type=int, help="with --kind: the definitions' seed (default 0)")
+    g.add_argument("--n-examples", type=int,
+                   help="override every definition's number of examples (a multiple of its m)")
+
+
+def _add_exec_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("execution")
+    g.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: in this process; ray: one Ray task per checkpoint")
+    g.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
+    g.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads per evaluation (default 1; identical values on every executor)")
+    g.add_argument("--backend", choices=["auto", "reference", "fused"], default="auto")
+    g.add_argument("--no-retry-errors", action="store_true", help="keep rows that failed before instead of retrying")
+    if "--jobs" not in p._option_string_actions:
+        g.add_argument("--jobs", type=int, default=1, help="local executor: worker processes (default 1)")
+    g.add_argument("--limit", type=int, help="evaluate at most this many checkpoints (smoke runs)")
+
+
+def _add_zoo_flags(p: argparse.ArgumentParser, preset_flag: str = "--preset") -> None:
+    from .zoo import ZOO_PRESETS
+
+    p.add_argument(preset_flag, dest="zoo_preset", default="default",
+                   help=f"zoo grid preset: {', '.join(f'{k} ({len(v.configs())} models)' for k, v in ZOO_PRESETS.items())}")
+    p.add_argument("--grid", metavar="FILE", help="YAML zoo grid {factors: {name: [values]}, fixed: {...}}")
+    p.add_argument("--epochs", type=int, help="override the number of training epochs")
+    p.add_argument("--seed", type=int, help="override the training seed")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="worker processes for training (and, in `run`, the local sweep); default min(2, CPUs)")
+
+
+def _add_report_flags(p: argparse.ArgumentParser) -> None:
+    from .report import TARGETS
+
+    p.add_argument("--target", choices=sorted(TARGETS), default="test_error",
+                   help="target of the granulated tau / Psi (default test_error)")
+    p.add_argument("--color-by", default="lr", help="hyperparameter that colors the scatter plots")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")
+    p.add_argument("--no-plots", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import sharpfast
+
+    p = argparse.ArgumentParser(prog="sharpfast", description="Sharpness of neural-network minima vs "
+                                "generalization over model zoos (Andriushchenko et al., ICML 2023).")
+    p.add_argument("--version", action="version", version=f"sharpfast {sharpfast.__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("zoo", help="train the built-in digits model zoo")
+    q.add_argument("--out", required=True, help="zoo folder (manifest.json + checkpoints/)")
+    _add_zoo_flags(q)
+    q.add_argument("--quiet", action="store_true")
+
+    q = sub.add_parser("sweep", help="checkpoints x definitions -> results store (resumable)")
+    q.add_argument("--zoo", required=True, help="zoo folder or manifest.json")
+    q.add_argument("--store", help="SQLite results file (default: <zoo>/results.db)")
+    _add_definition_flags(q)
+    _add_exec_flags(q)
+    q.add_argument("--quiet", action="store_true")
+
+    q = sub.add_parser("report", help="Kendall tau / Psi table, plots, markdown + HTML")
+    q.add_argument("--store", required=True)
+    q.add_argument("--out", help="folder for report.md/.html, results.csv, plots/ (default: print only)")
+    _add_report_flags(q)
+
+    q = sub.add_parser("run", help="the main job: train the zoo, sweep, report")
+    q.add_argument("--out", default="sharpfast-out", help="output folder (default sharpfast-out)")
+    _add_zoo_flags(q, "--zoo-preset")
+    _add_definition_flags(q)
+    _add_exec_flags(q)
+    _add_report_flags(q)
+    q.add_argument("--quiet", action="store_true")
+
+    q = sub.add_parser("definitions", help="list the definitions a preset/config/flags give")
+    _add_definition_flags(q)
+    return p
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_zoo(args: argparse.Namespace) -> None:
+    from .zoo import build_zoo
+
+    build_zoo(args.out, _zoo_spec(args), jobs=args.jobs, progress=not args.quiet)
+
+
+def _sweep(args: argparse.Namespace, zoo_path: str, store_path: str) -> None:
+    from .sweep import run_sweep
+
+    manifest = Manifest.load(zoo_path)
+    defs = _definitions(args)
+    summary = run_sweep(manifest, defs, store_path, executor=args.executor, device=args.device,
+                        threads=args.threads, backend=args.backend, jobs=args.jobs, retry_errors=not args.no_retry_errors,
+                        progress=not args.quiet, address=args.address, num_cpus=args.num_cpus, limit=args.limit)
+    print(summary.text(store_path))
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    store = args.store or os.path.join(args.zoo if os.path.isdir(args.zoo) else os.path.dirname(args.zoo),
+                                       "results.db")
+    _sweep(args, args.zoo, store)
+
+
+def _report(args: argparse.Namespace, store: str, out: str | None) -> None:
+    from .report import build_report
+
+    r = build_report(store, out, target=args.target, color_by=args.color_by, n_boot=args.n_boot,
+                     plots=not args.no_plots)
+    print(r.markdown())
+    if out:
+        n_png = sum(f.endswith(".png") for f in r.files)
+        print(f"\nreport: wrote {os.path.join(out, 'report.md')}, report.html, results.csv and {n_png} plot(s) "
+              f"in {os.path.join(out, 'plots')}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    _report(args, args.store, args.out)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .zoo import build_zoo
+
+    t0 = time.perf_counter()
+    zoo_dir = os.path.join(args.out, "zoo")
+    store = os.path.join(args.out, "results.db")
+    t = time.perf_counter()
+    build_zoo(zoo_dir, _zoo_spec(args), jobs=args.jobs, progress=not args.quiet)
+    t_zoo = time.perf_counter() - t
+    t = time.perf_counter()
+    _sweep(args, zoo_dir, store)
+    t_sweep = time.perf_counter() - t
+    t = time.perf_counter()
+    print()
+    _report(args, store, args.out)
+    t_report = time.perf_counter() - t
+    print(f"run: done in {time.perf_counter() - t0:.1f}s (zoo {t_zoo:.1f}s, sweep {t_sweep:.1f}s, "
+          f"report {t_report:.1f}s); rerun to resume, nothing is recomputed")
+
+
+def cmd_definitions(args: argparse.Namespace) -> None:
+    defs = _definitions(args)
+    print(f"{len(defs)} definition(s):")
+    for d in defs:
+        print(f"  {d.key}  {d.name}")
+
+
+COMMANDS = {"zoo": cmd_zoo, "sweep": cmd_sweep, "report": cmd_report, "run": cmd_run,
+            "definitions": cmd_definitions}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (ConfigError, ManifestError, CheckpointError, StoreError, CLIError) as e:
+        print(f"sharpfast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sharpfast {args.command}: interrupted; rerun to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

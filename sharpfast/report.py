@@ -1,0 +1,224 @@
+"""The correlation report: how well each sharpness definition ranks the models' generalization.
+
+For every definition in the store (``ok`` rows only) and every target — test error,
+generalization gap (test error - train error) and out-of-distribution error (mean over
+digits-C) — it computes Kendall's tau-b with a bootstrap confidence interval, plus the
+granulated tau per hyperparameter and Psi (Jiang et al. 2020) against one target.
+A positive tau means "sharper models generalize worse", the hypothesis under test.
+
+Writes ``report.md``, ``report.html``, ``results.csv`` and one PNG scatter plot per definition
+(measure vs each target, colored by a hyperparameter) into the output folder.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .stats import bootstrap_tau, granulated_tau, varying_factors
+from .store import Store
+
+TARGETS = {"test_error": "test error", "gap": "gen. gap", "ood_error": "OOD error"}
+BASELINES = {"train_loss": "(baseline) train loss", "train_error": "(baseline) train error"}
+
+
+@dataclass
+class Line:
+    name: str
+    key: str | None            # definition key; None for a baseline
+    n: int
+    taus: dict[str, Any]       # target -> BootstrapCI
+    granulated: Any            # Granulated
+    values: list[float] = field(repr=False, default_factory=list)
+    ids: list[str] = field(repr=False, default_factory=list)
+
+
+@dataclass
+class Report:
+    lines: list[Line]
+    factors: list[str]
+    target: str
+    n_checkpoints: int
+    n_errors: int
+    files: list[str] = field(default_factory=list)
+
+    def markdown(self, ci: bool = True) -> str:
+        return _markdown(self, ci)
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.{digits}f}"
+
+
+def _cell(c: Any, ci: bool) -> str:
+    s = _fmt(c.tau, 2)
+    if ci and not math.isnan(c.low):
+        s += f" [{_fmt(c.low, 2)}, {_fmt(c.high, 2)}]"
+    return s
+
+
+def _markdown(r: Report, ci: bool) -> str:
+    head = ["definition", "n"] + [f"tau {v}" for v in TARGETS.values()] + ["Psi"]
+    out = [f"Kendall tau-b between each measure and generalization over {r.n_checkpoints} checkpoints"
+           + (f" ({r.n_errors} failed rows left out)" if r.n_errors else "")
+           + (" ; [95% bootstrap CI]" if ci else "") + f"; Psi = mean granulated tau vs {TARGETS[r.target]}.",
+           "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for ln in r.lines:
+        cells = [ln.name, str(ln.n)] + [_cell(ln.taus[t], ci) for t in TARGETS] + [_fmt(ln.granulated.Psi, 2)]
+        out.append("| " + " | ".join(cells) + " |")
+    if r.factors:
+        out += ["", f"Granulated tau per hyperparameter (vs {TARGETS[r.target]}; Jiang et al. 2020):", "",
+                "| definition | " + " | ".join(r.factors) + " | Psi |", "|" + "---|" * (len(r.factors) + 2)]
+        for ln in r.lines:
+            out.append("| " + ln.name + " | " + " | ".join(_fmt(ln.granulated.psi.get(f, float("nan")), 2)
+                                                         for f in r.factors) + f" | {_fmt(ln.granulated.Psi, 2)} |")
+    return "\n".join(out)
+
+
+def _html(r: Report, plots: list[tuple[str, str]]) -> str:
+    def table(md_lines: list[str]) -> str:
+        rows = [l for l in md_lines if l.startswith("|") and not l.startswith("|---")]
+        cells = [[c.strip() for c in l.strip("|").split("|")] for l in rows]
+        h = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells[0]) + "</tr>"
+        b = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[1:])
+        return f"<table>{h}{b}</table>"
+
+    md = r.markdown().split("\n")
+    split_at = next((i for i, l in enumerate(md) if l.startswith("Granulated")), len(md))
+    body = [f"<p>{html.escape(md[0])}</p>", table(md[:split_at])]
+    if split_at < len(md):
+        body += [f"<p>{html.escape(md[split_at])}</p>", table(md[split_at:])]
+    for name, rel in plots:
+        body.append(f"<h3>{html.escape(name)}</h3><img src='{html.escape(rel)}' width='900'>")
+    style = ("body{font-family:sans-serif;margin:2em} table{border-collapse:collapse} "
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right} td:first-child{text-align:left}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>sharpfast report</title>"
+            f"<style>{style}</style></head><body><h1>sharpfast: sharpness vs generalization</h1>"
+            + "\n".join(body) + "</body></html>")
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=_-]+", "_", s).strip("_")
+
+
+def _plot(path: str, name: str, values: list[float], metrics: list[dict], hparams: list[dict],
+          color_by: str | None, taus: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    v = np.asarray(values, dtype=float)
+    fig, axes = plt.subplots(1, len(TARGETS), figsize=(4.2 * len(TARGETS), 3.6), squeeze=False)
+    labels = [str(h.get(color_by)) for h in hparams] if color_by else ["all"] * len(v)
+    levels = sorted(set(labels), key=lambda s: (len(s), s))
+    cmap = plt.get_cmap("viridis" if len(levels) > 2 else "coolwarm")
+    colors = {lv: cmap(i / max(1, len(levels) - 1)) for i, lv in enumerate(levels)}
+    markers = {"mlp": "o", "cnn": "s"}
+    log_x = bool(np.all(v > 0) and v.max() / v.min() > 20)
+    for ax, (t, tname) in zip(axes[0], TARGETS.items()):
+        e = np.asarray([m.get(t, np.nan) for m in metrics], dtype=float)
+        for lv in levels:
+            for arch in sorted({str(h.get("arch", "")) for h in hparams}):
+                sel = [i for i in range(len(v)) if labels[i] == lv and str(hparams[i].get("arch", "")) == arch]
+                if sel:
+                    ax.scatter(v[sel], e[sel], color=colors[lv], marker=markers.get(arch, "o"), s=22,
+                               alpha=0.85, edgecolors="none",
+                               label=f"{color_by}={lv}" + (f" {arch}" if arch else "") if color_by else arch or None)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel("sharpness")
+        ax.set_ylabel(tname)
+        ax.set_title(f"tau = {_fmt(taus[t].tau, 2)}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(name, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_report(store_path: str, out_dir: str | None = None, target: str = "test_error",
+                 color_by: str | None = "lr", n_boot: int = 1000, seed: int = 0, plots: bool = True,
+                 baselines: bool = True) -> Report:
+    """Compute the report from a store; write files into ``out_dir`` when given."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
+    with Store(store_path, readonly=True) as st:
+        ckpts = st.checkpoints()
+        defs = st.definitions()
+        rows = list(st.rows())
+    n_err = sum(r.status != "ok" for r in rows)
+    ids_all = sorted(ckpts)
+    hp_all = [ckpts[c]["hparams"] for c in ids_all]
+    factors = varying_factors(hp_all)
+    if color_by and color_by not in factors:
+        color_by = factors[0] if factors else None
+
+    def line(name: str, key: str | None, vals: dict[str, float]) -> Line:
+        ids = [c for c in ids_all if c in vals]
+        values = [vals[c] for c in ids]
+        taus = {}
+        for t in TARGETS:
+            e = [ckpts[c]["metrics"].get(t, float("nan")) for c in ids]
+            taus[t] = bootstrap_tau(values, e, n_boot=n_boot, seed=seed)
+        g = granulated_tau(values, [ckpts[c]["metrics"].get(target, float("nan")) for c in ids],
+                           [ckpts[c]["hparams"] for c in ids], factors)
+        return Line(name, key, len(ids), taus, g, values, ids)
+
+    lines = []
+    by_def: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r.status == "ok" and r.value is not None and r.checkpoint_id in ckpts:
+            by_def.setdefault(r.definition_key, {})[r.checkpoint_id] = r.value
+    for key, d in defs.items():  # sorted by family, rho
+        if key in by_def:
+            lines.append(line(d["name"], key, by_def[key]))
+    if baselines:
+        for metric, name in BASELINES.items():
+            vals = {c: ckpts[c]["metrics"][metric] for c in ids_all if metric in ckpts[c]["metrics"]}
+            if vals:
+                lines.append(line(name, None, vals))
+    report = Report(lines, factors, target, len(ids_all), n_err)
+    if out_dir is None:
+        return report
+    os.makedirs(out_dir, exist_ok=True)
+    plot_files = []
+    if plots:
+        pdir = os.path.join(out_dir, "plots")
+        os.makedirs(pdir, exist_ok=True)
+        for ln in lines:
+            if ln.key is None or ln.n < 2:
+                continue
+            fname = _slug(ln.name) + ".png"
+            _plot(os.path.join(pdir, fname), ln.name, ln.values, [ckpts[c]["metrics"] for c in ln.ids],
+                  [ckpts[c]["hparams"] for c in ln.ids], color_by, ln.taus)
+            plot_files.append((ln.name, os.path.join("plots", fname)))
+    md_path = os.path.join(out_dir, "report.md")
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write("# sharpfast report\n\n" + report.markdown() + "\n")
+        for name, rel in plot_files:
+            f.write(f"\n![{name}]({rel})\n")
+    html_path = os.path.join(out_dir, "report.html")
+    with open(html_path, "w", encoding="utf-8") as f:
+        f.write(_html(report, plot_files))
+    csv_path = os.path.join(out_dir, "results.csv")
+    metric_names = sorted({k for c in ckpts.values() for k in c["metrics"]})
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["checkpoint_id", "definition", "rho", "status", "sharpness", "err_sharpness", "time_s",
+                    "error"] + factors + metric_names)
+        for r in rows:
+            c = ckpts.get(r.checkpoint_id, {"hparams": {}, "metrics": {}})
+            d = defs.get(r.definition_key, {"name": r.definition_key, "rho": None})
+            w.writerow([r.checkpoint_id, d["name"], d["rho"], r.status, r.value, r.err_value, r.time_s,
+                        r.error or ""] + [c["hparams"].get(k) for k in factors]
+                       + [c["metrics"].get(k) for k in metric_names])
+    report.files = [md_path, html_path, csv_path] + [os.path.join(out_dir, p) for _, p in plot_files]
+    return report
