@@ -4,9 +4,31 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <string>
+
 namespace py = pybind11;
 
-TORCH_LIBRARY(sharpfast, m) {}
+#ifdef SHARPFAST_WITH_CUDA
+namespace sharpfast { namespace cuda { int build_cuda_version(); } }
+#endif
+
+// Seeds are 64-bit unsigned integers carried in the int64 `seed` arguments (bit reinterpretation;
+// sharpfast/_ops.py maps s >= 2^63 to s - 2^64). `stream` and `sample` are in [0, 2^32).
+// Element i of a buffer has the global element index offset + i for the counter RNG.
+TORCH_LIBRARY(sharpfast, m) {
+  m.def("draw_(Tensor(a!) out, int seed, int stream, int sample, int offset, str distribution) -> ()");
+  m.def("perturb_(Tensor(a!) out, Tensor w0, Tensor c, float rho, int seed, int stream, int sample, "
+        "int offset, str distribution) -> ()");
+  m.def("perturb_batched_(Tensor(a!) out, Tensor w0, Tensor c, float rho, int seed, int stream, "
+        "int first_sample, int offset, str distribution, bool antithetic) -> ()");
+  m.def("apgd_step_linf_(Tensor(a!) params, Tensor(b!) delta, Tensor(c!) delta_prev, Tensor grad, Tensor w0, "
+        "Tensor c, Tensor step_size, float rho, float momentum) -> ()");
+  m.def("ellipsoid_norms(Tensor delta, Tensor grad, Tensor c, Tensor grad_scale, Tensor lambdas) -> Tensor");
+  m.def("apgd_step_l2_(Tensor(a!) params, Tensor(b!) delta, Tensor(c!) delta_prev, Tensor grad, Tensor w0, "
+        "Tensor c, Tensor grad_scale, Tensor lam, float momentum) -> ()");
+  m.def("copy_if_(Tensor(a!) dst, Tensor src, Tensor cond) -> ()");
+  m.def("sum_squares(Tensor x) -> Tensor");
+}
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "sharpfast native core";
@@ -18,6 +40,23 @@ PYBIND11_MODULE(_C, m) {
     info["cuda"] = false;
 #endif
     info["torch"] = TORCH_VERSION;
+#ifdef SHARPFAST_WITH_CUDA
+    {
+      const int v = sharpfast::cuda::build_cuda_version();  // CUDART_VERSION, e.g. 12080
+      info["cuda_version"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+    }
+#else
+    info["cuda_version"] = py::none();
+#endif
+    py::list dtypes;
+    for (const char* d : {"float32", "float64", "float16", "bfloat16"}) dtypes.append(d);
+    info["dtypes"] = dtypes;
+    py::list ops;
+    for (const char* o : {"draw_", "perturb_", "perturb_batched_", "apgd_step_linf_", "ellipsoid_norms",
+                          "apgd_step_l2_", "copy_if_", "sum_squares"})
+      ops.append(o);
+    info["ops"] = ops;
+    info["rng"] = "philox4x32-10";
     return info;
   });
 }

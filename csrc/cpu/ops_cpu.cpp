@@ -1,0 +1,301 @@
+// CPU implementations of sharpfast's ops: loops over flat buffers with at::parallel_for.
+// Elementwise ops depend on nothing but the element, so any thread split gives the same bits;
+// reductions use fixed chunks (kReduceChunk elements) whose partial sums are combined in
+// chunk order, so they too are identical for every thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../ops_common.h"
+#include "sharpfast/elementwise.h"
+
+namespace sharpfast {
+namespace cpu {
+namespace {
+
+constexpr int64_t kGrain = 32768;        // elements per parallel task (elementwise)
+constexpr int64_t kTile = 512;           // elements whose draws are generated together
+constexpr int64_t kReduceChunk = 16384;  // elements per partial sum (reductions)
+
+#define SF_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// Draws of elements e0 .. e0 + n - 1 (global indices) into xi[0 .. n - 1].
+template <typename T>
+void fill_draws(Dist dist, const Counter& k, uint32_t sample, uint64_t e0, int64_t n, T* xi) {
+  int64_t i = 0;
+  while (i < n) {
+    const uint64_t e = e0 + static_cast<uint64_t>(i);
+    int lane = static_cast<int>(e & 3u);
+    T v[4];
+    draws4<T>(dist, philox_block(k.seed, k.stream, sample, e >> 2), v);
+    for (; lane < 4 && i < n; ++lane, ++i) xi[i] = v[lane];
+  }
+}
+
+double read_scalar(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? *t.data_ptr<double>() : static_cast<double>(*t.data_ptr<float>());
+}
+
+void draw_cpu(at::Tensor& out, int64_t seed, int64_t stream, int64_t sample, int64_t offset,
+              c10::string_view distribution) {
+  check_flat(out, "out");
+  const Dist dist = parse_distribution(distribution);
+  const int64_t n = out.numel();
+  const Counter k = check_counter(seed, stream, sample, offset, n);
+  if (n == 0) return;
+  SF_DISPATCH(out.scalar_type(), "sharpfast::draw_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, (n + kTile - 1) / kTile, std::max<int64_t>(1, kGrain / kTile), [&](int64_t t0, int64_t t1) {
+      acc_t xi[kTile];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t * kTile, m = std::min(kTile, n - b);
+        fill_draws<acc_t>(dist, k, k.sample, k.offset + b, m, xi);
+        for (int64_t j = 0; j < m; ++j) o[b + j] = static_cast<scalar_t>(xi[j]);
+      }
+    });
+  });
+}
+
+// Rows of out ([rows, n]): row r = w0 + sign_r * rho * c * xi(sample_r). Antithetic pairs
+// share their draws (generated once, written twice).
+void perturb_rows(at::Tensor& out, const at::Tensor& w0, const at::Tensor& c, double rho, const Counter& k,
+                  int64_t n_samples, bool antithetic, Dist dist) {
+  const int64_t n = w0.numel();
+  if (n == 0 || n_samples == 0) return;
+  SF_DISPATCH(w0.scalar_type(), "sharpfast::perturb_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ w = w0.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ cc = c.data_ptr<scalar_t>();
+    const int64_t tiles = (n + kTile - 1) / kTile;
+    const acc_t rp = static_cast<acc_t>(rho), rm = static_cast<acc_t>(-rho);
+    at::parallel_for(0, tiles * n_samples, std::max<int64_t>(1, kGrain / kTile), [&](int64_t t0, int64_t t1) {
+      acc_t xi[kTile];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t s = t / tiles, b = (t % tiles) * kTile, m = std::min(kTile, n - b);
+        fill_draws<acc_t>(dist, k, k.sample + static_cast<uint32_t>(s), k.offset + b, m, xi);
+        const int64_t rows = antithetic ? 2 : 1;
+        for (int64_t r = 0; r < rows; ++r) {
+          scalar_t* __restrict__ dst = o + (s * rows + r) * n + b;
+          const acc_t rr = r ? rm : rp;
+          for (int64_t j = 0; j < m; ++j)
+            dst[j] = static_cast<scalar_t>(perturb<acc_t>(static_cast<acc_t>(w[b + j]), static_cast<acc_t>(cc[b + j]),
+                                                          rr, xi[j]));
+        }
+      }
+    });
+  });
+}
+
+void perturb_cpu(at::Tensor& out, const at::Tensor& w0, const at::Tensor& c, double rho, int64_t seed,
+                 int64_t stream, int64_t sample, int64_t offset, c10::string_view distribution) {
+  check_flat(w0, "w0");
+  check_like(out, "out", w0, "w0");
+  check_like(c, "c", w0, "w0");
+  const Dist dist = parse_distribution(distribution);
+  const Counter k = check_counter(seed, stream, sample, offset, w0.numel());
+  perturb_rows(out, w0, c, rho, k, 1, false, dist);
+}
+
+void perturb_batched_cpu(at::Tensor& out, const at::Tensor& w0, const at::Tensor& c, double rho, int64_t seed,
+                         int64_t stream, int64_t first_sample, int64_t offset, c10::string_view distribution,
+                         bool antithetic) {
+  const int64_t n_samples = check_batched(out, w0, c, antithetic);
+  const Dist dist = parse_distribution(distribution);
+  const Counter k = check_counter(seed, stream, first_sample, offset, w0.numel(), n_samples);
+  perturb_rows(out, w0, c, rho, k, n_samples, antithetic, dist);
+}
+
+void apgd_step_linf_cpu(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
+                        const at::Tensor& w0, const at::Tensor& c, const at::Tensor& step_size, double rho,
+                        double momentum) {
+  check_step_buffers(params, delta, delta_prev, grad, w0, c);
+  check_scalar(step_size, "step_size", params.device(), true);
+  const int64_t n = params.numel();
+  if (n == 0) return;
+  const double step = read_scalar(step_size);
+  SF_DISPATCH(params.scalar_type(), "sharpfast::apgd_step_linf_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* __restrict__ p = params.data_ptr<scalar_t>();
+    scalar_t* __restrict__ d = delta.data_ptr<scalar_t>();
+    scalar_t* __restrict__ dp = delta_prev.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ g = grad.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ w = w0.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ cc = c.data_ptr<scalar_t>();
+    const acc_t st = static_cast<acc_t>(step), r = static_cast<acc_t>(rho), a = static_cast<acc_t>(momentum);
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const acc_t di = static_cast<acc_t>(d[i]);
+        const acc_t z = linf_ascent_clamp<acc_t>(di, static_cast<acc_t>(g[i]), static_cast<acc_t>(cc[i]), st, r);
+        const acc_t nw = momentum_mix<acc_t>(z, static_cast<acc_t>(dp[i]), a);
+        dp[i] = d[i];
+        d[i] = static_cast<scalar_t>(nw);
+        p[i] = static_cast<scalar_t>(static_cast<acc_t>(w[i]) + nw);
+      }
+    });
+  });
+}
+
+void apgd_step_l2_cpu(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
+                      const at::Tensor& w0, const at::Tensor& c, const at::Tensor& grad_scale, const at::Tensor& lam,
+                      double momentum) {
+  check_step_buffers(params, delta, delta_prev, grad, w0, c);
+  check_scalar(grad_scale, "grad_scale", params.device(), true);
+  check_scalar(lam, "lam", params.device(), false);
+  const int64_t n = params.numel();
+  if (n == 0) return;
+  const double gs = read_scalar(grad_scale), lm = read_scalar(lam);
+  SF_DISPATCH(params.scalar_type(), "sharpfast::apgd_step_l2_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* __restrict__ p = params.data_ptr<scalar_t>();
+    scalar_t* __restrict__ d = delta.data_ptr<scalar_t>();
+    scalar_t* __restrict__ dp = delta_prev.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ g = grad.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ w = w0.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ cc = c.data_ptr<scalar_t>();
+    const acc_t s = static_cast<acc_t>(gs), l = static_cast<acc_t>(lm), a = static_cast<acc_t>(momentum);
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const acc_t ci = static_cast<acc_t>(cc[i]);
+        const acc_t z = l2_ascent<acc_t>(static_cast<acc_t>(d[i]), static_cast<acc_t>(g[i]), ci, s);
+        const acc_t nw = momentum_mix<acc_t>(ellipsoid_shrink<acc_t>(z, ci, l), static_cast<acc_t>(dp[i]), a);
+        dp[i] = d[i];
+        d[i] = static_cast<scalar_t>(nw);
+        p[i] = static_cast<scalar_t>(static_cast<acc_t>(w[i]) + nw);
+      }
+    });
+  });
+}
+
+// sum_i f(i) over fixed chunks, each summed with 8 interleaved accumulators, chunks in order.
+template <typename F>
+void chunked_sums(int64_t n, int64_t L, double* result, const F& chunk_fn) {
+  const int64_t chunks = (n + kReduceChunk - 1) / kReduceChunk;
+  std::vector<double> partial(static_cast<size_t>(chunks * L), 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      const int64_t b = ch * kReduceChunk;
+      chunk_fn(b, std::min(kReduceChunk, n - b), partial.data() + ch * L);
+    }
+  });
+  for (int64_t j = 0; j < L; ++j) {
+    double s = 0.0;
+    for (int64_t ch = 0; ch < chunks; ++ch) s += partial[ch * L + j];
+    result[j] = s;
+  }
+}
+
+at::Tensor sum_squares_cpu(const at::Tensor& x) {
+  check_flat(x, "x");
+  at::Tensor out = at::zeros({}, x.options().dtype(at::kDouble));
+  const int64_t n = x.numel();
+  if (n == 0) return out;
+  SF_DISPATCH(x.scalar_type(), "sharpfast::sum_squares", [&] {
+    const scalar_t* __restrict__ p = x.data_ptr<scalar_t>();
+    chunked_sums(n, 1, out.data_ptr<double>(), [&](int64_t b, int64_t m, double* res) {
+      double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t j = 0;
+      for (; j + 8 <= m; j += 8)
+        for (int u = 0; u < 8; ++u) {
+          const double v = static_cast<double>(p[b + j + u]);
+          acc[u] += v * v;
+        }
+      for (; j < m; ++j) {
+        const double v = static_cast<double>(p[b + j]);
+        acc[0] += v * v;
+      }
+      res[0] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    });
+  });
+  return out;
+}
+
+at::Tensor ellipsoid_norms_cpu(const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& c,
+                               const at::Tensor& grad_scale, const at::Tensor& lambdas) {
+  check_flat(delta, "delta");
+  check_like(grad, "grad", delta, "delta");
+  check_like(c, "c", delta, "delta");
+  check_scalar(grad_scale, "grad_scale", delta.device(), true);
+  check_lambdas(lambdas, delta.device());
+  const int64_t L = lambdas.numel();
+  at::Tensor out = at::zeros({L}, delta.options().dtype(at::kDouble));
+  const int64_t n = delta.numel();
+  if (n == 0 || L == 0) return out;
+  const at::Tensor lam_c = lambdas.contiguous();
+  const double* lam = lam_c.data_ptr<double>();
+  const double gs = read_scalar(grad_scale);
+  SF_DISPATCH(delta.scalar_type(), "sharpfast::ellipsoid_norms", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* __restrict__ d = delta.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ g = grad.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ cc = c.data_ptr<scalar_t>();
+    const acc_t s = static_cast<acc_t>(gs);
+    constexpr int64_t kSub = 256;
+    chunked_sums(n, L, out.data_ptr<double>(), [&](int64_t b, int64_t m, double* res) {
+      // Per sub-tile: zc = z c and c2 = c^2 (c2 := 1 where c = 0, so the term is 0, never 0/0),
+      // then every candidate lambda over the sub-tile with 8 interleaved accumulators.
+      double zc[kSub], c2[kSub];
+      std::vector<double> acc(static_cast<size_t>(L * 8), 0.0);
+      for (int64_t t = 0; t < m; t += kSub) {
+        const int64_t q = std::min(kSub, m - t);
+        for (int64_t j = 0; j < q; ++j) {
+          const int64_t i = b + t + j;
+          const acc_t ci = static_cast<acc_t>(cc[i]);
+          const double z = static_cast<double>(l2_ascent<acc_t>(static_cast<acc_t>(d[i]), static_cast<acc_t>(g[i]), ci, s));
+          const double cd = static_cast<double>(ci);
+          zc[j] = cd == 0.0 ? 0.0 : z * cd;
+          c2[j] = cd == 0.0 ? 1.0 : cd * cd;
+        }
+        for (int64_t j = q; j < ((q + 7) / 8) * 8 && j < kSub; ++j) {
+          zc[j] = 0.0;
+          c2[j] = 1.0;
+        }
+        const int64_t q8 = ((q + 7) / 8) * 8;
+        for (int64_t l = 0; l < L; ++l) {
+          const double tl = 2.0 * lam[l];
+          double* a = acc.data() + l * 8;
+          for (int64_t j = 0; j < q8; j += 8)
+            for (int u = 0; u < 8; ++u) {
+              const double v = zc[j + u] / (c2[j + u] + tl);
+              a[u] += v * v;
+            }
+        }
+      }
+      for (int64_t l = 0; l < L; ++l) {
+        const double* a = acc.data() + l * 8;
+        res[l] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+      }
+    });
+  });
+  return out;
+}
+
+void copy_if_cpu(at::Tensor& dst, const at::Tensor& src, const at::Tensor& cond) {
+  check_copy_if(dst, src, cond);
+  if (*cond.data_ptr<bool>()) dst.copy_(src);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace sharpfast
+
+TORCH_LIBRARY_IMPL(sharpfast, CPU, m) {
+  using namespace sharpfast::cpu;
+  m.impl("draw_", &draw_cpu);
+  m.impl("perturb_", &perturb_cpu);
+  m.impl("perturb_batched_", &perturb_batched_cpu);
+  m.impl("apgd_step_linf_", &apgd_step_linf_cpu);
+  m.impl("ellipsoid_norms", &ellipsoid_norms_cpu);
+  m.impl("apgd_step_l2_", &apgd_step_l2_cpu);
+  m.impl("copy_if_", &copy_if_cpu);
+  m.impl("sum_squares", &sum_squares_cpu);
+}

@@ -1,0 +1,60 @@
+// Per-element formulas of sharpfast's fused ops, shared by the CPU loops and the CUDA
+// kernels. `T` is the compute type: float for fp32/fp16/bf16 buffers, double for fp64.
+// A coordinate with scale c = 0 is frozen: never perturbed, never divided by.
+#pragma once
+#include "sharpfast/philox.h"
+
+namespace sharpfast {
+
+// Perturbation: w0 + (rho * c) * xi, rho already carrying the antithetic sign.
+// Same association as the reference (`w + (sign * rho) * c * xi`).
+template <typename T>
+SF_HOST_DEVICE T perturb(T w0, T c, T rho, T xi) {
+  return w0 + (rho * c) * xi;
+}
+
+// torch.sign semantics: sign(0) = 0.
+template <typename T>
+SF_HOST_DEVICE T sign_of(T g) {
+  return static_cast<T>((g > T(0)) - (g < T(0)));
+}
+
+// linf ascent and projection: clamp(delta + step * sign(g) * c, -rho c, rho c).
+template <typename T>
+SF_HOST_DEVICE T linf_ascent_clamp(T delta, T g, T c, T step, T rho) {
+  const T z = delta + step * sign_of(g) * c;
+  const T bound = rho * c;
+  const T lo = -bound;
+  return z > bound ? bound : (z < lo ? lo : z);
+}
+
+// l2 ascent: delta + grad_scale * g * c  (grad_scale = step / (||g|| + 1e-12)).
+template <typename T>
+SF_HOST_DEVICE T l2_ascent(T delta, T g, T c, T grad_scale) {
+  return delta + grad_scale * g * c;
+}
+
+// Ellipsoid shrink z / (1 + 2 lam / c^2) written as z c^2 / (c^2 + 2 lam): 0 where c = 0,
+// exactly z where lam = 0 and c != 0.
+template <typename T>
+SF_HOST_DEVICE T ellipsoid_shrink(T z, T c, T lam) {
+  if (c == T(0)) return T(0);
+  if (lam == T(0)) return z;
+  const T c2 = c * c;
+  return z * c2 / (c2 + T(2) * lam);
+}
+
+// One term of ||shrink(z, lam) / c||^2: (z c / (c^2 + 2 lam))^2, 0 where c = 0.
+SF_HOST_DEVICE double ellipsoid_term(double z, double c, double lam) {
+  if (c == 0.0) return 0.0;
+  const double q = z * c / (c * c + 2.0 * lam);
+  return q * q;
+}
+
+// APGD momentum: alpha * z + (1 - alpha) * delta_prev.
+template <typename T>
+SF_HOST_DEVICE T momentum_mix(T z, T delta_prev, T alpha) {
+  return alpha * z + (T(1) - alpha) * delta_prev;
+}
+
+}  // namespace sharpfast

@@ -1,0 +1,126 @@
+// Philox4x32-10 counter-based RNG and the transforms sharpfast uses, shared by the CPU loops
+// and the CUDA kernels. The contract is sharpfast/philox.py (the pure-PyTorch twin):
+//
+//   key     = (seed mod 2^32, seed >> 32)                  seed: 64-bit unsigned
+//   counter = (block mod 2^32, block >> 32, sample, stream) block = element / 4
+//   element e takes word e % 4 of philox4x32_10(counter, key)
+//
+//   uniform(-1, 1): ((x >> 8) - 2^23) * 2^-23  (exact in float32)
+//   rademacher:     +1 if the top bit of x is 0, else -1
+//   normal:         Box-Muller in double on the word pairs (0, 1), (2, 3):
+//                   u1 = (x_a + 1) 2^-32, theta = (2 pi 2^-32) x_b, r = sqrt(-2 log u1),
+//                   lane a = r cos(theta), lane b = r sin(theta)
+//
+// Header-only, no torch, usable from host and device code.
+#pragma once
+#include <stdint.h>
+#include <math.h>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define SF_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define SF_HOST_DEVICE inline
+#endif
+
+namespace sharpfast {
+
+enum class Dist : int { normal = 0, uniform = 1, rademacher = 2 };
+
+struct Words4 {
+  uint32_t v[4];
+};
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+
+SF_HOST_DEVICE void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+  lo = a * b;
+  hi = __umulhi(a, b);
+#else
+  const uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  lo = static_cast<uint32_t>(p);
+  hi = static_cast<uint32_t>(p >> 32);
+#endif
+}
+
+// Philox4x32 with 10 rounds (Salmon et al., SC 2011; Random123 known-answer vectors).
+SF_HOST_DEVICE Words4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                    uint32_t k0, uint32_t k1) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) {
+    if (r) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(c0, kPhiloxM0, hi0, lo0);
+    mulhilo32(c2, kPhiloxM1, hi1, lo1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0;
+    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+  }
+  Words4 w;
+  w.v[0] = c0;
+  w.v[1] = c1;
+  w.v[2] = c2;
+  w.v[3] = c3;
+  return w;
+}
+
+// The four words of philox block `block` for (seed, stream, sample).
+SF_HOST_DEVICE Words4 philox_block(uint64_t seed, uint32_t stream, uint32_t sample, uint64_t block) {
+  return philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), sample, stream,
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+SF_HOST_DEVICE float uniform_pm1(uint32_t x) {
+  // (x >> 8) has 24 bits; minus 2^23 fits int32 exactly, times 2^-23 is exact in float.
+  return static_cast<float>(static_cast<int32_t>(x >> 8) - (1 << 23)) * 1.1920928955078125e-07f;
+}
+
+SF_HOST_DEVICE float rademacher(uint32_t x) { return (x >> 31) ? -1.0f : 1.0f; }
+
+// Box-Muller on one word pair: a gets the cosine lane, b the sine lane.
+SF_HOST_DEVICE void box_muller(uint32_t xa, uint32_t xb, double& a, double& b) {
+  const double u1 = (static_cast<double>(xa) + 1.0) * 2.3283064365386963e-10;  // 2^-32
+  const double theta = (2.0 * 3.141592653589793 * 2.3283064365386963e-10) * static_cast<double>(xb);
+  const double r = sqrt(-2.0 * log(u1));
+  double s, c;
+#if defined(__CUDA_ARCH__)
+  sincos(theta, &s, &c);
+#else
+  s = sin(theta);
+  c = cos(theta);
+#endif
+  a = r * c;
+  b = r * s;
+}
+
+// The four draws of one block, as T (float or double). Normal draws are computed in double
+// and rounded once to T; uniform and Rademacher draws are exact in float.
+template <typename T>
+SF_HOST_DEVICE void draws4(Dist dist, const Words4& w, T out[4]) {
+  if (dist == Dist::uniform) {
+    for (int k = 0; k < 4; ++k) out[k] = static_cast<T>(uniform_pm1(w.v[k]));
+  } else if (dist == Dist::rademacher) {
+    for (int k = 0; k < 4; ++k) out[k] = static_cast<T>(rademacher(w.v[k]));
+  } else {
+    double a, b, c, d;
+    box_muller(w.v[0], w.v[1], a, b);
+    box_muller(w.v[2], w.v[3], c, d);
+    out[0] = static_cast<T>(a);
+    out[1] = static_cast<T>(b);
+    out[2] = static_cast<T>(c);
+    out[3] = static_cast<T>(d);
+  }
+}
+
+}  // namespace sharpfast

@@ -1,0 +1,138 @@
+// Argument checks shared by the CPU and CUDA implementations of sharpfast's ops (ATen side;
+// the kernels themselves only see raw pointers).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <cstdint>
+#include <string>
+
+#include "sharpfast/philox.h"
+
+namespace sharpfast {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// A flat buffer: 1-D, contiguous, fp32/fp64/fp16/bf16.
+inline void check_flat(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), "sharpfast: argument '", name, "' is undefined");
+  TORCH_CHECK(t.dim() == 1, "sharpfast: argument '", name, "' must be a 1-D flat buffer, got shape ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "sharpfast: argument '", name, "' must be contiguous");
+  TORCH_CHECK(is_supported_float(t.scalar_type()), "sharpfast: argument '", name,
+              "' must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+// `t` must match `ref` in dtype, device and length.
+inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  check_flat(t, name);
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "sharpfast: argument '", name, "' has dtype ",
+              t.scalar_type(), " but '", ref_name, "' has dtype ", ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), "sharpfast: argument '", name, "' is on ", t.device(), " but '",
+              ref_name, "' is on ", ref.device());
+  TORCH_CHECK(t.numel() == ref.numel(), "sharpfast: argument '", name, "' has ", t.numel(),
+              " elements but '", ref_name, "' has ", ref.numel());
+}
+
+// A 0-dim scalar tensor on `device`, float64 (or float32 where allow_float is set).
+inline void check_scalar(const at::Tensor& t, const char* name, const at::Device& device, bool allow_float) {
+  TORCH_CHECK(t.defined(), "sharpfast: argument '", name, "' is undefined");
+  TORCH_CHECK(t.dim() == 0, "sharpfast: argument '", name, "' must be a 0-dim tensor, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kDouble || (allow_float && t.scalar_type() == at::kFloat),
+              "sharpfast: argument '", name, "' must be a float64", allow_float ? " (or float32)" : "",
+              " tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == device, "sharpfast: argument '", name, "' is on ", t.device(),
+              " but the buffers are on ", device);
+}
+
+inline Dist parse_distribution(c10::string_view s) {
+  if (s == "normal") return Dist::normal;
+  if (s == "uniform") return Dist::uniform;
+  if (s == "rademacher") return Dist::rademacher;
+  TORCH_CHECK(false, "sharpfast: unknown distribution '", std::string(s.data(), s.size()),
+              "'; expected 'normal', 'uniform' or 'rademacher'");
+}
+
+inline uint32_t check_u32(int64_t v, const char* name) {
+  TORCH_CHECK(v >= 0 && v <= static_cast<int64_t>(UINT32_MAX), "sharpfast: argument '", name,
+              "' must be in [0, 2^32), got ", v);
+  return static_cast<uint32_t>(v);
+}
+
+// Counter arguments of the sampling ops. `seed` is a 64-bit unsigned seed passed through an
+// int64 schema argument (bit reinterpretation: Python maps s >= 2^63 to s - 2^64).
+struct Counter {
+  uint64_t seed;
+  uint32_t stream;
+  uint32_t sample;
+  uint64_t offset;
+};
+
+inline Counter check_counter(int64_t seed, int64_t stream, int64_t sample, int64_t offset, int64_t numel,
+                             int64_t n_samples = 1) {
+  Counter k;
+  k.seed = static_cast<uint64_t>(seed);
+  k.stream = check_u32(stream, "stream");
+  k.sample = check_u32(sample, "sample");
+  TORCH_CHECK(n_samples <= 1 || static_cast<int64_t>(k.sample) + n_samples - 1 <= static_cast<int64_t>(UINT32_MAX),
+              "sharpfast: sample indices ", sample, " .. ", sample + n_samples - 1, " exceed 2^32 - 1");
+  TORCH_CHECK(offset >= 0, "sharpfast: argument 'offset' must be >= 0, got ", offset);
+  TORCH_CHECK(numel <= INT64_MAX - offset, "sharpfast: offset + numel overflows");
+  k.offset = static_cast<uint64_t>(offset);
+  return k;
+}
+
+// Checks of the batched perturbation; returns the number of distinct samples.
+inline int64_t check_batched(const at::Tensor& out, const at::Tensor& w0, const at::Tensor& c, bool antithetic) {
+  check_flat(w0, "w0");
+  check_like(c, "c", w0, "w0");
+  TORCH_CHECK(out.dim() == 2, "sharpfast: argument 'out' must be a [K, N] tensor, got shape ", out.sizes());
+  TORCH_CHECK(out.is_contiguous(), "sharpfast: argument 'out' must be contiguous");
+  TORCH_CHECK(out.scalar_type() == w0.scalar_type(), "sharpfast: argument 'out' has dtype ", out.scalar_type(),
+              " but 'w0' has dtype ", w0.scalar_type());
+  TORCH_CHECK(out.device() == w0.device(), "sharpfast: argument 'out' is on ", out.device(), " but 'w0' is on ",
+              w0.device());
+  TORCH_CHECK(out.size(1) == w0.numel(), "sharpfast: argument 'out' has rows of length ", out.size(1),
+              " but 'w0' has ", w0.numel(), " elements");
+  const int64_t K = out.size(0);
+  TORCH_CHECK(!antithetic || K % 2 == 0, "sharpfast: antithetic sampling needs an even number of rows, got K = ", K);
+  return antithetic ? K / 2 : K;
+}
+
+inline void check_step_buffers(const at::Tensor& params, const at::Tensor& delta, const at::Tensor& delta_prev,
+                               const at::Tensor& grad, const at::Tensor& w0, const at::Tensor& c) {
+  check_flat(params, "params");
+  check_like(delta, "delta", params, "params");
+  check_like(delta_prev, "delta_prev", params, "params");
+  check_like(grad, "grad", params, "params");
+  check_like(w0, "w0", params, "params");
+  check_like(c, "c", params, "params");
+}
+
+inline void check_lambdas(const at::Tensor& lambdas, const at::Device& device) {
+  TORCH_CHECK(lambdas.dim() == 1, "sharpfast: argument 'lambdas' must be 1-D, got shape ", lambdas.sizes());
+  TORCH_CHECK(lambdas.scalar_type() == at::kDouble, "sharpfast: argument 'lambdas' must be float64, got ",
+              lambdas.scalar_type());
+  TORCH_CHECK(lambdas.device() == device, "sharpfast: argument 'lambdas' is on ", lambdas.device(),
+              " but the buffers are on ", device);
+}
+
+inline void check_copy_if(const at::Tensor& dst, const at::Tensor& src, const at::Tensor& cond) {
+  TORCH_CHECK(dst.is_contiguous() && src.is_contiguous(), "sharpfast: copy_if_ needs contiguous 'dst' and 'src'");
+  TORCH_CHECK(dst.scalar_type() == src.scalar_type(), "sharpfast: argument 'src' has dtype ", src.scalar_type(),
+              " but 'dst' has dtype ", dst.scalar_type());
+  TORCH_CHECK(dst.device() == src.device(), "sharpfast: argument 'src' is on ", src.device(), " but 'dst' is on ",
+              dst.device());
+  TORCH_CHECK(dst.sizes() == src.sizes(), "sharpfast: argument 'src' has shape ", src.sizes(),
+              " but 'dst' has shape ", dst.sizes());
+  TORCH_CHECK(cond.dim() == 0 && cond.scalar_type() == at::kBool,
+              "sharpfast: argument 'cond' must be a 0-dim bool tensor, got ", cond.scalar_type(), " of shape ",
+              cond.sizes());
+  TORCH_CHECK(cond.device() == dst.device(), "sharpfast: argument 'cond' is on ", cond.device(),
+              " but 'dst' is on ", dst.device());
+}
+
+}  // namespace sharpfast
