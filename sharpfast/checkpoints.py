@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -97,12 +98,15 @@ def load_state_dict(path: str, sha256: str | None = None, key: str | None = None
             raise CheckpointError(f"checkpoint {path!r} is not a valid safetensors file: {e}") from e
     elif lower.endswith(TORCH_SUFFIXES):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+            why = next((l for l in lines if "global" in l.lower()), lines[0] if lines else type(e).__name__)
             raise CheckpointError(
                 f"refusing to load {path!r}: it is a pickle that needs more than tensors and plain "
-                f"containers to unpickle (torch.load(weights_only=True) rejected it: {first}). "
+                f"containers to unpickle (torch.load(weights_only=True) rejected it: {why[:300]}). "
                 "sharpfast never unpickles arbitrary objects; save a state dict of tensors "
                 "(safetensors preferred)") from e
         except Exception as e:  # truncated zip, random bytes, ...

@@ -1,0 +1,250 @@
+"""Sweeps: agreement with the API, resumability (also after SIGKILL), failures recorded, configs."""
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import sharpfast
+from sharpfast import definitions as D
+from sharpfast import zoo
+from sharpfast.checkpoints import Manifest, load_model
+from sharpfast.definitions import ConfigError, Definition
+from sharpfast.store import Store
+from sharpfast.sweep import run_sweep
+
+TINY = zoo.ZooSpec({"lr": [0.5, 2.0], "batch_size": [32, 128], "width": [8, 16]},
+                   {"arch": "mlp", "epochs": 2, "n_train": 256})
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("zoo")
+    zoo.build_zoo(str(d), TINY, progress=False, log=lambda s: None)
+    return str(d)
+
+
+def _copy(zoo_dir, tmp_path):
+    dst = tmp_path / "zoo"
+    shutil.copytree(zoo_dir, dst)
+    return str(dst)
+
+
+QUICK = D.preset("quick")
+
+
+def _values(store_path):
+    with Store(store_path, readonly=True) as st:
+        return {(r.checkpoint_id, r.definition_key): (r.status, r.value, r.err_value, tuple(r.per_batch or ()))
+                for r in st.rows()}
+
+
+def test_sweep_rows_match_the_api_and_rerun_is_idempotent(tiny_zoo, tmp_path):
+    store = str(tmp_path / "r.db")
+    m = Manifest.load(tiny_zoo)
+    s = run_sweep(m, QUICK, store, progress=False)
+    assert (s.ok, s.errors, s.skipped) == (16, 0, 0)
+    rows = _values(store)
+    assert len(rows) == 16
+    # one row recomputed by hand through the public API
+    entry, d = m.models[3], QUICK[0]
+    model = load_model(m, entry)
+    x, y = m.sharpness_data(d.n_examples)
+    batches = [(x[i:i + d.m], y[i:i + d.m]) for i in range(0, d.n_examples, d.m)]
+    torch.set_num_threads(1)
+    r = sharpfast.worst_case_sharpness(model, batches, **d.api_kwargs())
+    status, value, err_value, per_batch = rows[(entry.id, d.key)]
+    assert status == "ok" and value == pytest.approx(r.sharpness, rel=1e-6, abs=1e-9)
+    assert list(per_batch) == pytest.approx(r.per_batch, rel=1e-6, abs=1e-9)
+    assert len(per_batch) == d.n_examples // d.m
+    # rerun: nothing computed, nothing changed
+    s2 = run_sweep(m, QUICK, store, progress=False)
+    assert (s2.ok, s2.errors, s2.skipped) == (0, 0, 16)
+    assert _values(store) == rows
+    # a new definition only computes the new column
+    extra = [Definition("avg", "linf", 0.05, m=64, n_examples=128, n_samples=3)]
+    s3 = run_sweep(m, QUICK + extra, store, progress=False)
+    assert (s3.ok, s3.skipped) == (8, 16)
+    with Store(store, readonly=True) as st:
+        assert st.counts() == {"ok": 24}
+        assert set(st.checkpoints()) == {e.id for e in m.models}
+
+
+def test_parallel_local_executor_gives_identical_rows(tiny_zoo, tmp_path):
+    m = Manifest.load(tiny_zoo)
+    run_sweep(m, QUICK[:1], str(tmp_path / "a.db"), progress=False)
+    run_sweep(m, QUICK[:1], str(tmp_path / "b.db"), progress=False, jobs=2)
+    assert _values(str(tmp_path / "a.db")) == _values(str(tmp_path / "b.db"))
+
+
+def test_failures_are_recorded_and_the_sweep_goes_on(tiny_zoo, tmp_path):
+    zdir = _copy(tiny_zoo, tmp_path)
+    m = Manifest.load(zdir)
+    bad, worse = m.models[1], m.models[5]
+    bad_path, worse_path = m.checkpoint_path(bad), m.checkpoint_path(worse)
+    original = open(bad_path, "rb").read()
+    with open(bad_path, "wb") as f:               # corrupt: sha256 no longer matches
+        f.write(original[:50])
+    worse.sha256 = None                           # no checksum: the safetensors parser must catch it
+    with open(worse_path, "wb") as f:
+        f.write(b"\x00" * 64)
+    too_big = Definition("avg", "l2", 0.1, m=128, n_examples=1024, n_samples=2)   # > 256 examples
+    store = str(tmp_path / "r.db")
+    s = run_sweep(m, QUICK + [too_big], store, progress=False)
+    assert s.ok == 6 * 2 and s.errors == 2 * 3 + 6
+    with Store(store, readonly=True) as st:
+        errs = {(r.checkpoint_id, r.definition_key): r.error for r in st.rows(status="error")}
+    assert "sha256" in errs[(bad.id, QUICK[0].key)]
+    assert "not a valid safetensors file" in errs[(worse.id, QUICK[1].key)]
+    assert "needs 1024 examples" in errs[(m.models[0].id, too_big.key)] or \
+           "n_examples" in errs[(m.models[0].id, too_big.key)]
+    assert "error:" in s.text(store)
+    # repair one checkpoint: a rerun retries only the failed rows
+    with open(bad_path, "wb") as f:
+        f.write(original)
+    s2 = run_sweep(m, QUICK, store, progress=False)
+    assert (s2.ok, s2.errors, s2.skipped) == (2, 2, 12)
+    s3 = run_sweep(m, QUICK, store, progress=False, retry_errors=False)
+    assert (s3.ok, s3.errors, s3.skipped) == (0, 0, 16)
+
+
+def test_changed_checkpoint_is_recomputed(tiny_zoo, tmp_path):
+    m = Manifest.load(tiny_zoo)
+    store = str(tmp_path / "r.db")
+    run_sweep(m, QUICK[:1], store, progress=False)
+    m.models[0].sha256 = "f" * 64          # the manifest now points at different weights
+    s = run_sweep(m, QUICK[:1], store, progress=False)
+    assert s.skipped == 7 and s.ok + s.errors == 1
+
+
+def test_kill_9_mid_sweep_then_resume(tiny_zoo, tmp_path):
+    """SIGKILL the sweep process while it writes; a rerun completes without loss or duplicates,
+    and the values equal those of an uninterrupted sweep."""
+    store = str(tmp_path / "killed.db")
+    cmd = [sys.executable, "-m", "sharpfast", "sweep", "--zoo", tiny_zoo, "--store", store, "--quiet",
+           "--kind", "max", "avg", "--norm", "linf", "l2", "--rho", "0.001", "0.01", "--m", "64",
+           "--n-examples", "128", "--n-iters", "20", "--n-samples", "10"]
+    n_defs, n_ckpt = 2 * 2 * 2, 8
+    total = n_defs * n_ckpt
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    n_before = 0
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(store):
+                try:
+                    with sqlite3.connect(store, timeout=1) as db:
+                        n_before = db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+                except sqlite3.OperationalError:
+                    n_before = 0
+                if n_before >= n_defs:       # at least one checkpoint committed
+                    break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the sweep finished before it could be killed"
+    with sqlite3.connect(store) as db:
+        per_ckpt = db.execute("SELECT checkpoint_id, COUNT(*) FROM results GROUP BY checkpoint_id").fetchall()
+        n_killed = db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+    assert 0 < n_killed < total
+    assert all(n == n_defs for _, n in per_ckpt), "a checkpoint's rows were committed partially"
+
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"{n_killed} already done" in out.stdout
+    with sqlite3.connect(store) as db:
+        assert db.execute("SELECT COUNT(*) FROM results WHERE status='ok'").fetchone()[0] == total
+        dup = db.execute("SELECT checkpoint_id, definition_key, COUNT(*) c FROM results "
+                         "GROUP BY 1, 2 HAVING c > 1").fetchall()
+        assert dup == []
+    clean = str(tmp_path / "clean.db")
+    out = subprocess.run(cmd[:cmd.index("--store") + 1] + [clean] + cmd[cmd.index("--store") + 2:],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    a, b = _values(store), _values(clean)
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k][0] == b[k][0] == "ok"
+        assert a[k][1] == pytest.approx(b[k][1], rel=1e-9, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- definitions
+
+def test_paper_preset_is_the_published_grid():
+    defs = D.preset("paper")
+    assert len(defs) == 48 and len({d.key for d in defs}) == 48
+    fam = {}
+    for d in defs:
+        fam.setdefault(d.family, []).append(d.rho)
+        assert (d.m, d.n_examples, d.n_iters, d.n_samples, d.rand_init) == (128, 1024, 20, 20, False)
+    assert len(fam) == 12 and all(len(v) == 4 for v in fam.values())
+    assert sorted(fam["max-linf-standard m=128 n_examples=1024"]) == [0.0005, 0.001, 0.002, 0.004]
+    assert sorted(fam["max-linf-adaptive-lognorm m=128 n_examples=1024"]) == [0.001, 0.002, 0.004, 0.008]
+    assert sorted(fam["avg-l2-adaptive m=128 n_examples=1024"]) == [0.05, 0.1, 0.2, 0.4]
+    assert len(D.preset("default")) >= 4
+
+
+def test_definition_keys():
+    a = Definition("max", "linf", 0.002)
+    assert a.key == Definition("max", "linf", 0.002, n_samples=99).key      # irrelevant for max
+    assert a.key != Definition("max", "linf", 0.002, n_iters=21).key
+    assert a.key != Definition("max", "linf", 0.004).key
+    assert Definition("avg", "l2", 0.1, normalize_logits=True).normalize_logits == "norm"
+    kw = Definition("avg", "l2", 0.1, n_samples=7).api_kwargs()
+    assert kw["n_samples"] == 7 and "n_iters" not in kw
+
+
+def test_yaml_and_toml_configs(tmp_path):
+    y = tmp_path / "d.yaml"
+    y.write_text("defaults: {m: 64, n_examples: 128}\n"
+                 "definitions:\n"
+                 "  - {kind: max, norm: linf, adaptive: true, normalize_logits: true, rho: [0.001, 0.002]}\n"
+                 "  - {kind: avg, norm: l2, rho: 0.1, n_samples: 5}\n")
+    t = tmp_path / "d.toml"
+    t.write_text("[defaults]\nm = 64\nn_examples = 128\n\n"
+                 "[[definitions]]\nkind = 'max'\nnorm = 'linf'\nadaptive = true\nnormalize_logits = true\n"
+                 "rho = [0.001, 0.002]\n\n"
+                 "[[definitions]]\nkind = 'avg'\nnorm = 'l2'\nrho = 0.1\nn_samples = 5\n")
+    dy, dt = D.load_config(str(y)), D.load_config(str(t))
+    assert [d.key for d in dy] == [d.key for d in dt]
+    assert len(dy) == 3 and dy[0].normalize_logits == "norm" and dy[2].n_samples == 5 and dy[2].m == 64
+    p = tmp_path / "p.yaml"
+    p.write_text("preset: paper\ndefaults: {n_examples: 512}\n")
+    assert len(D.load_config(str(p))) == 48
+
+
+@pytest.mark.parametrize("text, message", [
+    ("definitions: [{kind: max, norm: linf, rho: -1}]", "rho must be a positive"),
+    ("definitions: [{kind: mx, norm: linf, rho: 1}]", "kind must be one of"),
+    ("definitions: [{kind: max, norm: l3, rho: 1}]", "norm must be one of"),
+    ("definitions: [{kind: max, norm: linf, rho: 1, rh: 2}]", "unknown field"),
+    ("definitions: [{kind: max, norm: linf}]", "missing field"),
+    ("definitions: [{kind: max, norm: linf, rho: 1, m: 100, n_examples: 512}]", "multiple of m"),
+    ("definitions: [{kind: max, norm: linf, rho: 1, n_iters: 0}]", "positive integer"),
+    ("definitions: [{kind: max, norm: linf, rho: 1, normalize_logits: maybe}]", "normalize_logits"),
+    ("preset: nope", "unknown preset"),
+    ("foo: 1", "unknown top-level key"),
+    ("definitions: []", "no definitions"),
+    ("definitions: [1, 2", "cannot be parsed"),
+])
+def test_bad_configs(tmp_path, text, message):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        D.load_config(str(p))
+
+
+def test_config_file_problems(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        D.load_config(str(tmp_path / "none.yaml"))
+    (tmp_path / "x.ini").write_text("a=1")
+    with pytest.raises(ConfigError, match="unknown extension"):
+        D.load_config(str(tmp_path / "x.ini"))

@@ -1,0 +1,90 @@
+"""digits / digits-C and the built-in zoo: determinism, metrics, resumable training."""
+import json
+import os
+
+import pytest
+import torch
+
+from sharpfast import digits, zoo
+from sharpfast.checkpoints import Manifest, load_model
+
+
+def test_digits_split_is_deterministic_and_disjoint():
+    x, y, xt, yt = digits.split(300)
+    x2, y2, _, _ = digits.split(300)
+    assert x.shape == (300, 1, 8, 8) and xt.shape == (digits.DEFAULT_N_TEST, 1, 8, 8)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert set(y.tolist()) == set(range(10))
+    flat = {tuple(v.flatten().tolist()) for v in x}
+    assert not any(tuple(v.flatten().tolist()) in flat for v in xt[:200])  # train/test disjoint
+    with pytest.raises(ValueError, match="n_train"):
+        digits.split(5000)
+
+
+def test_digits_c_corruptions():
+    _, _, xt, _ = digits.split(100)
+    c = digits.corrupted_test_sets(xt)
+    assert list(c) == list(digits.CORRUPTIONS)
+    again = digits.corrupted_test_sets(xt)
+    for kind, xc in c.items():
+        assert xc.shape == xt.shape
+        assert torch.equal(xc, again[kind])                       # seeded
+        assert not torch.allclose(xc, xt), kind                   # really corrupted
+        assert float(xc.min()) >= 0.0 and float(xc.max()) <= 1.0 + 1e-6
+    # a shift moves mass but keeps the pixels it does not push off the 8x8 canvas
+    assert float(c["shift"].sum()) <= float(xt.sum())
+    with pytest.raises(ValueError, match="unknown corruption"):
+        digits.corrupt(xt, "snow")
+
+
+def test_factories_shapes():
+    x = torch.rand(5, 1, 8, 8)
+    assert zoo.mlp(width=8)(x).shape == (5, 10)
+    assert zoo.cnn(width=4)(x).shape == (5, 10)
+
+
+def test_training_is_deterministic_and_learns():
+    torch.set_num_threads(1)
+    aug = dict(zoo.DEFAULT_TRAIN, width=16, epochs=2, n_train=128, augment=True)
+    (a1, ma1), (a2, ma2) = zoo.train(aug), zoo.train(aug)
+    for a, b in zip(a1.state_dict().values(), a2.state_dict().values()):
+        assert torch.equal(a, b)                                          # seeded augmentation too
+    assert ma1 == ma2
+    cfg = dict(zoo.DEFAULT_TRAIN, width=32, epochs=15, n_train=256)
+    m1, met1 = zoo.train(cfg)
+    assert met1["train_error"] < 0.3 and met1["test_error"] < 0.4        # far better than chance (0.9)
+    assert met1["gap"] == pytest.approx(met1["test_error"] - met1["train_error"])
+    assert met1["ood_error"] == pytest.approx(sum(met1[f"ood_error_{k}"] for k in digits.CORRUPTIONS) / 4)
+
+
+def test_config_ids_unique_over_the_presets():
+    for spec in zoo.ZOO_PRESETS.values():
+        ids = [zoo.config_id(c) for c in spec.configs()]
+        assert len(set(ids)) == len(ids)
+    assert len(zoo.ZOO_PRESETS["default"].configs()) >= 24
+
+
+def test_build_zoo_is_resumable(tmp_path):
+    spec = zoo.ZooSpec({"lr": [0.5, 2.0]}, {"epochs": 1, "n_train": 128, "width": 8})
+    logs = []
+    m = zoo.build_zoo(str(tmp_path), spec, progress=False, log=logs.append)
+    assert len(m.models) == 2 and "trained 2 model(s)" in logs[-1]
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    e = raw["models"][0]
+    assert e["factory"] == "sharpfast.zoo:mlp" and e["checkpoint"].endswith(".safetensors")
+    assert {"train_error", "train_loss", "test_error", "test_loss", "ood_error", "gap"} <= set(e["metrics"])
+    assert e["hparams"]["lr"] == 0.5 and len(e["sha256"]) == 64
+    mtime = os.path.getmtime(tmp_path / e["checkpoint"])
+    m2 = zoo.build_zoo(str(tmp_path), spec, progress=False, log=logs.append)
+    assert "already present" in logs[-1] and [x.id for x in m2.models] == [x.id for x in m.models]
+    assert os.path.getmtime(tmp_path / e["checkpoint"]) == mtime
+    # a lost checkpoint is retrained; the loaded model reproduces the manifest's test error
+    os.remove(tmp_path / e["checkpoint"])
+    zoo.build_zoo(str(tmp_path), spec, progress=False, log=logs.append)
+    assert "trained 1 model(s)" in logs[-1]
+    man = Manifest.load(str(tmp_path))
+    model = load_model(man, man.models[0])
+    _, _, xt, yt = digits.split(128)
+    err, _ = zoo.evaluate(model, xt, yt)
+    assert err == man.models[0].metrics["test_error"]
