@@ -1,0 +1,118 @@
+"""End-to-end CLI on a tiny zoo: `sharpfast run`, its resume, `zoo`/`sweep`/`report`, bad input."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from sharpfast.cli import main
+from sharpfast.store import Store
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "sharpfast", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_run_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "out"
+    r = _cli("run", "--out", str(out), "--zoo-preset", "tiny", "--preset", "quick", "--n-boot", "50",
+             "--quiet", "--jobs", "1")
+    assert r.returncode == 0, r.stderr
+    # the tau table: a header and one line per definition plus baselines, taus in [-1, 1]
+    assert "| definition | n | tau test error | tau gen. gap | tau OOD error | Psi |" in r.stdout
+    lines = [l for l in r.stdout.splitlines() if l.startswith("| max-") or l.startswith("| avg-")]
+    assert len(lines) == 2 * 2            # main table + granulated table, 2 definitions each
+    for l in lines[:2]:
+        cells = [c.strip() for c in l.strip("|").split("|")]
+        assert cells[1] == "8"
+        for c in cells[2:5]:
+            tau = float(c.split()[0])
+            assert -1.0 <= tau <= 1.0
+    assert "zoo: trained 8 model(s)" in r.stdout
+    assert "computed 16 (16 ok, 0 error)" in r.stdout
+    # files: zoo, store, report, plots
+    manifest = json.loads((out / "zoo" / "manifest.json").read_text())
+    assert len(manifest["models"]) == 8
+    assert all(os.path.exists(out / "zoo" / m["checkpoint"]) for m in manifest["models"])
+    with Store(str(out / "results.db"), readonly=True) as st:
+        assert st.counts() == {"ok": 16}
+    assert (out / "report.md").read_text().startswith("# sharpfast report")
+    html = (out / "report.html").read_text()
+    assert "<table>" in html and "plots/" in html
+    pngs = sorted((out / "plots").glob("*.png"))
+    assert len(pngs) == 2 and all(p.read_bytes()[:8] == PNG and p.stat().st_size > 5000 for p in pngs)
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 16 and {"test_error", "ood_error", "lr", "sharpness"} <= set(rows[0])
+    # rerun: nothing trained, nothing computed, same table
+    r2 = _cli("run", "--out", str(out), "--zoo-preset", "tiny", "--preset", "quick", "--n-boot", "50",
+              "--quiet", "--jobs", "1")
+    assert r2.returncode == 0, r2.stderr
+    assert "already present" in r2.stdout and "computed 0 (0 ok, 0 error), 16 already done" in r2.stdout
+    table = lambda s: [l for l in s.splitlines() if l.startswith("|")]
+    assert table(r2.stdout) == table(r.stdout)
+
+
+def test_subcommands_in_process(tmp_path, capsys):
+    z, store, rep = tmp_path / "z", tmp_path / "r.db", tmp_path / "rep"
+    assert main(["zoo", "--out", str(z), "--preset", "tiny", "--epochs", "1", "--jobs", "1", "--quiet"]) == 0
+    cfg = tmp_path / "defs.yaml"
+    cfg.write_text("definitions:\n  - {kind: avg, norm: l2, rho: [0.05, 0.1], m: 64, n_examples: 128, n_samples: 3}\n")
+    assert main(["sweep", "--zoo", str(z), "--store", str(store), "--config", str(cfg), "--quiet",
+                 "--kind", "max", "--norm", "linf", "--rho", "0.001", "--m", "64", "--n-iters", "3",
+                 "--n-examples", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "8 checkpoint(s) x 3 definition(s) = 24 row(s); computed 24 (24 ok, 0 error)" in out
+    assert main(["report", "--store", str(store), "--out", str(rep), "--n-boot", "0", "--color-by", "width",
+                 "--target", "gap"]) == 0
+    out = capsys.readouterr().out
+    assert "Psi = mean granulated tau vs gen. gap" in out
+    assert len(list((rep / "plots").glob("*.png"))) == 3
+    assert main(["definitions", "--preset", "paper"]) == 0
+    assert "48 definition(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sweep", "--zoo", "{tmp}/nowhere"], "does not exist"),
+    (["sweep", "--zoo", "{zoo}", "--config", "{tmp}/bad.yaml"], "rho must be a positive"),
+    (["sweep", "--zoo", "{zoo}", "--kind", "max"], "--kind needs --rho"),
+    (["sweep", "--zoo", "{zoo}", "--preset", "nope"], "unknown preset"),
+    (["sweep", "--zoo", "{tmp}/badmanifest"], "not valid JSON"),
+    (["report", "--store", "{tmp}/none.db"], "does not exist"),
+    (["zoo", "--out", "{tmp}/z2", "--preset", "huge"], "unknown zoo preset"),
+])
+def test_clear_errors(tmp_path, capsys, args, message):
+    (tmp_path / "bad.yaml").write_text("definitions: [{kind: max, norm: linf, rho: 0}]")
+    (tmp_path / "badmanifest").mkdir()
+    (tmp_path / "badmanifest" / "manifest.json").write_text("{oops")
+    zdir = tmp_path / "zoo"
+    zdir.mkdir()
+    (zdir / "manifest.json").write_text(json.dumps({"format": "sharpfast-manifest", "version": 1,
+                                                    "data": {"factory": "sharpfast.digits:sharpness_data"},
+                                                    "models": []}))
+    args = [a.format(tmp=tmp_path, zoo=zdir) for a in args]
+    assert main(args) == 2                     # an exception other than the clear ones would propagate
+    err = capsys.readouterr().err
+    assert message in err and f"sharpfast {args[0]}: error:" in err
+
+
+def test_clear_error_from_the_command_line(tmp_path):
+    r = _cli("sweep", "--zoo", str(tmp_path / "nowhere"))
+    assert r.returncode == 2
+    assert "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_console_script():
+    exe = shutil.which("sharpfast")
+    if exe is None:
+        pytest.skip("the sharpfast console script is not installed (pip install -e .)")
+    r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    for cmd in ("zoo", "sweep", "report", "run"):
+        assert cmd in r.stdout
