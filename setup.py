@@ -30,7 +30,8 @@ def _extension():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cxx = ["-O3", "-std=c++17"]
     if _want_cuda():
-        sources += rel("csrc/cuda/*.cu")
+        # torch-free kernels (*.cu, checked by .ci/nvcc_check.sh) + ATen host glue (*.cpp)
+        sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
         return CUDAExtension("sharpfast._C", sources, include_dirs=include_dirs,
                              define_macros=[("SHARPFAST_WITH_CUDA", "1")],

@@ -1,0 +1,166 @@
+// CUDA implementations of sharpfast's ops: argument checks, device guard, current stream and
+// scratch buffers (ATen side); the kernels in kernels.cu see raw pointers only. Compiled only
+// when the extension is built with CUDA. Nothing here synchronizes with the host.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../ops_common.h"
+#include "kernels.h"
+
+namespace sharpfast {
+namespace cuda {
+namespace {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kDouble: return DType::f64;
+    case at::kHalf: return DType::f16;
+    case at::kBFloat16: return DType::bf16;
+    default: TORCH_CHECK(false, "sharpfast: unsupported dtype ", t.scalar_type());
+  }
+}
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "sharpfast: argument '", name, "' must be a CUDA tensor, got ", t.device());
+}
+
+// A 0-dim scalar as a float64 device tensor (a float32 one is converted on the device).
+at::Tensor as_double(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? t : t.to(at::kDouble); }
+
+void draw_cuda(at::Tensor& out, int64_t seed, int64_t stream, int64_t sample, int64_t offset,
+               c10::string_view distribution) {
+  check_flat(out, "out");
+  check_cuda(out, "out");
+  const Dist dist = parse_distribution(distribution);
+  const Counter k = check_counter(seed, stream, sample, offset, out.numel());
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  C10_CUDA_CHECK(sharpfast::cuda::draw(out.data_ptr(), dtype_of(out), out.numel(), k.seed, k.stream, k.sample,
+                                       k.offset, dist, c10::cuda::getCurrentCUDAStream()));
+}
+
+void perturb_cuda(at::Tensor& out, const at::Tensor& w0, const at::Tensor& c, double rho, int64_t seed,
+                  int64_t stream, int64_t sample, int64_t offset, c10::string_view distribution) {
+  check_flat(w0, "w0");
+  check_cuda(w0, "w0");
+  check_like(out, "out", w0, "w0");
+  check_like(c, "c", w0, "w0");
+  const Dist dist = parse_distribution(distribution);
+  const Counter k = check_counter(seed, stream, sample, offset, w0.numel());
+  if (w0.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(w0.device());
+  C10_CUDA_CHECK(perturb_rows(out.data_ptr(), w0.data_ptr(), c.data_ptr(), dtype_of(w0), w0.numel(), rho, k.seed,
+                              k.stream, k.sample, k.offset, dist, 1, false, c10::cuda::getCurrentCUDAStream()));
+}
+
+void perturb_batched_cuda(at::Tensor& out, const at::Tensor& w0, const at::Tensor& c, double rho, int64_t seed,
+                          int64_t stream, int64_t first_sample, int64_t offset, c10::string_view distribution,
+                          bool antithetic) {
+  check_cuda(w0, "w0");
+  const int64_t n_samples = check_batched(out, w0, c, antithetic);
+  const Dist dist = parse_distribution(distribution);
+  const Counter k = check_counter(seed, stream, first_sample, offset, w0.numel(), n_samples);
+  if (w0.numel() == 0 || n_samples == 0) return;
+  TORCH_CHECK(n_samples <= 65535, "sharpfast: at most 65535 samples per perturb_batched_ call on CUDA, got ",
+              n_samples);
+  const c10::cuda::CUDAGuard guard(w0.device());
+  C10_CUDA_CHECK(perturb_rows(out.data_ptr(), w0.data_ptr(), c.data_ptr(), dtype_of(w0), w0.numel(), rho, k.seed,
+                              k.stream, k.sample, k.offset, dist, n_samples, antithetic,
+                              c10::cuda::getCurrentCUDAStream()));
+}
+
+void apgd_step_linf_cuda(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
+                         const at::Tensor& w0, const at::Tensor& c, const at::Tensor& step_size, double rho,
+                         double momentum) {
+  check_step_buffers(params, delta, delta_prev, grad, w0, c);
+  check_cuda(params, "params");
+  check_scalar(step_size, "step_size", params.device(), true);
+  if (params.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(params.device());
+  const at::Tensor step = as_double(step_size);
+  C10_CUDA_CHECK(apgd_step_linf(params.data_ptr(), delta.data_ptr(), delta_prev.data_ptr(), grad.data_ptr(),
+                                w0.data_ptr(), c.data_ptr(), dtype_of(params), params.numel(),
+                                step.data_ptr<double>(), rho, momentum, c10::cuda::getCurrentCUDAStream()));
+}
+
+void apgd_step_l2_cuda(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
+                       const at::Tensor& w0, const at::Tensor& c, const at::Tensor& grad_scale, const at::Tensor& lam,
+                       double momentum) {
+  check_step_buffers(params, delta, delta_prev, grad, w0, c);
+  check_cuda(params, "params");
+  check_scalar(grad_scale, "grad_scale", params.device(), true);
+  check_scalar(lam, "lam", params.device(), false);
+  if (params.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(params.device());
+  const at::Tensor gs = as_double(grad_scale);
+  C10_CUDA_CHECK(apgd_step_l2(params.data_ptr(), delta.data_ptr(), delta_prev.data_ptr(), grad.data_ptr(),
+                              w0.data_ptr(), c.data_ptr(), dtype_of(params), params.numel(), gs.data_ptr<double>(),
+                              lam.data_ptr<double>(), momentum, c10::cuda::getCurrentCUDAStream()));
+}
+
+at::Tensor sum_squares_cuda(const at::Tensor& x) {
+  check_flat(x, "x");
+  check_cuda(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::zeros({}, x.options().dtype(at::kDouble));
+  if (x.numel() == 0) return out;
+  at::Tensor partials = at::empty({reduce_partials(x.numel())}, x.options().dtype(at::kDouble));
+  C10_CUDA_CHECK(sharpfast::cuda::sum_squares(x.data_ptr(), dtype_of(x), x.numel(), partials.data_ptr<double>(),
+                                              out.data_ptr<double>(), c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+at::Tensor ellipsoid_norms_cuda(const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& c,
+                                const at::Tensor& grad_scale, const at::Tensor& lambdas) {
+  check_flat(delta, "delta");
+  check_cuda(delta, "delta");
+  check_like(grad, "grad", delta, "delta");
+  check_like(c, "c", delta, "delta");
+  check_scalar(grad_scale, "grad_scale", delta.device(), true);
+  check_lambdas(lambdas, delta.device());
+  const c10::cuda::CUDAGuard guard(delta.device());
+  const int64_t L = lambdas.numel();
+  at::Tensor out = at::zeros({L}, delta.options().dtype(at::kDouble));
+  if (delta.numel() == 0 || L == 0) return out;
+  const at::Tensor lam = lambdas.contiguous();
+  const at::Tensor gs = as_double(grad_scale);
+  const int64_t per_pass = L < kMaxLambdasPerPass ? L : kMaxLambdasPerPass;
+  at::Tensor partials = at::empty({reduce_partials(delta.numel()) * per_pass}, delta.options().dtype(at::kDouble));
+  C10_CUDA_CHECK(sharpfast::cuda::ellipsoid_norms(delta.data_ptr(), grad.data_ptr(), c.data_ptr(), dtype_of(delta),
+                                                  delta.numel(), gs.data_ptr<double>(), lam.data_ptr<double>(), L,
+                                                  partials.data_ptr<double>(), out.data_ptr<double>(),
+                                                  c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+void copy_if_cuda(at::Tensor& dst, const at::Tensor& src, const at::Tensor& cond) {
+  check_copy_if(dst, src, cond);
+  check_cuda(dst, "dst");
+  if (dst.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(dst.device());
+  C10_CUDA_CHECK(sharpfast::cuda::copy_if(dst.data_ptr(), src.data_ptr(),
+                                          static_cast<int64_t>(dst.numel() * dst.element_size()),
+                                          cond.data_ptr<bool>(), c10::cuda::getCurrentCUDAStream()));
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace sharpfast
+
+TORCH_LIBRARY_IMPL(sharpfast, CUDA, m) {
+  using namespace sharpfast::cuda;
+  m.impl("draw_", &draw_cuda);
+  m.impl("perturb_", &perturb_cuda);
+  m.impl("perturb_batched_", &perturb_batched_cuda);
+  m.impl("apgd_step_linf_", &apgd_step_linf_cuda);
+  m.impl("ellipsoid_norms", &ellipsoid_norms_cuda);
+  m.impl("apgd_step_l2_", &apgd_step_l2_cuda);
+  m.impl("copy_if_", &copy_if_cuda);
+  m.impl("sum_squares", &sum_squares_cuda);
+}
