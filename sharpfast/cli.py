@@ -130,6 +130,9 @@ def _add_exec_flags(p: argparse.ArgumentParser) -> None:
                    help="local: in this process; ray: one Ray task per checkpoint")
     g.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
     g.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+    g.add_argument("--cpus-per-task", type=float, default=1.0, help="Ray: CPUs requested per task (default 1)")
+    g.add_argument("--gpus-per-task", type=float,
+                   help="Ray: GPUs requested per task (default 1 when the cluster has GPUs; 0.25 shares one)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads per evaluation (default 1; identical values on every executor)")
@@ -159,6 +162,8 @@ def _add_report_flags(p: argparse.ArgumentParser) -> None:
                    help="target of the granulated tau / Psi (default test_error)")
     p.add_argument("--color-by", default="lr", help="hyperparameter that colors the scatter plots")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")
+    p.add_argument("--max-train-error", type=float,
+                   help="only models with train error <= this (the paper's near-minimum selection, e.g. 0.01)")
     p.add_argument("--no-plots", action="store_true")
 
 
@@ -215,7 +220,8 @@ def _sweep(args: argparse.Namespace, zoo_path: str, store_path: str) -> None:
     defs = _definitions(args)
     summary = run_sweep(manifest, defs, store_path, executor=args.executor, device=args.device,
                         threads=args.threads, backend=args.backend, jobs=args.jobs, retry_errors=not args.no_retry_errors,
-                        progress=not args.quiet, address=args.address, num_cpus=args.num_cpus, limit=args.limit)
+                        progress=not args.quiet, address=args.address, num_cpus=args.num_cpus, limit=args.limit,
+                        cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task)
     print(summary.text(store_path))
 
 
@@ -229,7 +235,7 @@ def _report(args: argparse.Namespace, store: str, out: str | None) -> None:
     from .report import build_report
 
     r = build_report(store, out, target=args.target, color_by=args.color_by, n_boot=args.n_boot,
-                     plots=not args.no_plots)
+                     plots=not args.no_plots, max_train_error=args.max_train_error)
     print(r.markdown())
     if out:
         n_png = sum(f.endswith(".png") for f in r.files)

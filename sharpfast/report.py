@@ -46,6 +46,7 @@ class Report:
     target: str
     n_checkpoints: int
     n_errors: int
+    max_train_error: float | None = None
     files: list[str] = field(default_factory=list)
 
     def markdown(self, ci: bool = True) -> str:
@@ -65,9 +66,10 @@ def _cell(c: Any, ci: bool) -> str:
 
 def _markdown(r: Report, ci: bool) -> str:
     head = ["definition", "n"] + [f"tau {v}" for v in TARGETS.values()] + ["Psi"]
-    out = [f"Kendall tau-b between each measure and generalization over {r.n_checkpoints} checkpoints"
+    sel = "" if r.max_train_error is None else f" with train error <= {r.max_train_error:g}"
+    out = [f"Kendall tau-b between each measure and generalization over {r.n_checkpoints} checkpoints{sel}"
            + (f" ({r.n_errors} failed rows left out)" if r.n_errors else "")
-           + (" ; [95% bootstrap CI]" if ci else "") + f"; Psi = mean granulated tau vs {TARGETS[r.target]}.",
+           + ("; [95% bootstrap CI]" if ci else "") + f"; Psi = mean granulated tau vs {TARGETS[r.target]}.",
            "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ln in r.lines:
         cells = [ln.name, str(ln.n)] + [_cell(ln.taus[t], ci) for t in TARGETS] + [_fmt(ln.granulated.Psi, 2)]
@@ -146,14 +148,21 @@ def _plot(path: str, name: str, values: list[float], metrics: list[dict], hparam
 
 def build_report(store_path: str, out_dir: str | None = None, target: str = "test_error",
                  color_by: str | None = "lr", n_boot: int = 1000, seed: int = 0, plots: bool = True,
-                 baselines: bool = True) -> Report:
-    """Compute the report from a store; write files into ``out_dir`` when given."""
+                 baselines: bool = True, max_train_error: float | None = None) -> Report:
+    """Compute the report from a store; write files into ``out_dir`` when given.
+
+    ``max_train_error`` keeps only the models whose train error is at most that (the paper
+    studies models close to a minimum, e.g. <= 1% train error)."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
     with Store(store_path, readonly=True) as st:
         ckpts = st.checkpoints()
         defs = st.definitions()
         rows = list(st.rows())
+    if max_train_error is not None:
+        ckpts = {c: v for c, v in ckpts.items()
+                 if v["metrics"].get("train_error", float("inf")) <= max_train_error}
+        rows = [r for r in rows if r.checkpoint_id in ckpts]
     n_err = sum(r.status != "ok" for r in rows)
     ids_all = sorted(ckpts)
     hp_all = [ckpts[c]["hparams"] for c in ids_all]
@@ -185,7 +194,7 @@ def build_report(store_path: str, out_dir: str | None = None, target: str = "tes
             vals = {c: ckpts[c]["metrics"][metric] for c in ids_all if metric in ckpts[c]["metrics"]}
             if vals:
                 lines.append(line(name, None, vals))
-    report = Report(lines, factors, target, len(ids_all), n_err)
+    report = Report(lines, factors, target, len(ids_all), n_err, max_train_error)
     if out_dir is None:
         return report
     os.makedirs(out_dir, exist_ok=True)

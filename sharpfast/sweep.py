@@ -156,8 +156,12 @@ def _run_local(manifest: Manifest, tasks: list[Task], device: str, threads: int 
     args = lambda t: (manifest.data, manifest.root, t.entry.to_dict(), [d.canonical() for d in t.definitions],
                       device, threads, backend)
     if jobs <= 1 or len(tasks) <= 1:
-        for t in tasks:
-            on_result(t, evaluate_checkpoint(*args(t)))
+        before = torch.get_num_threads()
+        try:
+            for t in tasks:
+                on_result(t, evaluate_checkpoint(*args(t)))
+        finally:
+            torch.set_num_threads(before)  # the caller's process keeps its own setting
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, wait, FIRST_COMPLETED
@@ -184,7 +188,8 @@ def _run_local(manifest: Manifest, tasks: list[Task], device: str, threads: int 
 
 def _run_ray(manifest: Manifest, tasks: list[Task], device: str, threads: int | None, backend: str,
              on_result: Callable[[Task, list[dict]], None], address: str | None = None,
-             num_cpus: int | None = None, cpus_per_task: float = 1.0) -> None:
+             num_cpus: int | None = None, cpus_per_task: float = 1.0,
+             gpus_per_task: float | None = None) -> None:
     try:
         import ray
     except ImportError as e:
@@ -199,7 +204,7 @@ def _run_ray(manifest: Manifest, tasks: list[Task], device: str, threads: int | 
         started = True
     try:
         gpus = ray.cluster_resources().get("GPU", 0) if device != "cpu" else 0
-        num_gpus = 1 if gpus > 0 else 0
+        num_gpus = (1.0 if gpus_per_task is None else gpus_per_task) if gpus > 0 else 0
         task_device = ("cuda" if num_gpus else "cpu") if device == "auto" else device
         remote = ray.remote(num_cpus=cpus_per_task, num_gpus=num_gpus, max_retries=0)(evaluate_checkpoint)
         pending = {}
@@ -226,13 +231,16 @@ def _run_ray(manifest: Manifest, tasks: list[Task], device: str, threads: int | 
 def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, executor: str = "local",
               device: str = "auto", threads: int | None = 1, backend: str = "auto", jobs: int = 1,
               retry_errors: bool = True, progress: bool = True, address: str | None = None,
-              num_cpus: int | None = None, limit: int | None = None) -> SweepSummary:
+              num_cpus: int | None = None, limit: int | None = None, cpus_per_task: float = 1.0,
+              gpus_per_task: float | None = None) -> SweepSummary:
     """Evaluate every missing (checkpoint, definition) pair and store it; return a summary.
 
     ``threads``: torch intra-op threads per evaluation (default 1: the small models of a zoo
     run fastest one per core, and every executor then computes bit-identical values).
     ``jobs``: worker processes of the local executor. ``limit``: stop after that many
-    checkpoints (smoke runs).
+    checkpoints (smoke runs). Ray: ``address`` of a running cluster (default: start a local one
+    with ``num_cpus``), ``cpus_per_task``, ``gpus_per_task`` (default 1 where the cluster has
+    GPUs, 0 otherwise; fractions share a GPU between tasks).
     """
     from tqdm import tqdm
 
@@ -269,7 +277,8 @@ def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, execu
         if executor == "local":
             _run_local(manifest, tasks, device, threads, backend, on_result, jobs)
         else:
-            _run_ray(manifest, tasks, device, threads, backend, on_result, address, num_cpus)
+            _run_ray(manifest, tasks, device, threads, backend, on_result, address, num_cpus,
+                     cpus_per_task, gpus_per_task)
         bar.close()
     summary.seconds = time.perf_counter() - t0
     return summary

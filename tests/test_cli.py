@@ -74,6 +74,15 @@ def test_subcommands_in_process(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Psi = mean granulated tau vs gen. gap" in out
     assert len(list((rep / "plots").glob("*.png"))) == 3
+    # the paper's near-minimum selection keeps only low-train-error models
+    from sharpfast.report import build_report
+    with Store(str(store), readonly=True) as st:
+        train_err = sorted(c["metrics"]["train_error"] for c in st.checkpoints().values())
+    cut = train_err[3]
+    rsel = build_report(str(store), None, n_boot=0, max_train_error=cut)
+    assert rsel.n_checkpoints == sum(e <= cut for e in train_err) < 8
+    assert all(ln.n == rsel.n_checkpoints for ln in rsel.lines)
+    assert f"train error <= {cut:g}" in rsel.markdown()
     assert main(["definitions", "--preset", "paper"]) == 0
     assert "48 definition(s)" in capsys.readouterr().out
 
