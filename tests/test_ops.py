@@ -1,0 +1,398 @@
+"""Every extension op against a plain torch expression (CPU always; CUDA when built and a GPU
+is present), masks with c = 0, errors on bad inputs, opcheck and torch.compile."""
+import math
+
+import pytest
+import torch
+
+from sharpfast import _ops
+from sharpfast.philox import philox_draw
+
+pytestmark = pytest.mark.skipif(not _ops.available("cpu"), reason=f"extension not built: {_ops.IMPORT_ERROR}")
+OPS = torch.ops.sharpfast
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _ops.available("cuda"),
+                                                                 reason="no CUDA build or GPU"))]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+SIZES = [0, 1, 7, 1001]
+
+
+def tol(dtype, device="cpu"):
+    """Tolerances against the torch expression computed in the same compute type.
+
+    float64: same operations in the same order -> equal up to rounding of libm differences;
+    float32: 1-2 ulp (CUDA may contract to FMA, --use_fast_math divisions); half types: the
+    result is one rounding of the float32 value, so one ulp of the storage type.
+    """
+    if dtype == torch.float64:
+        return dict(rtol=1e-12, atol=1e-12)
+    if dtype == torch.float32:
+        return dict(rtol=2e-6, atol=2e-6) if device != "cpu" else dict(rtol=1e-6, atol=1e-6)
+    eps = torch.finfo(dtype).eps
+    return dict(rtol=eps, atol=eps)
+
+
+def compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def scale_with_zeros(n, dtype, device, gen):
+    c = torch.rand(n, generator=gen, dtype=torch.float64) + 0.05
+    c[torch.rand(n, generator=gen) < 0.2] = 0.0
+    return c.to(dtype).to(device)
+
+
+def rand(n, dtype, device, gen, scale=1.0):
+    return (scale * torch.randn(n, generator=gen, dtype=torch.float64)).to(dtype).to(device)
+
+
+def scalar(v, device, dtype=torch.float64):
+    return torch.tensor(v, dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------------------ sampling ops
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dist", ["normal", "uniform", "rademacher"])
+def test_perturb(device, dtype, n, dist):
+    g = torch.Generator().manual_seed(n)
+    w0, c = rand(n, dtype, device, g), scale_with_zeros(n, dtype, device, g)
+    seed, stream, sample, offset, rho = 2**33 + 5, 3, 9, 6, 0.05
+    out = torch.full((n,), float("nan"), dtype=dtype, device=device)
+    _ops.perturb_(out, w0, c, rho, seed, stream, sample, offset, dist)
+    ct = compute_dtype(dtype)
+    xi = philox_draw(dist, seed, stream, sample, offset, n, dtype=ct, device=device)
+    want = (w0.to(ct) + (rho * c.to(ct)) * xi).to(dtype)
+    torch.testing.assert_close(out, want, **tol(dtype, device))
+    frozen = c == 0
+    assert torch.equal(out[frozen], w0[frozen])   # c = 0: never perturbed
+    assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("antithetic", [False, True])
+@pytest.mark.parametrize("n", [1, 7, 1000])
+def test_perturb_batched(device, dtype, antithetic, n):
+    g = torch.Generator().manual_seed(1)
+    w0, c = rand(n, dtype, device, g), scale_with_zeros(n, dtype, device, g)
+    K, first, rho = 6, 4, 0.1
+    out = torch.empty(K, n, dtype=dtype, device=device)
+    _ops.perturb_batched_(out, w0, c, rho, 5, 1, first, 3, "normal", antithetic)
+    for k in range(K):
+        sample, sign = (first + k // 2, (-1) ** k) if antithetic else (first + k, 1)
+        row = torch.empty(n, dtype=dtype, device=device)
+        _ops.perturb_(row, w0, c, sign * rho, 5, 1, sample, 3, "normal")
+        assert torch.equal(out[k], row), k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_perturb_large(device):
+    n = 1_000_003
+    g = torch.Generator().manual_seed(0)
+    w0, c = rand(n, torch.float32, device, g), scale_with_zeros(n, torch.float32, device, g)
+    out = torch.empty(n, device=device)
+    _ops.perturb_(out, w0, c, 0.01, 42, 0, 1, 0, "uniform")
+    xi = philox_draw("uniform", 42, 0, 1, 0, n, device=device)
+    torch.testing.assert_close(out, w0 + (0.01 * c) * xi, **tol(torch.float32, device))
+
+
+# ------------------------------------------------------------------------------ APGD steps
+
+def step_inputs(n, dtype, device, seed=0, rho=0.1):
+    g = torch.Generator().manual_seed(seed)
+    c = scale_with_zeros(n, dtype, device, g)
+    w0 = rand(n, dtype, device, g)
+    delta = (rho * c.double().cpu() * (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1)).to(dtype).to(device)
+    delta_prev = (rho * c.double().cpu() * (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1)).to(dtype).to(device)
+    grad = rand(n, dtype, device, g)
+    if n > 3:
+        grad[::7] = 0.0   # sign(0) = 0
+    return w0 + delta, delta, delta_prev, grad, w0, c
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES + [100_003])
+@pytest.mark.parametrize("step_dtype", [torch.float64, torch.float32])
+def test_apgd_step_linf(device, dtype, n, step_dtype):
+    rho, mom, step = 0.1, 0.75, 0.37
+    params, delta, delta_prev, grad, w0, c = step_inputs(n, dtype, device, rho=rho)
+    ct = compute_dtype(dtype)
+    d, dp, gr, w, cc = (t.to(ct) for t in (delta, delta_prev, grad, w0, c))
+    z = d + step * gr.sign() * cc
+    z = torch.maximum(torch.minimum(z, rho * cc), -rho * cc)
+    new = mom * z + (1 - mom) * dp
+    old_delta = delta.clone()
+    OPS.apgd_step_linf_(params, delta, delta_prev, grad, w0, c, scalar(step, device, step_dtype), rho, mom)
+    assert torch.equal(delta_prev, old_delta)
+    torch.testing.assert_close(delta, new.to(dtype), **tol(dtype, device))
+    torch.testing.assert_close(params, (w + new).to(dtype), **tol(dtype, device))
+    frozen = c == 0
+    assert not params.isnan().any() and not delta.isnan().any()
+    assert torch.equal(params[frozen], w0[frozen] + delta[frozen])
+    # the new point is inside the box up to the momentum mix of two points inside it
+    assert (delta.to(ct).abs() <= rho * cc * (1 + 1e-2) + 1e-6).all()
+
+
+def l2_expected(delta, delta_prev, grad, w0, c, gs, lam, mom, ct):
+    d, dp, gr, w, cc = (t.to(ct) for t in (delta, delta_prev, grad, w0, c))
+    z = d + gs * gr * cc
+    if lam == 0:
+        zp = torch.where(cc != 0, z, torch.zeros_like(z))
+    else:
+        zp = torch.where(cc != 0, z * cc**2 / (cc**2 + 2 * lam), torch.zeros_like(z))
+    new = mom * zp + (1 - mom) * dp
+    return z, new, w + new
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES + [100_003])
+@pytest.mark.parametrize("lam", [0.0, 0.013, 3.5])
+def test_apgd_step_l2(device, dtype, n, lam):
+    mom, gs = 0.75, 0.02
+    params, delta, delta_prev, grad, w0, c = step_inputs(n, dtype, device)
+    _, new, p = l2_expected(delta, delta_prev, grad, w0, c, gs, lam, mom, compute_dtype(dtype))
+    old_delta = delta.clone()
+    OPS.apgd_step_l2_(params, delta, delta_prev, grad, w0, c, scalar(gs, device), scalar(lam, device), mom)
+    assert torch.equal(delta_prev, old_delta)
+    torch.testing.assert_close(delta, new.to(dtype), **tol(dtype, device))
+    torch.testing.assert_close(params, p.to(dtype), **tol(dtype, device))
+    assert not params.isnan().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apgd_step_l2_nonadaptive_rescale(device):
+    """c = 1 and lam = (||z|| / rho - 1) / 2 rescales z to norm rho (the published l2 projection)."""
+    n, rho = 5000, 0.05
+    g = torch.Generator().manual_seed(3)
+    delta, grad = rand(n, torch.float64, device, g, 0.001), rand(n, torch.float64, device, g)
+    c, w0 = torch.ones(n, dtype=torch.float64, device=device), rand(n, torch.float64, device, g)
+    gs = 2 * rho / grad.norm().item()
+    z = delta + gs * grad
+    lam = (z.norm().item() / rho - 1) / 2
+    assert lam > 0
+    params, dp = w0.clone(), torch.zeros_like(delta)
+    OPS.apgd_step_l2_(params, delta, dp, grad, w0, c, scalar(gs, device), scalar(lam, device), 1.0)
+    torch.testing.assert_close(delta, z * rho / z.norm(), rtol=1e-12, atol=1e-15)
+    assert abs(delta.norm().item() - rho) < 1e-12
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES + [100_003])
+def test_ellipsoid_norms(device, dtype, n):
+    gs = 0.3
+    _, delta, _, grad, _, c = step_inputs(n, dtype, device)
+    lambdas = torch.tensor([0.0, 1e-4, 0.01, 0.1, 1.0, 10.0, 1e3], dtype=torch.float64, device=device)
+    got = OPS.ellipsoid_norms(delta, grad, c, scalar(gs, device), lambdas)
+    assert got.dtype == torch.float64 and got.shape == (7,) and got.device.type == torch.device(device).type
+    ct = compute_dtype(dtype)
+    z = (delta.to(ct) + gs * grad.to(ct) * c.to(ct)).double()
+    cc = c.double()
+    want = torch.stack([torch.where(cc != 0, z * cc / (cc**2 + 2 * l), torch.zeros_like(z)).pow(2).sum()
+                        for l in lambdas.tolist()])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # lambda = 0 is ||z / c||^2 over c != 0
+    mask = cc != 0
+    torch.testing.assert_close(got[0], (z[mask] / cc[mask]).pow(2).sum(), rtol=1e-10, atol=1e-12)
+    assert not got.isnan().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ellipsoid_norms_many_lambdas(device):
+    """More candidates than one CUDA pass holds (32): same values."""
+    n = 3000
+    _, delta, _, grad, _, c = step_inputs(n, torch.float64, device)
+    lambdas = torch.logspace(-6, 3, 70, dtype=torch.float64, device=device)
+    got = OPS.ellipsoid_norms(delta, grad, c, scalar(0.1, device), lambdas)
+    single = torch.stack([OPS.ellipsoid_norms(delta, grad, c, scalar(0.1, device), lambdas[j:j + 1])[0]
+                          for j in range(70)])
+    torch.testing.assert_close(got, single, rtol=1e-13, atol=0)
+    assert (got[1:] <= got[:-1]).all()   # monotone in lambda
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES + [100_003])
+def test_sum_squares(device, dtype, n):
+    g = torch.Generator().manual_seed(n)
+    x = rand(n, dtype, device, g)
+    got = OPS.sum_squares(x)
+    assert got.dtype == torch.float64 and got.dim() == 0
+    torch.testing.assert_close(got, x.double().pow(2).sum(), rtol=1e-12, atol=1e-12)
+
+
+def test_reductions_thread_count_independent():
+    n = 1_000_003
+    _, delta, _, grad, _, c = step_inputs(n, torch.float32, "cpu")
+    lambdas = torch.tensor([0.0, 0.1, 1.0], dtype=torch.float64)
+    prev = torch.get_num_threads()
+    res = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            res.append((OPS.sum_squares(grad), OPS.ellipsoid_norms(delta, grad, c, scalar(0.1, "cpu"), lambdas)))
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 1001])
+def test_copy_if(device, dtype, n):
+    g = torch.Generator().manual_seed(0)
+    src, dst = rand(n, dtype, device, g), rand(n, dtype, device, g)
+    before = dst.clone()
+    OPS.copy_if_(dst, src, torch.tensor(False, device=device))
+    assert torch.equal(dst, before)
+    OPS.copy_if_(dst, src, torch.tensor(True, device=device))
+    assert torch.equal(dst, src)
+
+
+def test_offset_views_of_one_buffer():
+    """Perturbing slices of a flat buffer with their global offsets equals one call on the whole."""
+    n = 1000
+    g = torch.Generator().manual_seed(0)
+    w0, c = rand(n, torch.float32, "cpu", g), scale_with_zeros(n, torch.float32, "cpu", g)
+    whole = _ops.perturb_(torch.empty(n), w0, c, 0.2, 3, 0, 0, 0, "normal")
+    parts = torch.empty(n)
+    for a, b in ((0, 3), (3, 130), (130, 131), (131, 1000)):
+        _ops.perturb_(parts[a:b], w0[a:b], c[a:b], 0.2, 3, 0, 0, a, "normal")
+    assert torch.equal(parts, whole)
+
+
+# ------------------------------------------------------------------------------ errors
+
+def test_errors():
+    n = 10
+    x = torch.zeros(n)
+    s = torch.tensor(0.1, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="'out' must be contiguous"):
+        OPS.perturb_(torch.zeros(2 * n)[::2], x, x, 0.1, 0, 0, 0, 0, "normal")
+    with pytest.raises(RuntimeError, match="'c' has dtype"):
+        OPS.perturb_(torch.zeros(n), x, x.double(), 0.1, 0, 0, 0, 0, "normal")
+    with pytest.raises(RuntimeError, match="'c' has 11 elements"):
+        OPS.perturb_(torch.zeros(n), x, torch.zeros(n + 1), 0.1, 0, 0, 0, 0, "normal")
+    with pytest.raises(RuntimeError, match="'w0' must be a 1-D"):
+        OPS.perturb_(torch.zeros(2, 5), x.view(2, 5), x.view(2, 5), 0.1, 0, 0, 0, 0, "normal")
+    with pytest.raises(RuntimeError, match="unknown distribution"):
+        OPS.draw_(x, 0, 0, 0, 0, "cauchy")
+    with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
+        OPS.draw_(torch.zeros(n, dtype=torch.int32), 0, 0, 0, 0, "normal")
+    with pytest.raises(RuntimeError, match="'stream' must be in"):
+        OPS.draw_(x, 0, -1, 0, 0, "normal")
+    with pytest.raises(RuntimeError, match="'sample' must be in"):
+        OPS.draw_(x, 0, 0, 2**32, 0, "normal")
+    with pytest.raises(RuntimeError, match="'offset' must be >= 0"):
+        OPS.draw_(x, 0, 0, 0, -1, "normal")
+    with pytest.raises(RuntimeError, match="even number of rows"):
+        OPS.perturb_batched_(torch.zeros(3, n), x, x, 0.1, 0, 0, 0, 0, "normal", True)
+    with pytest.raises(RuntimeError, match="exceed 2\\^32 - 1"):
+        OPS.perturb_batched_(torch.zeros(3, n), x, x, 0.1, 0, 0, 2**32 - 2, 0, "normal", False)
+    with pytest.raises(RuntimeError, match="rows of length"):
+        OPS.perturb_batched_(torch.zeros(2, n + 1), x, x, 0.1, 0, 0, 0, 0, "normal", False)
+    args = [torch.zeros(n) for _ in range(6)]
+    with pytest.raises(RuntimeError, match="'step_size' must be a 0-dim"):
+        OPS.apgd_step_linf_(*args, torch.tensor([0.1]), 0.1, 0.75)
+    with pytest.raises(RuntimeError, match="'step_size' must be a float64"):
+        OPS.apgd_step_linf_(*args, torch.tensor(1, dtype=torch.int64), 0.1, 0.75)
+    with pytest.raises(RuntimeError, match="'grad' has dtype"):
+        OPS.apgd_step_linf_(*args[:3], args[3].double(), *args[4:], s, 0.1, 0.75)
+    with pytest.raises(RuntimeError, match="'delta_prev' must be contiguous"):
+        OPS.apgd_step_l2_(args[0], args[1], torch.zeros(2 * n)[::2], *args[3:], s, s, 0.75)
+    with pytest.raises(RuntimeError, match="'lam' must be a float64"):
+        OPS.apgd_step_l2_(*args, s, s.float(), 0.75)
+    with pytest.raises(RuntimeError, match="'lambdas' must be float64"):
+        OPS.ellipsoid_norms(x, x, x, s, torch.zeros(3))
+    with pytest.raises(RuntimeError, match="'cond' must be a 0-dim bool"):
+        OPS.copy_if_(x, x.clone(), torch.tensor([True]))
+    with pytest.raises(RuntimeError, match="'src' has shape"):
+        OPS.copy_if_(x, torch.zeros(n + 1), torch.tensor(True))
+    with pytest.raises(ValueError, match="seed must be in"):
+        _ops.draw_(x, -1, 0, 0, 0, "normal")
+    with pytest.raises(ValueError, match="unknown distribution"):
+        _ops.perturb_(x, x, x, 0.1, 0, 0, 0, 0, "gauss")
+
+
+@pytest.mark.skipif(not _ops.available("cuda"), reason="no CUDA build or GPU")
+def test_errors_device_mismatch():
+    x, y = torch.zeros(4, device="cuda"), torch.zeros(4)
+    with pytest.raises(RuntimeError, match="'c' is on"):
+        OPS.perturb_(x, x, y, 0.1, 0, 0, 0, 0, "normal")
+    with pytest.raises(RuntimeError, match="'step_size' is on"):
+        OPS.apgd_step_linf_(x, x.clone(), x.clone(), x, x, x, torch.tensor(0.1, dtype=torch.float64), 0.1, 0.75)
+
+
+def test_seed_mapping():
+    assert _ops.seed_to_int64(2**64 - 1) == -1
+    assert _ops.seed_to_int64(2**63) == -(2**63)
+    a = _ops.draw_(torch.empty(50), 2**64 - 1, 0, 0, 0, "uniform")
+    assert torch.equal(a, philox_draw("uniform", 2**64 - 1, 0, 0, 0, 50))
+
+
+def test_build_info_and_available():
+    info = _ops.build_info()
+    assert info["cuda"] in (True, False) and "float32" in info["dtypes"]
+    assert _ops.available("cpu") and _ops.available(torch.device("cpu"))
+    assert _ops.available("cuda") == (info["cuda"] and torch.cuda.is_available())
+    assert not _ops.available("meta")
+
+
+# ------------------------------------------------------------------------------ opcheck / compile
+
+def _opcheck_cases(device):
+    n = 37
+    g = torch.Generator().manual_seed(0)
+    f = lambda: rand(n, torch.float32, device, g)
+    c = scale_with_zeros(n, torch.float32, device, g)
+    s = scalar(0.1, device)
+    lam = torch.tensor([0.0, 0.5], dtype=torch.float64, device=device)
+    return [
+        (OPS.draw_, (f(), 1, 2, 3, 4, "normal")),
+        (OPS.perturb_, (f(), f(), c, 0.1, 1, 2, 3, 4, "uniform")),
+        (OPS.perturb_batched_, (torch.zeros(4, n, device=device), f(), c, 0.1, 1, 2, 3, 4, "normal", True)),
+        (OPS.apgd_step_linf_, (f(), f(), f(), f(), f(), c, s, 0.1, 0.75)),
+        (OPS.apgd_step_l2_, (f(), f(), f(), f(), f(), c, s, scalar(0.2, device), 0.75)),
+        (OPS.ellipsoid_norms, (f(), f(), c, s, lam)),
+        (OPS.copy_if_, (f(), f(), torch.tensor(True, device=device))),
+        (OPS.sum_squares, (f(),)),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(8))
+def test_opcheck(device, case):
+    op, args = _opcheck_cases(device)[case]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    n = 257
+    _, delta, delta_prev, grad, w0, c = step_inputs(n, torch.float32, device)
+
+    def step(params, delta, delta_prev, grad, w0, c, step_size, lambdas):
+        OPS.apgd_step_linf_(params, delta, delta_prev, grad, w0, c, step_size, 0.1, 0.75)
+        norms = OPS.ellipsoid_norms(delta, grad, c, step_size, lambdas)
+        OPS.perturb_(w0, params, c, 0.01, 7, 0, 1, 0, "normal")
+        OPS.copy_if_(params, w0, norms[0] > 0)
+        return norms * 2, OPS.sum_squares(params)
+
+    def run(fn):
+        bufs = [t.clone() for t in (w0, delta, delta_prev, grad, w0, c)]
+        out = fn(*bufs, scalar(0.3, device), torch.tensor([0.0, 1.0], dtype=torch.float64, device=device))
+        return bufs, out
+
+    eager_bufs, eager_out = run(step)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    comp_bufs, comp_out = run(compiled)
+    for a, b in zip(eager_bufs, comp_bufs):
+        assert torch.equal(a, b)
+    for a, b in zip(eager_out, comp_out):
+        assert torch.equal(a, b)
