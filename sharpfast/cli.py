@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("definitions", help="list the definitions a preset/config/flags give")
     _add_definition_flags(q)
+    q.add_argument("--yaml", action="store_true", help="print them as an editable YAML config")
     return p
 
 
@@ -269,6 +270,12 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_definitions(args: argparse.Namespace) -> None:
     defs = _definitions(args)
+    if args.yaml:
+        import yaml
+
+        print(yaml.safe_dump({"definitions": [d.canonical() for d in defs]}, sort_keys=False,
+                             default_flow_style=None, width=200), end="")
+        return
     print(f"{len(defs)} definition(s):")
     for d in defs:
         print(f"  {d.key}  {d.name}")

@@ -85,6 +85,12 @@ def test_subcommands_in_process(tmp_path, capsys):
     assert f"train error <= {cut:g}" in rsel.markdown()
     assert main(["definitions", "--preset", "paper"]) == 0
     assert "48 definition(s)" in capsys.readouterr().out
+    # --yaml dumps an editable config that parses back to the same definitions
+    assert main(["definitions", "--preset", "paper", "--yaml"]) == 0
+    dumped = tmp_path / "paper.yaml"
+    dumped.write_text(capsys.readouterr().out)
+    from sharpfast import definitions as D
+    assert [d.key for d in D.load_config(str(dumped))] == [d.key for d in D.preset("paper")]
 
 
 @pytest.mark.parametrize("args, message", [
