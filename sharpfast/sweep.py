@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .checkpoints import CheckpointError, Manifest, ManifestError, ModelEntry, load_model
-from .definitions import Definition
+from .definitions import ConfigError, Definition
 from .store import Store
 
 _DATA_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -228,6 +228,20 @@ def _run_ray(manifest: Manifest, tasks: list[Task], device: str, threads: int | 
             ray.shutdown()
 
 
+def _check_data(manifest: Manifest, defs: list[Definition]) -> None:
+    """Fail fast, before any work, when the zoo's data cannot serve a definition (a config
+    problem, not a checkpoint's): e.g. the paper preset's 1024 examples on a 600-example set."""
+    for n in sorted({d.n_examples for d in defs}):
+        try:
+            x, y = manifest.sharpness_data(n)
+            if len(y) < n:
+                raise ValueError(f"it returned {len(y)} examples")
+        except (ManifestError, ValueError, TypeError) as e:
+            raise ConfigError(f"the zoo's sharpness data ({manifest.data['factory']}) cannot provide "
+                              f"{n} examples: {e}. Use fewer examples (--n-examples N, a multiple of every "
+                              "definition's m)") from e
+
+
 def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, executor: str = "local",
               device: str = "auto", threads: int | None = 1, backend: str = "auto", jobs: int = 1,
               retry_errors: bool = True, progress: bool = True, address: str | None = None,
@@ -249,6 +263,7 @@ def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, execu
     if not defs:
         raise ValueError("no sharpness definitions to sweep")
     t0 = time.perf_counter()
+    _check_data(manifest, defs)
     summary = SweepSummary(n_checkpoints=len(manifest.models), n_definitions=len(defs))
     with Store(store_path) as store:
         store.put_definitions(defs)

@@ -93,22 +93,28 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tiny_zoo, tmp_path):
     worse.sha256 = None                           # no checksum: the safetensors parser must catch it
     with open(worse_path, "wb") as f:
         f.write(b"\x00" * 64)
-    too_big = Definition("avg", "l2", 0.1, m=128, n_examples=1024, n_samples=2)   # > 256 examples
+    # a definition the API refuses at evaluation time (the perturbed loss is not finite)
+    nan_def = Definition("max", "linf", 1e300, m=64, n_examples=128, n_iters=2)   # overflows -> non-finite
     store = str(tmp_path / "r.db")
-    s = run_sweep(m, QUICK + [too_big], store, progress=False)
-    assert s.ok == 6 * 2 and s.errors == 2 * 3 + 6
+    s = run_sweep(m, QUICK + [nan_def], store, progress=False)
     with Store(store, readonly=True) as st:
         errs = {(r.checkpoint_id, r.definition_key): r.error for r in st.rows(status="error")}
+        oks = {(r.checkpoint_id, r.definition_key) for r in st.rows(status="ok")}
     assert "sha256" in errs[(bad.id, QUICK[0].key)]
     assert "not a valid safetensors file" in errs[(worse.id, QUICK[1].key)]
-    assert "needs 1024 examples" in errs[(m.models[0].id, too_big.key)] or \
-           "n_examples" in errs[(m.models[0].id, too_big.key)]
+    assert {(e.id, d.key) for e in m.models if e.id not in (bad.id, worse.id) for d in QUICK} <= oks
+    assert (m.models[0].id, nan_def.key) in errs                  # the API's clear error, recorded
+    assert s.ok + s.errors == 8 * 3 and s.ok >= 12
     assert "error:" in s.text(store)
     # repair one checkpoint: a rerun retries only the failed rows
     with open(bad_path, "wb") as f:
         f.write(original)
     s2 = run_sweep(m, QUICK, store, progress=False)
     assert (s2.ok, s2.errors, s2.skipped) == (2, 2, 12)
+    # too few examples for a definition: a config error before any work, not 8 error rows
+    too_big = Definition("avg", "l2", 0.1, m=128, n_examples=1024, n_samples=2)   # > 256 examples
+    with pytest.raises(ConfigError, match="cannot provide 1024 examples.*--n-examples"):
+        run_sweep(m, [too_big], store, progress=False)
     s3 = run_sweep(m, QUICK, store, progress=False, retry_errors=False)
     assert (s3.ok, s3.errors, s3.skipped) == (0, 0, 16)
 
