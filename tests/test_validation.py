@@ -58,18 +58,21 @@ def test_non_finite_weights(kind, bad, setup):
         call(kind, model, data)
 
 
+@pytest.mark.parametrize("backend", ["reference", "fused"])
 @pytest.mark.parametrize("kind", FUNCS)
-def test_non_finite_loss(kind, setup):
+def test_non_finite_loss(kind, backend, setup):
     model, data = setup
     with pytest.raises(ValueError, match="loss is not finite"):
-        call(kind, model, data, loss_fn=lambda out, y: out.sum() * math.inf)
+        call(kind, model, data, backend=backend, loss_fn=lambda out, y: out.sum() * math.inf)
 
 
+@pytest.mark.parametrize("backend", ["reference", "fused"])
 @pytest.mark.parametrize("kind", FUNCS)
-def test_loss_that_overflows_at_perturbed_points(kind, setup):
+def test_loss_that_overflows_at_perturbed_points(kind, backend, setup):
     model, data = setup
     with pytest.raises(ValueError, match="perturbed|iterate"):
-        call(kind, model, data, rho=1e30, adaptive=False, loss_fn=lambda out, y: (out.double() ** 12).mean())
+        call(kind, model, data, rho=1e30, adaptive=False, backend=backend,
+             loss_fn=lambda out, y: (out.double() ** 12).mean())
 
 
 @pytest.mark.parametrize("kind", FUNCS)

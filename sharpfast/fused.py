@@ -1,0 +1,342 @@
+"""Fast evaluators on the extension's fused ops: the reference's numbers, many times faster.
+
+Worst-case (APGD) keeps every parameter-sized quantity in one flat buffer per call: the
+perturbed weights (the model's ``param.data`` point at views of it), the gradient (``.grad``
+views that autograd accumulates into in place), ``w0``, ``c``, ``delta``, ``delta_prev``, the
+best point and the gradient at the best point. Each step is one fused op over the buffer.
+The best-loss bookkeeping and the step-halving decisions are tensors on the device, so the
+loop never waits for the host (the adaptive l2 bisection is the exception: its number of
+steps depends on the norms, so it reads them back, several candidates per pass). The loss at
+a new point comes from the forward pass of the next gradient step; when a checkpoint moves
+back to the best point, the gradient stored with that point is reused. Per batch and restart
+that is ``n_iters`` forward+backward passes and one forward, exactly what the algorithm needs.
+
+Average-case writes K perturbed copies of the weights at once from the Philox stream into a
+``[K, N]`` buffer and evaluates them in one batched forward (``functional_call`` + ``vmap``),
+falling back to one forward per sample when the model cannot be vmapped.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import torch
+from torch.func import functional_call, vmap
+
+from . import _ops, apgd
+from .config import Settings, SharpnessResult, check_finite_loss
+from .objective import to_device, unpack_batch
+from .params import ParamSet
+from .philox import AVERAGE_SAMPLE_BASE, RAND_INIT_SAMPLE_BASE, noise_distribution
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+MAX_SAMPLES_PER_PASS = 32           # average-case: perturbed copies evaluated in one forward
+SAMPLE_BUFFER_BYTES = 256 * 2**20   # ... within this much memory for the [K, N] buffer
+BISECTION_LEVELS = {"cpu": 2, "cuda": 5}  # bisection steps resolved per pass over memory
+
+
+def available(params: ParamSet) -> tuple[bool, str]:
+    """Whether the fused backend can evaluate these parameters, and if not, why."""
+    if not _ops.available(params.device):
+        return False, (f"the extension could not be loaded ({_ops.IMPORT_ERROR})" if _ops.IMPORT_ERROR else
+                       f"the extension was built without support for {params.device.type} devices")
+    dtypes = {p.dtype for p in params.tensors}
+    if len(dtypes) > 1:
+        return False, f"the parameters have several dtypes ({sorted(map(str, dtypes))}); one is needed"
+    dtype = dtypes.pop()
+    if dtype not in SUPPORTED_DTYPES:
+        return False, f"parameters of dtype {dtype} are not supported"
+    return True, ""
+
+
+class FlatState:
+    """Flat buffers for one call; ``attach`` points the model's parameters and grads at views."""
+
+    def __init__(self, params: ParamSet, s: Settings):
+        self.params = params
+        self.w0 = torch.cat([p.detach().reshape(-1) for p in params.tensors])  # a copy: w0 is never written
+        self.c = torch.cat([c.reshape(-1) for c in params.scales(s.scale)]).to(self.w0.dtype)
+        self.current = self.w0.clone()
+        self.grad = torch.zeros_like(self.w0)
+        self._views = list(zip(params.tensors, params.split(self.current), params.split(self.grad)))
+
+    def attach(self) -> None:
+        for p, value, grad in self._views:
+            p.data = value
+            p.grad = grad
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """The gradient at the current weights, accumulated in place into ``self.grad``."""
+        self.grad.zero_()
+        loss.backward()
+        for p, _, grad in self._views:
+            if p.grad is not grad:  # autograd replaced it (a hook, an unusual layout): copy back
+                grad.copy_(p.grad)
+                p.grad = grad
+
+
+def _batches(batches, device):
+    for index, batch in enumerate(batches):
+        x, y = unpack_batch(batch, index)
+        yield index, to_device(x, device), to_device(y, device)
+
+
+def _loss_err(s: Settings, model, x, y):
+    """(loss, error) as device tensors; error is a zero tensor where there are no labels."""
+    loss, err = s.objective.loss_and_error(model, x, y)
+    has_err = err is not None
+    return loss, (err if has_err else torch.zeros((), device=loss.device)), has_err
+
+
+def _finish(s: Settings, per_batch, per_batch_err, init_losses, init_errs, delta_norms, has_err, nonfinite):
+    """The one read-back of a call: everything stacked and copied to the host together."""
+    values = torch.stack([torch.stack(v).double() for v in (per_batch, per_batch_err, init_losses, init_errs)]
+                         + [torch.stack(delta_norms).double(), torch.stack(nonfinite).double()])
+    per_batch, per_batch_err, init_losses, init_errs, delta_norms, nonfinite = values.tolist()
+    for b, (bad, l0) in enumerate(zip(nonfinite, init_losses)):
+        check_finite_loss(l0, f"at the unperturbed weights (batch {b})")
+        if bad:
+            check_finite_loss(math.nan, f"at a perturbed point (batch {b})")
+    mean = lambda v: sum(v) / len(v)
+    return SharpnessResult(
+        sharpness=mean(per_batch), err_sharpness=mean(per_batch_err) if has_err else None,
+        per_batch=per_batch, per_batch_err=per_batch_err if has_err else None,
+        delta_norm=max(delta_norms), init_loss=mean(init_losses), init_err=mean(init_errs) if has_err else None,
+        backend="fused", kind=s.kind, settings=s.describe())
+
+
+# ----------------------------------------------------------------------------- worst-case
+
+class _Projection:
+    """The l2 projection's multiplier lambda as a device scalar (see ``apgd``)."""
+
+    def __init__(self, flat: FlatState, s: Settings, c_is_one: bool):
+        self.flat, self.s, self.c_is_one = flat, s, c_is_one
+        self.device = flat.w0.device
+        self.levels = BISECTION_LEVELS.get(self.device.type, 3)
+        self.zero = torch.zeros(1, dtype=torch.float64, device=self.device)
+
+    def norms(self, delta, grad_scale, lams):
+        sq = _ops.ellipsoid_norms(delta, self.flat.grad, self.flat.c, grad_scale,
+                                  torch.as_tensor(lams, dtype=torch.float64, device=self.device))
+        return sq.sqrt()
+
+    def __call__(self, delta, grad_scale) -> torch.Tensor:
+        rho = self.s.rho
+        if self.c_is_one:  # rescale to norm rho: z / (1 + 2 lambda) = z rho / ||z||, no host sync
+            z_norm = self.norms(delta, grad_scale, self.zero)[0]
+            return torch.where(z_norm > rho, (z_norm / rho - 1) / 2, torch.zeros_like(z_norm))
+        # The published bisection, several of its steps per pass: evaluate every lambda it could
+        # visit in the next `levels` steps, then follow the path the evaluated norms select.
+        state = apgd.BisectionState(rho, self.s.projection_tol)
+        unprojected = None
+        while not state.done:
+            candidates = _bisection_tree(state, self.levels)
+            if unprojected is None:
+                candidates = [0.0] + candidates
+            values = dict(zip(candidates, self.norms(delta, grad_scale, candidates).tolist()))
+            if unprojected is None:
+                unprojected = values[0.0]
+                if unprojected <= rho or abs(unprojected - rho) <= state.tol:
+                    return self.zero[0].clone()
+            while not state.done and state.lam in values:
+                state.update(values[state.lam])
+        return torch.tensor(state.accepted, dtype=torch.float64, device=self.device)
+
+
+def _bisection_tree(state: apgd.BisectionState, levels: int) -> list[float]:
+    """Every lambda the bisection can evaluate in its next ``levels`` steps (above/below branches)."""
+    out, frontier = [], [state]
+    for _ in range(levels):
+        nxt = []
+        for node in frontier:
+            if node.done:
+                continue
+            out.append(node.lam)
+            for forced in (math.inf, -math.inf):   # a norm above / below rho
+                child = copy.copy(node)
+                child.update(forced)
+                nxt.append(child)
+        frontier = nxt
+    return list(dict.fromkeys(out))
+
+
+def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
+    flat = FlatState(params, s)
+    flat.attach()
+    w0, current, grad, c = flat.w0, flat.current, flat.grad, flat.c
+    delta, delta_prev = torch.empty_like(w0), torch.empty_like(w0)
+    best, best_grad = torch.empty_like(w0), torch.empty_like(w0)
+    device = w0.device
+    f64 = dict(dtype=torch.float64, device=device)
+    checkpoints = set(apgd.checkpoint_schedule(s.n_iters))
+    project = _Projection(flat, s, s.scale.is_identity(params)) if s.norm == "l2" else None
+    dist = noise_distribution(s.norm)
+    positive = c > 0
+    per_batch, per_batch_err, init_losses, init_errs, delta_norms, nonfinite = [], [], [], [], [], []
+    has_err = True
+
+    for b, x, y in _batches(batches, device):
+        current.copy_(w0)
+        L0 = E0 = None
+        if s.rand_init:  # the first gradient is taken at the random start: L0 needs its own forward
+            with torch.no_grad():
+                L0, E0, has_err = _loss_err(s, model, x, y)
+        worst_loss = worst_err = worst_norm = None
+        bad = torch.zeros((), dtype=torch.bool, device=device)
+        for restart in range(s.n_restarts):
+            if s.rand_init:
+                _ops.draw_(delta, s.seed, b, RAND_INIT_SAMPLE_BASE + restart, 0, dist)
+                if s.norm == "l2":  # a Gaussian direction on the ellipsoid's surface (see reference)
+                    delta.div_(delta.double().where(positive, 0).norm().to(delta.dtype))
+                delta.mul_(c).mul_(s.rho)
+                torch.add(w0, delta, out=current)
+            else:
+                delta.zero_()
+                current.copy_(w0)
+            delta_prev.copy_(delta)
+            best.copy_(current)
+            step = torch.tensor(2 * s.rho * s.step_size_mult, **f64)
+            n_updates = torch.zeros((), dtype=torch.int64, device=device)
+            prev_checkpoint = 0
+            for i in range(s.n_iters + 1):
+                last = i == s.n_iters
+                if last:                                   # the loss at the final point only
+                    with torch.no_grad():
+                        loss, err, labelled = _loss_err(s, model, x, y)
+                else:
+                    loss, err, labelled = _loss_err(s, model, x, y)
+                    flat.backward(loss)
+                    loss = loss.detach()
+                has_err = labelled
+                if i == 0:
+                    best_grad.copy_(grad)                  # the start point is the first "best"
+                    if L0 is None:                         # delta = 0: this forward was at w0
+                        L0, E0 = loss, err
+                    L_best, E_best = L0.clone(), E0.clone()
+                    prev_step, prev_best = step.clone(), L_best.clone()
+                else:                                      # bookkeeping for the point of step i-1
+                    bad |= ~torch.isfinite(loss)
+                    improved = loss > L_best
+                    L_best = torch.where(improved, loss, L_best)
+                    E_best = torch.where(improved, err, E_best)
+                    _ops.copy_if_(best, current, improved)
+                    if not last:
+                        _ops.copy_if_(best_grad, grad, improved)
+                    n_updates = n_updates + improved.long()
+                    if not last and (i - 1) in checkpoints:
+                        j = i - 1
+                        too_few = n_updates < s.min_update_ratio * (j - prev_checkpoint)
+                        stalled = (prev_step == step) & (prev_best == L_best)
+                        prev_step, prev_best, prev_checkpoint = step.clone(), L_best.clone(), j
+                        n_updates = torch.zeros_like(n_updates)
+                        halve = too_few | stalled
+                        step = torch.where(halve, step * apgd.STEP_SIZE_SCALER, step)
+                        _ops.copy_if_(current, best, halve)   # back to the best point ...
+                        _ops.copy_if_(grad, best_grad, halve)  # ... and the gradient taken there
+                if last:
+                    break
+                with torch.no_grad():
+                    if s.norm == "linf":
+                        _ops.apgd_step_linf_(current, delta, delta_prev, grad, w0, c, step, s.rho, apgd.MOMENTUM)
+                    else:
+                        grad_scale = step / (_ops.sum_squares(grad).sqrt() + 1e-12)
+                        lam = project(delta, grad_scale)
+                        _ops.apgd_step_l2_(current, delta, delta_prev, grad, w0, c, grad_scale, lam, apgd.MOMENTUM)
+            restart_norm = torch.where(L_best > L0, (best.double() - w0.double()).norm(), torch.zeros((), **f64))
+            if worst_loss is None:
+                worst_loss, worst_err, worst_norm = L0.clone(), E0.clone(), torch.zeros((), **f64)
+            better = L_best > worst_loss
+            worst_loss = torch.where(better, L_best, worst_loss)
+            worst_err = torch.where(better, E_best, worst_err)
+            worst_norm = torch.where(better, restart_norm, worst_norm)
+        per_batch.append(worst_loss - L0)
+        per_batch_err.append(worst_err - E0)
+        init_losses.append(L0)
+        init_errs.append(E0)
+        delta_norms.append(worst_norm)
+        nonfinite.append(bad)
+    return _finish(s, per_batch, per_batch_err, init_losses, init_errs, delta_norms, has_err, nonfinite)
+
+
+# ----------------------------------------------------------------------------- average-case
+
+def _samples_per_pass(s: Settings, flat: FlatState) -> int:
+    k = min(s.n_samples, MAX_SAMPLES_PER_PASS,
+            max(1, SAMPLE_BUFFER_BYTES // max(1, flat.w0.numel() * flat.w0.element_size())))
+    if s.antithetic and k % 2:
+        k = max(2, k - 1)
+    return k
+
+
+def _batched_losses(model, s: Settings, params: ParamSet, rows: torch.Tensor, x, y):
+    """Loss and error of every row of ``rows`` (perturbed flat weights) in one vmapped forward."""
+    names, numels, shapes = params.names, params.numels, [p.shape for p in params.tensors]
+
+    def one(row):
+        weights = {n: t.view(shape) for n, t, shape in zip(names, row.split(numels), shapes)}
+        f = s.objective.logits(lambda *a, **kw: functional_call(model, weights, a, kw), x)
+        loss = s.objective.loss(f, y)
+        err = s.objective.error(f, y)
+        return loss, (err if err is not None else torch.zeros((), device=loss.device))
+
+    return vmap(one, randomness="error")(rows)
+
+
+def average_sharpness(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
+    flat = FlatState(params, s)
+    flat.attach()
+    w0, c, current = flat.w0, flat.c, flat.current
+    K = _samples_per_pass(s, flat)
+    rows = torch.empty((K, w0.numel()), dtype=w0.dtype, device=w0.device)
+    dist = noise_distribution(s.norm)
+    batched = K > 1
+    per_batch, per_batch_err, init_losses, init_errs, nonfinite = [], [], [], [], []
+    has_err = True
+    with torch.no_grad():
+        for b, x, y in _batches(batches, w0.device):
+            current.copy_(w0)
+            L0, E0, has_err = _loss_err(s, model, x, y)
+            total_loss = torch.zeros((), dtype=torch.float64, device=w0.device)
+            total_err = torch.zeros((), dtype=torch.float64, device=w0.device)
+            bad = torch.zeros((), dtype=torch.bool, device=w0.device)
+            start = 0
+            while start < s.n_samples:
+                k = min(K, s.n_samples - start)
+                first = AVERAGE_SAMPLE_BASE + (start // 2 if s.antithetic else start)
+                losses = errs = None
+                if batched:
+                    _ops.perturb_batched_(rows[:k], w0, c, s.rho, s.seed, b, first, 0, dist, s.antithetic)
+                    try:
+                        losses, errs = _batched_losses(model, s, params, rows[:k], x, y)
+                    except Exception as e:  # noqa: BLE001 - any vmap limitation: evaluate one by one
+                        log.debug("sharpfast: cannot vmap this model (%s: %s); evaluating samples one "
+                                  "at a time", type(e).__name__, e)
+                        batched = False
+                if losses is None:
+                    losses, errs = [], []
+                    for j in range(k):
+                        sample, sign = ((start + j) // 2, (-1) ** (start + j)) if s.antithetic else (start + j, 1)
+                        _ops.perturb_(current, w0, c, sign * s.rho, s.seed, b, AVERAGE_SAMPLE_BASE + sample, 0, dist)
+                        loss, err, _ = _loss_err(s, model, x, y)
+                        losses.append(loss)
+                        errs.append(err)
+                    losses, errs = torch.stack(losses), torch.stack(errs)
+                bad |= ~torch.isfinite(losses).all()
+                total_loss += losses.double().sum()
+                total_err += errs.double().sum()
+                start += k
+            current.copy_(w0)
+            per_batch.append(total_loss / s.n_samples - L0.double())
+            per_batch_err.append(total_err / s.n_samples - E0.double())
+            init_losses.append(L0)
+            init_errs.append(E0)
+            nonfinite.append(bad)
+    zeros = [torch.zeros((), dtype=torch.float64, device=w0.device)] * len(per_batch)
+    return _finish(s, per_batch, per_batch_err, init_losses, init_errs, zeros, has_err, nonfinite)
+
+
+__all__ = ["available", "worst_case_sharpness", "average_sharpness"]

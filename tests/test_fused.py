@@ -1,0 +1,162 @@
+"""backend="fused" gives the reference's numbers (DESIGN §4 equivalence), on every model kind.
+
+Tolerances: in float64 the two backends differ only by summation order, so worst-case agrees
+to 1e-5 relative and average-case (identical Philox draws) to 1e-6 relative. In float32 the
+batched (vmapped) forward and the fused steps round differently from the per-tensor reference;
+the loss differences are ~1e-7 relative, which sharpness (a difference of nearby losses)
+amplifies, so float32 is compared with an absolute floor tied to the loss scale.
+"""
+import logging
+
+import pytest
+import torch
+
+import sharpfast
+from sharpfast import _ops
+from toy_models import MODEL_KINDS, model_and_data
+
+pytestmark = pytest.mark.skipif(not _ops.available(torch.device("cpu")), reason="extension not built")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def on(device, model, data, dtype=torch.float64):
+    model = model.to(device=device, dtype=dtype)
+
+    def move(x):
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+    return model, [(move(x), y.to(device)) for x, y in data]
+
+
+WORST = [
+    dict(norm="linf", adaptive=True, rho=0.05),
+    dict(norm="linf", adaptive=False, rho=0.02),
+    dict(norm="l2", adaptive=True, rho=0.1),
+    dict(norm="l2", adaptive=False, rho=0.3),
+    dict(norm="linf", adaptive=True, rho=0.05, normalize_logits=True),
+    dict(norm="l2", adaptive=True, rho=0.1, normalize_logits="std", adaptive_eta=0.01),
+    dict(norm="linf", adaptive=True, rho=0.05, rand_init=True, n_restarts=3),
+    dict(norm="l2", adaptive=True, rho=0.1, rand_init=True, n_restarts=2, adaptive_weights_only=True),
+    dict(norm="l2", adaptive=True, rho=0.1, step_size_mult=0.5, n_iters=13),
+]
+
+
+def assert_same(fused, ref, rel, abs_=0.0):
+    assert fused.backend == "fused" and ref.backend == "reference"
+    assert fused.per_batch == pytest.approx(ref.per_batch, rel=rel, abs=abs_)
+    assert fused.sharpness == pytest.approx(ref.sharpness, rel=rel, abs=abs_)
+    if ref.err_sharpness is None:
+        assert fused.err_sharpness is None
+    else:
+        assert fused.per_batch_err == pytest.approx(ref.per_batch_err, abs=1e-9)
+    assert fused.delta_norm == pytest.approx(ref.delta_norm, rel=max(rel, 1e-5), abs=abs_)
+    assert fused.init_loss == pytest.approx(ref.init_loss, rel=rel, abs=abs_)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("definition", WORST, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_worst_case_fused_equals_reference(device, kind, definition):
+    model, data = on(device, *model_and_data(kind, n_batches=2))
+    kw = dict(n_iters=10, seed=4)
+    kw.update(definition)
+    ref = sharpfast.worst_case_sharpness(model, data, backend="reference", **kw)
+    fused = sharpfast.worst_case_sharpness(model, data, backend="fused", **kw)
+    assert_same(fused, ref, rel=1e-5, abs_=1e-10)
+
+
+AVERAGE = [
+    dict(norm="l2", adaptive=True, rho=0.1),
+    dict(norm="linf", adaptive=True, rho=0.1),
+    dict(norm="l2", adaptive=False, rho=0.05, normalize_logits=True),
+    dict(norm="l2", adaptive=True, rho=0.1, antithetic=True),
+    dict(norm="linf", adaptive=True, rho=0.2, adaptive_weights_only=True, adaptive_eta=0.05),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("definition", AVERAGE, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_average_case_fused_equals_reference_on_identical_draws(device, kind, definition):
+    model, data = on(device, *model_and_data(kind, n_batches=2))
+    kw = dict(n_samples=6, seed=9)
+    kw.update(definition)
+    ref = sharpfast.average_sharpness(model, data, backend="reference", **kw)
+    fused = sharpfast.average_sharpness(model, data, backend="fused", **kw)
+    assert_same(fused, ref, rel=1e-6, abs_=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "transformer"])
+def test_float32_models_agree_within_float32_rounding(kind):
+    model, data = model_and_data(kind, n_batches=2)
+    for fn, kw in ((sharpfast.worst_case_sharpness, dict(n_iters=8, norm="linf", rho=0.05)),
+                   (sharpfast.worst_case_sharpness, dict(n_iters=8, norm="l2", rho=0.1)),
+                   (sharpfast.average_sharpness, dict(n_samples=8, rho=0.1))):
+        ref = fn(model, data, backend="reference", **kw)
+        fused = fn(model, data, backend="fused", **kw)
+        assert_same(fused, ref, rel=1e-4, abs_=1e-5 * max(1.0, abs(ref.init_loss)))
+
+
+def test_custom_scale_with_frozen_coordinates():
+    model, data = on("cpu", *model_and_data("mlp"))
+    scale = {"0.weight": (torch.rand_like(model[0].weight) > 0.5).double(), "2.bias": torch.zeros_like(model[2].bias)}
+    for norm in ("l2", "linf"):
+        kw = dict(rho=0.1, norm=norm, adaptive=False, scale=scale, n_iters=8)
+        assert_same(sharpfast.worst_case_sharpness(model, data, backend="fused", **kw),
+                    sharpfast.worst_case_sharpness(model, data, backend="reference", **kw), rel=1e-5, abs_=1e-10)
+
+
+def test_auto_picks_fused_on_cpu_and_reference_for_mixed_dtypes():
+    model, data = model_and_data("mlp")
+    assert sharpfast.average_sharpness(model, data, rho=0.1, n_samples=2).backend == "fused"
+    model[0].double()
+    mixed = [(x, y) for x, y in data]
+    model[0].register_forward_pre_hook(lambda m, a: (a[0].double(),))
+    model[2].register_forward_pre_hook(lambda m, a: (a[0].float(),))
+    assert sharpfast.average_sharpness(model, mixed, rho=0.1, n_samples=2).backend == "reference"
+    with pytest.raises(RuntimeError, match="several dtypes"):
+        sharpfast.average_sharpness(model, mixed, rho=0.1, n_samples=2, backend="fused")
+
+
+def test_sequential_fallback_when_the_model_cannot_be_vmapped(caplog):
+    class NotVmappable(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 3).double()
+
+        def forward(self, x):
+            out = self.lin(x)
+            if float(out.sum()) > 1e9:   # data-dependent Python control flow: vmap cannot trace it
+                return out * 0
+            return out
+    torch.manual_seed(0)
+    model = NotVmappable()
+    data = [(torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,)))]
+    with caplog.at_level(logging.DEBUG, logger="sharpfast.fused"):
+        fused = sharpfast.average_sharpness(model, data, rho=0.1, n_samples=5, backend="fused")
+    assert any("vmap" in r.message for r in caplog.records)
+    ref = sharpfast.average_sharpness(model, data, rho=0.1, n_samples=5, backend="reference")
+    assert_same(fused, ref, rel=1e-6, abs_=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_evaluate_in_their_dtype(dtype):
+    model, data = model_and_data("mlp")
+    model = model.to(dtype)
+    data = [(x.to(dtype), y) for x, y in data]
+    for fn, kw in ((sharpfast.worst_case_sharpness, dict(n_iters=5, rho=0.05)),
+                   (sharpfast.average_sharpness, dict(n_samples=4, rho=0.05))):
+        ref = fn(model, data, backend="reference", **kw)
+        fused = fn(model, data, backend="fused", **kw)
+        assert all(p.dtype == dtype for p in model.parameters())
+        assert abs(fused.sharpness - ref.sharpness) <= 2e-2 * max(1.0, abs(ref.init_loss))
+        assert fused.init_loss == pytest.approx(ref.init_loss, rel=1e-6)   # same point, fp32 loss
+
+
+def test_fused_reports_non_finite_losses():
+    model, data = on("cpu", *model_and_data("mlp"))
+    with pytest.raises(ValueError, match="perturbed|not finite"):
+        sharpfast.worst_case_sharpness(model, data, rho=1e200, adaptive=False, n_iters=3, backend="fused",
+                                       loss_fn=lambda out, y: (out ** 4).mean())
