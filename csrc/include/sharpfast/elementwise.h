@@ -24,8 +24,9 @@ template <typename T>
 SF_HOST_DEVICE T linf_ascent_clamp(T delta, T g, T c, T step, T rho) {
   const T z = delta + step * sign_of(g) * c;
   const T bound = rho * c;
-  const T lo = -bound;
-  return z > bound ? bound : (z < lo ? lo : z);
+  // min then max, written in the operand order that maps to minps/maxps (branch-free, vectorizes)
+  const T hi = z < bound ? z : bound;
+  return hi > -bound ? hi : -bound;
 }
 
 // l2 ascent: delta + grad_scale * g * c  (grad_scale = step / (||g|| + 1e-12)).

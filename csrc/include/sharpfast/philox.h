@@ -86,7 +86,7 @@ SF_HOST_DEVICE float uniform_pm1(uint32_t x) {
   return static_cast<float>(static_cast<int32_t>(x >> 8) - (1 << 23)) * 1.1920928955078125e-07f;
 }
 
-SF_HOST_DEVICE float rademacher(uint32_t x) { return (x >> 31) ? -1.0f : 1.0f; }
+SF_HOST_DEVICE float rademacher(uint32_t x) { return 1.0f - 2.0f * static_cast<float>(x >> 31); }  // branch-free
 
 // Box-Muller on one word pair: a gets the cosine lane, b the sine lane.
 SF_HOST_DEVICE void box_muller(uint32_t xa, uint32_t xb, double& a, double& b) {
