@@ -17,8 +17,10 @@ status=0
 for src in "${sources[@]}"; do
   for arch in $ARCHS; do
     obj="$tmp/$(basename "$src" .cu).sm_$arch.o"
+    # the same half/bf16 restrictions torch's CUDAExtension compiles with
     if "$NVCC" -c -std=c++17 -O3 --use_fast_math -I csrc/include -arch="sm_$arch" \
-        -Werror all-warnings -o "$obj" "$src"; then
+        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+        -D__CUDA_NO_HALF2_OPERATORS__ -Werror all-warnings -o "$obj" "$src"; then
       echo "nvcc_check: ok   $src (sm_$arch)"
     else
       echo "nvcc_check: FAIL $src (sm_$arch)" >&2
