@@ -54,9 +54,12 @@ __device__ __forceinline__ void store_vec(S* p, int64_t i, const Vec<S, V>& x) {
 inline bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 int sm_count() {
+  static int cache[64] = {0};  // per device; a benign race writes the same value
   int dev = 0, sms = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 80;
+  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) return 80;
+  if (dev >= 0 && dev < 64) cache[dev] = sms;
   return sms;
 }
 
