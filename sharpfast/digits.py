@@ -9,7 +9,7 @@ digits-C applies four corruptions to the test set, each seeded and at one fixed 
 * ``noise``    additive Gaussian noise (std 0.25), clipped to ``[0, 1]``;
 * ``blur``     a 3x3 Gaussian blur (sigma 0.8, zero padding);
 * ``rotation`` rotation by a random angle of +-(15..30) degrees (bilinear);
-* ``shift``    translation by 1-2 pixels in x and y (zero fill).
+* ``shift``    translation by one pixel towards one of the 8 neighbours (zero fill).
 
 The out-of-distribution error of a model is its mean error over the four.
 """
@@ -86,8 +86,8 @@ def corrupt(x: torch.Tensor, kind: str, seed: int = 0) -> torch.Tensor:
         theta[:, 1, 0], theta[:, 1, 1] = torch.sin(a), torch.cos(a)
         return _affine(x, theta).clamp(0, 1)
     if kind == "shift":
-        shifts = torch.randint(1, 3, (n, 2), generator=g) * torch.where(
-            torch.rand(n, 2, generator=g) < 0.5, -1, 1)
+        moves = torch.tensor([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)])
+        shifts = moves[torch.randint(0, len(moves), (n,), generator=g)]
         out = torch.zeros_like(x)
         for i in range(n):  # integer shifts, zero fill
             dy, dx = int(shifts[i, 0]), int(shifts[i, 1])
