@@ -88,18 +88,45 @@ SF_HOST_DEVICE float uniform_pm1(uint32_t x) {
 
 SF_HOST_DEVICE float rademacher(uint32_t x) { return 1.0f - 2.0f * static_cast<float>(x >> 31); }  // branch-free
 
+// sin and cos of 2 pi x / 2^32 for a 32-bit word x. The reduction is exact in integers
+// (nearest quadrant q, remainder r in [-2^29, 2^29)), then Taylor polynomials on |a| <= pi/4
+// (truncation < 1e-19) and a quadrant rotation; no branches, no libm. Differs from libm's
+// sin/cos of the rounded double angle by a few 1e-16 (the angle's own rounding).
+SF_HOST_DEVICE void sincos_2pi_u32(uint32_t x, double& s_out, double& c_out) {
+  const uint32_t q = (x + 0x20000000u) >> 30;
+  const int32_t r = static_cast<int32_t>(x - (q << 30));
+  const double a = static_cast<double>(r) * 1.4629180792671596e-09;  // 2 pi / 2^32
+  const double a2 = a * a;
+  const double sp =
+      a + a * a2 * (-1.6666666666666666e-01 +
+                    a2 * (8.3333333333333332e-03 +
+                          a2 * (-1.9841269841269841e-04 +
+                                a2 * (2.7557319223985893e-06 +
+                                      a2 * (-2.5052108385441720e-08 +
+                                            a2 * (1.6059043836821613e-10 +
+                                                  a2 * (-7.6471637318198164e-13 + a2 * 2.8114572543455206e-15)))))));
+  const double cp =
+      1.0 + a2 * (-0.5 +
+                  a2 * (4.1666666666666664e-02 +
+                        a2 * (-1.3888888888888889e-03 +
+                              a2 * (2.4801587301587302e-05 +
+                                    a2 * (-2.7557319223985888e-07 +
+                                          a2 * (2.0876756987868100e-09 +
+                                                a2 * (-1.1470745597729725e-11 +
+                                                      a2 * (4.7794773323873853e-14 - a2 * 1.5619206968586225e-16))))))));
+  const bool swap = (q & 1u) != 0;
+  const double sr = swap ? cp : sp;
+  const double cr = swap ? sp : cp;
+  s_out = (q & 2u) ? -sr : sr;
+  c_out = ((q + 1u) & 2u) ? -cr : cr;
+}
+
 // Box-Muller on one word pair: a gets the cosine lane, b the sine lane.
 SF_HOST_DEVICE void box_muller(uint32_t xa, uint32_t xb, double& a, double& b) {
   const double u1 = (static_cast<double>(xa) + 1.0) * 2.3283064365386963e-10;  // 2^-32
-  const double theta = (2.0 * 3.141592653589793 * 2.3283064365386963e-10) * static_cast<double>(xb);
   const double r = sqrt(-2.0 * log(u1));
   double s, c;
-#if defined(__CUDA_ARCH__)
-  sincos(theta, &s, &c);
-#else
-  s = sin(theta);
-  c = cos(theta);
-#endif
+  sincos_2pi_u32(xb, s, c);
   a = r * c;
   b = r * s;
 }
