@@ -260,14 +260,35 @@ at::Tensor ellipsoid_norms_cpu(const at::Tensor& delta, const at::Tensor& grad, 
           c2[j] = 1.0;
         }
         const int64_t q8 = ((q + 7) / 8) * 8;
-        for (int64_t l = 0; l < L; ++l) {
+        int64_t l = 0;
+        // Candidates in pairs: 1/A and 1/B from one division 1/(A B) (divisions bound this loop).
+        for (; l + 1 < L; l += 2) {
+          const double t0 = 2.0 * lam[l], t1 = 2.0 * lam[l + 1];
+          double s0[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s1[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+          for (int64_t j = 0; j < q8; j += 8)
+            for (int u = 0; u < 8; ++u) {
+              const double A = c2[j + u] + t0, B = c2[j + u] + t1;
+              const double r = zc[j + u] / (A * B);
+              const double v0 = r * B, v1 = r * A;
+              s0[u] += v0 * v0;
+              s1[u] += v1 * v1;
+            }
+          double* a0 = acc.data() + l * 8;
+          for (int u = 0; u < 8; ++u) {
+            a0[u] += s0[u];
+            a0[8 + u] += s1[u];
+          }
+        }
+        for (; l < L; ++l) {
           const double tl = 2.0 * lam[l];
-          double* a = acc.data() + l * 8;
+          double s0[8] = {0, 0, 0, 0, 0, 0, 0, 0};
           for (int64_t j = 0; j < q8; j += 8)
             for (int u = 0; u < 8; ++u) {
               const double v = zc[j + u] / (c2[j + u] + tl);
-              a[u] += v * v;
+              s0[u] += v * v;
             }
+          double* a = acc.data() + l * 8;
+          for (int u = 0; u < 8; ++u) a[u] += s0[u];
         }
       }
       for (int64_t l = 0; l < L; ++l) {
