@@ -20,6 +20,9 @@ from .definitions import ConfigError, Definition
 from .store import StoreError
 
 
+DEFAULT_JOBS = max(1, min(os.cpu_count() or 1, 8))
+
+
 class CLIError(ValueError):
     pass
 
@@ -139,7 +142,8 @@ def _add_exec_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", choices=["auto", "reference", "fused"], default="auto")
     g.add_argument("--no-retry-errors", action="store_true", help="keep rows that failed before instead of retrying")
     if "--jobs" not in p._option_string_actions:
-        g.add_argument("--jobs", type=int, default=1, help="local executor: worker processes (default 1)")
+        g.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
+                       help=f"local executor: worker processes (default min(CPUs, 8) = {DEFAULT_JOBS}; 1 = in this process)")
     g.add_argument("--limit", type=int, help="evaluate at most this many checkpoints (smoke runs)")
 
 
@@ -151,8 +155,8 @@ def _add_zoo_flags(p: argparse.ArgumentParser, preset_flag: str = "--preset") ->
     p.add_argument("--grid", metavar="FILE", help="YAML zoo grid {factors: {name: [values]}, fixed: {...}}")
     p.add_argument("--epochs", type=int, help="override the number of training epochs")
     p.add_argument("--seed", type=int, help="override the training seed")
-    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                   help="worker processes for training (and, in `run`, the local sweep); default min(2, CPUs)")
+    p.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
+                   help=f"worker processes for training (and, in `run`, the local sweep); default min(CPUs, 8) = {DEFAULT_JOBS}")
 
 
 def _add_report_flags(p: argparse.ArgumentParser) -> None:

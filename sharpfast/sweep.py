@@ -145,6 +145,20 @@ def plan(manifest: Manifest, defs: list[Definition], store: Store, retry_errors:
 
 # ----------------------------------------------------------------------------- executors
 
+def exit_with_parent(parent_pid: int, interval: float = 0.5) -> None:
+    """Worker-pool initializer: end this worker when the driver dies (even by ``kill -9``),
+    instead of leaving it orphaned. A daemon thread polls the parent pid."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(interval)
+
+    threading.Thread(target=watch, daemon=True, name="sharpfast-parent-watch").start()
+
+
 def _checkpoint_meta(e: ModelEntry) -> dict[str, Any]:
     return dict(checkpoint_id=e.id, sha256=e.sha256, factory=e.factory, hparams=e.hparams, metrics=e.metrics)
 
@@ -166,7 +180,8 @@ def _run_local(manifest: Manifest, tasks: list[Task], device: str, threads: int 
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, wait, FIRST_COMPLETED
 
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                             initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         pending = {pool.submit(evaluate_checkpoint, *args(t)): t for t in tasks}
         try:
             while pending:

@@ -249,7 +249,10 @@ def build_zoo(out_dir: str, spec: ZooSpec, jobs: int = 1, progress: bool = True,
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        from .sweep import exit_with_parent
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                 initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
             futures = [pool.submit(_train_one, cfg, ckpt_dir) for cfg in todo]
             for f in as_completed(futures):
                 done(f.result())

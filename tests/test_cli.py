@@ -64,7 +64,7 @@ def test_subcommands_in_process(tmp_path, capsys):
     assert main(["zoo", "--out", str(z), "--preset", "tiny", "--epochs", "1", "--jobs", "1", "--quiet"]) == 0
     cfg = tmp_path / "defs.yaml"
     cfg.write_text("definitions:\n  - {kind: avg, norm: l2, rho: [0.05, 0.1], m: 64, n_examples: 128, n_samples: 3}\n")
-    assert main(["sweep", "--zoo", str(z), "--store", str(store), "--config", str(cfg), "--quiet",
+    assert main(["sweep", "--zoo", str(z), "--store", str(store), "--config", str(cfg), "--quiet", "--jobs", "1",
                  "--kind", "max", "--norm", "linf", "--rho", "0.001", "--m", "64", "--n-iters", "3",
                  "--n-examples", "128"]) == 0
     out = capsys.readouterr().out

@@ -128,16 +128,39 @@ def test_changed_checkpoint_is_recomputed(tiny_zoo, tmp_path):
     assert s.skipped == 7 and s.ok + s.errors == 1
 
 
+def _children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d))
+    return out
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_kill_9_mid_sweep_then_resume(tiny_zoo, tmp_path):
-    """SIGKILL the sweep process while it writes; a rerun completes without loss or duplicates,
-    and the values equal those of an uninterrupted sweep."""
+    """SIGKILL the sweep driver (2 worker processes) while it writes; its workers exit, a rerun
+    (in-process) completes without loss or duplicates, and the values equal those of an
+    uninterrupted sweep."""
     store = str(tmp_path / "killed.db")
-    cmd = [sys.executable, "-m", "sharpfast", "sweep", "--zoo", tiny_zoo, "--store", store, "--quiet",
+    cmd = [sys.executable, "-m", "sharpfast", "sweep", "--zoo", tiny_zoo, "--store", store, "--quiet", "--jobs", "1",
            "--kind", "max", "avg", "--norm", "linf", "l2", "--rho", "0.001", "0.01", "--m", "64",
            "--n-examples", "128", "--n-iters", "20", "--n-samples", "10"]
     n_defs, n_ckpt = 2 * 2 * 2, 8
     total = n_defs * n_ckpt
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd + ["--jobs", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     n_before = 0
     deadline = time.time() + 120
     try:
@@ -151,12 +174,18 @@ def test_kill_9_mid_sweep_then_resume(tiny_zoo, tmp_path):
                 if n_before >= n_defs:       # at least one checkpoint committed
                     break
             time.sleep(0.005)
+        workers = _children(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL, "the sweep finished before it could be killed"
+    assert workers, "the driver had no worker processes"
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "worker processes outlived the killed driver"
     with sqlite3.connect(store) as db:
         per_ckpt = db.execute("SELECT checkpoint_id, COUNT(*) FROM results GROUP BY checkpoint_id").fetchall()
         n_killed = db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
