@@ -27,9 +27,39 @@ constexpr int64_t kReduceChunk = 16384;  // elements per partial sum (reductions
 #define SF_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
+// Box-Muller over `pairs` word pairs. Branch-free (see philox.h), so it vectorizes; on x86-64
+// with GCC an AVX2 clone is picked at load time where the CPU has it (no FMA in either clone, so
+// both give the same bits).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void box_muller_pairs(const uint32_t* __restrict__ w, double* __restrict__ z, int64_t pairs) {
+  for (int64_t p = 0; p < pairs; ++p) box_muller(w[2 * p], w[2 * p + 1], z[2 * p], z[2 * p + 1]);
+}
+
 // Draws of elements e0 .. e0 + n - 1 (global indices) into xi[0 .. n - 1].
 template <typename T>
 void fill_draws(Dist dist, const Counter& k, uint32_t sample, uint64_t e0, int64_t n, T* xi) {
+  if (dist == Dist::normal) {
+    // Words of every block the range touches, then Box-Muller over all pairs in a separate,
+    // branch-free loop the compiler can vectorize (log and sincos are polynomials).
+    constexpr int64_t kMaxWords = kTile + 8;
+    uint32_t w[kMaxWords];
+    double z[kMaxWords];
+    const uint64_t first_block = e0 >> 2;
+    const int64_t lane0 = static_cast<int64_t>(e0 & 3u);
+    const int64_t blocks = (lane0 + n + 3) >> 2;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const Words4 r = philox_block(k.seed, k.stream, sample, first_block + static_cast<uint64_t>(b));
+      w[4 * b] = r.v[0];
+      w[4 * b + 1] = r.v[1];
+      w[4 * b + 2] = r.v[2];
+      w[4 * b + 3] = r.v[3];
+    }
+    box_muller_pairs(w, z, 2 * blocks);
+    for (int64_t i = 0; i < n; ++i) xi[i] = static_cast<T>(z[lane0 + i]);
+    return;
+  }
   int64_t i = 0;
   while (i < n) {
     const uint64_t e = e0 + static_cast<uint64_t>(i);

@@ -13,8 +13,9 @@
 //
 // Header-only, no torch, usable from host and device code.
 #pragma once
-#include <stdint.h>
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define SF_HOST_DEVICE __host__ __device__ __forceinline__
@@ -88,6 +89,17 @@ SF_HOST_DEVICE float uniform_pm1(uint32_t x) {
 
 SF_HOST_DEVICE float rademacher(uint32_t x) { return 1.0f - 2.0f * static_cast<float>(x >> 31); }  // branch-free
 
+SF_HOST_DEVICE uint64_t bits_of(double x) {
+  uint64_t b;
+  memcpy(&b, &x, sizeof(b));
+  return b;
+}
+SF_HOST_DEVICE double double_of(uint64_t b) {
+  double x;
+  memcpy(&x, &b, sizeof(x));
+  return x;
+}
+
 // sin and cos of 2 pi x / 2^32 for a 32-bit word x. The reduction is exact in integers
 // (nearest quadrant q, remainder r in [-2^29, 2^29)), then Taylor polynomials on |a| <= pi/4
 // (truncation < 1e-19) and a quadrant rotation; no branches, no libm. Differs from libm's
@@ -114,17 +126,49 @@ SF_HOST_DEVICE void sincos_2pi_u32(uint32_t x, double& s_out, double& c_out) {
                                           a2 * (2.0876756987868100e-09 +
                                                 a2 * (-1.1470745597729725e-11 +
                                                       a2 * (4.7794773323873853e-14 - a2 * 1.5619206968586225e-16))))))));
-  const bool swap = (q & 1u) != 0;
-  const double sr = swap ? cp : sp;
-  const double cr = swap ? sp : cp;
-  s_out = (q & 2u) ? -sr : sr;
-  c_out = ((q + 1u) & 2u) ? -cr : cr;
+  // quadrant rotation with bit masks (no selects, so the CPU loop vectorizes)
+  const uint64_t swap = 0ull - static_cast<uint64_t>(q & 1u);
+  const uint64_t sb = bits_of(sp), cb = bits_of(cp);
+  const uint64_t sr = (sb & ~swap) | (cb & swap);
+  const uint64_t cr = (cb & ~swap) | (sb & swap);
+  s_out = double_of(sr ^ (static_cast<uint64_t>((q >> 1) & 1u) << 63));
+  c_out = double_of(cr ^ (static_cast<uint64_t>(((q + 1u) >> 1) & 1u) << 63));
+}
+
+// Natural log of a positive normal double, branch-free (vectorizes on the CPU):
+// u = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s), s = (m - 1) / (m + 1),
+// |s| <= 0.172, series to s^23 (truncation < 1e-18 relative); e ln 2 in two parts. Accurate to a
+// few ulp, also near u = 1 (m - 1 is exact there).
+SF_HOST_DEVICE double log_positive(double u) {
+  const uint64_t bits = bits_of(u);
+  const uint64_t mant = bits & 0x000FFFFFFFFFFFFFull;
+  const uint64_t big = static_cast<uint64_t>(mant > 0x6A09E667F3BCDull);  // m > sqrt(2)  (integer ops only)
+  const double m = double_of((mant | 0x3FF0000000000000ull) - (big << 52));                        // exact
+  const double e = double_of(((bits >> 52) + big) | 0x4330000000000000ull) - (4503599627370496.0 + 1023.0);
+  const double s = (m - 1.0) / (m + 1.0);
+  const double s2 = s * s;
+  const double p =
+      s2 * (6.6666666666666663e-01 +
+            s2 * (4.0000000000000002e-01 +
+                  s2 * (2.8571428571428570e-01 +
+                        s2 * (2.2222222222222221e-01 +
+                              s2 * (1.8181818181818182e-01 +
+                                    s2 * (1.5384615384615385e-01 +
+                                          s2 * (1.3333333333333333e-01 +
+                                                s2 * (1.1764705882352941e-01 +
+                                                      s2 * (1.0526315789473684e-01 +
+                                                            s2 * (9.5238095238095233e-02 +
+                                                                  s2 * 8.6956521739130432e-02))))))))));
+  const double log_m = 2.0 * s + s * p;
+  return e * 6.9314670562744141e-01 + (e * 4.7493250390316726e-07 + log_m);  // ln 2 = hi + lo
 }
 
 // Box-Muller on one word pair: a gets the cosine lane, b the sine lane.
 SF_HOST_DEVICE void box_muller(uint32_t xa, uint32_t xb, double& a, double& b) {
-  const double u1 = (static_cast<double>(xa) + 1.0) * 2.3283064365386963e-10;  // 2^-32
-  const double r = sqrt(-2.0 * log(u1));
+  // (double)xa via a signed conversion (vectorizable; exact): xa = (xa ^ 2^31 as int32) + 2^31
+  const double xad = static_cast<double>(static_cast<int32_t>(xa ^ 0x80000000u)) + 2147483648.0;
+  const double u1 = (xad + 1.0) * 2.3283064365386963e-10;  // 2^-32, in (0, 1]
+  const double r = sqrt(-2.0 * log_positive(u1));
   double s, c;
   sincos_2pi_u32(xb, s, c);
   a = r * c;
