@@ -243,8 +243,12 @@ def build_zoo(out_dir: str, spec: ZooSpec, jobs: int = 1, progress: bool = True,
         bar.update(1)
 
     if jobs <= 1 or len(todo) <= 1:
-        for cfg in todo:
-            done(_train_one(cfg, ckpt_dir))
+        before = torch.get_num_threads()
+        try:
+            for cfg in todo:
+                done(_train_one(cfg, ckpt_dir))
+        finally:
+            torch.set_num_threads(before)  # the caller's process keeps its own setting
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed

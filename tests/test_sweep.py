@@ -56,8 +56,12 @@ def test_sweep_rows_match_the_api_and_rerun_is_idempotent(tiny_zoo, tmp_path):
     model = load_model(m, entry)
     x, y = m.sharpness_data(d.n_examples)
     batches = [(x[i:i + d.m], y[i:i + d.m]) for i in range(0, d.n_examples, d.m)]
-    torch.set_num_threads(1)
-    r = sharpfast.worst_case_sharpness(model, batches, **d.api_kwargs())
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)            # as the sweep evaluates (threads=1)
+    try:
+        r = sharpfast.worst_case_sharpness(model, batches, **d.api_kwargs())
+    finally:
+        torch.set_num_threads(before)
     status, value, err_value, per_batch = rows[(entry.id, d.key)]
     assert status == "ok" and value == pytest.approx(r.sharpness, rel=1e-6, abs=1e-9)
     assert list(per_batch) == pytest.approx(r.per_batch, rel=1e-6, abs=1e-9)

@@ -9,6 +9,14 @@ from sharpfast import digits, zoo
 from sharpfast.checkpoints import Manifest, load_model
 
 
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_digits_split_is_deterministic_and_disjoint():
     x, y, xt, yt = digits.split(300)
     x2, y2, _, _ = digits.split(300)
@@ -44,8 +52,7 @@ def test_factories_shapes():
     assert zoo.cnn(width=4)(x).shape == (5, 10)
 
 
-def test_training_is_deterministic_and_learns():
-    torch.set_num_threads(1)
+def test_training_is_deterministic_and_learns(one_thread):
     aug = dict(zoo.DEFAULT_TRAIN, width=16, epochs=2, n_train=128, augment=True)
     (a1, ma1), (a2, ma2) = zoo.train(aug), zoo.train(aug)
     for a, b in zip(a1.state_dict().values(), a2.state_dict().values()):
@@ -68,7 +75,9 @@ def test_config_ids_unique_over_the_presets():
 def test_build_zoo_is_resumable(tmp_path):
     spec = zoo.ZooSpec({"lr": [0.5, 2.0]}, {"epochs": 1, "n_train": 128, "width": 8})
     logs = []
+    threads = torch.get_num_threads()
     m = zoo.build_zoo(str(tmp_path), spec, progress=False, log=logs.append)
+    assert torch.get_num_threads() == threads            # no side effect on the caller
     assert len(m.models) == 2 and "trained 2 model(s)" in logs[-1]
     raw = json.loads((tmp_path / "manifest.json").read_text())
     e = raw["models"][0]
