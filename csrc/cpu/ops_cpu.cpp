@@ -27,46 +27,84 @@ constexpr int64_t kReduceChunk = 16384;  // elements per partial sum (reductions
 #define SF_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-// Box-Muller over `pairs` word pairs. Branch-free (see philox.h), so it vectorizes; on x86-64
-// with GCC an AVX2 clone is picked at load time where the CPU has it (no FMA in either clone, so
+// The sampling loops below are branch-free (see philox.h), so they vectorize; on x86-64 with
+// GCC an AVX2 clone is picked at load time where the CPU has it (no FMA in either clone, so
 // both give the same bits).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-__attribute__((target_clones("avx2", "default")))
+#define SF_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SF_CPU_CLONES
 #endif
-void box_muller_pairs(const uint32_t* __restrict__ w, double* __restrict__ z, int64_t pairs) {
+
+// The 4 * blocks words of philox blocks first_block, first_block + 1, ...
+SF_CPU_CLONES void philox_words(uint64_t seed, uint32_t stream, uint32_t sample, uint64_t first_block,
+                                int64_t blocks, uint32_t* __restrict__ w) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    const Words4 r = philox_block(seed, stream, sample, first_block + static_cast<uint64_t>(b));
+    w[4 * b] = r.v[0];
+    w[4 * b + 1] = r.v[1];
+    w[4 * b + 2] = r.v[2];
+    w[4 * b + 3] = r.v[3];
+  }
+}
+
+// Box-Muller over `pairs` word pairs (w[2p], w[2p + 1]) -> (z[2p], z[2p + 1]).
+SF_CPU_CLONES void box_muller_pairs(const uint32_t* __restrict__ w, double* __restrict__ z, int64_t pairs) {
   for (int64_t p = 0; p < pairs; ++p) box_muller(w[2 * p], w[2 * p + 1], z[2 * p], z[2 * p + 1]);
 }
 
-// Draws of elements e0 .. e0 + n - 1 (global indices) into xi[0 .. n - 1].
+// Draws of elements e0 .. e0 + n - 1 (global indices, n <= kTile) into xi[0 .. n - 1]: the
+// words of every block the range touches, then the transform over the whole tile.
 template <typename T>
 void fill_draws(Dist dist, const Counter& k, uint32_t sample, uint64_t e0, int64_t n, T* xi) {
+  constexpr int64_t kMaxWords = kTile + 8;
+  uint32_t w[kMaxWords];
+  const int64_t lane0 = static_cast<int64_t>(e0 & 3u);
+  const int64_t blocks = (lane0 + n + 3) >> 2;
+  philox_words(k.seed, k.stream, sample, e0 >> 2, blocks, w);
+  const uint32_t* __restrict__ wl = w + lane0;
   if (dist == Dist::normal) {
-    // Words of every block the range touches, then Box-Muller over all pairs in a separate,
-    // branch-free loop the compiler can vectorize (log and sincos are polynomials).
-    constexpr int64_t kMaxWords = kTile + 8;
-    uint32_t w[kMaxWords];
     double z[kMaxWords];
-    const uint64_t first_block = e0 >> 2;
-    const int64_t lane0 = static_cast<int64_t>(e0 & 3u);
-    const int64_t blocks = (lane0 + n + 3) >> 2;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const Words4 r = philox_block(k.seed, k.stream, sample, first_block + static_cast<uint64_t>(b));
-      w[4 * b] = r.v[0];
-      w[4 * b + 1] = r.v[1];
-      w[4 * b + 2] = r.v[2];
-      w[4 * b + 3] = r.v[3];
-    }
     box_muller_pairs(w, z, 2 * blocks);
     for (int64_t i = 0; i < n; ++i) xi[i] = static_cast<T>(z[lane0 + i]);
-    return;
+  } else if (dist == Dist::uniform) {
+    for (int64_t i = 0; i < n; ++i) xi[i] = static_cast<T>(uniform_pm1(wl[i]));
+  } else {
+    for (int64_t i = 0; i < n; ++i) xi[i] = static_cast<T>(rademacher(wl[i]));
   }
-  int64_t i = 0;
-  while (i < n) {
-    const uint64_t e = e0 + static_cast<uint64_t>(i);
-    int lane = static_cast<int>(e & 3u);
-    T v[4];
-    draws4<T>(dist, philox_block(k.seed, k.stream, sample, e >> 2), v);
-    for (; lane < 4 && i < n; ++lane, ++i) xi[i] = v[lane];
+}
+
+// Terms (zc / (c2 + 2 lam_l))^2 of one sub-tile (q8 a multiple of 8) added to acc[l * 8 + u]
+// (8 interleaved accumulators per candidate). Candidates in pairs share one division 1/(A B):
+// divisions bound this loop.
+SF_CPU_CLONES void ellipsoid_tile(const double* __restrict__ zc, const double* __restrict__ c2, int64_t q8,
+                                  const double* __restrict__ lam, int64_t L, double* __restrict__ acc) {
+  int64_t l = 0;
+  for (; l + 1 < L; l += 2) {
+    const double t0 = 2.0 * lam[l], t1 = 2.0 * lam[l + 1];
+    double s0[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s1[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t j = 0; j < q8; j += 8)
+      for (int u = 0; u < 8; ++u) {
+        const double A = c2[j + u] + t0, B = c2[j + u] + t1;
+        const double r = zc[j + u] / (A * B);
+        const double v0 = r * B, v1 = r * A;
+        s0[u] += v0 * v0;
+        s1[u] += v1 * v1;
+      }
+    for (int u = 0; u < 8; ++u) {
+      acc[l * 8 + u] += s0[u];
+      acc[l * 8 + 8 + u] += s1[u];
+    }
+  }
+  for (; l < L; ++l) {
+    const double tl = 2.0 * lam[l];
+    double s0[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t j = 0; j < q8; j += 8)
+      for (int u = 0; u < 8; ++u) {
+        const double v = zc[j + u] / (c2[j + u] + tl);
+        s0[u] += v * v;
+      }
+    for (int u = 0; u < 8; ++u) acc[l * 8 + u] += s0[u];
   }
 }
 
@@ -290,36 +328,7 @@ at::Tensor ellipsoid_norms_cpu(const at::Tensor& delta, const at::Tensor& grad, 
           c2[j] = 1.0;
         }
         const int64_t q8 = ((q + 7) / 8) * 8;
-        int64_t l = 0;
-        // Candidates in pairs: 1/A and 1/B from one division 1/(A B) (divisions bound this loop).
-        for (; l + 1 < L; l += 2) {
-          const double t0 = 2.0 * lam[l], t1 = 2.0 * lam[l + 1];
-          double s0[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s1[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-          for (int64_t j = 0; j < q8; j += 8)
-            for (int u = 0; u < 8; ++u) {
-              const double A = c2[j + u] + t0, B = c2[j + u] + t1;
-              const double r = zc[j + u] / (A * B);
-              const double v0 = r * B, v1 = r * A;
-              s0[u] += v0 * v0;
-              s1[u] += v1 * v1;
-            }
-          double* a0 = acc.data() + l * 8;
-          for (int u = 0; u < 8; ++u) {
-            a0[u] += s0[u];
-            a0[8 + u] += s1[u];
-          }
-        }
-        for (; l < L; ++l) {
-          const double tl = 2.0 * lam[l];
-          double s0[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-          for (int64_t j = 0; j < q8; j += 8)
-            for (int u = 0; u < 8; ++u) {
-              const double v = zc[j + u] / (c2[j + u] + tl);
-              s0[u] += v * v;
-            }
-          double* a = acc.data() + l * 8;
-          for (int u = 0; u < 8; ++u) a[u] += s0[u];
-        }
+        ellipsoid_tile(zc, c2, q8, lam, L, acc.data());
       }
       for (int64_t l = 0; l < L; ++l) {
         const double* a = acc.data() + l * 8;
