@@ -4,7 +4,7 @@ The driver plans the work (every (checkpoint, definition) pair without an ``ok``
 checkpoint's current sha256), hands one task per checkpoint to an executor, and writes each
 checkpoint's rows in one transaction as its task returns. Executors:
 
-* ``local``: tasks run one after another in this process;
+* ``local``: tasks run in this process (``jobs=1``) or in ``jobs`` spawned worker processes;
 * ``ray``:   one Ray task per checkpoint (a local cluster by default, or ``address``), with a
   GPU requested per task when the cluster has GPUs. Workers only compute and return rows;
   the driver alone writes the store.
@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
-from .checkpoints import CheckpointError, Manifest, ManifestError, ModelEntry, load_model
+from .checkpoints import Manifest, ManifestError, ModelEntry, load_model
 from .definitions import ConfigError, Definition
 from .store import Store
 
@@ -63,7 +62,10 @@ def evaluate_checkpoint(data_spec: dict[str, Any], root: str, entry: dict[str, A
     dev = resolve_device(device)
     sf_version, torch_version = _versions()
     defs = [Definition.from_dict(d) for d in definitions]
-    base = dict(checkpoint_id=entry["id"], device=dev, sharpfast_version=sf_version,
+    dev_name = dev
+    if dev.startswith("cuda"):
+        dev_name = f"{dev} ({torch.cuda.get_device_name(torch.device(dev))})"
+    base = dict(checkpoint_id=entry["id"], device=dev_name, sharpfast_version=sf_version,
                 torch_version=torch_version, checkpoint_sha256=entry.get("sha256"))
     manifest = Manifest(data=data_spec, models=[], root=root)
     try:
