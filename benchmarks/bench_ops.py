@@ -290,6 +290,13 @@ def device_name(device):
     return f"{model}, {torch.get_num_threads()} threads"
 
 
+def _loadavg():
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def peak_bandwidth(device):
     """Theoretical peak (bytes/s) on CUDA from the memory clock and bus width, else None."""
     if device.type != "cuda":
@@ -303,10 +310,12 @@ def peak_bandwidth(device):
 
 
 def copy_bandwidth(device, n, dtype):
+    """Best observed bandwidth of a device copy and of an a + b add (bytes moved / time)."""
     x = torch.randn(n, device=device, dtype=dtype)
-    y = torch.empty_like(x)
-    t = timeit(lambda: y.copy_(x), device)
-    return 2 * n * x.element_size() / t
+    y, z = torch.empty_like(x), torch.randn_like(x)
+    t_copy = timeit(lambda: y.copy_(x), device, min_time=1.0)
+    t_add = timeit(lambda: torch.add(x, z, out=y), device, min_time=1.0)
+    return max(2 * n * x.element_size() / t_copy, 3 * n * x.element_size() / t_add)
 
 
 def main(argv=None):
@@ -333,11 +342,12 @@ def main(argv=None):
     lines = [f"Device: **{device_name(device)}**; dtype {args.dtype}; torch {torch.__version__}; "
              f"extension {_ops.build_info()}",
              "",
-             f"Measured copy bandwidth (clone of {min(big, 50_000_000) / 1e6:.0f}M elements): {copy_bw / 1e9:.1f} GB/s"
+             f"Measured device bandwidth (best of copy_ and add over {min(big, 50_000_000) / 1e6:.0f}M elements): "
+             f"{copy_bw / 1e9:.1f} GB/s; load average at start {_loadavg()}"
              + (f"; theoretical peak {peak / 1e9:.0f} GB/s" if peak else ""),
              "",
              "GB/s = bytes the op must move (fused: each buffer read/written once) / time. "
-             "`% peak` is against the theoretical peak on CUDA, against the measured copy bandwidth on CPU.",
+             "`% peak` is against the theoretical peak on CUDA, against the measured copy/add bandwidth on CPU (a fused op can exceed it: it streams several buffers at once).",
              "",
              "Times: best of >= 3 repetitions (>= 0.3 s of repetitions) after one warm-up call.",
              "",

@@ -108,6 +108,43 @@ SF_CPU_CLONES void ellipsoid_tile(const double* __restrict__ zc, const double* _
   }
 }
 
+template <typename S>
+struct ApgdBuffers {
+  S* p;
+  S* d;
+  S* dp;
+  const S* g;
+  const S* w;
+  const S* c;
+  ApgdBuffers(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
+              const at::Tensor& w0, const at::Tensor& cc)
+      : p(params.data_ptr<S>()), d(delta.data_ptr<S>()), dp(delta_prev.data_ptr<S>()), g(grad.data_ptr<S>()),
+        w(w0.data_ptr<S>()), c(cc.data_ptr<S>()) {}
+};
+
+// One APGD step over m elements (a plain function with restrict pointers, so it vectorizes):
+// linf: z = clamp(delta + s1 sign(g) c, -rho c, rho c); l2: z = shrink(delta + s1 g c, lam = s2);
+// then momentum, history shift and parameter write.
+template <typename S, bool L2>
+void apgd_range(S* __restrict__ p, S* __restrict__ d, S* __restrict__ dp, const S* __restrict__ g,
+                const S* __restrict__ w, const S* __restrict__ c, int64_t m, at::opmath_type<S> s1,
+                at::opmath_type<S> s2, at::opmath_type<S> rho, at::opmath_type<S> alpha) {
+  using A = at::opmath_type<S>;
+  for (int64_t i = 0; i < m; ++i) {
+    const A di = static_cast<A>(d[i]), ci = static_cast<A>(c[i]), gi = static_cast<A>(g[i]);
+    A z;
+    if (L2) {
+      z = ellipsoid_shrink<A>(l2_ascent<A>(di, gi, ci, s1), ci, s2);
+    } else {
+      z = linf_ascent_clamp<A>(di, gi, ci, s1, rho);
+    }
+    const A nw = momentum_mix<A>(z, static_cast<A>(dp[i]), alpha);
+    dp[i] = d[i];
+    d[i] = static_cast<S>(nw);
+    p[i] = static_cast<S>(static_cast<A>(w[i]) + nw);
+  }
+}
+
 double read_scalar(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? *t.data_ptr<double>() : static_cast<double>(*t.data_ptr<float>());
 }
@@ -193,22 +230,11 @@ void apgd_step_linf_cpu(at::Tensor& params, at::Tensor& delta, at::Tensor& delta
   const double step = read_scalar(step_size);
   SF_DISPATCH(params.scalar_type(), "sharpfast::apgd_step_linf_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* __restrict__ p = params.data_ptr<scalar_t>();
-    scalar_t* __restrict__ d = delta.data_ptr<scalar_t>();
-    scalar_t* __restrict__ dp = delta_prev.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ g = grad.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ w = w0.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ cc = c.data_ptr<scalar_t>();
+    const ApgdBuffers<scalar_t> buf(params, delta, delta_prev, grad, w0, c);
     const acc_t st = static_cast<acc_t>(step), r = static_cast<acc_t>(rho), a = static_cast<acc_t>(momentum);
     at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const acc_t di = static_cast<acc_t>(d[i]);
-        const acc_t z = linf_ascent_clamp<acc_t>(di, static_cast<acc_t>(g[i]), static_cast<acc_t>(cc[i]), st, r);
-        const acc_t nw = momentum_mix<acc_t>(z, static_cast<acc_t>(dp[i]), a);
-        dp[i] = d[i];
-        d[i] = static_cast<scalar_t>(nw);
-        p[i] = static_cast<scalar_t>(static_cast<acc_t>(w[i]) + nw);
-      }
+      apgd_range<scalar_t, false>(buf.p + b, buf.d + b, buf.dp + b, buf.g + b, buf.w + b, buf.c + b, e - b, st,
+                                  acc_t(0), r, a);
     });
   });
 }
@@ -224,22 +250,11 @@ void apgd_step_l2_cpu(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_p
   const double gs = read_scalar(grad_scale), lm = read_scalar(lam);
   SF_DISPATCH(params.scalar_type(), "sharpfast::apgd_step_l2_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* __restrict__ p = params.data_ptr<scalar_t>();
-    scalar_t* __restrict__ d = delta.data_ptr<scalar_t>();
-    scalar_t* __restrict__ dp = delta_prev.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ g = grad.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ w = w0.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ cc = c.data_ptr<scalar_t>();
+    const ApgdBuffers<scalar_t> buf(params, delta, delta_prev, grad, w0, c);
     const acc_t s = static_cast<acc_t>(gs), l = static_cast<acc_t>(lm), a = static_cast<acc_t>(momentum);
     at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const acc_t ci = static_cast<acc_t>(cc[i]);
-        const acc_t z = l2_ascent<acc_t>(static_cast<acc_t>(d[i]), static_cast<acc_t>(g[i]), ci, s);
-        const acc_t nw = momentum_mix<acc_t>(ellipsoid_shrink<acc_t>(z, ci, l), static_cast<acc_t>(dp[i]), a);
-        dp[i] = d[i];
-        d[i] = static_cast<scalar_t>(nw);
-        p[i] = static_cast<scalar_t>(static_cast<acc_t>(w[i]) + nw);
-      }
+      apgd_range<scalar_t, true>(buf.p + b, buf.d + b, buf.dp + b, buf.g + b, buf.w + b, buf.c + b, e - b, s, l,
+                                 acc_t(0), a);
     });
   });
 }

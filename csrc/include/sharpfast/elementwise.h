@@ -37,12 +37,13 @@ SF_HOST_DEVICE T l2_ascent(T delta, T g, T c, T grad_scale) {
 
 // Ellipsoid shrink z / (1 + 2 lam / c^2) written as z c^2 / (c^2 + 2 lam): 0 where c = 0,
 // exactly z where lam = 0 and c != 0.
+// Selects, not branches, so CPU loops vectorize (the discarded quotient may be 0/0 there).
 template <typename T>
 SF_HOST_DEVICE T ellipsoid_shrink(T z, T c, T lam) {
-  if (c == T(0)) return T(0);
-  if (lam == T(0)) return z;
   const T c2 = c * c;
-  return z * c2 / (c2 + T(2) * lam);
+  const T shrunk = z * c2 / (c2 + T(2) * lam);
+  const T r = lam == T(0) ? z : shrunk;
+  return c == T(0) ? T(0) : r;
 }
 
 // One term of ||shrink(z, lam) / c||^2: (z c / (c^2 + 2 lam))^2, 0 where c = 0.
