@@ -11,6 +11,11 @@
 //                   u1 = (x_a + 1) 2^-32, theta = (2 pi 2^-32) x_b, r = sqrt(-2 log u1),
 //                   lane a = r cos(theta), lane b = r sin(theta)
 //
+// The double-precision log and sincos below are branch-free polynomials (the angle is reduced
+// exactly in integers), so CPU loops vectorize and CPU/CUDA share one implementation; they agree
+// with the twin's libm-based values to a few 1e-15 absolute (tests: 1e-12 relative + 1e-14).
+// Note: fp64-heavy; on GPUs with a low fp64 rate the normal sampler is compute-bound.
+//
 // Header-only, no torch, usable from host and device code.
 #pragma once
 #include <math.h>
