@@ -257,13 +257,14 @@ def test_copy_if(device, dtype, n):
     assert torch.equal(dst, src)
 
 
-def test_offset_views_of_one_buffer():
+@pytest.mark.parametrize("device", DEVICES)
+def test_offset_views_of_one_buffer(device):
     """Perturbing slices of a flat buffer with their global offsets equals one call on the whole."""
     n = 1000
     g = torch.Generator().manual_seed(0)
-    w0, c = rand(n, torch.float32, "cpu", g), scale_with_zeros(n, torch.float32, "cpu", g)
-    whole = _ops.perturb_(torch.empty(n), w0, c, 0.2, 3, 0, 0, 0, "normal")
-    parts = torch.empty(n)
+    w0, c = rand(n, torch.float32, device, g), scale_with_zeros(n, torch.float32, device, g)
+    whole = _ops.perturb_(torch.empty(n, device=device), w0, c, 0.2, 3, 0, 0, 0, "normal")
+    parts = torch.empty(n, device=device)
     for a, b in ((0, 3), (3, 130), (130, 131), (131, 1000)):
         _ops.perturb_(parts[a:b], w0[a:b], c[a:b], 0.2, 3, 0, 0, a, "normal")
     assert torch.equal(parts, whole)
@@ -399,3 +400,29 @@ def test_torch_compile_fullgraph(device):
         assert torch.equal(a, b)
     for a, b in zip(eager_out, comp_out):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------ CPU vs CUDA
+
+@pytest.mark.skipif(not _ops.available("cuda"), reason="no CUDA build or GPU")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_cuda_agree(dtype):
+    """Same counters -> same draws on both devices (uniform bitwise), same step results."""
+    n = 100_003
+    for dist in ("uniform", "rademacher"):
+        a = _ops.draw_(torch.empty(n, dtype=dtype), 9, 1, 2, 5, dist)
+        b = _ops.draw_(torch.empty(n, dtype=dtype, device="cuda"), 9, 1, 2, 5, dist)
+        assert torch.equal(a, b.cpu())
+    a = _ops.draw_(torch.empty(n, dtype=dtype), 9, 1, 2, 5, "normal")
+    b = _ops.draw_(torch.empty(n, dtype=dtype, device="cuda"), 9, 1, 2, 5, "normal")
+    torch.testing.assert_close(b.cpu(), a, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-14)
+    cpu = step_inputs(n, dtype, "cpu")
+    gpu = [t.cuda() for t in cpu]
+    for bufs, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        OPS.apgd_step_linf_(*bufs, scalar(0.2, dev), 0.1, 0.75)
+    for x, y in zip(cpu, gpu):
+        torch.testing.assert_close(y.cpu(), x, **tol(dtype, "cuda"))
+    lam = torch.tensor([0.0, 0.3], dtype=torch.float64)
+    na = OPS.ellipsoid_norms(cpu[1], cpu[3], cpu[5], scalar(0.1, "cpu"), lam)
+    nb = OPS.ellipsoid_norms(gpu[1], gpu[3], gpu[5], scalar(0.1, "cuda"), lam.cuda())
+    torch.testing.assert_close(nb.cpu(), na, rtol=1e-10 if dtype == torch.float64 else 1e-6, atol=1e-12)
