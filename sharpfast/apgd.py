@@ -6,6 +6,8 @@ evaluate the norms the bisection asks for.
 """
 from __future__ import annotations
 
+import bisect
+import copy
 import math
 from typing import Callable
 
@@ -93,3 +95,108 @@ def ellipsoid_lambda(weighted_norm_at: Callable[[float], float], rho: float, tol
     while not state.done:
         state.update(weighted_norm_at(state.lam))
     return state.accepted
+
+
+def bisection_tree(state: BisectionState, levels: int) -> list[float]:
+    """Every lambda the bisection can evaluate in its next ``levels`` steps (above/below branches)."""
+    out, frontier = [], [state]
+    for _ in range(levels):
+        nxt = []
+        for node in frontier:
+            if node.done:
+                continue
+            out.append(node.lam)
+            for forced in (math.inf, -math.inf):   # a norm above / below rho
+                child = copy.copy(node)
+                child.update(forced)
+                nxt.append(child)
+        frontier = nxt
+    return list(dict.fromkeys(out))
+
+
+class _KnownNorms:
+    """Evaluated points of the decreasing function ``n(lambda)``, kept sorted by lambda."""
+
+    def __init__(self, norms_at: Callable[[list[float]], list[float]]):
+        self.norms_at = norms_at
+        self.lams: list[float] = []
+        self.values: list[float] = []
+        self.evaluations = 0
+
+    def add(self, lams: list[float]) -> None:
+        new = sorted({lam for lam in lams if lam >= 0.0 and math.isfinite(lam)} - set(self.lams))
+        if not new:
+            return
+        self.evaluations += len(new)
+        for lam, value in zip(new, self.norms_at(new)):
+            i = bisect.bisect(self.lams, lam)
+            self.lams.insert(i, lam)
+            self.values.insert(i, value)
+
+    def bounds(self, lam: float) -> tuple[float, float]:
+        """``(low, high)`` with ``low <= n(lam) <= high``, from the evaluated neighbours."""
+        i = bisect.bisect_left(self.lams, lam)
+        if i < len(self.lams) and self.lams[i] == lam:
+            return self.values[i], self.values[i]
+        high = self.values[i - 1] if i > 0 else math.inf
+        low = self.values[i] if i < len(self.lams) else 0.0
+        return low, high
+
+    def crossing_estimates(self, above: float, below: float) -> list[float]:
+        """A guess left of where ``n`` crosses ``above`` and one right of where it crosses ``below``.
+
+        ``1 / n(lambda)`` is increasing and concave, and nearly linear (exactly so for one
+        coordinate: the trust-region secular equation, More & Sorensen 1983). So the secant
+        through the two evaluated points left of a crossing lands left of it, and the chord from
+        the nearest point left of a crossing to the nearest point right of it lands right of it:
+        the two close in on the accepted interval from both sides, superlinearly.
+        """
+        left = [(lam, v) for lam, v in zip(self.lams, self.values) if v > above]
+        right = [(lam, v) for lam, v in zip(self.lams, self.values) if 0 < v < below]
+        out = []
+        if len(left) >= 2:
+            (l1, v1), (l2, v2) = left[-2], left[-1]
+            slope = (1 / v2 - 1 / v1) / (l2 - l1)
+            if slope > 0:
+                out.append(l2 + (1 / above - 1 / v2) / slope)
+        if left and right:
+            (l1, v1), (l2, v2) = left[-1], right[0]
+            out.append(l1 + (l2 - l1) * (1 / below - 1 / v1) / (1 / v2 - 1 / v1))
+        elif left and not out:
+            out.append(2 * left[-1][0] + 1.0)   # nothing to interpolate yet: look further right
+        return out
+
+
+def replayed_ellipsoid_lambda(norms_at: Callable[[list[float]], list[float]], rho: float, tol: float,
+                              hint: float | None = None, levels: int = 1) -> tuple[float, int]:
+    """The multiplier :func:`ellipsoid_lambda` returns, from far fewer norm evaluations.
+
+    ``norms_at(lams)`` returns ``||z c / (c^2 + 2 lam)||_2`` for several ``lam`` in one pass over
+    memory. That norm decreases in ``lambda``, so the published bisection's path is fixed by
+    where it crosses ``rho + tol`` and ``rho - tol``: a visited ``lambda`` left of both goes up,
+    right of both goes down, between them is accepted. The path is replayed on the host from
+    the values evaluated so far; when they cannot classify the next visited ``lambda``, one
+    pass evaluates it (with the bisection's next ``levels`` steps) and secant estimates of
+    both crossings. ``hint`` (the previous APGD step's multiplier) joins the first pass.
+    Returns ``(lambda, number of norm evaluations)``.
+    """
+    known = _KnownNorms(norms_at)
+    known.add([0.0, 0.1] + ([hint] if hint else []))
+    unprojected = known.values[0]
+    if unprojected <= rho or abs(unprojected - rho) <= tol:
+        return 0.0, known.evaluations
+    state = BisectionState(rho, tol)
+    while True:
+        while not state.done:   # advance while the known values decide the step
+            low, high = known.bounds(state.lam)
+            if low > rho + tol:
+                state.update(math.inf)
+            elif high < rho - tol:
+                state.update(-math.inf)
+            elif low >= rho - tol and high <= rho + tol:
+                state.update(rho)
+            else:
+                break
+        if state.done:
+            return state.accepted, known.evaluations
+        known.add(bisection_tree(state, levels) + known.crossing_estimates(rho + tol, rho - tol))

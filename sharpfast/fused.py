@@ -17,7 +17,6 @@ falling back to one forward per sample when the model cannot be vmapped.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 
@@ -35,7 +34,7 @@ log = logging.getLogger(__name__)
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 MAX_SAMPLES_PER_PASS = 32           # average-case: perturbed copies evaluated in one forward
 SAMPLE_BUFFER_BYTES = 256 * 2**20   # ... within this much memory for the [K, N] buffer
-BISECTION_LEVELS = {"cpu": 2, "cuda": 5}  # bisection steps resolved per pass over memory
+BISECTION_LEVELS = {"cpu": 1, "cuda": 4}  # bisection steps speculated per pass (compute-bound on CPU)
 
 
 def available(params: ParamSet) -> tuple[bool, str]:
@@ -118,6 +117,7 @@ class _Projection:
         self.device = flat.w0.device
         self.levels = BISECTION_LEVELS.get(self.device.type, 3)
         self.zero = torch.zeros(1, dtype=torch.float64, device=self.device)
+        self.hint = None
 
     def norms(self, delta, grad_scale, lams):
         sq = _ops.ellipsoid_norms(delta, self.flat.grad, self.flat.c, grad_scale,
@@ -129,39 +129,12 @@ class _Projection:
         if self.c_is_one:  # rescale to norm rho: z / (1 + 2 lambda) = z rho / ||z||, no host sync
             z_norm = self.norms(delta, grad_scale, self.zero)[0]
             return torch.where(z_norm > rho, (z_norm / rho - 1) / 2, torch.zeros_like(z_norm))
-        # The published bisection, several of its steps per pass: evaluate every lambda it could
-        # visit in the next `levels` steps, then follow the path the evaluated norms select.
-        state = apgd.BisectionState(rho, self.s.projection_tol)
-        unprojected = None
-        while not state.done:
-            candidates = _bisection_tree(state, self.levels)
-            if unprojected is None:
-                candidates = [0.0] + candidates
-            values = dict(zip(candidates, self.norms(delta, grad_scale, candidates).tolist()))
-            if unprojected is None:
-                unprojected = values[0.0]
-                if unprojected <= rho or abs(unprojected - rho) <= state.tol:
-                    return self.zero[0].clone()
-            while not state.done and state.lam in values:
-                state.update(values[state.lam])
-        return torch.tensor(state.accepted, dtype=torch.float64, device=self.device)
-
-
-def _bisection_tree(state: apgd.BisectionState, levels: int) -> list[float]:
-    """Every lambda the bisection can evaluate in its next ``levels`` steps (above/below branches)."""
-    out, frontier = [], [state]
-    for _ in range(levels):
-        nxt = []
-        for node in frontier:
-            if node.done:
-                continue
-            out.append(node.lam)
-            for forced in (math.inf, -math.inf):   # a norm above / below rho
-                child = copy.copy(node)
-                child.update(forced)
-                nxt.append(child)
-        frontier = nxt
-    return list(dict.fromkeys(out))
+        # The published bisection's multiplier, replayed from a few passes over memory (see
+        # apgd.replayed_ellipsoid_lambda); the previous step's multiplier is the first guess.
+        lam, _ = apgd.replayed_ellipsoid_lambda(lambda lams: self.norms(delta, grad_scale, lams).tolist(),
+                                                rho, self.s.projection_tol, hint=self.hint, levels=self.levels)
+        self.hint = lam or self.hint
+        return torch.tensor(lam, dtype=torch.float64, device=self.device)
 
 
 def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:

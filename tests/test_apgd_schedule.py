@@ -64,3 +64,58 @@ def test_bisection_tolerance_is_relative_below_rho_one():
     assert apgd.bisection_tolerance(5.0) == 1e-5
     assert apgd.bisection_tolerance(0.01) == pytest.approx(1e-7)
     assert apgd.bisection_tolerance(0.01, 1e-5) == 1e-5
+
+
+def _ellipsoid_problem(seed):
+    """A random ``n(lambda) = ||z c / (c^2 + 2 lambda)||`` (some c = 0), its radius and tolerance."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 3000))
+    c = np.abs(rng.standard_normal(n)) * 10 ** rng.uniform(-3, 1)
+    c[rng.random(n) < 0.1] = 0.0
+    z = rng.standard_normal(n) * c * 10 ** rng.uniform(-2, 1.5)
+    keep = c > 0
+    norm_at = lambda lam: float(np.sqrt(np.sum((z[keep] * c[keep] / (c[keep] ** 2 + 2 * lam)) ** 2)))
+    rho = 10 ** rng.uniform(-4, 0.5)
+    tol = apgd.bisection_tolerance(rho) if seed % 3 else apgd.PUBLISHED_BISECTION_TOL
+    return norm_at, rho, tol, rng
+
+
+def test_replayed_bisection_returns_the_published_multiplier_from_fewer_evaluations():
+    plain_total = replayed_total = 0
+    for seed in range(200):
+        norm_at, rho, tol, rng = _ellipsoid_problem(seed)
+        calls = []
+        want = apgd.ellipsoid_lambda(lambda lam: calls.append(lam) or norm_at(lam), rho, tol)
+        # hints as APGD gives them: none, near the answer, or far off on either side
+        hint = [None, want * (1 + 0.1 * rng.standard_normal()), want * 100, want / 100][seed % 4]
+        passes = []
+        got, evaluations = apgd.replayed_ellipsoid_lambda(
+            lambda lams: passes.append(list(lams)) or [norm_at(lam) for lam in lams], rho, tol, hint=hint)
+        assert got == want, seed  # bit-identical: the same lambda as the published loop
+        assert evaluations == sum(map(len, passes))
+        if want > 0:
+            plain_total += len(calls)
+            replayed_total += evaluations
+    assert replayed_total < 0.7 * plain_total
+
+
+@pytest.mark.parametrize("levels", [1, 3, 5])
+def test_replayed_bisection_with_speculative_levels(levels):
+    for seed in range(30):
+        norm_at, rho, tol, _ = _ellipsoid_problem(seed)
+        got, _ = apgd.replayed_ellipsoid_lambda(lambda lams: [norm_at(lam) for lam in lams], rho, tol, levels=levels)
+        assert got == apgd.ellipsoid_lambda(norm_at, rho, tol)
+
+
+def test_replayed_bisection_edge_cases():
+    replay = lambda f, rho, tol, **kw: apgd.replayed_ellipsoid_lambda(lambda ls: [f(l) for l in ls], rho, tol, **kw)[0]
+    inside = lambda lam: 0.5 / (1 + 2 * lam)
+    assert replay(inside, 1.0, 1e-5) == 0.0                       # already inside: no projection
+    far = lambda lam: 1000.0 / (1 + 2 * lam)                      # lambda ~ 500: the bracket doubles
+    assert replay(far, 1.0, 1e-5) == apgd.ellipsoid_lambda(far, 1.0, 1e-5)
+    # a tolerance below float resolution: the 500-step guard and its feasible fallback, as published
+    assert replay(far, 1.0, 1e-300) == apgd.ellipsoid_lambda(far, 1.0, 1e-300)
+    # rho - tol <= 0 (the published absolute 1e-5 at a tiny radius): never "below", still the same answer
+    tiny = lambda lam: 1e-3 / (1e-4 + 2 * lam)
+    assert replay(tiny, 5e-6, 1e-5) == apgd.ellipsoid_lambda(tiny, 5e-6, 1e-5)
