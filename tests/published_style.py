@@ -133,3 +133,29 @@ def published_average_case_with_draws(model, batches, loss_f, rho, adaptive, dra
     n = len(batches)
     return (total - total_init) / n, (total_err - total_init_err) / n, 0.0
 
+
+
+def published_average_case(model, batches, loss_f, rho, n_samples, adaptive, norm="l2"):
+    """The published average-case loop: a deep-copied noisy model, fresh ``randn_like`` /
+    ``rand_like`` noise per parameter per sample, one forward and two host reads per sample."""
+    params = dict(model.named_parameters())
+    orig = {name: p.detach().clone() for name, p in params.items()}
+    noisy = copy.deepcopy(model)
+    total = total_init = total_err = total_init_err = 0.0
+    for x, y in batches:
+        l0, e0 = _loss_err(model, loss_f, x, y)
+        acc = acc_err = 0.0
+        for _ in range(n_samples):
+            with torch.no_grad():
+                for name, q in noisy.named_parameters():
+                    xi = torch.randn_like(q) if norm == "l2" else 2 * torch.rand_like(q) - 1
+                    q.data = orig[name] + xi * rho * (orig[name].abs() if adaptive else 1)
+            loss, err = _loss_err(noisy, loss_f, x, y)
+            acc += loss
+            acc_err += err
+        total += acc / n_samples
+        total_err += acc_err / n_samples
+        total_init += l0
+        total_init_err += e0
+    n = len(batches)
+    return (total - total_init) / n, (total_err - total_init_err) / n, 0.0

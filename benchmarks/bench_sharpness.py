@@ -1,0 +1,221 @@
+"""End-to-end sharpness timings: fused vs reference vs the published algorithm vs the bare cost.
+
+    python benchmarks/bench_sharpness.py [--device cpu|cuda] [--repeats 5] [--out benchmarks/RESULTS.md]
+
+For each model and definition, one run measures (best of ``--repeats`` interleaved rounds, after a
+warm-up):
+  * bare     - what the algorithm cannot avoid: ``n_iters`` forward+backward passes per batch
+               (worst-case) or ``n_samples`` forwards per batch (average-case), plain PyTorch;
+  * fused    - ``backend="fused"``;
+  * reference- ``backend="reference"`` (the readable pure-PyTorch version);
+  * published- the published code's structure (``tests/published_style.py``): worst-case with
+               state-dict deep copies on every improvement, an extra forward per iteration and
+               per-parameter dicts (deterministic start); average-case with fresh ``randn_like``
+               noise per parameter and sample and one forward per sample.
+and reports the ratios, plus the fused path's peak extra memory (CUDA) and the device.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+import sharpfast  # noqa: E402
+from published_style import published_average_case, published_worst_case  # noqa: E402
+
+
+def digits_batches(n_batches, batch_size, device, seed=0):
+    from sklearn.datasets import load_digits
+    X, y = load_digits(return_X_y=True)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(X), generator=g)[: n_batches * batch_size]
+    X = torch.tensor(X[idx.numpy()], dtype=torch.float32) / 16.0
+    y = torch.tensor(y[idx.numpy()])
+    return [(X[i:i + batch_size].to(device), y[i:i + batch_size].to(device))
+            for i in range(0, len(X), batch_size)]
+
+
+def mlp25(width=256):
+    layers, d = [], 64
+    for _ in range(24):
+        layers += [nn.Linear(d, width), nn.ReLU()]
+        d = width
+    return nn.Sequential(*layers, nn.Linear(d, 10))
+
+
+class DigitsCNN(nn.Module):
+    def __init__(self, width=32):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(8 * width, 10))
+
+    def forward(self, x):
+        return self.net(x.view(-1, 1, 8, 8))
+
+
+def small_model(width=64):
+    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def clock(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def bare_worst(model, batches, n_iters):
+    params = [p for p in model.parameters() if p.requires_grad]
+    for x, y in batches:
+        for _ in range(n_iters):
+            grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    return grads
+
+
+@torch.no_grad()
+def bare_average(model, batches, n_samples):
+    for x, y in batches:
+        for _ in range(n_samples):
+            loss = F.cross_entropy(model(x), y)
+    return loss
+
+
+DEFINITIONS = [
+    ("worst linf adaptive", "worst", dict(norm="linf", adaptive=True, rho=0.002, n_iters=20)),
+    ("worst l2 adaptive", "worst", dict(norm="l2", adaptive=True, rho=0.05, n_iters=20)),
+    ("worst l2 standard", "worst", dict(norm="l2", adaptive=False, rho=0.1, n_iters=20)),
+    ("average l2 adaptive", "average", dict(norm="l2", adaptive=True, rho=0.1, n_samples=20)),
+]
+
+
+def contenders(model, batches, kind, kw):
+    """name -> zero-argument callable, for one model and definition."""
+    fn = sharpfast.worst_case_sharpness if kind == "worst" else sharpfast.average_sharpness
+    if kind == "worst":
+        bare = lambda: bare_worst(model, batches, kw["n_iters"])
+        published = lambda: published_worst_case(model, batches, F.cross_entropy, kw["rho"], kw["n_iters"],
+                                                 kw["adaptive"], kw["norm"])
+    else:
+        bare = lambda: bare_average(model, batches, kw["n_samples"])
+        published = lambda: published_average_case(model, batches, F.cross_entropy, kw["rho"], kw["n_samples"],
+                                                   kw["adaptive"], kw["norm"])
+    return {"bare": bare, "fused": lambda: fn(model, batches, backend="fused", **kw),
+            "reference": lambda: fn(model, batches, backend="reference", **kw), "published": published}
+
+
+def run(device, repeats, models):
+    """Every contender once per round, ``repeats`` rounds, the best round each (on a shared
+    machine the minimum is the least noisy estimate; interleaving keeps the ratios fair)."""
+    rows = []
+    for model_name, make, n_batches, bs in models:
+        torch.manual_seed(0)
+        model = make().to(device).eval()
+        batches = digits_batches(n_batches, bs, device)
+        n_params = sum(p.numel() for p in model.parameters())
+        for def_name, kind, kw in DEFINITIONS:
+            fns = contenders(model, batches, kind, kw)
+            for fn in fns.values():
+                fn()  # warm-up
+            times = {name: [] for name in fns}
+            for _ in range(repeats):
+                for name, fn in fns.items():
+                    times[name].append(clock(fn, device))
+            best = {name: min(t) for name, t in times.items()}
+            peak = None
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                fns["fused"]()
+                peak = (torch.cuda.max_memory_allocated() - base) / (n_params * 4)
+            rows.append(dict(model=model_name, params=n_params, definition=def_name, peak=peak, **best))
+            print(f"{model_name:12s} {def_name:22s} bare {best['bare']*1e3:8.1f} ms  fused {best['fused']*1e3:8.1f} ms "
+                  f"({best['fused']/best['bare']:.2f}x bare)  reference {best['reference']/best['fused']:.1f}x slower"
+                  f"  published {best['published']/best['fused']:.1f}x slower", flush=True)
+    return rows
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "")
+    except OSError:
+        model = platform.processor()
+    return f"{model or 'CPU'}, {torch.get_num_threads()} threads"
+
+
+def table(rows, device):
+    lines = [f"## {device.type.upper()}", "",
+             f"Device: {device_name(device)}; torch {torch.__version__}; sharpfast {sharpfast.__version__}.",
+             f"Command: `python benchmarks/bench_sharpness.py --device {device.type}`. Best of interleaved rounds after",
+             "a warm-up; all ratios come from this one run. bare = n_iters forward+backward (worst-case) or",
+             "n_samples forwards (average-case) per batch in plain PyTorch, the cost the algorithm cannot avoid;",
+             "published = the published code's structure (`tests/published_style.py`: deep copies and an extra",
+             "forward per iteration for worst-case, `randn_like` noise per parameter for average-case).", "",
+             "| model | params | definition | bare ms | fused ms | fused / bare | reference / fused | published / fused |"
+             + (" peak extra memory (param-sized buffers) |" if device.type == "cuda" else ""),
+             "|---|---:|---|---:|---:|---:|---:|---:|" + ("---:|" if device.type == "cuda" else "")]
+    for r in rows:
+        pub = f"{r['published'] / r['fused']:.2f}"
+        line = (f"| {r['model']} | {r['params']:,} | {r['definition']} | {r['bare']*1e3:.1f} | {r['fused']*1e3:.1f} | "
+                f"{r['fused']/r['bare']:.2f} | {r['reference']/r['fused']:.2f} | {pub} |")
+        if device.type == "cuda":
+            line += f" {r['peak']:.1f} |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def write_results(path, device, text):
+    """Replace this device type's section of ``path`` (one file, a section per device type)."""
+    begin, end = f"<!-- {device.type}: begin -->", f"<!-- {device.type}: end -->"
+    old = open(path).read() if os.path.exists(path) else RESULTS_HEADER
+    section = f"{begin}\n{text}{end}\n"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + section + old[old.index(end) + len(end) + 1:]
+    else:
+        new = old.rstrip("\n") + "\n\n" + section
+    with open(path, "w") as f:
+        f.write(new)
+
+
+RESULTS_HEADER = """# sharpfast end-to-end timings
+
+Written by `benchmarks/bench_sharpness.py` (one section per device type; rerun it to refresh a
+section). Targets (DESIGN section 4): worst-case <= 1.15x the bare cost and >= 3x faster than the
+published code on CPU for a 25-layer MLP, >= 5x on a GPU for a small ViT or ResNet; average-case
+faster than sequential forwards on small models.
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    models = [("mlp-25x256", mlp25, 4, 128), ("mlp-25x64", lambda: mlp25(64), 4, 128),
+              ("mlp-small", small_model, 8, 128), ("cnn-bn", DigitsCNN, 4, 128)]
+    rows = run(device, args.repeats, models)
+    out = args.out or os.path.join(os.path.dirname(__file__), "RESULTS.md")
+    write_results(out, device, table(rows, device))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
