@@ -70,19 +70,22 @@ def average_sharpness(
     scale: Mapping[str, torch.Tensor] | None = None, loss_fn: Callable | None = None,
     normalize_logits: bool | str = False, n_samples: int = 20, seed: int = 0,
     backend: str = "auto", adaptive_eta: float = 0.0, adaptive_weights_only: bool = False,
-    eval_mode: bool = True, antithetic: bool = False,
+    eval_mode: bool = True, antithetic: bool = False, samples_per_pass: int | None = None,
 ) -> SharpnessResult:
     """Average-case sharpness ``E_S E_xi L_S(w + rho * c * xi) - L_S(w)``.
 
     ``xi ~ N(0, I)`` for ``norm="l2"``, ``U(-1, 1)`` for ``"linf"``; ``n_samples`` draws per batch
     (``antithetic=True`` pairs ``+xi`` with ``-xi``, cancelling the odd terms of the estimate).
-    Other arguments as :func:`worst_case_sharpness`.
+    ``samples_per_pass``: perturbed copies evaluated in one batched (vmapped) forward by the fused
+    backend; default: as many as a memory budget allows on a GPU, one at a time on a CPU (there a
+    forward already keeps the cores busy, and batched convolutions are slower). Any choice gives
+    the same draws. Other arguments as :func:`worst_case_sharpness`.
     """
     return _evaluate("average", model, data, rho=rho, norm=norm, adaptive=adaptive, scale=scale,
                      loss_fn=loss_fn, normalize_logits=normalize_logits, n_samples=n_samples,
                      seed=seed, backend=backend, adaptive_eta=adaptive_eta,
                      adaptive_weights_only=adaptive_weights_only, eval_mode=eval_mode,
-                     antithetic=antithetic)
+                     antithetic=antithetic, samples_per_pass=samples_per_pass)
 
 
 __all__ = ["worst_case_sharpness", "average_sharpness", "SharpnessResult", "resolve_backend"]

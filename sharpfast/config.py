@@ -64,6 +64,7 @@ class Settings:
     # average-case
     n_samples: int = 20
     antithetic: bool = False
+    samples_per_pass: int | None = None  # perturbed copies per batched forward; None: by device (fused.py)
 
     def describe(self) -> dict:
         d = {k: getattr(self, k) for k in ("kind", "rho", "norm", "seed", "eval_mode")}
@@ -172,7 +173,10 @@ def make_settings(kind: str, model: nn.Module, *, rho, norm, adaptive, scale, lo
         antithetic = bool(specific.get("antithetic", False))
         if antithetic and n_samples % 2:
             raise ValueError(f"antithetic=True pairs +xi and -xi: n_samples must be even, got {n_samples}")
-        settings = Settings(**common, n_samples=n_samples, antithetic=antithetic)
+        samples_per_pass = specific.get("samples_per_pass")
+        if samples_per_pass is not None:
+            samples_per_pass = _positive_int("samples_per_pass", samples_per_pass)
+        settings = Settings(**common, n_samples=n_samples, antithetic=antithetic, samples_per_pass=samples_per_pass)
     else:
         raise ValueError(f"unknown kind {kind!r}")
     return settings, params

@@ -241,10 +241,18 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
 # ----------------------------------------------------------------------------- average-case
 
 def _samples_per_pass(s: Settings, flat: FlatState) -> int:
-    k = min(s.n_samples, MAX_SAMPLES_PER_PASS,
-            max(1, SAMPLE_BUFFER_BYTES // max(1, flat.w0.numel() * flat.w0.element_size())))
-    if s.antithetic and k % 2:
-        k = max(2, k - 1)
+    """K, the perturbed copies per batched forward: ``samples_per_pass`` if given, else one at a
+    time on a CPU (a forward already keeps its cores busy: batching gained <25% on tiny MLPs and
+    made a BatchNorm CNN 4.8x slower, benchmarks/RESULTS.md) and up to a memory budget elsewhere."""
+    if s.samples_per_pass is not None:
+        k = s.samples_per_pass
+    elif flat.w0.device.type == "cpu":
+        k = 1
+    else:
+        k = min(MAX_SAMPLES_PER_PASS, max(1, SAMPLE_BUFFER_BYTES // max(1, flat.w0.numel() * flat.w0.element_size())))
+    k = min(k, s.n_samples)
+    if s.antithetic and k % 2 and k > 1:
+        k -= 1
     return k
 
 
@@ -267,7 +275,7 @@ def average_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharpnes
     flat.attach()
     w0, c, current = flat.w0, flat.c, flat.current
     K = _samples_per_pass(s, flat)
-    rows = torch.empty((K, w0.numel()), dtype=w0.dtype, device=w0.device)
+    rows = torch.empty((K if K > 1 else 0, w0.numel()), dtype=w0.dtype, device=w0.device)
     dist = noise_distribution(s.norm)
     batched = K > 1
     per_batch, per_batch_err, init_losses, init_errs, nonfinite = [], [], [], [], []

@@ -79,9 +79,10 @@ AVERAGE = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 @pytest.mark.parametrize("definition", AVERAGE, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
-def test_average_case_fused_equals_reference_on_identical_draws(device, kind, definition):
+@pytest.mark.parametrize("samples_per_pass", [None, 1, 4])   # device default, sequential, vmapped chunks
+def test_average_case_fused_equals_reference_on_identical_draws(device, kind, definition, samples_per_pass):
     model, data = on(device, *model_and_data(kind, n_batches=2))
-    kw = dict(n_samples=6, seed=9)
+    kw = dict(n_samples=6, seed=9, samples_per_pass=samples_per_pass)
     kw.update(definition)
     ref = sharpfast.average_sharpness(model, data, backend="reference", **kw)
     fused = sharpfast.average_sharpness(model, data, backend="fused", **kw)
@@ -93,7 +94,8 @@ def test_float32_models_agree_within_float32_rounding(kind):
     model, data = model_and_data(kind, n_batches=2)
     for fn, kw in ((sharpfast.worst_case_sharpness, dict(n_iters=8, norm="linf", rho=0.05)),
                    (sharpfast.worst_case_sharpness, dict(n_iters=8, norm="l2", rho=0.1)),
-                   (sharpfast.average_sharpness, dict(n_samples=8, rho=0.1))):
+                   (sharpfast.average_sharpness, dict(n_samples=8, rho=0.1)),
+                   (sharpfast.average_sharpness, dict(n_samples=8, rho=0.1, samples_per_pass=8))):
         ref = fn(model, data, backend="reference", **kw)
         fused = fn(model, data, backend="fused", **kw)
         assert_same(fused, ref, rel=1e-4, abs_=1e-5 * max(1.0, abs(ref.init_loss)))
@@ -135,7 +137,7 @@ def test_sequential_fallback_when_the_model_cannot_be_vmapped(caplog):
     model = NotVmappable()
     data = [(torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,)))]
     with caplog.at_level(logging.DEBUG, logger="sharpfast.fused"):
-        fused = sharpfast.average_sharpness(model, data, rho=0.1, n_samples=5, backend="fused")
+        fused = sharpfast.average_sharpness(model, data, rho=0.1, n_samples=5, backend="fused", samples_per_pass=5)
     assert any("vmap" in r.message for r in caplog.records)
     ref = sharpfast.average_sharpness(model, data, rho=0.1, n_samples=5, backend="reference")
     assert_same(fused, ref, rel=1e-6, abs_=1e-12)
