@@ -8,6 +8,7 @@ the torch that is already installed (pin ``torch==2.13.0``; never let pip pick a
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -28,17 +29,20 @@ def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    # -fno-math-errno: sqrt/log without errno bookkeeping, so the sampling loops vectorize
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno"]
+    # -fno-math-errno: sqrt/log without errno bookkeeping, so the sampling loops vectorize.
+    # -fopenmp: at::parallel_for is a header template that runs serially unless the extension
+    # itself is compiled with OpenMP (torch's own libgomp.so.1 is reused at load time).
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    cxx = ["-O3", "-std=c++17", "-fno-math-errno"] + openmp
     if _want_cuda():
         # torch-free kernels (*.cu, checked by .ci/nvcc_check.sh) + ATen host glue (*.cpp)
         sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
         return CUDAExtension("sharpfast._C", sources, include_dirs=include_dirs,
                              define_macros=[("SHARPFAST_WITH_CUDA", "1")],
-                             extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=openmp)
     return CppExtension("sharpfast._C", sources, include_dirs=include_dirs,
-                        extra_compile_args={"cxx": cxx})
+                        extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
 
 
 setup(

@@ -15,6 +15,7 @@ MOMENTUM = 0.75            # alpha: delta_new = alpha * z + (1 - alpha) * delta_
 MIN_UPDATE_RATIO = 0.75    # halve the step when fewer than this fraction of steps improved
 STEP_SIZE_SCALER = 0.5
 PUBLISHED_BISECTION_TOL = 1e-5  # the published code stops at | ||z_lambda / c|| - rho | <= 1e-5
+CROSSING_RESOLUTION = 0.1   # replayed bisection: a crossing this close (fraction of the band) is found
 BISECTION_MAX_STEPS = 500  # guard: the published loop could spin forever when tol < float resolution
 
 
@@ -153,16 +154,21 @@ class _KnownNorms:
         """
         left = [(lam, v) for lam, v in zip(self.lams, self.values) if v > above]
         right = [(lam, v) for lam, v in zip(self.lams, self.values) if 0 < v < below]
+        # A crossing approached to within 10% of the accepted band needs no more guesses: few
+        # visited lambdas fall into so narrow a gap, and those are evaluated directly.
+        close = CROSSING_RESOLUTION * (above - below)
+        left_pinned = bool(left) and left[-1][1] - above <= close
+        right_pinned = bool(right) and below - right[0][1] <= close
         out = []
-        if len(left) >= 2:
+        if len(left) >= 2 and not left_pinned:
             (l1, v1), (l2, v2) = left[-2], left[-1]
             slope = (1 / v2 - 1 / v1) / (l2 - l1)
             if slope > 0:
                 out.append(l2 + (1 / above - 1 / v2) / slope)
-        if left and right:
+        if left and right and not right_pinned:
             (l1, v1), (l2, v2) = left[-1], right[0]
             out.append(l1 + (l2 - l1) * (1 / below - 1 / v1) / (1 / v2 - 1 / v1))
-        elif left and not out:
+        elif left and not right and not out:
             out.append(2 * left[-1][0] + 1.0)   # nothing to interpolate yet: look further right
         return out
 
@@ -199,4 +205,6 @@ def replayed_ellipsoid_lambda(norms_at: Callable[[list[float]], list[float]], rh
                 break
         if state.done:
             return state.accepted, known.evaluations
+        # A pass costs mostly its reads of memory, little per candidate: evaluate the undecided
+        # step (so the loop always advances) together with the crossing estimates.
         known.add(bisection_tree(state, levels) + known.crossing_estimates(rho + tol, rho - tol))

@@ -108,6 +108,40 @@ SF_CPU_CLONES void ellipsoid_tile(const double* __restrict__ zc, const double* _
   }
 }
 
+// The operands of ellipsoid_tile for one sub-tile: zc = z c and c2 = c^2 in double, with
+// z = delta + s g c (c2 := 1 where c = 0, so that term is 0, never 0/0). Inlined into an
+// AVX2-cloned function for float and double buffers: this prologue, not the divisions, was
+// most of a pass's cost with few candidates.
+template <typename S, typename A>
+__attribute__((always_inline)) inline void ellipsoid_prep_body(const S* __restrict__ d, const S* __restrict__ g,
+                                                               const S* __restrict__ c, A s, int64_t q,
+                                                               double* __restrict__ zc, double* __restrict__ c2) {
+  for (int64_t j = 0; j < q; ++j) {
+    const A cj = static_cast<A>(c[j]);
+    const double z = static_cast<double>(l2_ascent<A>(static_cast<A>(d[j]), static_cast<A>(g[j]), cj, s));
+    const double cd = static_cast<double>(cj);
+    zc[j] = cd == 0.0 ? 0.0 : z * cd;
+    c2[j] = cd == 0.0 ? 1.0 : cd * cd;
+  }
+}
+
+// fp16 / bf16 buffers (computed in float): the portable loop.
+template <typename S, typename A>
+void ellipsoid_prep(const S* d, const S* g, const S* c, A s, int64_t q, double* zc, double* c2) {
+  ellipsoid_prep_body<S, A>(d, g, c, s, q, zc, c2);
+}
+
+SF_CPU_CLONES void ellipsoid_prep(const float* __restrict__ d, const float* __restrict__ g, const float* __restrict__ c,
+                                  float s, int64_t q, double* __restrict__ zc, double* __restrict__ c2) {
+  ellipsoid_prep_body<float, float>(d, g, c, s, q, zc, c2);
+}
+
+SF_CPU_CLONES void ellipsoid_prep(const double* __restrict__ d, const double* __restrict__ g,
+                                  const double* __restrict__ c, double s, int64_t q, double* __restrict__ zc,
+                                  double* __restrict__ c2) {
+  ellipsoid_prep_body<double, double>(d, g, c, s, q, zc, c2);
+}
+
 template <typename S>
 struct ApgdBuffers {
   S* p;
@@ -330,14 +364,8 @@ at::Tensor ellipsoid_norms_cpu(const at::Tensor& delta, const at::Tensor& grad, 
       std::vector<double> acc(static_cast<size_t>(L * 8), 0.0);
       for (int64_t t = 0; t < m; t += kSub) {
         const int64_t q = std::min(kSub, m - t);
-        for (int64_t j = 0; j < q; ++j) {
-          const int64_t i = b + t + j;
-          const acc_t ci = static_cast<acc_t>(cc[i]);
-          const double z = static_cast<double>(l2_ascent<acc_t>(static_cast<acc_t>(d[i]), static_cast<acc_t>(g[i]), ci, s));
-          const double cd = static_cast<double>(ci);
-          zc[j] = cd == 0.0 ? 0.0 : z * cd;
-          c2[j] = cd == 0.0 ? 1.0 : cd * cd;
-        }
+        const int64_t i = b + t;
+        ellipsoid_prep(d + i, g + i, cc + i, s, q, zc, c2);
         for (int64_t j = q; j < ((q + 7) / 8) * 8 && j < kSub; ++j) {
           zc[j] = 0.0;
           c2[j] = 1.0;
