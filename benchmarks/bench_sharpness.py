@@ -83,6 +83,54 @@ class DigitsCNN(nn.Module):
         return self.net(x.view(-1, 1, 8, 8))
 
 
+class BasicBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.skip = (nn.Identity() if stride == 1 and c_in == c_out else
+                     nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)))
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+class ResNetSmall(nn.Module):
+    """A ResNet-20-style network (3 stages of 3 basic blocks) on digits upsampled to 16x16."""
+
+    def __init__(self, widths=(16, 32, 64), blocks=3):
+        super().__init__()
+        layers, c = [nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()], widths[0]
+        for stage, w in enumerate(widths):
+            for b in range(blocks):
+                layers.append(BasicBlock(c, w, 2 if stage > 0 and b == 0 else 1))
+                c = w
+        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+
+    def forward(self, x):
+        return self.net(F.interpolate(x.view(-1, 1, 8, 8), size=16, mode="nearest"))
+
+
+class ViTSmall(nn.Module):
+    """A small vision transformer: 2x2 patches of the 8x8 digit (16 tokens + a class token),
+    pre-norm encoder layers, a linear head."""
+
+    def __init__(self, dim=128, depth=4, heads=4):
+        super().__init__()
+        self.patch = nn.Linear(4, dim)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, 17, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 10))
+
+    def forward(self, x):
+        patches = x.view(-1, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(-1, 16, 4)
+        tokens = torch.cat([self.cls.expand(len(x), -1, -1), self.patch(patches)], dim=1) + self.pos
+        return self.head(self.encoder(tokens)[:, 0])
+
+
 def small_model(width=64):
     return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
 
@@ -142,10 +190,10 @@ def run(device, repeats, models):
     """Every contender once per round, ``repeats`` rounds, the best round each (on a shared
     machine the minimum is the least noisy estimate; interleaving keeps the ratios fair)."""
     rows = []
-    for model_name, make, n_batches, bs in models:
+    for model_name, make, n_batches in models:
         torch.manual_seed(0)
         model = trained(make(), device)
-        batches = digits_batches(n_batches, bs, device)
+        batches = digits_batches(n_batches, 128, device)
         n_params = sum(p.numel() for p in model.parameters())
         for def_name, kind, kw in DEFINITIONS:
             fns = contenders(model, batches, kind, kw)
@@ -224,16 +272,28 @@ faster than sequential forwards on small models.
 """
 
 
+# name -> (factory, number of m = 128 batches)
+MODELS = {"mlp-25x256": (mlp25, 4), "mlp-25x64": (lambda: mlp25(64), 4), "mlp-small": (small_model, 8),
+          "cnn-bn": (DigitsCNN, 4), "resnet-small": (ResNetSmall, 4), "vit-small": (ViTSmall, 4)}
+GPU_ONLY_BY_DEFAULT = ("resnet-small", "vit-small")   # the GPU targets' models; minutes on 2 CPU cores
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--models", default=None,
+                    help=f"comma-separated subset of {', '.join(MODELS)} (default: the MLPs and the CNN on "
+                         "a CPU, all on a GPU)")
     args = ap.parse_args()
     device = torch.device(args.device)
-    models = [("mlp-25x256", mlp25, 4, 128), ("mlp-25x64", lambda: mlp25(64), 4, 128),
-              ("mlp-small", small_model, 8, 128), ("cnn-bn", DigitsCNN, 4, 128)]
-    rows = run(device, args.repeats, models)
+    names = args.models.split(",") if args.models else [
+        n for n in MODELS if device.type == "cuda" or n not in GPU_ONLY_BY_DEFAULT]
+    unknown = set(names) - set(MODELS)
+    if unknown:
+        ap.error(f"unknown model(s) {sorted(unknown)}; known: {', '.join(MODELS)}")
+    rows = run(device, args.repeats, [(n, *MODELS[n]) for n in names])
     out = args.out or os.path.join(os.path.dirname(__file__), "RESULTS.md")
     write_results(out, device, table(rows, device))
     print(f"wrote {out}")

@@ -11,9 +11,10 @@ of the test suite (``pytest.ini`` collects ``tests/`` only) and never asserts a 
 import pytest
 import torch
 
-from bench_sharpness import DEFINITIONS, DigitsCNN, contenders, digits_batches, mlp25, small_model, trained
+from bench_sharpness import DEFINITIONS, GPU_ONLY_BY_DEFAULT, MODELS as ALL_MODELS, contenders, digits_batches, trained
 
-MODELS = {"mlp-25x256": (mlp25, 4), "mlp-small": (small_model, 8), "cnn-bn": (DigitsCNN, 4)}
+MODELS = {name: spec for name, spec in ALL_MODELS.items()
+          if torch.cuda.is_available() or name not in GPU_ONLY_BY_DEFAULT}
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
