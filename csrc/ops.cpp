@@ -40,6 +40,11 @@ PYBIND11_MODULE(_C, m) {
     info["cuda"] = false;
 #endif
     info["torch"] = TORCH_VERSION;
+#ifdef _OPENMP
+    info["openmp"] = true;   // at::parallel_for runs in parallel only in OpenMP-compiled code
+#else
+    info["openmp"] = false;
+#endif
 #ifdef SHARPFAST_WITH_CUDA
     {
       const int v = sharpfast::cuda::build_cuda_version();  // CUDART_VERSION, e.g. 12080

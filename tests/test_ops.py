@@ -1,6 +1,7 @@
 """Every extension op against a plain torch expression (CPU always; CUDA when built and a GPU
 is present), masks with c = 0, errors on bad inputs, opcheck and torch.compile."""
 import math
+import sys
 
 import pytest
 import torch
@@ -345,6 +346,12 @@ def test_build_info_and_available():
     assert _ops.available("cpu") and _ops.available(torch.device("cpu"))
     assert _ops.available("cuda") == (info["cuda"] and torch.cuda.is_available())
     assert not _ops.available("meta")
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="built without OpenMP on macOS")
+def test_cpu_ops_are_built_parallel():
+    # Without OpenMP in the extension's own compile, at::parallel_for silently runs on one thread.
+    assert _ops.build_info()["openmp"] is True
 
 
 # ------------------------------------------------------------------------------ opcheck / compile
