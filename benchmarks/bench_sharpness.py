@@ -232,7 +232,7 @@ def device_name(device):
 def table(rows, device):
     lines = [f"## {device.type.upper()}", "",
              f"Device: {device_name(device)}; torch {torch.__version__}; sharpfast {sharpfast.__version__}.",
-             f"Command: `python benchmarks/bench_sharpness.py --device {device.type}`. Best of interleaved rounds after",
+             f"Command: `python benchmarks/bench_sharpness.py {' '.join(sys.argv[1:])}`. Best of interleaved rounds after",
              "a warm-up; all ratios come from this one run. bare = n_iters forward+backward (worst-case) or",
              "n_samples forwards (average-case) per batch in plain PyTorch, the cost the algorithm cannot avoid;",
              "published = the published code's structure (`tests/published_style.py`: deep copies and an extra",

@@ -46,6 +46,7 @@ def worst_case_sharpness(
     rand_init: bool = False, step_size_mult: float = 1.0, seed: int = 0, backend: str = "auto",
     adaptive_eta: float = 0.0, adaptive_weights_only: bool = False, eval_mode: bool = True,
     min_update_ratio: float = 0.75, projection_tol: float | None = None,
+    solve_batches_together: bool | None = None,
 ) -> SharpnessResult:
     """Worst-case sharpness ``E_S max_{||delta/c||_p <= rho} L_S(w + delta) - L_S(w)`` by APGD.
 
@@ -55,6 +56,9 @@ def worst_case_sharpness(
     ``normalize_logits``: ``True``/``"norm"`` (published code) or ``"std"`` (slides).
     ``projection_tol``: absolute tolerance of the l2 ellipsoid bisection; default
     ``1e-5 * min(1, rho)`` (the published code's 1e-5 is absolute, see ``apgd.bisection_tolerance``).
+    ``solve_batches_together``: the fused backend solves the m-batches' APGD problems in one
+    vmapped forward/backward per step (batches of one shape; same results); default: on a GPU
+    when the ``[batches, parameters]`` buffers fit, else one batch at a time.
     The model is left exactly as it was, also after an exception or interrupt.
     """
     return _evaluate("worst", model, data, rho=rho, norm=norm, adaptive=adaptive, scale=scale,
@@ -62,7 +66,8 @@ def worst_case_sharpness(
                      n_restarts=n_restarts, rand_init=rand_init, step_size_mult=step_size_mult,
                      seed=seed, backend=backend, adaptive_eta=adaptive_eta,
                      adaptive_weights_only=adaptive_weights_only, eval_mode=eval_mode,
-                     min_update_ratio=min_update_ratio, projection_tol=projection_tol)
+                     min_update_ratio=min_update_ratio, projection_tol=projection_tol,
+                     solve_batches_together=solve_batches_together)
 
 
 def average_sharpness(

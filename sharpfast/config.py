@@ -61,6 +61,7 @@ class Settings:
     step_size_mult: float = 1.0
     min_update_ratio: float = 0.75
     projection_tol: float = 1e-5   # absolute tolerance of the ellipsoid bisection (apgd.bisection_tolerance)
+    solve_batches_together: bool | None = None  # one vmapped forward/backward for all m-batches; None: by device
     # average-case
     n_samples: int = 20
     antithetic: bool = False
@@ -162,7 +163,11 @@ def make_settings(kind: str, model: nn.Module, *, rho, norm, adaptive, scale, lo
         rand_init = bool(specific.get("rand_init", False))
         if n_restarts > 1 and not rand_init:
             raise ValueError("n_restarts > 1 needs rand_init=True (restarts from delta = 0 are identical)")
+        together = specific.get("solve_batches_together")
+        if together is not None and not isinstance(together, bool):
+            raise TypeError(f"solve_batches_together must be True, False or None, got {together!r}")
         settings = Settings(**common, n_iters=n_iters, n_restarts=n_restarts, rand_init=rand_init,
+                            solve_batches_together=together,
                             step_size_mult=_positive_float("step_size_mult", specific.get("step_size_mult", 1.0)),
                             min_update_ratio=_positive_float("min_update_ratio",
                                                              specific.get("min_update_ratio", 0.75), allow_zero=True),

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 MAX_SAMPLES_PER_PASS = 32           # average-case: perturbed copies evaluated in one forward
 SAMPLE_BUFFER_BYTES = 256 * 2**20   # ... within this much memory for the [K, N] buffer
+TOGETHER_DEVICES = ("cuda",)        # worst-case: where m-batches are solved together by default ...
+TOGETHER_BUFFER_BYTES = 2**30       # ... when their [B, N] buffers fit in this much memory
 # bisection steps speculated per pass over memory: each costs an fp64 division per coordinate
 # on a CPU (~15% of a pass), next to nothing on a GPU
 BISECTION_LEVELS = {"cpu": 1, "cuda": 4}
@@ -112,80 +114,192 @@ def _finish(s: Settings, per_batch, per_batch_err, init_losses, init_errs, delta
 # ----------------------------------------------------------------------------- worst-case
 
 class _Projection:
-    """The l2 projection's multiplier lambda as a device scalar (see ``apgd``)."""
+    """The l2 projection's multiplier lambda for one APGD problem, as a device scalar (see ``apgd``)."""
 
-    def __init__(self, flat: FlatState, s: Settings, c_is_one: bool):
-        self.flat, self.s, self.c_is_one = flat, s, c_is_one
-        self.device = flat.w0.device
+    def __init__(self, c: torch.Tensor, s: Settings, c_is_one: bool):
+        self.c, self.s, self.c_is_one = c, s, c_is_one
+        self.device = c.device
         self.levels = BISECTION_LEVELS.get(self.device.type, 3)
         self.zero = torch.zeros(1, dtype=torch.float64, device=self.device)
         self.hint = None
 
-    def norms(self, delta, grad_scale, lams):
-        sq = _ops.ellipsoid_norms(delta, self.flat.grad, self.flat.c, grad_scale,
+    def norms(self, delta, grad, grad_scale, lams):
+        sq = _ops.ellipsoid_norms(delta, grad, self.c, grad_scale,
                                   torch.as_tensor(lams, dtype=torch.float64, device=self.device))
         return sq.sqrt()
 
-    def __call__(self, delta, grad_scale) -> torch.Tensor:
+    def __call__(self, delta, grad, grad_scale) -> torch.Tensor:
         rho = self.s.rho
         if self.c_is_one:  # rescale to norm rho: z / (1 + 2 lambda) = z rho / ||z||, no host sync
-            z_norm = self.norms(delta, grad_scale, self.zero)[0]
+            z_norm = self.norms(delta, grad, grad_scale, self.zero)[0]
             return torch.where(z_norm > rho, (z_norm / rho - 1) / 2, torch.zeros_like(z_norm))
         # The published bisection's multiplier, replayed from a few passes over memory (see
         # apgd.replayed_ellipsoid_lambda); the previous step's multiplier is the first guess.
-        lam, _ = apgd.replayed_ellipsoid_lambda(lambda lams: self.norms(delta, grad_scale, lams).tolist(),
+        lam, _ = apgd.replayed_ellipsoid_lambda(lambda lams: self.norms(delta, grad, grad_scale, lams).tolist(),
                                                 rho, self.s.projection_tol, hint=self.hint, levels=self.levels)
         self.hint = lam or self.hint
         return torch.tensor(lam, dtype=torch.float64, device=self.device)
 
 
+class _OneBatch:
+    """One m-batch's APGD problem on the model itself: a row of flat weights that the model's
+    parameters view, its gradient accumulated by autograd into the flat gradient buffer."""
+
+    def __init__(self, model, s: Settings, flat: FlatState, index: int, x, y):
+        self.model, self.s, self.flat, self.x, self.y = model, s, flat, x, y
+        self.streams = [index]
+        self.current, self.grad = flat.current.view(1, -1), flat.grad.view(1, -1)
+
+    def evaluate(self, with_grad: bool):
+        """(loss [1], error [1], labelled) at the current row; with_grad also fills ``grad``."""
+        with torch.set_grad_enabled(with_grad):
+            loss, err, labelled = _loss_err(self.s, self.model, self.x, self.y)
+        if with_grad:
+            self.flat.backward(loss)
+        return loss.detach().view(1), err.view(1), labelled
+
+
+class _AllBatches:
+    """Every m-batch's APGD problem at once: row b of ``current`` holds batch b's weights, and one
+    vmapped forward (+ backward) evaluates them all (``torch.func``). Batches of one shape only."""
+
+    def __init__(self, model, s: Settings, params: ParamSet, flat: FlatState, xs, ys):
+        self.s = s
+        B, n = len(ys), flat.w0.numel()
+        self.streams = list(range(B))
+        self.current = flat.w0.expand(B, n).clone()
+        self.grad = torch.zeros_like(self.current)
+        self.x, self.y = _stack(xs), torch.stack(ys)
+        names, numels, shapes = params.names, params.numels, [p.shape for p in params.tensors]
+        self.labelled = True
+
+        def loss_and_error(row, x, y):
+            weights = {name: t.view(shape) for name, t, shape in zip(names, row.split(numels), shapes)}
+            f = s.objective.logits(lambda *a, **kw: functional_call(model, weights, a, kw), x)
+            err = s.objective.error(f.detach(), y)
+            self.labelled = err is not None   # decided by shapes and dtypes: the same for every row
+            return s.objective.loss(f, y), (err if err is not None else torch.zeros((), device=f.device))
+
+        self._values = vmap(loss_and_error, randomness="error")
+        self._grads = vmap(torch.func.grad_and_value(loss_and_error, has_aux=True), randomness="error")
+
+    def evaluate(self, with_grad: bool):
+        if with_grad:
+            grad, (loss, err) = self._grads(self.current, self.x, self.y)
+            self.grad.copy_(grad)
+        else:
+            with torch.no_grad():
+                loss, err = self._values(self.current, self.x, self.y)
+        return loss.detach(), err, self.labelled
+
+
+def _stack(xs):
+    """The inputs of equally shaped batches stacked along a new leading dimension."""
+    first = xs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(xs)
+    if isinstance(first, dict):
+        return {k: _stack([x[k] for x in xs]) for k in first}
+    return type(first)(_stack(list(parts)) for parts in zip(*xs))
+
+
+def _signature(v):
+    """Shapes and dtypes of a batch's tensors (None if something in it is not a tensor)."""
+    if isinstance(v, torch.Tensor):
+        return tuple(v.shape), v.dtype
+    if isinstance(v, (dict, tuple, list)):
+        parts = [(k, _signature(u)) for k, u in (v.items() if isinstance(v, dict) else enumerate(v))]
+        return None if any(sig is None for _, sig in parts) else (type(v).__name__, tuple(parts))
+    return None
+
+
+def _stackable(items) -> bool:
+    first = _signature(items[0])
+    return first is not None and all(_signature(v) == first for v in items[1:])
+
+
+def _problems(model, batches, params: ParamSet, s: Settings, flat: FlatState):
+    """The APGD problems of a call, all m-batches at once where asked (and possible), else one by
+    one; with a first evaluation at w0 when the batched path had to be tried (else None)."""
+    together = s.solve_batches_together
+    batches = list(_batches(batches, flat.w0.device))
+    xs, ys = [x for _, x, _ in batches], [y for _, _, y in batches]
+    stackable = _stackable(xs) and _stackable(ys)
+    if together:
+        if not stackable:
+            raise ValueError("solve_batches_together=True needs batches of one shape (the m-batches are "
+                             "stacked into one vmapped forward); the batches given differ")
+        if not s.eval_mode:
+            raise ValueError("solve_batches_together=True needs eval_mode=True: in train mode, layers such "
+                             "as BatchNorm update their buffers batch after batch")
+    if together is None:   # auto: on a GPU, in eval mode, when the [B, N] buffers fit
+        memory = 6 * len(batches) * flat.w0.numel() * flat.w0.element_size()   # current, grad, 4 APGD buffers
+        together = (flat.w0.device.type in TOGETHER_DEVICES and s.eval_mode and len(batches) > 1 and stackable
+                    and memory <= TOGETHER_BUFFER_BYTES)
+        if together:
+            try:
+                problems = _AllBatches(model, s, params, flat, xs, ys)
+                return [problems], problems.evaluate(with_grad=True)   # fails here if vmap cannot trace the model
+            except Exception as e:  # noqa: BLE001 - any vmap limitation: solve one batch at a time
+                log.debug("sharpfast: cannot vmap this model (%s: %s); solving the m-batches one by one",
+                          type(e).__name__, e)
+                together = False
+    if together:   # asked for: errors (e.g. a model vmap cannot trace) reach the caller as they are
+        return [_AllBatches(model, s, params, flat, xs, ys)], None
+    flat.attach()
+    return [_OneBatch(model, s, flat, b, x, y) for b, x, y in batches], None
+
+
 def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
     flat = FlatState(params, s)
-    flat.attach()
-    w0, current, grad, c = flat.w0, flat.current, flat.grad, flat.c
-    delta, delta_prev = torch.empty_like(w0), torch.empty_like(w0)
-    best, best_grad = torch.empty_like(w0), torch.empty_like(w0)
+    w0, c = flat.w0, flat.c
     device = w0.device
     f64 = dict(dtype=torch.float64, device=device)
     checkpoints = set(apgd.checkpoint_schedule(s.n_iters))
-    project = _Projection(flat, s, s.scale.is_identity(params)) if s.norm == "l2" else None
     dist = noise_distribution(s.norm)
     positive = c > 0
     per_batch, per_batch_err, init_losses, init_errs, delta_norms, nonfinite = [], [], [], [], [], []
     has_err = True
+    groups, first = _problems(model, batches, params, s, flat)   # first: a done evaluation at w0, or None
+    buffers = {}
 
-    for b, x, y in _batches(batches, device):
-        current.copy_(w0)
+    for group in groups:   # rows: the m-batch problems solved together
+        current, grad = group.current, group.grad
+        B = current.shape[0]
+        rows = range(B)
+        if B not in buffers:
+            buffers[B] = [torch.empty_like(current) for _ in range(4)]
+        delta, delta_prev, best, best_grad = buffers[B]
+        if first is None:
+            current.copy_(w0.expand_as(current))
         L0 = E0 = None
         if s.rand_init:  # the first gradient is taken at the random start: L0 needs its own forward
-            with torch.no_grad():
-                L0, E0, has_err = _loss_err(s, model, x, y)
+            (L0, E0, has_err), first = first or group.evaluate(with_grad=False), None
         worst_loss = worst_err = worst_norm = None
-        loss_sum = torch.zeros((), **f64)   # non-finite iff some iterate's loss was (checked once, at the end)
+        loss_sum = torch.zeros(B, **f64)   # non-finite iff some iterate's loss was (checked once, at the end)
         for restart in range(s.n_restarts):
             if s.rand_init:
-                _ops.draw_(delta, s.seed, b, RAND_INIT_SAMPLE_BASE + restart, 0, dist)
-                if s.norm == "l2":  # a Gaussian direction on the ellipsoid's surface (see reference)
-                    delta.div_(delta.double().where(positive, 0).norm().to(delta.dtype))
+                for r, stream in zip(rows, group.streams):
+                    _ops.draw_(delta[r], s.seed, stream, RAND_INIT_SAMPLE_BASE + restart, 0, dist)
+                    if s.norm == "l2":  # a Gaussian direction on the ellipsoid's surface (see reference)
+                        delta[r].div_(delta[r].double().where(positive, 0).norm().to(delta.dtype))
                 delta.mul_(c).mul_(s.rho)
                 torch.add(w0, delta, out=current)
             else:
                 delta.zero_()
-                current.copy_(w0)
+                current.copy_(w0.expand_as(current))
             delta_prev.copy_(delta)
             best.copy_(current)
-            step = torch.tensor(2 * s.rho * s.step_size_mult, **f64)
-            n_updates = torch.zeros((), dtype=torch.int64, device=device)
+            step = torch.full((B,), 2 * s.rho * s.step_size_mult, **f64)
+            n_updates = torch.zeros(B, dtype=torch.int64, device=device)
             prev_checkpoint = 0
+            projections = [_Projection(c, s, s.scale.is_identity(params)) for _ in rows] if s.norm == "l2" else None
             for i in range(s.n_iters + 1):
                 last = i == s.n_iters
-                if last:                                   # the loss at the final point only
-                    with torch.no_grad():
-                        loss, err, labelled = _loss_err(s, model, x, y)
+                if first is not None:                      # the vmap check took this forward at w0
+                    (loss, err, labelled), first = first, None
                 else:
-                    loss, err, labelled = _loss_err(s, model, x, y)
-                    flat.backward(loss)
-                    loss = loss.detach()
+                    loss, err, labelled = group.evaluate(with_grad=not last)  # last: the final point's loss only
                 has_err = labelled
                 if i == 0:
                     best_grad.copy_(grad)                  # the start point is the first "best"
@@ -198,9 +312,10 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
                     improved = loss > L_best
                     L_best = torch.where(improved, loss, L_best)
                     E_best = torch.where(improved, err, E_best)
-                    _ops.copy_if_(best, current, improved)
-                    if not last:
-                        _ops.copy_if_(best_grad, grad, improved)
+                    for r in rows:
+                        _ops.copy_if_(best[r], current[r], improved[r])
+                        if not last:
+                            _ops.copy_if_(best_grad[r], grad[r], improved[r])
                     n_updates += improved
                     if not last and (i - 1) in checkpoints:
                         j = i - 1
@@ -210,34 +325,39 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
                         n_updates = torch.zeros_like(n_updates)
                         halve = too_few | stalled
                         step = torch.where(halve, step * apgd.STEP_SIZE_SCALER, step)
-                        _ops.copy_if_(current, best, halve)   # back to the best point ...
-                        _ops.copy_if_(grad, best_grad, halve)  # ... and the gradient taken there
+                        for r in rows:
+                            _ops.copy_if_(current[r], best[r], halve[r])   # back to the best point ...
+                            _ops.copy_if_(grad[r], best_grad[r], halve[r])  # ... and the gradient taken there
                 if last:
                     break
                 with torch.no_grad():
-                    if s.norm == "linf":
-                        _ops.apgd_step_linf_(current, delta, delta_prev, grad, w0, c, step, s.rho, apgd.MOMENTUM)
-                    else:
-                        grad_scale = step / (_ops.sum_squares(grad).sqrt() + 1e-12)
-                        lam = project(delta, grad_scale)
-                        _ops.apgd_step_l2_(current, delta, delta_prev, grad, w0, c, grad_scale, lam, apgd.MOMENTUM)
+                    for r in rows:
+                        if s.norm == "linf":
+                            _ops.apgd_step_linf_(current[r], delta[r], delta_prev[r], grad[r], w0, c, step[r], s.rho,
+                                                 apgd.MOMENTUM)
+                        else:
+                            grad_scale = step[r] / (_ops.sum_squares(grad[r]).sqrt() + 1e-12)
+                            lam = projections[r](delta[r], grad[r], grad_scale)
+                            _ops.apgd_step_l2_(current[r], delta[r], delta_prev[r], grad[r], w0, c, grad_scale, lam,
+                                               apgd.MOMENTUM)
             # ||delta|| at the best point; delta is free until the next restart, so it holds best - w0
             # with no temporaries (exact wherever |delta| <= |w0| / 2, e.g. adaptive with rho <= 1/2:
             # Sterbenz; otherwise within one rounding of the reference's ||delta||)
             torch.sub(best, w0, out=delta)
-            restart_norm = torch.where(L_best > L0, _ops.sum_squares(delta).sqrt(), torch.zeros((), **f64))
+            best_norms = torch.stack([_ops.sum_squares(delta[r]) for r in rows]).sqrt()
+            restart_norm = torch.where(L_best > L0, best_norms, torch.zeros(B, **f64))
             if worst_loss is None:
-                worst_loss, worst_err, worst_norm = L0.clone(), E0.clone(), torch.zeros((), **f64)
+                worst_loss, worst_err, worst_norm = L0.clone(), E0.clone(), torch.zeros(B, **f64)
             better = L_best > worst_loss
             worst_loss = torch.where(better, L_best, worst_loss)
             worst_err = torch.where(better, E_best, worst_err)
             worst_norm = torch.where(better, restart_norm, worst_norm)
-        per_batch.append(worst_loss - L0)
-        per_batch_err.append(worst_err - E0)
-        init_losses.append(L0)
-        init_errs.append(E0)
-        delta_norms.append(worst_norm)
-        nonfinite.append(~torch.isfinite(loss_sum))
+        per_batch += list(worst_loss - L0)
+        per_batch_err += list(worst_err - E0)
+        init_losses += list(L0)
+        init_errs += list(E0)
+        delta_norms += list(worst_norm)
+        nonfinite += list(~torch.isfinite(loss_sum))
     return _finish(s, per_batch, per_batch_err, init_losses, init_errs, delta_norms, has_err, nonfinite)
 
 

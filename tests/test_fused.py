@@ -43,7 +43,7 @@ WORST = [
 ]
 
 
-def assert_same(fused, ref, rel, abs_=0.0):
+def assert_same(fused, ref, rel, abs_=0.0, delta_rel=None):
     assert fused.backend == "fused" and ref.backend == "reference"
     assert fused.per_batch == pytest.approx(ref.per_batch, rel=rel, abs=abs_)
     assert fused.sharpness == pytest.approx(ref.sharpness, rel=rel, abs=abs_)
@@ -51,20 +51,25 @@ def assert_same(fused, ref, rel, abs_=0.0):
         assert fused.err_sharpness is None
     else:
         assert fused.per_batch_err == pytest.approx(ref.per_batch_err, abs=1e-9)
-    assert fused.delta_norm == pytest.approx(ref.delta_norm, rel=max(rel, 1e-5), abs=abs_)
+    assert fused.delta_norm == pytest.approx(ref.delta_norm, rel=delta_rel or max(rel, 1e-5), abs=abs_)
     assert fused.init_loss == pytest.approx(ref.init_loss, rel=rel, abs=abs_)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 @pytest.mark.parametrize("definition", WORST, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
-def test_worst_case_fused_equals_reference(device, kind, definition):
+@pytest.mark.parametrize("together", [None, True])   # device default; all m-batches in one vmapped pass
+def test_worst_case_fused_equals_reference(device, kind, definition, together):
     model, data = on(device, *model_and_data(kind, n_batches=2))
-    kw = dict(n_iters=10, seed=4)
+    kw = dict(n_iters=10, seed=4, solve_batches_together=together)
     kw.update(definition)
     ref = sharpfast.worst_case_sharpness(model, data, backend="reference", **kw)
     fused = sharpfast.worst_case_sharpness(model, data, backend="fused", **kw)
-    assert_same(fused, ref, rel=1e-5, abs_=1e-10)
+    # The vmapped forward rounds differently; where a gradient is zero in exact arithmetic (the
+    # attention's key bias: softmax ignores a shift) linf's sign(g) follows the rounding noise, so
+    # delta differs on those coordinates while every loss agrees. Only ||delta|| sees it.
+    noise_signs = together and kind == "transformer" and definition["norm"] == "linf"
+    assert_same(fused, ref, rel=1e-5, abs_=1e-10, delta_rel=1e-2 if noise_signs else None)
 
 
 AVERAGE = [
@@ -162,3 +167,53 @@ def test_fused_reports_non_finite_losses():
     with pytest.raises(ValueError, match="perturbed|not finite"):
         sharpfast.worst_case_sharpness(model, data, rho=1e200, adaptive=False, n_iters=3, backend="fused",
                                        loss_fn=lambda out, y: (out ** 4).mean())
+
+
+@pytest.mark.parametrize("definition", [dict(norm="linf", rho=0.05), dict(norm="l2", rho=0.1, rand_init=True, n_restarts=2)])
+def test_batches_solved_together_by_default_where_enabled(monkeypatch, definition):
+    from sharpfast import fused
+    monkeypatch.setattr(fused, "TOGETHER_DEVICES", ("cpu", "cuda"))
+    for kind in ("mlp", "cnn", "dict"):
+        model, data = on("cpu", *model_and_data(kind, n_batches=3))
+        kw = dict(n_iters=7, seed=2, **definition)
+        assert_same(sharpfast.worst_case_sharpness(model, data, backend="fused", **kw),
+                    sharpfast.worst_case_sharpness(model, data, backend="reference", **kw), rel=1e-5, abs_=1e-10)
+
+
+def test_batches_solved_one_by_one_when_the_model_cannot_be_vmapped(monkeypatch, caplog):
+    from sharpfast import fused
+    monkeypatch.setattr(fused, "TOGETHER_DEVICES", ("cpu", "cuda"))
+
+    class NotVmappable(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 3).double()
+
+        def forward(self, x):
+            out = self.lin(x)
+            return out * 0 if float(out.sum()) > 1e9 else out   # data-dependent Python control flow
+    torch.manual_seed(0)
+    model = NotVmappable()
+    data = [(torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,))) for _ in range(3)]
+    with caplog.at_level(logging.DEBUG, logger="sharpfast.fused"):
+        fused_r = sharpfast.worst_case_sharpness(model, data, rho=0.05, n_iters=5, backend="fused")
+    assert any("one by one" in r.message for r in caplog.records)
+    assert_same(fused_r, sharpfast.worst_case_sharpness(model, data, rho=0.05, n_iters=5, backend="reference"),
+                rel=1e-5, abs_=1e-10)
+    with pytest.raises(RuntimeError):   # asked for explicitly: vmap's own error reaches the caller
+        sharpfast.worst_case_sharpness(model, data, rho=0.05, n_iters=5, backend="fused", solve_batches_together=True)
+
+
+def test_solving_batches_together_needs_one_shape_and_eval_mode():
+    model, data = on("cpu", *model_and_data("mlp", n_batches=2))
+    ragged = [data[0], (data[1][0][:5], data[1][1][:5])]
+    with pytest.raises(ValueError, match="one shape"):
+        sharpfast.worst_case_sharpness(model, ragged, rho=0.05, backend="fused", solve_batches_together=True)
+    with pytest.raises(ValueError, match="eval_mode"):
+        sharpfast.worst_case_sharpness(model, data, rho=0.05, backend="fused", solve_batches_together=True,
+                                       eval_mode=False)
+    with pytest.raises(TypeError, match="solve_batches_together"):
+        sharpfast.worst_case_sharpness(model, data, rho=0.05, solve_batches_together="yes")
+    # one batch of a different shape is fine one by one, and the default on a CPU
+    r = sharpfast.worst_case_sharpness(model, ragged, rho=0.05, n_iters=3, backend="fused")
+    assert len(r.per_batch) == 2
