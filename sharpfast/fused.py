@@ -151,12 +151,12 @@ class _OneBatch:
         self.current, self.grad = flat.current.view(1, -1), flat.grad.view(1, -1)
 
     def evaluate(self, with_grad: bool):
-        """(loss [1], error [1], labelled) at the current row; with_grad also fills ``grad``."""
+        """(loss, error, labelled) at the current row, 0-dim; with_grad also fills ``grad``."""
         with torch.set_grad_enabled(with_grad):
             loss, err, labelled = _loss_err(self.s, self.model, self.x, self.y)
         if with_grad:
             self.flat.backward(loss)
-        return loss.detach().view(1), err.view(1), labelled
+        return loss.detach(), err, labelled
 
 
 class _AllBatches:
@@ -267,16 +267,19 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
         current, grad = group.current, group.grad
         B = current.shape[0]
         rows = range(B)
+        shape = () if B == 1 else (B,)   # per-problem scalars; 0-dim for one problem (no indexing per step)
+        at = (lambda t, r: t) if B == 1 else (lambda t, r: t[r])
         if B not in buffers:
             buffers[B] = [torch.empty_like(current) for _ in range(4)]
         delta, delta_prev, best, best_grad = buffers[B]
+        row_views = [(current[r], grad[r], delta[r], delta_prev[r], best[r], best_grad[r]) for r in rows]
         if first is None:
             current.copy_(w0.expand_as(current))
         L0 = E0 = None
         if s.rand_init:  # the first gradient is taken at the random start: L0 needs its own forward
             (L0, E0, has_err), first = first or group.evaluate(with_grad=False), None
         worst_loss = worst_err = worst_norm = None
-        loss_sum = torch.zeros(B, **f64)   # non-finite iff some iterate's loss was (checked once, at the end)
+        loss_sum = torch.zeros(shape, **f64)   # non-finite iff some iterate's loss was (checked once, at the end)
         for restart in range(s.n_restarts):
             if s.rand_init:
                 for r, stream in zip(rows, group.streams):
@@ -290,8 +293,8 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
                 current.copy_(w0.expand_as(current))
             delta_prev.copy_(delta)
             best.copy_(current)
-            step = torch.full((B,), 2 * s.rho * s.step_size_mult, **f64)
-            n_updates = torch.zeros(B, dtype=torch.int64, device=device)
+            step = torch.full(shape, 2 * s.rho * s.step_size_mult, **f64)
+            n_updates = torch.zeros(shape, dtype=torch.int64, device=device)
             prev_checkpoint = 0
             projections = [_Projection(c, s, s.scale.is_identity(params)) for _ in rows] if s.norm == "l2" else None
             for i in range(s.n_iters + 1):
@@ -312,10 +315,10 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
                     improved = loss > L_best
                     L_best = torch.where(improved, loss, L_best)
                     E_best = torch.where(improved, err, E_best)
-                    for r in rows:
-                        _ops.copy_if_(best[r], current[r], improved[r])
+                    for r, (cur_r, grad_r, _, _, best_r, best_grad_r) in zip(rows, row_views):
+                        _ops.copy_if_(best_r, cur_r, at(improved, r))
                         if not last:
-                            _ops.copy_if_(best_grad[r], grad[r], improved[r])
+                            _ops.copy_if_(best_grad_r, grad_r, at(improved, r))
                     n_updates += improved
                     if not last and (i - 1) in checkpoints:
                         j = i - 1
@@ -325,39 +328,39 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
                         n_updates = torch.zeros_like(n_updates)
                         halve = too_few | stalled
                         step = torch.where(halve, step * apgd.STEP_SIZE_SCALER, step)
-                        for r in rows:
-                            _ops.copy_if_(current[r], best[r], halve[r])   # back to the best point ...
-                            _ops.copy_if_(grad[r], best_grad[r], halve[r])  # ... and the gradient taken there
+                        for r, (cur_r, grad_r, _, _, best_r, best_grad_r) in zip(rows, row_views):
+                            _ops.copy_if_(cur_r, best_r, at(halve, r))        # back to the best point ...
+                            _ops.copy_if_(grad_r, best_grad_r, at(halve, r))  # ... and the gradient taken there
                 if last:
                     break
                 with torch.no_grad():
-                    for r in rows:
+                    for r, (cur_r, grad_r, delta_r, delta_prev_r, _, _) in zip(rows, row_views):
                         if s.norm == "linf":
-                            _ops.apgd_step_linf_(current[r], delta[r], delta_prev[r], grad[r], w0, c, step[r], s.rho,
+                            _ops.apgd_step_linf_(cur_r, delta_r, delta_prev_r, grad_r, w0, c, at(step, r), s.rho,
                                                  apgd.MOMENTUM)
                         else:
-                            grad_scale = step[r] / (_ops.sum_squares(grad[r]).sqrt() + 1e-12)
-                            lam = projections[r](delta[r], grad[r], grad_scale)
-                            _ops.apgd_step_l2_(current[r], delta[r], delta_prev[r], grad[r], w0, c, grad_scale, lam,
+                            grad_scale = at(step, r) / (_ops.sum_squares(grad_r).sqrt() + 1e-12)
+                            lam = projections[r](delta_r, grad_r, grad_scale)
+                            _ops.apgd_step_l2_(cur_r, delta_r, delta_prev_r, grad_r, w0, c, grad_scale, lam,
                                                apgd.MOMENTUM)
             # ||delta|| at the best point; delta is free until the next restart, so it holds best - w0
             # with no temporaries (exact wherever |delta| <= |w0| / 2, e.g. adaptive with rho <= 1/2:
             # Sterbenz; otherwise within one rounding of the reference's ||delta||)
             torch.sub(best, w0, out=delta)
-            best_norms = torch.stack([_ops.sum_squares(delta[r]) for r in rows]).sqrt()
-            restart_norm = torch.where(L_best > L0, best_norms, torch.zeros(B, **f64))
+            best_norms = torch.stack([_ops.sum_squares(views[2]) for views in row_views]).sqrt().reshape(shape)
+            restart_norm = torch.where(L_best > L0, best_norms, torch.zeros(shape, **f64))
             if worst_loss is None:
-                worst_loss, worst_err, worst_norm = L0.clone(), E0.clone(), torch.zeros(B, **f64)
+                worst_loss, worst_err, worst_norm = L0.clone(), E0.clone(), torch.zeros(shape, **f64)
             better = L_best > worst_loss
             worst_loss = torch.where(better, L_best, worst_loss)
             worst_err = torch.where(better, E_best, worst_err)
             worst_norm = torch.where(better, restart_norm, worst_norm)
-        per_batch += list(worst_loss - L0)
-        per_batch_err += list(worst_err - E0)
-        init_losses += list(L0)
-        init_errs += list(E0)
-        delta_norms += list(worst_norm)
-        nonfinite += list(~torch.isfinite(loss_sum))
+        per_batch += list((worst_loss - L0).reshape(-1))
+        per_batch_err += list((worst_err - E0).reshape(-1))
+        init_losses += list(L0.reshape(-1))
+        init_errs += list(E0.reshape(-1))
+        delta_norms += list(worst_norm.reshape(-1))
+        nonfinite += list((~torch.isfinite(loss_sum)).reshape(-1))
     return _finish(s, per_batch, per_batch_err, init_losses, init_errs, delta_norms, has_err, nonfinite)
 
 
