@@ -167,6 +167,9 @@ DEFINITIONS = [
     # the published projection tolerance (absolute 1e-5: 2e-4 relative at this rho), same work as published
     ("worst l2 adaptive tol 1e-5", "worst", dict(norm="l2", adaptive=True, rho=0.05, n_iters=20, projection_tol=1e-5)),
     ("worst l2 standard", "worst", dict(norm="l2", adaptive=False, rho=0.1, n_iters=20)),
+    # all m-batches in one vmapped forward/backward per step (the default on a GPU)
+    ("worst linf adaptive together", "worst", dict(norm="linf", adaptive=True, rho=0.002, n_iters=20,
+                                                   solve_batches_together=True)),
     ("average l2 adaptive", "average", dict(norm="l2", adaptive=True, rho=0.1, n_samples=20)),
 ]
 
