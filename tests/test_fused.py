@@ -127,17 +127,17 @@ def test_auto_picks_fused_on_cpu_and_reference_for_mixed_dtypes():
         sharpfast.average_sharpness(model, mixed, rho=0.1, n_samples=2, backend="fused")
 
 
-def test_sequential_fallback_when_the_model_cannot_be_vmapped(caplog):
-    class NotVmappable(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(8, 3).double()
+class NotVmappable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 3).double()
 
-        def forward(self, x):
-            out = self.lin(x)
-            if float(out.sum()) > 1e9:   # data-dependent Python control flow: vmap cannot trace it
-                return out * 0
-            return out
+    def forward(self, x):
+        out = self.lin(x)
+        return out * 0 if float(out.sum()) > 1e9 else out   # data-dependent Python control flow: vmap cannot trace it
+
+
+def test_sequential_fallback_when_the_model_cannot_be_vmapped(caplog):
     torch.manual_seed(0)
     model = NotVmappable()
     data = [(torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,)))]
@@ -183,15 +183,6 @@ def test_batches_solved_together_by_default_where_enabled(monkeypatch, definitio
 def test_batches_solved_one_by_one_when_the_model_cannot_be_vmapped(monkeypatch, caplog):
     from sharpfast import fused
     monkeypatch.setattr(fused, "TOGETHER_DEVICES", ("cpu", "cuda"))
-
-    class NotVmappable(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(8, 3).double()
-
-        def forward(self, x):
-            out = self.lin(x)
-            return out * 0 if float(out.sum()) > 1e9 else out   # data-dependent Python control flow
     torch.manual_seed(0)
     model = NotVmappable()
     data = [(torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,))) for _ in range(3)]
