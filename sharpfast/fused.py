@@ -220,10 +220,11 @@ def _stackable(items) -> bool:
 
 def _problems(model, batches, params: ParamSet, s: Settings, flat: FlatState):
     """The APGD problems of a call, all m-batches at once where asked (and possible), else one by
-    one; with a first evaluation at w0 when the batched path had to be tried (else None)."""
+    one (each batch moved to the device when its turn comes); with a first evaluation at w0 when
+    the batched path had to be tried (else None)."""
     together = s.solve_batches_together
-    batches = list(_batches(batches, flat.w0.device))
-    xs, ys = [x for _, x, _ in batches], [y for _, _, y in batches]
+    unpacked = [unpack_batch(batch, index) for index, batch in enumerate(batches)]   # still on the host
+    xs, ys = [x for x, _ in unpacked], [y for _, y in unpacked]
     stackable = _stackable(xs) and _stackable(ys)
     if together:
         if not stackable:
@@ -232,22 +233,25 @@ def _problems(model, batches, params: ParamSet, s: Settings, flat: FlatState):
         if not s.eval_mode:
             raise ValueError("solve_batches_together=True needs eval_mode=True: in train mode, layers such "
                              "as BatchNorm update their buffers batch after batch")
+    device = flat.w0.device
+    on_device = lambda values: [to_device(v, device) for v in values]
     if together is None:   # auto: on a GPU, in eval mode, when the [B, N] buffers fit
-        memory = 6 * len(batches) * flat.w0.numel() * flat.w0.element_size()   # current, grad, 4 APGD buffers
-        together = (flat.w0.device.type in TOGETHER_DEVICES and s.eval_mode and len(batches) > 1 and stackable
+        memory = 6 * len(ys) * flat.w0.numel() * flat.w0.element_size()   # current, grad, 4 APGD buffers
+        together = (device.type in TOGETHER_DEVICES and s.eval_mode and len(ys) > 1 and stackable
                     and memory <= TOGETHER_BUFFER_BYTES)
         if together:
             try:
-                problems = _AllBatches(model, s, params, flat, xs, ys)
+                problems = _AllBatches(model, s, params, flat, on_device(xs), on_device(ys))
                 return [problems], problems.evaluate(with_grad=True)   # fails here if vmap cannot trace the model
             except Exception as e:  # noqa: BLE001 - any vmap limitation: solve one batch at a time
                 log.debug("sharpfast: cannot vmap this model (%s: %s); solving the m-batches one by one",
                           type(e).__name__, e)
                 together = False
     if together:   # asked for: errors (e.g. a model vmap cannot trace) reach the caller as they are
-        return [_AllBatches(model, s, params, flat, xs, ys)], None
+        return [_AllBatches(model, s, params, flat, on_device(xs), on_device(ys))], None
     flat.attach()
-    return [_OneBatch(model, s, flat, b, x, y) for b, x, y in batches], None
+    return (_OneBatch(model, s, flat, b, to_device(x, device), to_device(y, device))
+            for b, (x, y) in enumerate(unpacked)), None
 
 
 def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
