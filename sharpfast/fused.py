@@ -170,15 +170,13 @@ class _AllBatches:
         self.current = flat.w0.expand(B, n).clone()
         self.grad = torch.zeros_like(self.current)
         self.x, self.y = _stack(xs), torch.stack(ys)
-        names, numels, shapes = params.names, params.numels, [p.shape for p in params.tensors]
+        at_row = _loss_and_error_at_row(model, s, params)
         self.labelled = True
 
         def loss_and_error(row, x, y):
-            weights = {name: t.view(shape) for name, t, shape in zip(names, row.split(numels), shapes)}
-            f = s.objective.logits(lambda *a, **kw: functional_call(model, weights, a, kw), x)
-            err = s.objective.error(f.detach(), y)
-            self.labelled = err is not None   # decided by shapes and dtypes: the same for every row
-            return s.objective.loss(f, y), (err if err is not None else torch.zeros((), device=f.device))
+            loss, err, labelled = at_row(row, x, y)
+            self.labelled = labelled   # decided by shapes and dtypes: the same for every row
+            return loss, err
 
         self._values = vmap(loss_and_error, randomness="error")
         self._grads = vmap(torch.func.grad_and_value(loss_and_error, has_aux=True), randomness="error")
@@ -191,6 +189,20 @@ class _AllBatches:
             with torch.no_grad():
                 loss, err = self._values(self.current, self.x, self.y)
         return loss.detach(), err, self.labelled
+
+
+def _loss_and_error_at_row(model, s: Settings, params: ParamSet):
+    """``(row, x, y) -> (loss, error, labelled)`` with the model's parameters taken from ``row``, a
+    flat weight vector (``functional_call``, so it composes with vmap and grad); the error is a
+    zero tensor where there are no labels."""
+    names, numels, shapes = params.names, params.numels, [p.shape for p in params.tensors]
+
+    def at_row(row, x, y):
+        weights = {name: t.view(shape) for name, t, shape in zip(names, row.split(numels), shapes)}
+        f = s.objective.logits(lambda *a, **kw: functional_call(model, weights, a, kw), x)
+        err = s.objective.error(f.detach(), y)
+        return s.objective.loss(f, y), (err if err is not None else torch.zeros((), device=f.device)), err is not None
+    return at_row
 
 
 def _stack(xs):
@@ -388,16 +400,8 @@ def _samples_per_pass(s: Settings, flat: FlatState) -> int:
 
 def _batched_losses(model, s: Settings, params: ParamSet, rows: torch.Tensor, x, y):
     """Loss and error of every row of ``rows`` (perturbed flat weights) in one vmapped forward."""
-    names, numels, shapes = params.names, params.numels, [p.shape for p in params.tensors]
-
-    def one(row):
-        weights = {n: t.view(shape) for n, t, shape in zip(names, row.split(numels), shapes)}
-        f = s.objective.logits(lambda *a, **kw: functional_call(model, weights, a, kw), x)
-        loss = s.objective.loss(f, y)
-        err = s.objective.error(f, y)
-        return loss, (err if err is not None else torch.zeros((), device=loss.device))
-
-    return vmap(one, randomness="error")(rows)
+    at_row = _loss_and_error_at_row(model, s, params)
+    return vmap(lambda row: at_row(row, x, y)[:2], randomness="error")(rows)
 
 
 def average_sharpness(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
