@@ -56,20 +56,23 @@ def available(params: ParamSet) -> tuple[bool, str]:
 
 
 class FlatState:
-    """Flat buffers for one call; ``attach`` points the model's parameters and grads at views."""
+    """Flat buffers for one call; ``attach`` points the model's parameters (and grads) at views.
+    ``with_grad=False`` (average-case: forwards only) allocates no gradient buffer."""
 
-    def __init__(self, params: ParamSet, s: Settings):
+    def __init__(self, params: ParamSet, s: Settings, with_grad: bool = True):
         self.params = params
         self.w0 = torch.cat([p.detach().reshape(-1) for p in params.tensors])  # a copy: w0 is never written
         self.c = torch.cat([c.reshape(-1) for c in params.scales(s.scale)]).to(self.w0.dtype)
         self.current = self.w0.clone()
-        self.grad = torch.zeros_like(self.w0)
-        self._views = list(zip(params.tensors, params.split(self.current), params.split(self.grad)))
+        self.grad = torch.zeros_like(self.w0) if with_grad else None
+        grads = params.split(self.grad) if with_grad else [None] * len(params)
+        self._views = list(zip(params.tensors, params.split(self.current), grads))
 
     def attach(self) -> None:
         for p, value, grad in self._views:
             p.data = value
-            p.grad = grad
+            if grad is not None:
+                p.grad = grad
 
     def backward(self, loss: torch.Tensor) -> None:
         """The gradient at the current weights, accumulated in place into ``self.grad``."""
@@ -405,7 +408,7 @@ def _batched_losses(model, s: Settings, params: ParamSet, rows: torch.Tensor, x,
 
 
 def average_sharpness(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
-    flat = FlatState(params, s)
+    flat = FlatState(params, s, with_grad=False)
     flat.attach()
     w0, c, current = flat.w0, flat.c, flat.current
     K = _samples_per_pass(s, flat)
