@@ -304,7 +304,8 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
                 for r, stream in zip(rows, group.streams):
                     _ops.draw_(delta[r], s.seed, stream, RAND_INIT_SAMPLE_BASE + restart, 0, dist)
                     if s.norm == "l2":  # a Gaussian direction on the ellipsoid's surface (see reference)
-                        delta[r].div_(delta[r].double().where(positive, 0).norm().to(delta.dtype))
+                        delta[r].mul_(positive)   # frozen coordinates (c = 0) neither move nor count
+                        delta[r].div_(_ops.sum_squares(delta[r]).sqrt().to(delta.dtype))
                 delta.mul_(c).mul_(s.rho)
                 torch.add(w0, delta, out=current)
             else:
