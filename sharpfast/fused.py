@@ -5,15 +5,18 @@ perturbed weights (the model's ``param.data`` point at views of it), the gradien
 views that autograd accumulates into in place), ``w0``, ``c``, ``delta``, ``delta_prev``, the
 best point and the gradient at the best point. Each step is one fused op over the buffer.
 The best-loss bookkeeping and the step-halving decisions are tensors on the device, so the
-loop never waits for the host (the adaptive l2 bisection is the exception: its number of
-steps depends on the norms, so it reads them back, several candidates per pass). The loss at
+loop never waits for the host (the adaptive l2 projection is the exception: it replays the
+published bisection from norms read back, a few passes per step, see ``apgd``). The loss at
 a new point comes from the forward pass of the next gradient step; when a checkpoint moves
 back to the best point, the gradient stored with that point is reused. Per batch and restart
 that is ``n_iters`` forward+backward passes and one forward, exactly what the algorithm needs.
+The m-batches' problems are rows of these buffers: one row at a time through the model itself
+(``_OneBatch``), or all rows in one vmapped forward/backward (``_AllBatches``,
+``solve_batches_together``); the same loop drives both.
 
 Average-case writes K perturbed copies of the weights at once from the Philox stream into a
 ``[K, N]`` buffer and evaluates them in one batched forward (``functional_call`` + ``vmap``),
-falling back to one forward per sample when the model cannot be vmapped.
+or one forward per sample (the CPU default, and the fallback when the model cannot be vmapped).
 """
 from __future__ import annotations
 
@@ -367,7 +370,8 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
             # with no temporaries (exact wherever |delta| <= |w0| / 2, e.g. adaptive with rho <= 1/2:
             # Sterbenz; otherwise within one rounding of the reference's ||delta||)
             torch.sub(best, w0, out=delta)
-            best_norms = torch.stack([_ops.sum_squares(views[2]) for views in row_views]).sqrt().reshape(shape)
+            best_norms = torch.stack([_ops.sum_squares(delta_r) for _, _, delta_r, *_ in row_views])
+            best_norms = best_norms.sqrt().reshape(shape)
             restart_norm = torch.where(L_best > L0, best_norms, torch.zeros(shape, **f64))
             if worst_loss is None:
                 worst_loss, worst_err, worst_norm = L0.clone(), E0.clone(), torch.zeros(shape, **f64)
