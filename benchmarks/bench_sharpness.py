@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -29,6 +27,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import sharpfast  # noqa: E402
+from bench_ops import device_name  # noqa: E402
 from published_style import published_average_case, published_worst_case  # noqa: E402
 
 
@@ -219,17 +218,6 @@ def run(device, repeats, models):
                   f"({best['fused']/best['bare']:.2f}x bare)  reference {best['reference']/best['fused']:.1f}x slower"
                   f"  published {best['published']/best['fused']:.1f}x slower", flush=True)
     return rows
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "")
-    except OSError:
-        model = platform.processor()
-    return f"{model or 'CPU'}, {torch.get_num_threads()} threads"
 
 
 def table(rows, device):

@@ -265,11 +265,10 @@ def _problems(model, batches, params: ParamSet, s: Settings, flat: FlatState):
                 log.debug("sharpfast: cannot vmap this model (%s: %s); solving the m-batches one by one",
                           type(e).__name__, e)
                 together = False
-    if together:   # asked for: errors (e.g. a model vmap cannot trace) reach the caller as they are
+    if together and len(ys) > 1:   # asked for: errors (e.g. a model vmap cannot trace) reach the caller
         return [_AllBatches(model, s, params, flat, on_device(xs), on_device(ys))], None
-    flat.attach()
-    return (_OneBatch(model, s, flat, b, to_device(x, device), to_device(y, device))
-            for b, (x, y) in enumerate(unpacked)), None
+    flat.attach()   # one batch at a time (a single batch is its own "together")
+    return (_OneBatch(model, s, flat, b, x, y) for b, x, y in _batches(batches, device)), None
 
 
 def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:

@@ -173,11 +173,25 @@ def test_fused_reports_non_finite_losses():
 def test_batches_solved_together_by_default_where_enabled(monkeypatch, definition):
     from sharpfast import fused
     monkeypatch.setattr(fused, "TOGETHER_DEVICES", ("cpu", "cuda"))
+    vmapped = []
+    evaluate = fused._AllBatches.evaluate
+    monkeypatch.setattr(fused._AllBatches, "evaluate", lambda self, **kw: vmapped.append(1) or evaluate(self, **kw))
     for kind in ("mlp", "cnn", "dict"):
         model, data = on("cpu", *model_and_data(kind, n_batches=3))
         kw = dict(n_iters=7, seed=2, **definition)
+        vmapped.clear()
         assert_same(sharpfast.worst_case_sharpness(model, data, backend="fused", **kw),
                     sharpfast.worst_case_sharpness(model, data, backend="reference", **kw), rel=1e-5, abs_=1e-10)
+        # one vmapped evaluation per APGD step for all three batches (+ L0 with a random start)
+        assert len(vmapped) == kw.get("n_restarts", 1) * (kw["n_iters"] + 1) + (1 if kw.get("rand_init") else 0)
+
+
+def test_a_single_batch_asked_to_be_solved_together_is_solved_on_its_own():
+    model, data = on("cpu", *model_and_data("mlp", n_batches=1))
+    assert_same(sharpfast.worst_case_sharpness(model, data, rho=0.05, n_iters=5, backend="fused",
+                                               solve_batches_together=True),
+                sharpfast.worst_case_sharpness(model, data, rho=0.05, n_iters=5, backend="reference"),
+                rel=1e-5, abs_=1e-10)
 
 
 def test_batches_solved_one_by_one_when_the_model_cannot_be_vmapped(monkeypatch, caplog):
@@ -205,6 +219,10 @@ def test_solving_batches_together_needs_one_shape_and_eval_mode():
                                        eval_mode=False)
     with pytest.raises(TypeError, match="solve_batches_together"):
         sharpfast.worst_case_sharpness(model, data, rho=0.05, solve_batches_together="yes")
+    with pytest.raises(ValueError, match="samples_per_pass"):
+        sharpfast.average_sharpness(model, data, rho=0.05, samples_per_pass=0)
+    with pytest.raises(TypeError, match="samples_per_pass"):
+        sharpfast.average_sharpness(model, data, rho=0.05, samples_per_pass=True)
     # one batch of a different shape is fine one by one, and the default on a CPU
     r = sharpfast.worst_case_sharpness(model, ragged, rho=0.05, n_iters=3, backend="fused")
     assert len(r.per_batch) == 2
