@@ -3,7 +3,10 @@
 
 Cases: the parameter list of a 25-layer MLP (width 512) and one 100M-parameter buffer
 (``--small``: 10M). Ops: the linf APGD step, the l2 APGD step, the ellipsoid norms for 16
-candidate lambdas (l2 bisection), perturb (w0 + rho c xi) and batched perturb (K = 8).
+candidate lambdas (l2 bisection), perturb (w0 + rho c xi) and batched perturb (K = 8). The
+fused ops run with the scale c = |w0| as a buffer (``fused``) and derived from w0 inside the
+kernels (``fused, c from w0``: one buffer fewer to read, what the evaluators use for adaptive
+and standard sharpness).
 Reports the median time, the effective bandwidth (bytes the op must move / time) and its
 fraction of the device's peak memory bandwidth (CUDA: from the device's memory clock and bus
 width) and of a measured device copy (``clone``) bandwidth.
@@ -24,8 +27,8 @@ import torch
 sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), ".."))
 from sharpfast import _ops  # noqa: E402
 
-OPS = torch.ops.sharpfast
 RHO, MOM, STEP, GS, K, N_LAMBDAS = 0.05, 0.75, 0.1, 1e-3, 8, 16
+FROM_W0 = _ops.DerivedScale(adaptive=True, eta=0.0)   # the same c = |w0| as State.c, with no buffer
 
 
 def mlp_shapes(depth=25, width=512, d_in=784, d_out=10):
@@ -96,8 +99,9 @@ class State:
 
 # ------------------------------------------------------------------------------ implementations
 
-def linf_fused(s):
-    return lambda: OPS.apgd_step_linf_(s.params, s.delta, s.delta_prev, s.grad, s.w0, s.c, s.step, RHO, MOM)
+def linf_fused(s, scale=None):
+    c = s.c if scale is None else scale
+    return lambda: _ops.apgd_step_linf_(s.params, s.delta, s.delta_prev, s.grad, s.w0, c, s.step, RHO, MOM)
 
 
 def linf_foreach(s):
@@ -135,8 +139,9 @@ def linf_loop(s):
     return f
 
 
-def l2_fused(s):
-    return lambda: OPS.apgd_step_l2_(s.params, s.delta, s.delta_prev, s.grad, s.w0, s.c, s.gs, s.lam, MOM)
+def l2_fused(s, scale=None):
+    c = s.c if scale is None else scale
+    return lambda: _ops.apgd_step_l2_(s.params, s.delta, s.delta_prev, s.grad, s.w0, c, s.gs, s.lam, MOM)
 
 
 def l2_foreach(s):
@@ -174,8 +179,9 @@ def l2_loop(s):
     return f
 
 
-def norms_fused(s):
-    return lambda: OPS.ellipsoid_norms(s.delta, s.grad, s.c, s.gs, s.lambdas)
+def norms_fused(s, scale=None):
+    c = s.c if scale is None else scale
+    return lambda: _ops.ellipsoid_norms(s.delta, s.grad, s.w0, c, s.gs, s.lambdas)
 
 
 def norms_foreach(s):
@@ -212,8 +218,9 @@ def norms_loop(s):
     return f
 
 
-def perturb_fused(s):
-    return lambda: OPS.perturb_(s.out, s.w0, s.c, RHO, 1, 0, 0, 0, "normal")
+def perturb_fused(s, scale=None):
+    c = s.c if scale is None else scale
+    return lambda: _ops.perturb_(s.out, s.w0, c, RHO, 1, 0, 0, 0, "normal")
 
 
 def perturb_foreach(s):
@@ -237,9 +244,10 @@ def perturb_loop(s):
     return f
 
 
-def batched_fused(s):
+def batched_fused(s, scale=None):
+    c = s.c if scale is None else scale
     out = torch.empty(K, s.n, device=s.w0.device, dtype=s.w0.dtype)
-    return lambda: OPS.perturb_batched_(out, s.w0, s.c, RHO, 1, 0, 0, 0, "normal", False)
+    return lambda: _ops.perturb_batched_(out, s.w0, c, RHO, 1, 0, 0, 0, "normal", False)
 
 
 def batched_foreach(s):
@@ -269,13 +277,23 @@ def batched_loop(s):
     return f
 
 
-# (name, buffers moved in units of N elements, fused, foreach, loop)
+def from_w0(make):
+    return lambda s: make(s, FROM_W0)
+
+
+# (op, {impl: (buffers moved in units of N elements, maker)}); "fused" first: the ratios' reference
 OPS_TABLE = [
-    ("linf step", 8, linf_fused, linf_foreach, linf_loop),
-    ("l2 step", 8, l2_fused, l2_foreach, l2_loop),
-    (f"ellipsoid norms (L={N_LAMBDAS})", 3, norms_fused, norms_foreach, norms_loop),
-    ("perturb (normal)", 3, perturb_fused, perturb_foreach, perturb_loop),
-    (f"batched perturb (K={K}, normal)", 2 + K, batched_fused, batched_foreach, batched_loop),
+    ("linf step", {"fused": (8, linf_fused), "fused, c from w0": (7, from_w0(linf_fused)),
+                   "foreach": (8, linf_foreach), "loop": (8, linf_loop)}),
+    ("l2 step", {"fused": (8, l2_fused), "fused, c from w0": (7, from_w0(l2_fused)),
+                 "foreach": (8, l2_foreach), "loop": (8, l2_loop)}),
+    (f"ellipsoid norms (L={N_LAMBDAS})", {"fused": (3, norms_fused), "fused, c from w0": (3, from_w0(norms_fused)),
+                                          "foreach": (3, norms_foreach), "loop": (3, norms_loop)}),
+    ("perturb (normal)", {"fused": (3, perturb_fused), "fused, c from w0": (2, from_w0(perturb_fused)),
+                          "foreach": (3, perturb_foreach), "loop": (3, perturb_loop)}),
+    (f"batched perturb (K={K}, normal)", {"fused": (2 + K, batched_fused),
+                                         "fused, c from w0": (1 + K, from_w0(batched_fused)),
+                                         "foreach": (2 + K, batched_foreach), "loop": (2 + K, batched_loop)}),
 ]
 
 
@@ -356,16 +374,15 @@ def main(argv=None):
     print("\n".join(lines), flush=True)
     for case_name, shapes in cases:
         s = State(shapes, device, dtype)
-        for op_name, bufs, *impls in OPS_TABLE:
+        for op_name, impls in OPS_TABLE:
             times = {}
-            for impl_name, make in zip(("fused", "foreach", "loop"), impls):
+            for impl_name, (_, make) in impls.items():
                 if impl_name == "loop" and args.skip_loop_large and len(shapes) == 1:
                     continue
                 s.reset()
                 times[impl_name] = timeit(make(s), device)
-            nbytes = bufs * s.n * esize
             for impl_name, t in times.items():
-                bw = nbytes / t
+                bw = impls[impl_name][0] * s.n * esize / t
                 ref = peak or copy_bw
                 row = (f"| {case_name} | {op_name} | {impl_name} | {t * 1e3:.3f} | {bw / 1e9:.1f} | "
                        f"{100 * bw / ref:.0f}% | {t / times['fused']:.2f}x |")

@@ -15,17 +15,20 @@ namespace sharpfast { namespace cuda { int build_cuda_version(); } }
 // Seeds are 64-bit unsigned integers carried in the int64 `seed` arguments (bit reinterpretation;
 // sharpfast/_ops.py maps s >= 2^63 to s - 2^64). `stream` and `sample` are in [0, 2^32).
 // Element i of a buffer has the global element index offset + i for the counter RNG.
+// The scale c: the buffer `c`, or when it is None, derived from w0 in the kernels:
+// |w0| + eta (rounded to the buffer's dtype) where `adaptive`, else 1.
 TORCH_LIBRARY(sharpfast, m) {
   m.def("draw_(Tensor(a!) out, int seed, int stream, int sample, int offset, str distribution) -> ()");
-  m.def("perturb_(Tensor(a!) out, Tensor w0, Tensor c, float rho, int seed, int stream, int sample, "
-        "int offset, str distribution) -> ()");
-  m.def("perturb_batched_(Tensor(a!) out, Tensor w0, Tensor c, float rho, int seed, int stream, "
-        "int first_sample, int offset, str distribution, bool antithetic) -> ()");
+  m.def("perturb_(Tensor(a!) out, Tensor w0, Tensor? c, bool adaptive, float eta, float rho, int seed, int stream, "
+        "int sample, int offset, str distribution) -> ()");
+  m.def("perturb_batched_(Tensor(a!) out, Tensor w0, Tensor? c, bool adaptive, float eta, float rho, int seed, "
+        "int stream, int first_sample, int offset, str distribution, bool antithetic) -> ()");
   m.def("apgd_step_linf_(Tensor(a!) params, Tensor(b!) delta, Tensor(c!) delta_prev, Tensor grad, Tensor w0, "
-        "Tensor c, Tensor step_size, float rho, float momentum) -> ()");
-  m.def("ellipsoid_norms(Tensor delta, Tensor grad, Tensor c, Tensor grad_scale, Tensor lambdas) -> Tensor");
+        "Tensor? c, bool adaptive, float eta, Tensor step_size, float rho, float momentum) -> ()");
+  m.def("ellipsoid_norms(Tensor delta, Tensor grad, Tensor w0, Tensor? c, bool adaptive, float eta, "
+        "Tensor grad_scale, Tensor lambdas) -> Tensor");
   m.def("apgd_step_l2_(Tensor(a!) params, Tensor(b!) delta, Tensor(c!) delta_prev, Tensor grad, Tensor w0, "
-        "Tensor c, Tensor grad_scale, Tensor lam, float momentum) -> ()");
+        "Tensor? c, bool adaptive, float eta, Tensor grad_scale, Tensor lam, float momentum) -> ()");
   m.def("copy_if_(Tensor(a!) dst, Tensor src, Tensor cond) -> ()");
   m.def("sum_squares(Tensor x) -> Tensor");
 }

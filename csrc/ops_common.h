@@ -5,9 +5,12 @@
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 
+#include "sharpfast/elementwise.h"
 #include "sharpfast/philox.h"
 
 namespace sharpfast {
@@ -85,10 +88,25 @@ inline Counter check_counter(int64_t seed, int64_t stream, int64_t sample, int64
   return k;
 }
 
+// The scale argument of an op: a buffer `c` like `ref`, or none, in which case the kernels
+// derive c from w0 by the rule (adaptive, eta). Returns the buffer or nullptr.
+inline const at::Tensor* check_scale(const std::optional<at::Tensor>& c, const at::Tensor& ref, const char* ref_name,
+                                     bool adaptive, double eta) {
+  TORCH_CHECK(std::isfinite(eta) && eta >= 0.0, "sharpfast: argument 'eta' must be finite and >= 0, got ", eta);
+  if (!c.has_value() || !c->defined()) return nullptr;
+  check_like(*c, "c", ref, ref_name);
+  return &*c;
+}
+
+// The scale buffer's data, or nullptr when c is derived from w0.
+template <typename S>
+const S* scale_data(const at::Tensor* c) {
+  return c ? c->data_ptr<S>() : nullptr;
+}
+
 // Checks of the batched perturbation; returns the number of distinct samples.
-inline int64_t check_batched(const at::Tensor& out, const at::Tensor& w0, const at::Tensor& c, bool antithetic) {
+inline int64_t check_batched(const at::Tensor& out, const at::Tensor& w0, bool antithetic) {
   check_flat(w0, "w0");
-  check_like(c, "c", w0, "w0");
   TORCH_CHECK(out.dim() == 2, "sharpfast: argument 'out' must be a [K, N] tensor, got shape ", out.sizes());
   TORCH_CHECK(out.is_contiguous(), "sharpfast: argument 'out' must be contiguous");
   TORCH_CHECK(out.scalar_type() == w0.scalar_type(), "sharpfast: argument 'out' has dtype ", out.scalar_type(),
@@ -103,13 +121,12 @@ inline int64_t check_batched(const at::Tensor& out, const at::Tensor& w0, const 
 }
 
 inline void check_step_buffers(const at::Tensor& params, const at::Tensor& delta, const at::Tensor& delta_prev,
-                               const at::Tensor& grad, const at::Tensor& w0, const at::Tensor& c) {
+                               const at::Tensor& grad, const at::Tensor& w0) {
   check_flat(params, "params");
   check_like(delta, "delta", params, "params");
   check_like(delta_prev, "delta_prev", params, "params");
   check_like(grad, "grad", params, "params");
   check_like(w0, "w0", params, "params");
-  check_like(c, "c", params, "params");
 }
 
 inline void check_lambdas(const at::Tensor& lambdas, const at::Device& device) {

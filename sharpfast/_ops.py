@@ -4,7 +4,8 @@ The ops work on *flat buffers*: 1-D contiguous tensors of one dtype (float32, fl
 float16 or bfloat16; half types compute in float32) on one device, all of the same length
 ``N``. Element ``i`` of a buffer has the global element index ``offset + i`` for the counter
 RNG (:mod:`sharpfast.philox` is the pure-PyTorch twin of every draw). ``c`` is the
-per-coordinate scale: ``c = 0`` freezes a coordinate (never perturbed, never divided by).
+per-coordinate scale: a buffer, where ``c = 0`` freezes a coordinate (never perturbed, never
+divided by), or a :class:`DerivedScale`, which the kernels compute from ``w0`` (no buffer).
 
 Scalars that the evaluators update on the device (the APGD step size, the l2 gradient scale,
 the ellipsoid multiplier, the copy condition) are 0-dim tensors read inside the kernels, so no
@@ -17,7 +18,7 @@ in :data:`IMPORT_ERROR` and the wrappers raise ``RuntimeError`` naming it.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import torch  # must precede sharpfast._C (it links against libtorch)
 
@@ -30,7 +31,7 @@ except Exception as exc:  # pragma: no cover - depends on the build
     _C = None
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-__all__ = ["available", "build_info", "IMPORT_ERROR", "draw_", "perturb_", "perturb_batched_",
+__all__ = ["available", "build_info", "IMPORT_ERROR", "DerivedScale", "draw_", "perturb_", "perturb_batched_",
            "apgd_step_linf_", "apgd_step_l2_", "ellipsoid_norms", "copy_if_", "sum_squares",
            "seed_to_int64"]
 
@@ -79,6 +80,27 @@ def _check_distribution(distribution: str) -> str:
     return distribution
 
 
+class DerivedScale(NamedTuple):
+    """A scale ``c`` the kernels derive from ``w0``, with no parameter-sized buffer: ``|w0| + eta``
+    rounded to the buffers' dtype (exactly the reference's ``w.abs() + eta``) where ``adaptive``,
+    else 1."""
+
+    adaptive: bool = True
+    eta: float = 0.0
+
+
+Scale = Union[torch.Tensor, DerivedScale]
+
+
+def _scale_args(c: Scale) -> tuple:
+    """The schema's ``(Tensor? c, bool adaptive, float eta)`` for a scale."""
+    if isinstance(c, torch.Tensor):
+        return c, False, 0.0
+    if isinstance(c, DerivedScale):
+        return None, bool(c.adaptive), float(c.eta)
+    raise TypeError(f"the scale c must be a tensor or a DerivedScale, got {type(c).__name__}")
+
+
 # ----------------------------------------------------------------------------- wrappers
 
 def draw_(out: torch.Tensor, seed: int, stream: int, sample: int, offset: int = 0,
@@ -88,15 +110,15 @@ def draw_(out: torch.Tensor, seed: int, stream: int, sample: int, offset: int = 
     return out
 
 
-def perturb_(out: torch.Tensor, w0: torch.Tensor, c: torch.Tensor, rho: float, seed: int, stream: int,
+def perturb_(out: torch.Tensor, w0: torch.Tensor, c: Scale, rho: float, seed: int, stream: int,
              sample: int, offset: int = 0, distribution: str = "normal") -> torch.Tensor:
     """``out = w0 + rho * c * xi`` with ``xi`` drawn in place (no noise tensor); returns ``out``."""
-    _ops().perturb_(out, w0, c, float(rho), seed_to_int64(seed), int(stream), int(sample), int(offset),
+    _ops().perturb_(out, w0, *_scale_args(c), float(rho), seed_to_int64(seed), int(stream), int(sample), int(offset),
                     _check_distribution(distribution))
     return out
 
 
-def perturb_batched_(out: torch.Tensor, w0: torch.Tensor, c: torch.Tensor, rho: float, seed: int, stream: int,
+def perturb_batched_(out: torch.Tensor, w0: torch.Tensor, c: Scale, rho: float, seed: int, stream: int,
                      first_sample: int, offset: int = 0, distribution: str = "normal",
                      antithetic: bool = False) -> torch.Tensor:
     """``out[k] = w0 + rho * c * xi(sample = first_sample + k)`` for a ``[K, N]`` ``out``.
@@ -104,13 +126,13 @@ def perturb_batched_(out: torch.Tensor, w0: torch.Tensor, c: torch.Tensor, rho: 
     With ``antithetic`` rows ``2j`` and ``2j + 1`` use sample ``first_sample + j`` with signs
     ``+1`` and ``-1`` (``K`` must be even). Returns ``out``.
     """
-    _ops().perturb_batched_(out, w0, c, float(rho), seed_to_int64(seed), int(stream), int(first_sample),
+    _ops().perturb_batched_(out, w0, *_scale_args(c), float(rho), seed_to_int64(seed), int(stream), int(first_sample),
                             int(offset), _check_distribution(distribution), bool(antithetic))
     return out
 
 
 def apgd_step_linf_(params: torch.Tensor, delta: torch.Tensor, delta_prev: torch.Tensor, grad: torch.Tensor,
-                    w0: torch.Tensor, c: torch.Tensor, step_size: torch.Tensor, rho: float,
+                    w0: torch.Tensor, c: Scale, step_size: torch.Tensor, rho: float,
                     momentum: float = 0.75) -> None:
     """One fused linf APGD step (one pass over memory):
 
@@ -119,22 +141,24 @@ def apgd_step_linf_(params: torch.Tensor, delta: torch.Tensor, delta_prev: torch
     ``delta = new``, ``params = w0 + new``. ``step_size``: 0-dim float64/float32 tensor on the
     buffers' device (read in the kernel, no host sync).
     """
-    _ops().apgd_step_linf_(params, delta, delta_prev, grad, w0, c, step_size, float(rho), float(momentum))
+    _ops().apgd_step_linf_(params, delta, delta_prev, grad, w0, *_scale_args(c), step_size, float(rho),
+                           float(momentum))
 
 
-def ellipsoid_norms(delta: torch.Tensor, grad: torch.Tensor, c: torch.Tensor, grad_scale: torch.Tensor,
+def ellipsoid_norms(delta: torch.Tensor, grad: torch.Tensor, w0: torch.Tensor, c: Scale, grad_scale: torch.Tensor,
                     lambdas: torch.Tensor) -> torch.Tensor:
     """``||shrink(z, lambda_j) / c||^2`` for every candidate ``lambda_j``, in one pass over memory.
 
     ``z = delta + grad_scale * grad * c``; the result (float64, shape ``[L]``) is
     ``sum_i (z_i c_i / (c_i^2 + 2 lambda_j))^2`` (terms with ``c_i = 0`` are 0). ``grad_scale``:
-    0-dim tensor; ``lambdas``: 1-D float64 on the same device. Deterministic.
+    0-dim tensor; ``lambdas``: 1-D float64 on the same device; ``w0`` is read only where ``c`` is
+    derived from it. Deterministic.
     """
-    return _ops().ellipsoid_norms(delta, grad, c, grad_scale, lambdas)
+    return _ops().ellipsoid_norms(delta, grad, w0, *_scale_args(c), grad_scale, lambdas)
 
 
 def apgd_step_l2_(params: torch.Tensor, delta: torch.Tensor, delta_prev: torch.Tensor, grad: torch.Tensor,
-                  w0: torch.Tensor, c: torch.Tensor, grad_scale: torch.Tensor, lam: torch.Tensor,
+                  w0: torch.Tensor, c: Scale, grad_scale: torch.Tensor, lam: torch.Tensor,
                   momentum: float = 0.75) -> None:
     """One fused l2 APGD step: ``z = delta + grad_scale * grad * c``,
     ``zp = z c^2 / (c^2 + 2 lam)`` (0 where ``c = 0``; ``z`` where ``lam = 0``), then momentum,
@@ -143,7 +167,7 @@ def apgd_step_l2_(params: torch.Tensor, delta: torch.Tensor, delta_prev: torch.T
     Non-adaptive l2 (``c = 1``) rescaling to norm ``rho`` is ``lam = (||z|| / rho - 1) / 2`` when
     ``||z|| > rho``, else 0.
     """
-    _ops().apgd_step_l2_(params, delta, delta_prev, grad, w0, c, grad_scale, lam, float(momentum))
+    _ops().apgd_step_l2_(params, delta, delta_prev, grad, w0, *_scale_args(c), grad_scale, lam, float(momentum))
 
 
 def copy_if_(dst: torch.Tensor, src: torch.Tensor, cond: torch.Tensor) -> None:
@@ -172,10 +196,16 @@ def _fake_check_like(t, name, ref, ref_name):
                  f"'{ref_name}'")
 
 
+def _fake_check_scale(c, ref, ref_name):
+    if c is not None:
+        _fake_check_like(c, "c", ref, ref_name)
+
+
 def _fake_check_step(params, delta, delta_prev, grad, w0, c):
     _fake_check_flat(params, "params")
-    for t, name in ((delta, "delta"), (delta_prev, "delta_prev"), (grad, "grad"), (w0, "w0"), (c, "c")):
+    for t, name in ((delta, "delta"), (delta_prev, "delta_prev"), (grad, "grad"), (w0, "w0")):
         _fake_check_like(t, name, params, "params")
+    _fake_check_scale(c, params, "params")
 
 
 if _C is not None:
@@ -185,39 +215,41 @@ if _C is not None:
         return None
 
     @torch.library.register_fake("sharpfast::perturb_")
-    def _perturb_fake(out, w0, c, rho, seed, stream, sample, offset, distribution):
+    def _perturb_fake(out, w0, c, adaptive, eta, rho, seed, stream, sample, offset, distribution):
         _fake_check_flat(w0, "w0")
         _fake_check_like(out, "out", w0, "w0")
-        _fake_check_like(c, "c", w0, "w0")
+        _fake_check_scale(c, w0, "w0")
         return None
 
     @torch.library.register_fake("sharpfast::perturb_batched_")
-    def _perturb_batched_fake(out, w0, c, rho, seed, stream, first_sample, offset, distribution, antithetic):
+    def _perturb_batched_fake(out, w0, c, adaptive, eta, rho, seed, stream, first_sample, offset, distribution,
+                              antithetic):
         _fake_check_flat(w0, "w0")
-        _fake_check_like(c, "c", w0, "w0")
+        _fake_check_scale(c, w0, "w0")
         torch._check(out.dim() == 2 and out.shape[1] == w0.numel(),
                      lambda: "sharpfast: argument 'out' must be a [K, N] tensor with N = w0.numel()")
         torch._check(out.dtype == w0.dtype, lambda: "sharpfast: argument 'out' must have w0's dtype")
         return None
 
     @torch.library.register_fake("sharpfast::apgd_step_linf_")
-    def _linf_fake(params, delta, delta_prev, grad, w0, c, step_size, rho, momentum):
+    def _linf_fake(params, delta, delta_prev, grad, w0, c, adaptive, eta, step_size, rho, momentum):
         _fake_check_step(params, delta, delta_prev, grad, w0, c)
         torch._check(step_size.dim() == 0, lambda: "sharpfast: argument 'step_size' must be a 0-dim tensor")
         return None
 
     @torch.library.register_fake("sharpfast::apgd_step_l2_")
-    def _l2_fake(params, delta, delta_prev, grad, w0, c, grad_scale, lam, momentum):
+    def _l2_fake(params, delta, delta_prev, grad, w0, c, adaptive, eta, grad_scale, lam, momentum):
         _fake_check_step(params, delta, delta_prev, grad, w0, c)
         torch._check(grad_scale.dim() == 0, lambda: "sharpfast: argument 'grad_scale' must be a 0-dim tensor")
         torch._check(lam.dim() == 0, lambda: "sharpfast: argument 'lam' must be a 0-dim tensor")
         return None
 
     @torch.library.register_fake("sharpfast::ellipsoid_norms")
-    def _norms_fake(delta, grad, c, grad_scale, lambdas):
+    def _norms_fake(delta, grad, w0, c, adaptive, eta, grad_scale, lambdas):
         _fake_check_flat(delta, "delta")
         _fake_check_like(grad, "grad", delta, "delta")
-        _fake_check_like(c, "c", delta, "delta")
+        _fake_check_like(w0, "w0", delta, "delta")
+        _fake_check_scale(c, delta, "delta")
         torch._check(lambdas.dim() == 1, lambda: "sharpfast: argument 'lambdas' must be 1-D")
         return lambdas.new_empty(lambdas.shape, dtype=torch.float64)
 

@@ -2,8 +2,12 @@
 
 Worst-case (APGD) keeps every parameter-sized quantity in one flat buffer per call: the
 perturbed weights (the model's ``param.data`` point at views of it), the gradient (``.grad``
-views that autograd accumulates into in place), ``w0``, ``c``, ``delta``, ``delta_prev``, the
-best point and the gradient at the best point. Each step is one fused op over the buffer.
+views that autograd accumulates into in place), ``w0``, ``delta``, ``delta_prev`` and the
+gradient at the best point: four beyond the weights and gradient a training step holds. The
+scale ``c`` is derived from ``w0`` inside the kernels (a fifth buffer only for custom or mixed
+scales), and the best point itself is never stored: moving back to it is only ever followed by
+a step that rewrites every weight from its gradient, and its ``||delta||`` is a scalar kept on
+the device. Each step is one fused op over the buffers.
 The best-loss bookkeeping and the step-halving decisions are tensors on the device, so the
 loop never waits for the host (the adaptive l2 projection is the exception: it replays the
 published bisection from norms read back, a few passes per step, see ``apgd``). The loss at
@@ -59,23 +63,38 @@ def available(params: ParamSet) -> tuple[bool, str]:
 
 
 class FlatState:
-    """Flat buffers for one call; ``attach`` points the model's parameters (and grads) at views.
-    ``with_grad=False`` (average-case: forwards only) allocates no gradient buffer."""
+    """The flat ``w0`` and scale of one call. ``c`` is a buffer only for custom or mixed scales;
+    ``|w| + eta`` and ``1`` are derived from ``w0`` inside the kernels (``_ops.DerivedScale``).
+    ``attach`` allocates the flat weights (and, ``with_grad``, the flat gradient) that the model's
+    parameters (and grads) then view; the batched APGD path has its own rows and never attaches."""
 
-    def __init__(self, params: ParamSet, s: Settings, with_grad: bool = True):
+    def __init__(self, params: ParamSet, s: Settings):
         self.params = params
         self.w0 = torch.cat([p.detach().reshape(-1) for p in params.tensors])  # a copy: w0 is never written
-        self.c = torch.cat([c.reshape(-1) for c in params.scales(s.scale)]).to(self.w0.dtype)
+        rule = s.scale.uniform_rule(params)
+        self.c = (_ops.DerivedScale(*rule) if rule is not None else
+                  torch.cat([c.reshape(-1) for c in params.scales(s.scale)]).to(self.w0.dtype))
+        self.current = self.grad = None
+        self._views = []
+
+    def attach(self, with_grad: bool = True) -> None:
         self.current = self.w0.clone()
         self.grad = torch.zeros_like(self.w0) if with_grad else None
-        grads = params.split(self.grad) if with_grad else [None] * len(params)
-        self._views = list(zip(params.tensors, params.split(self.current), grads))
-
-    def attach(self) -> None:
+        grads = self.params.split(self.grad) if with_grad else [None] * len(self.params)
+        self._views = list(zip(self.params.tensors, self.params.split(self.current), grads))
         for p, value, grad in self._views:
             p.data = value
             if grad is not None:
                 p.grad = grad
+
+    def scale_values(self, out: torch.Tensor) -> torch.Tensor:
+        """``c`` as a tensor: the buffer itself, or written into ``out`` (a free buffer) when derived,
+        exactly as the reference builds it."""
+        if isinstance(self.c, torch.Tensor):
+            return self.c
+        if self.c.adaptive:
+            return torch.abs(self.w0, out=out).add_(self.c.eta)
+        return out.fill_(1)
 
     def backward(self, loss: torch.Tensor) -> None:
         """The gradient at the current weights, accumulated in place into ``self.grad``."""
@@ -122,15 +141,15 @@ def _finish(s: Settings, per_batch, per_batch_err, init_losses, init_errs, delta
 class _Projection:
     """The l2 projection's multiplier lambda for one APGD problem, as a device scalar (see ``apgd``)."""
 
-    def __init__(self, c: torch.Tensor, s: Settings, c_is_one: bool):
-        self.c, self.s, self.c_is_one = c, s, c_is_one
-        self.device = c.device
+    def __init__(self, w0: torch.Tensor, c: _ops.Scale, s: Settings, c_is_one: bool):
+        self.w0, self.c, self.s, self.c_is_one = w0, c, s, c_is_one
+        self.device = w0.device
         self.levels = BISECTION_LEVELS.get(self.device.type, 3)
         self.zero = torch.zeros(1, dtype=torch.float64, device=self.device)
         self.hint = None
 
     def norms(self, delta, grad, grad_scale, lams):
-        sq = _ops.ellipsoid_norms(delta, grad, self.c, grad_scale,
+        sq = _ops.ellipsoid_norms(delta, grad, self.w0, self.c, grad_scale,
                                   torch.as_tensor(lams, dtype=torch.float64, device=self.device))
         return sq.sqrt()
 
@@ -152,7 +171,7 @@ class _OneBatch:
     parameters view, its gradient accumulated by autograd into the flat gradient buffer."""
 
     def __init__(self, model, s: Settings, flat: FlatState, index: int, x, y):
-        self.model, self.s, self.flat, self.x, self.y = model, s, flat, x, y
+        self.model, self.s, self.flat, self.x, self.y = model, s, flat, x, y   # flat: attached
         self.streams = [index]
         self.current, self.grad = flat.current.view(1, -1), flat.grad.view(1, -1)
 
@@ -254,7 +273,7 @@ def _problems(model, batches, params: ParamSet, s: Settings, flat: FlatState):
     device = flat.w0.device
     on_device = lambda values: [to_device(v, device) for v in values]
     if together is None:   # auto: on a GPU, in eval mode, when the [B, N] buffers fit
-        memory = 6 * len(ys) * flat.w0.numel() * flat.w0.element_size()   # current, grad, 4 APGD buffers
+        memory = 5 * len(ys) * flat.w0.numel() * flat.w0.element_size()   # current, grad, 3 APGD buffers
         together = (device.type in TOGETHER_DEVICES and s.eval_mode and len(ys) > 1 and stackable
                     and memory <= TOGETHER_BUFFER_BYTES)
         if together:
@@ -278,7 +297,6 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
     f64 = dict(dtype=torch.float64, device=device)
     checkpoints = set(apgd.checkpoint_schedule(s.n_iters))
     dist = noise_distribution(s.norm)
-    positive = c > 0
     per_batch, per_batch_err, init_losses, init_errs, delta_norms, nonfinite = [], [], [], [], [], []
     has_err = True
     groups, first = _problems(model, batches, params, s, flat)   # first: a done evaluation at w0, or None
@@ -291,9 +309,9 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
         shape = () if B == 1 else (B,)   # per-problem scalars; 0-dim for one problem (no indexing per step)
         at = (lambda t, r: t) if B == 1 else (lambda t, r: t[r])
         if B not in buffers:
-            buffers[B] = [torch.empty_like(current) for _ in range(4)]
-        delta, delta_prev, best, best_grad = buffers[B]
-        row_views = [(current[r], grad[r], delta[r], delta_prev[r], best[r], best_grad[r]) for r in rows]
+            buffers[B] = [torch.empty_like(current) for _ in range(3)]
+        delta, delta_prev, best_grad = buffers[B]
+        row_views = [(current[r], grad[r], delta[r], delta_prev[r], best_grad[r]) for r in rows]
         if first is None:
             current.copy_(w0.expand_as(current))
         L0 = E0 = None
@@ -304,21 +322,21 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
         for restart in range(s.n_restarts):
             if s.rand_init:
                 for r, stream in zip(rows, group.streams):
+                    c_r = flat.scale_values(best_grad[r])   # best_grad is free until the first gradient
                     _ops.draw_(delta[r], s.seed, stream, RAND_INIT_SAMPLE_BASE + restart, 0, dist)
                     if s.norm == "l2":  # a Gaussian direction on the ellipsoid's surface (see reference)
-                        delta[r].mul_(positive)   # frozen coordinates (c = 0) neither move nor count
-                        delta[r].div_(_ops.sum_squares(delta[r]).sqrt().to(delta.dtype))
-                delta.mul_(c).mul_(s.rho)
+                        counted = torch.sign(c_r, out=delta_prev[r]).mul_(delta[r])   # frozen (c = 0) do not count
+                        delta[r].div_(_ops.sum_squares(counted).sqrt().to(delta.dtype))
+                    delta[r].mul_(c_r).mul_(s.rho)   # frozen coordinates do not move
                 torch.add(w0, delta, out=current)
             else:
                 delta.zero_()
                 current.copy_(w0.expand_as(current))
             delta_prev.copy_(delta)
-            best.copy_(current)
             step = torch.full(shape, 2 * s.rho * s.step_size_mult, **f64)
             n_updates = torch.zeros(shape, dtype=torch.int64, device=device)
             prev_checkpoint = 0
-            projections = [_Projection(c, s, s.scale.is_identity(params)) for _ in rows] if s.norm == "l2" else None
+            projections = [_Projection(w0, c, s, s.scale.is_identity(params)) for _ in rows] if s.norm == "l2" else None
             for i in range(s.n_iters + 1):
                 last = i == s.n_iters
                 if first is not None:                      # the vmap check took this forward at w0
@@ -331,15 +349,17 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
                     if L0 is None:                         # delta = 0: this forward was at w0
                         L0, E0 = loss, err
                     L_best, E_best = L0.clone(), E0.clone()
+                    best_sq = torch.zeros(shape, **f64)    # ||delta||^2 at the best point (0 at the start)
                     prev_step, prev_best = step.clone(), L_best.clone()
                 else:                                      # bookkeeping for the point of step i-1
                     loss_sum += loss
                     improved = loss > L_best
                     L_best = torch.where(improved, loss, L_best)
                     E_best = torch.where(improved, err, E_best)
-                    for r, (cur_r, grad_r, _, _, best_r, best_grad_r) in zip(rows, row_views):
-                        _ops.copy_if_(best_r, cur_r, at(improved, r))
-                        if not last:
+                    sq = [_ops.sum_squares(delta_r) for _, _, delta_r, _, _ in row_views]  # still step i-1's delta
+                    best_sq = torch.where(improved, sq[0] if B == 1 else torch.stack(sq), best_sq)
+                    if not last:
+                        for r, (_, grad_r, _, _, best_grad_r) in zip(rows, row_views):
                             _ops.copy_if_(best_grad_r, grad_r, at(improved, r))
                     n_updates += improved
                     if not last and (i - 1) in checkpoints:
@@ -350,13 +370,15 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
                         n_updates = torch.zeros_like(n_updates)
                         halve = too_few | stalled
                         step = torch.where(halve, step * apgd.STEP_SIZE_SCALER, step)
-                        for r, (cur_r, grad_r, _, _, best_r, best_grad_r) in zip(rows, row_views):
-                            _ops.copy_if_(cur_r, best_r, at(halve, r))        # back to the best point ...
-                            _ops.copy_if_(grad_r, best_grad_r, at(halve, r))  # ... and the gradient taken there
+                        # Back to the best point: the next step starts from the gradient taken there
+                        # (and, as published, the unchanged delta). The step writes every weight, so
+                        # the best weights themselves are never needed: only their gradient is kept.
+                        for r, (_, grad_r, _, _, best_grad_r) in zip(rows, row_views):
+                            _ops.copy_if_(grad_r, best_grad_r, at(halve, r))
                 if last:
                     break
                 with torch.no_grad():
-                    for r, (cur_r, grad_r, delta_r, delta_prev_r, _, _) in zip(rows, row_views):
+                    for r, (cur_r, grad_r, delta_r, delta_prev_r, _) in zip(rows, row_views):
                         if s.norm == "linf":
                             _ops.apgd_step_linf_(cur_r, delta_r, delta_prev_r, grad_r, w0, c, at(step, r), s.rho,
                                                  apgd.MOMENTUM)
@@ -365,13 +387,7 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
                             lam = projections[r](delta_r, grad_r, grad_scale)
                             _ops.apgd_step_l2_(cur_r, delta_r, delta_prev_r, grad_r, w0, c, grad_scale, lam,
                                                apgd.MOMENTUM)
-            # ||delta|| at the best point; delta is free until the next restart, so it holds best - w0
-            # with no temporaries (exact wherever |delta| <= |w0| / 2, e.g. adaptive with rho <= 1/2:
-            # Sterbenz; otherwise within one rounding of the reference's ||delta||)
-            torch.sub(best, w0, out=delta)
-            best_norms = torch.stack([_ops.sum_squares(delta_r) for _, _, delta_r, *_ in row_views])
-            best_norms = best_norms.sqrt().reshape(shape)
-            restart_norm = torch.where(L_best > L0, best_norms, torch.zeros(shape, **f64))
+            restart_norm = torch.where(L_best > L0, best_sq.sqrt(), torch.zeros(shape, **f64))
             if worst_loss is None:
                 worst_loss, worst_err, worst_norm = L0.clone(), E0.clone(), torch.zeros(shape, **f64)
             better = L_best > worst_loss
@@ -412,8 +428,8 @@ def _batched_losses(model, s: Settings, params: ParamSet, rows: torch.Tensor, x,
 
 
 def average_sharpness(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
-    flat = FlatState(params, s, with_grad=False)
-    flat.attach()
+    flat = FlatState(params, s)
+    flat.attach(with_grad=False)
     w0, c, current = flat.w0, flat.c, flat.current
     K = _samples_per_pass(s, flat)
     rows = torch.empty((K if K > 1 else 0, w0.numel()), dtype=w0.dtype, device=w0.device)

@@ -38,6 +38,19 @@ class ScaleSpec:
             return w.detach().abs() + self.eta
         return torch.ones_like(w)
 
+    def uniform_rule(self, params: "ParamSet") -> tuple[bool, float] | None:
+        """``(adaptive, eta)`` when one rule gives every parameter its scale (``|w| + eta``
+        everywhere, or 1 everywhere), so that ``c`` can be derived from ``w`` where it is needed
+        instead of stored; None for custom scales and for weights-only mixes."""
+        if self.custom and any(name in self.custom for name in params.names):
+            return None
+        adaptive = [self.adaptive and (p.dim() >= 2 or not self.weights_only) for p in params.tensors]
+        if all(adaptive):
+            return True, self.eta
+        if not any(adaptive):
+            return False, 0.0
+        return None
+
     def is_identity(self, params: "ParamSet") -> bool:
         """True when ``c = 1`` for every coordinate (the l2 projection is then a rescaling)."""
         if self.custom:

@@ -10,6 +10,7 @@ import logging
 
 import pytest
 import torch
+from torch import nn
 
 import sharpfast
 from sharpfast import _ops
@@ -226,3 +227,49 @@ def test_solving_batches_together_needs_one_shape_and_eval_mode():
     # one batch of a different shape is fine one by one, and the default on a CPU
     r = sharpfast.worst_case_sharpness(model, ragged, rho=0.05, n_iters=3, backend="fused")
     assert len(r.per_batch) == 2
+
+
+# ------------------------------------------------------------------------------ memory
+
+def peak_cpu_bytes(fn) -> int:
+    """Peak of the bytes allocated on the CPU while ``fn`` runs (torch profiler allocation events,
+    in time order; the net allocation of each op plus the frees outside ops)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+@pytest.mark.parametrize("definition, buffers", [
+    (dict(norm="linf"), 6), (dict(norm="l2"), 6), (dict(norm="l2", adaptive=False), 6),
+    (dict(norm="l2", rand_init=True, adaptive_eta=0.1), 6),
+    (dict(norm="linf", adaptive_weights_only=True), 7),   # a mixed scale is a buffer
+])
+def test_worst_case_parameter_sized_buffers(definition, buffers):
+    """DESIGN §4: at most 4 parameter-sized buffers beyond the weights and gradient of a training
+    step. The call holds w0, the perturbed weights, the gradient, delta, delta_prev and the
+    gradient at the best point; the scale is derived from w0 in the kernels unless it is mixed.
+    Many small layers keep the per-layer transients of autograd and the activations small."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(32, 64), nn.ReLU()] + [m for _ in range(12) for m in (nn.Linear(64, 64), nn.ReLU())]
+    model = nn.Sequential(*layers, nn.Linear(64, 10))
+    n = sum(p.numel() for p in model.parameters())
+    data = [(torch.randn(8, 32), torch.randint(0, 10, (8,))) for _ in range(2)]
+    peak = peak_cpu_bytes(lambda: sharpfast.worst_case_sharpness(model, data, rho=0.01, n_iters=6, backend="fused",
+                                                                 **definition))
+    assert buffers - 0.5 < peak / (4 * n) <= buffers + 0.35
+
+
+def test_average_case_parameter_sized_buffers():
+    """Average-case one sample at a time holds w0 and the perturbed weights (the scale is derived)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(64, 64), nn.ReLU())], nn.Linear(64, 10))
+    n = sum(p.numel() for p in model.parameters())
+    data = [(torch.randn(8, 64), torch.randint(0, 10, (8,)))]
+    peak = peak_cpu_bytes(lambda: sharpfast.average_sharpness(model, data, rho=0.01, n_samples=4, backend="fused",
+                                                              samples_per_pass=1))
+    assert 1.5 < peak / (4 * n) <= 2.25

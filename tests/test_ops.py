@@ -127,7 +127,7 @@ def test_apgd_step_linf(device, dtype, n, step_dtype):
     z = torch.maximum(torch.minimum(z, rho * cc), -rho * cc)
     new = mom * z + (1 - mom) * dp
     old_delta = delta.clone()
-    OPS.apgd_step_linf_(params, delta, delta_prev, grad, w0, c, scalar(step, device, step_dtype), rho, mom)
+    _ops.apgd_step_linf_(params, delta, delta_prev, grad, w0, c, scalar(step, device, step_dtype), rho, mom)
     assert torch.equal(delta_prev, old_delta)
     torch.testing.assert_close(delta, new.to(dtype), **tol(dtype, device))
     torch.testing.assert_close(params, (w + new).to(dtype), **tol(dtype, device))
@@ -158,7 +158,7 @@ def test_apgd_step_l2(device, dtype, n, lam):
     params, delta, delta_prev, grad, w0, c = step_inputs(n, dtype, device)
     _, new, p = l2_expected(delta, delta_prev, grad, w0, c, gs, lam, mom, compute_dtype(dtype))
     old_delta = delta.clone()
-    OPS.apgd_step_l2_(params, delta, delta_prev, grad, w0, c, scalar(gs, device), scalar(lam, device), mom)
+    _ops.apgd_step_l2_(params, delta, delta_prev, grad, w0, c, scalar(gs, device), scalar(lam, device), mom)
     assert torch.equal(delta_prev, old_delta)
     torch.testing.assert_close(delta, new.to(dtype), **tol(dtype, device))
     torch.testing.assert_close(params, p.to(dtype), **tol(dtype, device))
@@ -177,7 +177,7 @@ def test_apgd_step_l2_nonadaptive_rescale(device):
     lam = (z.norm().item() / rho - 1) / 2
     assert lam > 0
     params, dp = w0.clone(), torch.zeros_like(delta)
-    OPS.apgd_step_l2_(params, delta, dp, grad, w0, c, scalar(gs, device), scalar(lam, device), 1.0)
+    _ops.apgd_step_l2_(params, delta, dp, grad, w0, c, scalar(gs, device), scalar(lam, device), 1.0)
     torch.testing.assert_close(delta, z * rho / z.norm(), rtol=1e-12, atol=1e-15)
     assert abs(delta.norm().item() - rho) < 1e-12
 
@@ -187,9 +187,9 @@ def test_apgd_step_l2_nonadaptive_rescale(device):
 @pytest.mark.parametrize("n", SIZES + [100_003])
 def test_ellipsoid_norms(device, dtype, n):
     gs = 0.3
-    _, delta, _, grad, _, c = step_inputs(n, dtype, device)
+    _, delta, _, grad, w0, c = step_inputs(n, dtype, device)
     lambdas = torch.tensor([0.0, 1e-4, 0.01, 0.1, 1.0, 10.0, 1e3], dtype=torch.float64, device=device)
-    got = OPS.ellipsoid_norms(delta, grad, c, scalar(gs, device), lambdas)
+    got = _ops.ellipsoid_norms(delta, grad, w0, c, scalar(gs, device), lambdas)
     assert got.dtype == torch.float64 and got.shape == (7,) and got.device.type == torch.device(device).type
     ct = compute_dtype(dtype)
     z = (delta.to(ct) + gs * grad.to(ct) * c.to(ct)).double()
@@ -210,10 +210,10 @@ def test_ellipsoid_norms(device, dtype, n):
 def test_ellipsoid_norms_many_lambdas(device):
     """More candidates than one CUDA pass holds (32): same values."""
     n = 3000
-    _, delta, _, grad, _, c = step_inputs(n, torch.float64, device)
+    _, delta, _, grad, w0, c = step_inputs(n, torch.float64, device)
     lambdas = torch.logspace(-6, 3, 70, dtype=torch.float64, device=device)
-    got = OPS.ellipsoid_norms(delta, grad, c, scalar(0.1, device), lambdas)
-    single = torch.stack([OPS.ellipsoid_norms(delta, grad, c, scalar(0.1, device), lambdas[j:j + 1])[0]
+    got = _ops.ellipsoid_norms(delta, grad, w0, c, scalar(0.1, device), lambdas)
+    single = torch.stack([_ops.ellipsoid_norms(delta, grad, w0, c, scalar(0.1, device), lambdas[j:j + 1])[0]
                           for j in range(70)])
     torch.testing.assert_close(got, single, rtol=1e-13, atol=0)
     assert (got[1:] <= got[:-1]).all()   # monotone in lambda
@@ -232,14 +232,14 @@ def test_sum_squares(device, dtype, n):
 
 def test_reductions_thread_count_independent():
     n = 1_000_003
-    _, delta, _, grad, _, c = step_inputs(n, torch.float32, "cpu")
+    _, delta, _, grad, w0, c = step_inputs(n, torch.float32, "cpu")
     lambdas = torch.tensor([0.0, 0.1, 1.0], dtype=torch.float64)
     prev = torch.get_num_threads()
     res = []
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            res.append((OPS.sum_squares(grad), OPS.ellipsoid_norms(delta, grad, c, scalar(0.1, "cpu"), lambdas)))
+            res.append((OPS.sum_squares(grad), _ops.ellipsoid_norms(delta, grad, w0, c, scalar(0.1, "cpu"), lambdas)))
     finally:
         torch.set_num_threads(prev)
     assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
@@ -271,6 +271,59 @@ def test_offset_views_of_one_buffer(device):
     assert torch.equal(parts, whole)
 
 
+# ------------------------------------------------------------------------------ derived scale
+
+RULES = [_ops.DerivedScale(True, 0.0), _ops.DerivedScale(True, 0.01), _ops.DerivedScale(False)]
+
+
+def scale_buffer(rule, w0):
+    """The buffer a derived scale stands for, built as the reference builds c."""
+    return w0.abs() + rule.eta if rule.adaptive else torch.ones_like(w0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rule", RULES, ids=["abs", "abs+eta", "one"])
+def test_derived_scale_equals_its_buffer(device, dtype, rule):
+    """Every op with c derived from w0 in the kernels gives the same bits as with the buffer
+    |w0| + eta (or 1) passed explicitly, including at exact-zero weights (frozen when eta = 0)."""
+    n = 10_007
+    params, delta, delta_prev, grad, w0, _ = step_inputs(n, dtype, device, seed=4)
+    w0[::5] = 0.0
+    c = scale_buffer(rule, w0)
+    s, lam = scalar(0.3, device), scalar(0.02, device)
+    lambdas = torch.tensor([0.0, 0.01, 1.0], dtype=torch.float64, device=device)
+
+    def run(scale):
+        bufs = [t.clone() for t in (params, delta, delta_prev)]
+        linf = [t.clone() for t in (params, delta, delta_prev)]
+        _ops.apgd_step_l2_(*bufs, grad, w0, scale, s, lam, 0.75)
+        _ops.apgd_step_linf_(*linf, grad, w0, scale, s, 0.1, 0.75)
+        one = _ops.perturb_(torch.empty_like(w0), w0, scale, 0.05, 3, 1, 2, 5, "normal")
+        rows = _ops.perturb_batched_(torch.empty(2, n, dtype=dtype, device=device), w0, scale, 0.05, 3, 1, 2, 5,
+                                     "uniform", True)
+        norms = _ops.ellipsoid_norms(delta, grad, w0, scale, s, lambdas)
+        return bufs + linf + [one, rows, norms]
+
+    for got, want in zip(run(rule), run(c)):
+        assert torch.equal(got, want)
+
+
+def test_derived_scale_unaligned_views():
+    """Derived scales on views at odd offsets (the per-batch rows of the APGD buffers)."""
+    n = 1001
+    params, delta, delta_prev, grad, w0, _ = step_inputs(n + 3, torch.float32, "cpu", seed=5)
+    rule = _ops.DerivedScale(True, 0.0)
+    views = [t[3:] for t in (params, delta, delta_prev, grad, w0)]
+    c = scale_buffer(rule, views[4])
+    a = [t.clone() for t in views[:3]]
+    b = [t.clone() for t in views[:3]]
+    _ops.apgd_step_linf_(*a, views[3], views[4], rule, scalar(0.2, "cpu"), 0.1, 0.75)
+    _ops.apgd_step_linf_(*b, views[3], views[4], c, scalar(0.2, "cpu"), 0.1, 0.75)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
 # ------------------------------------------------------------------------------ errors
 
 def test_errors():
@@ -278,13 +331,19 @@ def test_errors():
     x = torch.zeros(n)
     s = torch.tensor(0.1, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="'out' must be contiguous"):
-        OPS.perturb_(torch.zeros(2 * n)[::2], x, x, 0.1, 0, 0, 0, 0, "normal")
+        _ops.perturb_(torch.zeros(2 * n)[::2], x, x, 0.1, 0, 0, 0, 0, "normal")
     with pytest.raises(RuntimeError, match="'c' has dtype"):
-        OPS.perturb_(torch.zeros(n), x, x.double(), 0.1, 0, 0, 0, 0, "normal")
+        _ops.perturb_(torch.zeros(n), x, x.double(), 0.1, 0, 0, 0, 0, "normal")
     with pytest.raises(RuntimeError, match="'c' has 11 elements"):
-        OPS.perturb_(torch.zeros(n), x, torch.zeros(n + 1), 0.1, 0, 0, 0, 0, "normal")
+        _ops.perturb_(torch.zeros(n), x, torch.zeros(n + 1), 0.1, 0, 0, 0, 0, "normal")
     with pytest.raises(RuntimeError, match="'w0' must be a 1-D"):
-        OPS.perturb_(torch.zeros(2, 5), x.view(2, 5), x.view(2, 5), 0.1, 0, 0, 0, 0, "normal")
+        _ops.perturb_(torch.zeros(2, 5), x.view(2, 5), x.view(2, 5), 0.1, 0, 0, 0, 0, "normal")
+    with pytest.raises(RuntimeError, match="'eta' must be finite and >= 0"):
+        _ops.perturb_(torch.zeros(n), x, _ops.DerivedScale(True, -0.1), 0.1, 0, 0, 0, 0, "normal")
+    with pytest.raises(RuntimeError, match="'w0' has 11 elements"):
+        _ops.ellipsoid_norms(x, x, torch.zeros(n + 1), _ops.DerivedScale(), s, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="a tensor or a DerivedScale"):
+        _ops.perturb_(torch.zeros(n), x, 1.0, 0.1, 0, 0, 0, 0, "normal")
     with pytest.raises(RuntimeError, match="unknown distribution"):
         OPS.draw_(x, 0, 0, 0, 0, "cauchy")
     with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
@@ -296,24 +355,24 @@ def test_errors():
     with pytest.raises(RuntimeError, match="'offset' must be >= 0"):
         OPS.draw_(x, 0, 0, 0, -1, "normal")
     with pytest.raises(RuntimeError, match="even number of rows"):
-        OPS.perturb_batched_(torch.zeros(3, n), x, x, 0.1, 0, 0, 0, 0, "normal", True)
+        _ops.perturb_batched_(torch.zeros(3, n), x, x, 0.1, 0, 0, 0, 0, "normal", True)
     with pytest.raises(RuntimeError, match="exceed 2\\^32 - 1"):
-        OPS.perturb_batched_(torch.zeros(3, n), x, x, 0.1, 0, 0, 2**32 - 2, 0, "normal", False)
+        _ops.perturb_batched_(torch.zeros(3, n), x, x, 0.1, 0, 0, 2**32 - 2, 0, "normal", False)
     with pytest.raises(RuntimeError, match="rows of length"):
-        OPS.perturb_batched_(torch.zeros(2, n + 1), x, x, 0.1, 0, 0, 0, 0, "normal", False)
+        _ops.perturb_batched_(torch.zeros(2, n + 1), x, x, 0.1, 0, 0, 0, 0, "normal", False)
     args = [torch.zeros(n) for _ in range(6)]
     with pytest.raises(RuntimeError, match="'step_size' must be a 0-dim"):
-        OPS.apgd_step_linf_(*args, torch.tensor([0.1]), 0.1, 0.75)
+        _ops.apgd_step_linf_(*args, torch.tensor([0.1]), 0.1, 0.75)
     with pytest.raises(RuntimeError, match="'step_size' must be a float64"):
-        OPS.apgd_step_linf_(*args, torch.tensor(1, dtype=torch.int64), 0.1, 0.75)
+        _ops.apgd_step_linf_(*args, torch.tensor(1, dtype=torch.int64), 0.1, 0.75)
     with pytest.raises(RuntimeError, match="'grad' has dtype"):
-        OPS.apgd_step_linf_(*args[:3], args[3].double(), *args[4:], s, 0.1, 0.75)
+        _ops.apgd_step_linf_(*args[:3], args[3].double(), *args[4:], s, 0.1, 0.75)
     with pytest.raises(RuntimeError, match="'delta_prev' must be contiguous"):
-        OPS.apgd_step_l2_(args[0], args[1], torch.zeros(2 * n)[::2], *args[3:], s, s, 0.75)
+        _ops.apgd_step_l2_(args[0], args[1], torch.zeros(2 * n)[::2], *args[3:], s, s, 0.75)
     with pytest.raises(RuntimeError, match="'lam' must be a float64"):
-        OPS.apgd_step_l2_(*args, s, s.float(), 0.75)
+        _ops.apgd_step_l2_(*args, s, s.float(), 0.75)
     with pytest.raises(RuntimeError, match="'lambdas' must be float64"):
-        OPS.ellipsoid_norms(x, x, x, s, torch.zeros(3))
+        _ops.ellipsoid_norms(x, x, x, x, s, torch.zeros(3))
     with pytest.raises(RuntimeError, match="'cond' must be a 0-dim bool"):
         OPS.copy_if_(x, x.clone(), torch.tensor([True]))
     with pytest.raises(RuntimeError, match="'src' has shape"):
@@ -328,9 +387,9 @@ def test_errors():
 def test_errors_device_mismatch():
     x, y = torch.zeros(4, device="cuda"), torch.zeros(4)
     with pytest.raises(RuntimeError, match="'c' is on"):
-        OPS.perturb_(x, x, y, 0.1, 0, 0, 0, 0, "normal")
+        _ops.perturb_(x, x, y, 0.1, 0, 0, 0, 0, "normal")
     with pytest.raises(RuntimeError, match="'step_size' is on"):
-        OPS.apgd_step_linf_(x, x.clone(), x.clone(), x, x, x, torch.tensor(0.1, dtype=torch.float64), 0.1, 0.75)
+        _ops.apgd_step_linf_(x, x.clone(), x.clone(), x, x, x, torch.tensor(0.1, dtype=torch.float64), 0.1, 0.75)
 
 
 def test_seed_mapping():
@@ -365,18 +424,25 @@ def _opcheck_cases(device):
     lam = torch.tensor([0.0, 0.5], dtype=torch.float64, device=device)
     return [
         (OPS.draw_, (f(), 1, 2, 3, 4, "normal")),
-        (OPS.perturb_, (f(), f(), c, 0.1, 1, 2, 3, 4, "uniform")),
-        (OPS.perturb_batched_, (torch.zeros(4, n, device=device), f(), c, 0.1, 1, 2, 3, 4, "normal", True)),
-        (OPS.apgd_step_linf_, (f(), f(), f(), f(), f(), c, s, 0.1, 0.75)),
-        (OPS.apgd_step_l2_, (f(), f(), f(), f(), f(), c, s, scalar(0.2, device), 0.75)),
-        (OPS.ellipsoid_norms, (f(), f(), c, s, lam)),
+        (OPS.perturb_, (f(), f(), c, False, 0.0, 0.1, 1, 2, 3, 4, "uniform")),
+        (OPS.perturb_batched_, (torch.zeros(4, n, device=device), f(), c, False, 0.0, 0.1, 1, 2, 3, 4, "normal", True)),
+        (OPS.apgd_step_linf_, (f(), f(), f(), f(), f(), c, False, 0.0, s, 0.1, 0.75)),
+        (OPS.apgd_step_l2_, (f(), f(), f(), f(), f(), c, False, 0.0, s, scalar(0.2, device), 0.75)),
+        (OPS.ellipsoid_norms, (f(), f(), f(), c, False, 0.0, s, lam)),
         (OPS.copy_if_, (f(), f(), torch.tensor(True, device=device))),
         (OPS.sum_squares, (f(),)),
+        # c derived from w0 in the kernels (no scale buffer)
+        (OPS.perturb_, (f(), f(), None, True, 0.01, 0.1, 1, 2, 3, 4, "normal")),
+        (OPS.perturb_batched_, (torch.zeros(2, n, device=device), f(), None, False, 0.0, 0.1, 1, 2, 3, 4, "normal",
+                                False)),
+        (OPS.apgd_step_linf_, (f(), f(), f(), f(), f(), None, True, 0.0, s, 0.1, 0.75)),
+        (OPS.apgd_step_l2_, (f(), f(), f(), f(), f(), None, True, 0.0, s, scalar(0.2, device), 0.75)),
+        (OPS.ellipsoid_norms, (f(), f(), f(), None, False, 0.0, s, lam)),
     ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(13))
 def test_opcheck(device, case):
     op, args = _opcheck_cases(device)[case]
     torch.library.opcheck(op, args)
@@ -388,9 +454,10 @@ def test_torch_compile_fullgraph(device):
     _, delta, delta_prev, grad, w0, c = step_inputs(n, torch.float32, device)
 
     def step(params, delta, delta_prev, grad, w0, c, step_size, lambdas):
-        OPS.apgd_step_linf_(params, delta, delta_prev, grad, w0, c, step_size, 0.1, 0.75)
-        norms = OPS.ellipsoid_norms(delta, grad, c, step_size, lambdas)
-        OPS.perturb_(w0, params, c, 0.01, 7, 0, 1, 0, "normal")
+        OPS.apgd_step_linf_(params, delta, delta_prev, grad, w0, c, False, 0.0, step_size, 0.1, 0.75)
+        OPS.apgd_step_l2_(params, delta, delta_prev, grad, w0, None, True, 0.0, step_size, lambdas[1], 0.75)
+        norms = OPS.ellipsoid_norms(delta, grad, w0, c, False, 0.0, step_size, lambdas)
+        OPS.perturb_(w0, params, c, False, 0.0, 0.01, 7, 0, 1, 0, "normal")
         OPS.copy_if_(params, w0, norms[0] > 0)
         return norms * 2, OPS.sum_squares(params)
 
@@ -426,10 +493,10 @@ def test_cpu_cuda_agree(dtype):
     cpu = step_inputs(n, dtype, "cpu")
     gpu = [t.cuda() for t in cpu]
     for bufs, dev in ((cpu, "cpu"), (gpu, "cuda")):
-        OPS.apgd_step_linf_(*bufs, scalar(0.2, dev), 0.1, 0.75)
+        _ops.apgd_step_linf_(*bufs, scalar(0.2, dev), 0.1, 0.75)
     for x, y in zip(cpu, gpu):
         torch.testing.assert_close(y.cpu(), x, **tol(dtype, "cuda"))
     lam = torch.tensor([0.0, 0.3], dtype=torch.float64)
-    na = OPS.ellipsoid_norms(cpu[1], cpu[3], cpu[5], scalar(0.1, "cpu"), lam)
-    nb = OPS.ellipsoid_norms(gpu[1], gpu[3], gpu[5], scalar(0.1, "cuda"), lam.cuda())
+    na = _ops.ellipsoid_norms(cpu[1], cpu[3], cpu[4], cpu[5], scalar(0.1, "cpu"), lam)
+    nb = _ops.ellipsoid_norms(gpu[1], gpu[3], gpu[4], gpu[5], scalar(0.1, "cuda"), lam.cuda())
     torch.testing.assert_close(nb.cpu(), na, rtol=1e-10 if dtype == torch.float64 else 1e-6, atol=1e-12)

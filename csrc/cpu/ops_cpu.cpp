@@ -114,10 +114,10 @@ SF_CPU_CLONES void ellipsoid_tile(const double* __restrict__ zc, const double* _
 // most of a pass's cost with few candidates.
 template <typename S, typename A>
 __attribute__((always_inline)) inline void ellipsoid_prep_body(const S* __restrict__ d, const S* __restrict__ g,
-                                                               const S* __restrict__ c, A s, int64_t q,
+                                                               const A* __restrict__ c, A s, int64_t q,
                                                                double* __restrict__ zc, double* __restrict__ c2) {
   for (int64_t j = 0; j < q; ++j) {
-    const A cj = static_cast<A>(c[j]);
+    const A cj = c[j];
     const double z = static_cast<double>(l2_ascent<A>(static_cast<A>(d[j]), static_cast<A>(g[j]), cj, s));
     const double cd = static_cast<double>(cj);
     zc[j] = cd == 0.0 ? 0.0 : z * cd;
@@ -127,7 +127,7 @@ __attribute__((always_inline)) inline void ellipsoid_prep_body(const S* __restri
 
 // fp16 / bf16 buffers (computed in float): the portable loop.
 template <typename S, typename A>
-void ellipsoid_prep(const S* d, const S* g, const S* c, A s, int64_t q, double* zc, double* c2) {
+void ellipsoid_prep(const S* d, const S* g, const A* c, A s, int64_t q, double* zc, double* c2) {
   ellipsoid_prep_body<S, A>(d, g, c, s, q, zc, c2);
 }
 
@@ -142,6 +142,49 @@ SF_CPU_CLONES void ellipsoid_prep(const double* __restrict__ d, const double* __
   ellipsoid_prep_body<double, double>(d, g, c, s, q, zc, c2);
 }
 
+// Where an op's scale c comes from: the buffer, |w0| + eta, or 1 (see ScaleRule). A template
+// argument, so that every loop below vectorizes with its scale inlined.
+enum class ScaleMode { buffer, abs_eta, one };
+
+inline ScaleMode scale_mode(const void* c, const ScaleRule& rule) {
+  return c != nullptr ? ScaleMode::buffer : (rule.adaptive ? ScaleMode::abs_eta : ScaleMode::one);
+}
+
+// eta rounded to the buffer's dtype first, as torch rounds the scalar of `w.abs() + eta`.
+template <typename S>
+at::opmath_type<S> rounded_eta(const ScaleRule& rule) {
+  return static_cast<at::opmath_type<S>>(static_cast<S>(rule.eta));
+}
+
+// c_i in the compute type: from the buffer, or derived from w_i and rounded to the buffer's
+// dtype exactly as the reference's `w.abs() + eta`.
+template <ScaleMode M, typename S, typename A>
+inline A scale_of(const S* c, int64_t i, A w, A eta) {
+  if constexpr (M == ScaleMode::buffer) {
+    return static_cast<A>(c[i]);
+  } else if constexpr (M == ScaleMode::abs_eta) {
+    return static_cast<A>(static_cast<S>(derived_scale<A>(w, eta, true)));
+  } else {
+    return A(1);
+  }
+}
+
+template <ScaleMode M, typename S, typename A>
+void fill_scales_as(const S* __restrict__ c, const S* __restrict__ w, A eta, int64_t m, A* __restrict__ out) {
+  for (int64_t j = 0; j < m; ++j) out[j] = scale_of<M, S, A>(c, j, static_cast<A>(w[j]), eta);
+}
+
+// c of m elements in the compute type (the sampling and reduction ops gather a tile's scales first).
+template <typename S, typename A>
+void fill_scales(const S* c, const S* w, const ScaleRule& rule, int64_t m, A* out) {
+  const A eta = rounded_eta<S>(rule);
+  switch (scale_mode(c, rule)) {
+    case ScaleMode::buffer: return fill_scales_as<ScaleMode::buffer>(c, w, eta, m, out);
+    case ScaleMode::abs_eta: return fill_scales_as<ScaleMode::abs_eta>(c, w, eta, m, out);
+    case ScaleMode::one: return fill_scales_as<ScaleMode::one>(c, w, eta, m, out);
+  }
+}
+
 template <typename S>
 struct ApgdBuffers {
   S* p;
@@ -149,23 +192,24 @@ struct ApgdBuffers {
   S* dp;
   const S* g;
   const S* w;
-  const S* c;
+  const S* c;  // nullptr: derived from w
   ApgdBuffers(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
-              const at::Tensor& w0, const at::Tensor& cc)
+              const at::Tensor& w0, const at::Tensor* cc)
       : p(params.data_ptr<S>()), d(delta.data_ptr<S>()), dp(delta_prev.data_ptr<S>()), g(grad.data_ptr<S>()),
-        w(w0.data_ptr<S>()), c(cc.data_ptr<S>()) {}
+        w(w0.data_ptr<S>()), c(scale_data<S>(cc)) {}
 };
 
 // One APGD step over m elements (a plain function with restrict pointers, so it vectorizes):
 // linf: z = clamp(delta + s1 sign(g) c, -rho c, rho c); l2: z = shrink(delta + s1 g c, lam = s2);
 // then momentum, history shift and parameter write.
-template <typename S, bool L2>
-void apgd_range(S* __restrict__ p, S* __restrict__ d, S* __restrict__ dp, const S* __restrict__ g,
-                const S* __restrict__ w, const S* __restrict__ c, int64_t m, at::opmath_type<S> s1,
-                at::opmath_type<S> s2, at::opmath_type<S> rho, at::opmath_type<S> alpha) {
+template <typename S, bool L2, ScaleMode M>
+void apgd_sub(S* __restrict__ p, S* __restrict__ d, S* __restrict__ dp, const S* __restrict__ g,
+              const S* __restrict__ w, const S* __restrict__ c, int64_t m, at::opmath_type<S> eta,
+              at::opmath_type<S> s1, at::opmath_type<S> s2, at::opmath_type<S> rho, at::opmath_type<S> alpha) {
   using A = at::opmath_type<S>;
   for (int64_t i = 0; i < m; ++i) {
-    const A di = static_cast<A>(d[i]), ci = static_cast<A>(c[i]), gi = static_cast<A>(g[i]);
+    const A di = static_cast<A>(d[i]), gi = static_cast<A>(g[i]), wi = static_cast<A>(w[i]);
+    const A ci = scale_of<M, S, A>(c, i, wi, eta);
     A z;
     if (L2) {
       z = ellipsoid_shrink<A>(l2_ascent<A>(di, gi, ci, s1), ci, s2);
@@ -175,7 +219,25 @@ void apgd_range(S* __restrict__ p, S* __restrict__ d, S* __restrict__ dp, const 
     const A nw = momentum_mix<A>(z, static_cast<A>(dp[i]), alpha);
     dp[i] = d[i];
     d[i] = static_cast<S>(nw);
-    p[i] = static_cast<S>(static_cast<A>(w[i]) + nw);
+    p[i] = static_cast<S>(wi + nw);
+  }
+}
+
+template <typename S, bool L2>
+void apgd_range(const ApgdBuffers<S>& buf, const ScaleRule& rule, int64_t b, int64_t e, at::opmath_type<S> s1,
+                at::opmath_type<S> s2, at::opmath_type<S> rho, at::opmath_type<S> alpha) {
+  const at::opmath_type<S> eta = rounded_eta<S>(rule);
+  const S* c = buf.c ? buf.c + b : nullptr;
+  switch (scale_mode(buf.c, rule)) {
+    case ScaleMode::buffer:
+      return apgd_sub<S, L2, ScaleMode::buffer>(buf.p + b, buf.d + b, buf.dp + b, buf.g + b, buf.w + b, c, e - b, eta,
+                                                s1, s2, rho, alpha);
+    case ScaleMode::abs_eta:
+      return apgd_sub<S, L2, ScaleMode::abs_eta>(buf.p + b, buf.d + b, buf.dp + b, buf.g + b, buf.w + b, c, e - b, eta,
+                                                 s1, s2, rho, alpha);
+    case ScaleMode::one:
+      return apgd_sub<S, L2, ScaleMode::one>(buf.p + b, buf.d + b, buf.dp + b, buf.g + b, buf.w + b, c, e - b, eta, s1,
+                                             s2, rho, alpha);
   }
 }
 
@@ -206,77 +268,82 @@ void draw_cpu(at::Tensor& out, int64_t seed, int64_t stream, int64_t sample, int
 
 // Rows of out ([rows, n]): row r = w0 + sign_r * rho * c * xi(sample_r). Antithetic pairs
 // share their draws (generated once, written twice).
-void perturb_rows(at::Tensor& out, const at::Tensor& w0, const at::Tensor& c, double rho, const Counter& k,
-                  int64_t n_samples, bool antithetic, Dist dist) {
+void perturb_rows(at::Tensor& out, const at::Tensor& w0, const at::Tensor* c, const ScaleRule& rule, double rho,
+                  const Counter& k, int64_t n_samples, bool antithetic, Dist dist) {
   const int64_t n = w0.numel();
   if (n == 0 || n_samples == 0) return;
   SF_DISPATCH(w0.scalar_type(), "sharpfast::perturb_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* o = out.data_ptr<scalar_t>();
     const scalar_t* __restrict__ w = w0.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ cc = c.data_ptr<scalar_t>();
+    const scalar_t* cc = scale_data<scalar_t>(c);
     const int64_t tiles = (n + kTile - 1) / kTile;
     const acc_t rp = static_cast<acc_t>(rho), rm = static_cast<acc_t>(-rho);
     at::parallel_for(0, tiles * n_samples, std::max<int64_t>(1, kGrain / kTile), [&](int64_t t0, int64_t t1) {
-      acc_t xi[kTile];
+      acc_t xi[kTile], cs[kTile];
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t s = t / tiles, b = (t % tiles) * kTile, m = std::min(kTile, n - b);
         fill_draws<acc_t>(dist, k, k.sample + static_cast<uint32_t>(s), k.offset + b, m, xi);
+        fill_scales<scalar_t>(cc ? cc + b : nullptr, w + b, rule, m, cs);
         const int64_t rows = antithetic ? 2 : 1;
         for (int64_t r = 0; r < rows; ++r) {
           scalar_t* __restrict__ dst = o + (s * rows + r) * n + b;
           const acc_t rr = r ? rm : rp;
           for (int64_t j = 0; j < m; ++j)
-            dst[j] = static_cast<scalar_t>(perturb<acc_t>(static_cast<acc_t>(w[b + j]), static_cast<acc_t>(cc[b + j]),
-                                                          rr, xi[j]));
+            dst[j] = static_cast<scalar_t>(perturb<acc_t>(static_cast<acc_t>(w[b + j]), cs[j], rr, xi[j]));
         }
       }
     });
   });
 }
 
-void perturb_cpu(at::Tensor& out, const at::Tensor& w0, const at::Tensor& c, double rho, int64_t seed,
-                 int64_t stream, int64_t sample, int64_t offset, c10::string_view distribution) {
+void perturb_cpu(at::Tensor& out, const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive, double eta,
+                 double rho, int64_t seed, int64_t stream, int64_t sample, int64_t offset,
+                 c10::string_view distribution) {
   check_flat(w0, "w0");
   check_like(out, "out", w0, "w0");
-  check_like(c, "c", w0, "w0");
+  const at::Tensor* cc = check_scale(c, w0, "w0", adaptive, eta);
   const Dist dist = parse_distribution(distribution);
   const Counter k = check_counter(seed, stream, sample, offset, w0.numel());
-  perturb_rows(out, w0, c, rho, k, 1, false, dist);
+  perturb_rows(out, w0, cc, ScaleRule{adaptive, eta}, rho, k, 1, false, dist);
 }
 
-void perturb_batched_cpu(at::Tensor& out, const at::Tensor& w0, const at::Tensor& c, double rho, int64_t seed,
-                         int64_t stream, int64_t first_sample, int64_t offset, c10::string_view distribution,
-                         bool antithetic) {
-  const int64_t n_samples = check_batched(out, w0, c, antithetic);
+void perturb_batched_cpu(at::Tensor& out, const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive,
+                         double eta, double rho, int64_t seed, int64_t stream, int64_t first_sample, int64_t offset,
+                         c10::string_view distribution, bool antithetic) {
+  const int64_t n_samples = check_batched(out, w0, antithetic);
+  const at::Tensor* cc = check_scale(c, w0, "w0", adaptive, eta);
   const Dist dist = parse_distribution(distribution);
   const Counter k = check_counter(seed, stream, first_sample, offset, w0.numel(), n_samples);
-  perturb_rows(out, w0, c, rho, k, n_samples, antithetic, dist);
+  perturb_rows(out, w0, cc, ScaleRule{adaptive, eta}, rho, k, n_samples, antithetic, dist);
 }
 
 void apgd_step_linf_cpu(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
-                        const at::Tensor& w0, const at::Tensor& c, const at::Tensor& step_size, double rho,
-                        double momentum) {
-  check_step_buffers(params, delta, delta_prev, grad, w0, c);
+                        const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive, double eta,
+                        const at::Tensor& step_size, double rho, double momentum) {
+  check_step_buffers(params, delta, delta_prev, grad, w0);
+  const at::Tensor* cc = check_scale(c, params, "params", adaptive, eta);
+  const ScaleRule rule{adaptive, eta};
   check_scalar(step_size, "step_size", params.device(), true);
   const int64_t n = params.numel();
   if (n == 0) return;
   const double step = read_scalar(step_size);
   SF_DISPATCH(params.scalar_type(), "sharpfast::apgd_step_linf_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const ApgdBuffers<scalar_t> buf(params, delta, delta_prev, grad, w0, c);
+    const ApgdBuffers<scalar_t> buf(params, delta, delta_prev, grad, w0, cc);
     const acc_t st = static_cast<acc_t>(step), r = static_cast<acc_t>(rho), a = static_cast<acc_t>(momentum);
     at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      apgd_range<scalar_t, false>(buf.p + b, buf.d + b, buf.dp + b, buf.g + b, buf.w + b, buf.c + b, e - b, st,
-                                  acc_t(0), r, a);
+      apgd_range<scalar_t, false>(buf, rule, b, e, st, acc_t(0), r, a);
     });
   });
 }
 
 void apgd_step_l2_cpu(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
-                      const at::Tensor& w0, const at::Tensor& c, const at::Tensor& grad_scale, const at::Tensor& lam,
-                      double momentum) {
-  check_step_buffers(params, delta, delta_prev, grad, w0, c);
+                      const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive, double eta,
+                      const at::Tensor& grad_scale, const at::Tensor& lam, double momentum) {
+  check_step_buffers(params, delta, delta_prev, grad, w0);
+  const at::Tensor* cc = check_scale(c, params, "params", adaptive, eta);
+  const ScaleRule rule{adaptive, eta};
   check_scalar(grad_scale, "grad_scale", params.device(), true);
   check_scalar(lam, "lam", params.device(), false);
   const int64_t n = params.numel();
@@ -284,11 +351,10 @@ void apgd_step_l2_cpu(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_p
   const double gs = read_scalar(grad_scale), lm = read_scalar(lam);
   SF_DISPATCH(params.scalar_type(), "sharpfast::apgd_step_l2_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const ApgdBuffers<scalar_t> buf(params, delta, delta_prev, grad, w0, c);
+    const ApgdBuffers<scalar_t> buf(params, delta, delta_prev, grad, w0, cc);
     const acc_t s = static_cast<acc_t>(gs), l = static_cast<acc_t>(lm), a = static_cast<acc_t>(momentum);
     at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      apgd_range<scalar_t, true>(buf.p + b, buf.d + b, buf.dp + b, buf.g + b, buf.w + b, buf.c + b, e - b, s, l,
-                                 acc_t(0), a);
+      apgd_range<scalar_t, true>(buf, rule, b, e, s, l, acc_t(0), a);
     });
   });
 }
@@ -336,11 +402,14 @@ at::Tensor sum_squares_cpu(const at::Tensor& x) {
   return out;
 }
 
-at::Tensor ellipsoid_norms_cpu(const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& c,
+at::Tensor ellipsoid_norms_cpu(const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& w0,
+                               const std::optional<at::Tensor>& c, bool adaptive, double eta,
                                const at::Tensor& grad_scale, const at::Tensor& lambdas) {
   check_flat(delta, "delta");
   check_like(grad, "grad", delta, "delta");
-  check_like(c, "c", delta, "delta");
+  check_like(w0, "w0", delta, "delta");
+  const at::Tensor* c_buf = check_scale(c, delta, "delta", adaptive, eta);
+  const ScaleRule rule{adaptive, eta};
   check_scalar(grad_scale, "grad_scale", delta.device(), true);
   check_lambdas(lambdas, delta.device());
   const int64_t L = lambdas.numel();
@@ -354,18 +423,21 @@ at::Tensor ellipsoid_norms_cpu(const at::Tensor& delta, const at::Tensor& grad, 
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* __restrict__ d = delta.data_ptr<scalar_t>();
     const scalar_t* __restrict__ g = grad.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ cc = c.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ w = w0.data_ptr<scalar_t>();
+    const scalar_t* cc = scale_data<scalar_t>(c_buf);
     const acc_t s = static_cast<acc_t>(gs);
     constexpr int64_t kSub = 256;
     chunked_sums(n, L, out.data_ptr<double>(), [&](int64_t b, int64_t m, double* res) {
       // Per sub-tile: zc = z c and c2 = c^2 (c2 := 1 where c = 0, so the term is 0, never 0/0),
       // then every candidate lambda over the sub-tile with 8 interleaved accumulators.
       double zc[kSub], c2[kSub];
+      acc_t cs[kSub];
       std::vector<double> acc(static_cast<size_t>(L * 8), 0.0);
       for (int64_t t = 0; t < m; t += kSub) {
         const int64_t q = std::min(kSub, m - t);
         const int64_t i = b + t;
-        ellipsoid_prep(d + i, g + i, cc + i, s, q, zc, c2);
+        fill_scales<scalar_t>(cc ? cc + i : nullptr, w + i, rule, q, cs);
+        ellipsoid_prep(d + i, g + i, static_cast<const acc_t*>(cs), s, q, zc, c2);
         for (int64_t j = q; j < ((q + 7) / 8) * 8 && j < kSub; ++j) {
           zc[j] = 0.0;
           c2[j] = 1.0;

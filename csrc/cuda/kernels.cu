@@ -51,6 +51,22 @@ __device__ __forceinline__ void store_vec(S* p, int64_t i, const Vec<S, V>& x) {
   reinterpret_cast<Vec<S, V>*>(p)[i] = x;
 }
 
+// c_i derived from w0_i (no scale buffer), rounded to the buffer's dtype like the reference's
+// `w.abs() + eta`.
+template <typename S>
+__device__ __forceinline__ typename AccOf<S>::type derived_scale_of(S w, const ScaleRule& rule) {
+  using A = typename AccOf<S>::type;
+  const A eta = to_acc(from_acc<S>(static_cast<A>(rule.eta)));  // torch rounds the scalar to the dtype first
+  return to_acc(from_acc<S>(derived_scale<A>(to_acc(w), eta, rule.adaptive)));
+}
+
+// c_i from the buffer c, or derived from w0_i where there is none.
+template <typename S>
+__device__ __forceinline__ typename AccOf<S>::type scale_at(const S* __restrict__ c, int64_t i, S w,
+                                                            const ScaleRule& rule) {
+  return c != nullptr ? to_acc(c[i]) : derived_scale_of<S>(w, rule);
+}
+
 inline bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 int sm_count() {
@@ -82,8 +98,8 @@ __device__ __forceinline__ void block_draws(Dist dist, uint64_t seed, uint32_t s
 // One thread per (philox block, sample). Rows: `rows_per_sample` (1, or 2 for antithetic
 // pairs with signs +1, -1). DRAW_ONLY writes xi, otherwise w0 + sign * rho * c * xi.
 template <typename S, bool DRAW_ONLY, bool VEC4>
-__global__ void sample_kernel(S* __restrict__ out, const S* __restrict__ w0, const S* __restrict__ c, int64_t n,
-                              double rho, uint64_t seed, uint32_t rng_stream, uint32_t first_sample,
+__global__ void sample_kernel(S* __restrict__ out, const S* __restrict__ w0, const S* __restrict__ c,
+                              ScaleRule rule, int64_t n, double rho, uint64_t seed, uint32_t rng_stream, uint32_t first_sample,
                               uint64_t offset, Dist dist, int rows_per_sample) {
   using A = typename AccOf<S>::type;
   const uint64_t first_block = offset >> 2;
@@ -98,17 +114,19 @@ __global__ void sample_kernel(S* __restrict__ out, const S* __restrict__ w0, con
     block_draws<A>(dist, seed, rng_stream, sample, first_block + static_cast<uint64_t>(b), xi);
     const int64_t i0 = 4 * b - head;  // local index of the block's lane 0 (may be negative)
     if (VEC4 && i0 + 3 < n) {  // head == 0 here, so i0 >= 0 and i0 % 4 == 0
-      Vec<S, 4> W, C;
+      Vec<S, 4> W{}, C{};
+      A cs[4] = {A(0), A(0), A(0), A(0)};
       if (!DRAW_ONLY) {
         W = load_vec<S, 4>(w0, i0 >> 2);
-        C = load_vec<S, 4>(c, i0 >> 2);
+        if (c != nullptr) C = load_vec<S, 4>(c, i0 >> 2);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) cs[k] = c != nullptr ? to_acc(C.v[k]) : derived_scale_of<S>(W.v[k], rule);
       }
       for (int r = 0; r < rows_per_sample; ++r) {
         Vec<S, 4> O;
 #pragma unroll
         for (int k = 0; k < 4; ++k)
-          O.v[k] = DRAW_ONLY ? from_acc<S>(xi[k])
-                             : from_acc<S>(perturb<A>(to_acc(W.v[k]), to_acc(C.v[k]), r ? rm : rp, xi[k]));
+          O.v[k] = DRAW_ONLY ? from_acc<S>(xi[k]) : from_acc<S>(perturb<A>(to_acc(W.v[k]), cs[k], r ? rm : rp, xi[k]));
         store_vec<S, 4>(out + (static_cast<int64_t>(s) * rows_per_sample + r) * n, i0 >> 2, O);
       }
     } else {
@@ -116,10 +134,10 @@ __global__ void sample_kernel(S* __restrict__ out, const S* __restrict__ w0, con
       for (int k = 0; k < 4; ++k) {
         const int64_t i = i0 + k;
         if (i < 0 || i >= n) continue;
+        const A ci = DRAW_ONLY ? A(0) : scale_at<S>(c, i, w0[i], rule);
         for (int r = 0; r < rows_per_sample; ++r) {
           S* row = out + (static_cast<int64_t>(s) * rows_per_sample + r) * n;
-          row[i] = DRAW_ONLY ? from_acc<S>(xi[k])
-                             : from_acc<S>(perturb<A>(to_acc(w0[i]), to_acc(c[i]), r ? rm : rp, xi[k]));
+          row[i] = DRAW_ONLY ? from_acc<S>(xi[k]) : from_acc<S>(perturb<A>(to_acc(w0[i]), ci, r ? rm : rp, xi[k]));
         }
       }
     }
@@ -127,7 +145,7 @@ __global__ void sample_kernel(S* __restrict__ out, const S* __restrict__ w0, con
 }
 
 template <typename S, bool DRAW_ONLY>
-cudaError_t launch_sample(void* out, const void* w0, const void* c, int64_t n, double rho, uint64_t seed,
+cudaError_t launch_sample(void* out, const void* w0, const void* c, ScaleRule rule, int64_t n, double rho, uint64_t seed,
                           uint32_t rng_stream, uint32_t first_sample, uint64_t offset, Dist dist, int64_t n_samples,
                           int rows_per_sample, cudaStream_t stream) {
   if (n == 0 || n_samples == 0) return cudaSuccess;
@@ -141,10 +159,10 @@ cudaError_t launch_sample(void* out, const void* w0, const void* c, int64_t n, d
   auto w = static_cast<const S*>(w0);
   auto cc = static_cast<const S*>(c);
   if (vec)
-    sample_kernel<S, DRAW_ONLY, true><<<grid, kThreads, 0, stream>>>(o, w, cc, n, rho, seed, rng_stream, first_sample,
-                                                                     offset, dist, rows_per_sample);
+    sample_kernel<S, DRAW_ONLY, true><<<grid, kThreads, 0, stream>>>(o, w, cc, rule, n, rho, seed, rng_stream,
+                                                                     first_sample, offset, dist, rows_per_sample);
   else
-    sample_kernel<S, DRAW_ONLY, false><<<grid, kThreads, 0, stream>>>(o, w, cc, n, rho, seed, rng_stream,
+    sample_kernel<S, DRAW_ONLY, false><<<grid, kThreads, 0, stream>>>(o, w, cc, rule, n, rho, seed, rng_stream,
                                                                       first_sample, offset, dist, rows_per_sample);
   return cudaGetLastError();
 }
@@ -167,8 +185,8 @@ __device__ __forceinline__ void apgd_element(A d, A dp, A g, A w, A c, A s1, A s
 
 template <typename S, int V, bool L2>
 __global__ void apgd_kernel(S* __restrict__ params, S* __restrict__ delta, S* __restrict__ delta_prev,
-                            const S* __restrict__ grad, const S* __restrict__ w0, const S* __restrict__ c, int64_t n,
-                            const double* __restrict__ s1p, const double* __restrict__ s2p, double rho,
+                            const S* __restrict__ grad, const S* __restrict__ w0, const S* __restrict__ c,
+                            ScaleRule rule, int64_t n, const double* __restrict__ s1p, const double* __restrict__ s2p, double rho,
                             double momentum) {
   using A = typename AccOf<S>::type;
   const A s1 = static_cast<A>(*s1p);
@@ -179,13 +197,16 @@ __global__ void apgd_kernel(S* __restrict__ params, S* __restrict__ delta, S* __
   const int64_t nv = n / V;
   for (int64_t v = tid; v < nv; v += stride) {
     const Vec<S, V> D = load_vec<S, V>(delta, v), DP = load_vec<S, V>(delta_prev, v), G = load_vec<S, V>(grad, v),
-                    W = load_vec<S, V>(w0, v), C = load_vec<S, V>(c, v);
+                    W = load_vec<S, V>(w0, v);
+    Vec<S, V> C{};
+    if (c != nullptr) C = load_vec<S, V>(c, v);
     Vec<S, V> ND, P;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       A nd, p;
-      apgd_element<A, L2>(to_acc(D.v[k]), to_acc(DP.v[k]), to_acc(G.v[k]), to_acc(W.v[k]), to_acc(C.v[k]), s1, s2,
-                          r, alpha, nd, p);
+      const A ck = c != nullptr ? to_acc(C.v[k]) : derived_scale_of<S>(W.v[k], rule);
+      apgd_element<A, L2>(to_acc(D.v[k]), to_acc(DP.v[k]), to_acc(G.v[k]), to_acc(W.v[k]), ck, s1, s2, r, alpha, nd,
+                          p);
       ND.v[k] = from_acc<S>(nd);
       P.v[k] = from_acc<S>(p);
     }
@@ -196,8 +217,9 @@ __global__ void apgd_kernel(S* __restrict__ params, S* __restrict__ delta, S* __
   for (int64_t i = nv * V + tid; i < n; i += stride) {
     const S d = delta[i];
     A nd, p;
-    apgd_element<A, L2>(to_acc(d), to_acc(delta_prev[i]), to_acc(grad[i]), to_acc(w0[i]), to_acc(c[i]), s1, s2, r,
-                        alpha, nd, p);
+    const S w = w0[i];
+    apgd_element<A, L2>(to_acc(d), to_acc(delta_prev[i]), to_acc(grad[i]), to_acc(w), scale_at<S>(c, i, w, rule), s1,
+                        s2, r, alpha, nd, p);
     delta_prev[i] = d;
     delta[i] = from_acc<S>(nd);
     params[i] = from_acc<S>(p);
@@ -206,7 +228,7 @@ __global__ void apgd_kernel(S* __restrict__ params, S* __restrict__ delta, S* __
 
 template <typename S, bool L2>
 cudaError_t launch_apgd(void* params, void* delta, void* delta_prev, const void* grad, const void* w0, const void* c,
-                        int64_t n, const double* s1, const double* s2, double rho, double momentum,
+                        ScaleRule rule, int64_t n, const double* s1, const double* s2, double rho, double momentum,
                         cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   constexpr int V = 16 / sizeof(S);
@@ -219,9 +241,10 @@ cudaError_t launch_apgd(void* params, void* delta, void* delta_prev, const void*
   auto W = static_cast<const S*>(w0);
   auto C = static_cast<const S*>(c);
   if (vec)
-    apgd_kernel<S, V, L2><<<grid_for(n / V + 1), kThreads, 0, stream>>>(P, D, DP, G, W, C, n, s1, s2, rho, momentum);
+    apgd_kernel<S, V, L2><<<grid_for(n / V + 1), kThreads, 0, stream>>>(P, D, DP, G, W, C, rule, n, s1, s2, rho,
+                                                                         momentum);
   else
-    apgd_kernel<S, 1, L2><<<grid_for(n), kThreads, 0, stream>>>(P, D, DP, G, W, C, n, s1, s2, rho, momentum);
+    apgd_kernel<S, 1, L2><<<grid_for(n), kThreads, 0, stream>>>(P, D, DP, G, W, C, rule, n, s1, s2, rho, momentum);
   return cudaGetLastError();
 }
 
@@ -271,8 +294,8 @@ __global__ void finish_kernel(const double* __restrict__ partials, int64_t n_par
 }
 
 template <typename S>
-__global__ void ellipsoid_kernel(const S* __restrict__ delta, const S* __restrict__ grad, const S* __restrict__ c,
-                                 int64_t n, const double* __restrict__ grad_scale, const double* __restrict__ lambdas,
+__global__ void ellipsoid_kernel(const S* __restrict__ delta, const S* __restrict__ grad, const S* __restrict__ w0,
+                                 const S* __restrict__ c, ScaleRule rule, int64_t n, const double* __restrict__ grad_scale, const double* __restrict__ lambdas,
                                  int L, double* __restrict__ partials) {
   using A = typename AccOf<S>::type;
   __shared__ double two_lam[kMaxLambdasPerPass];
@@ -285,7 +308,7 @@ __global__ void ellipsoid_kernel(const S* __restrict__ delta, const S* __restric
   for (int j = 0; j < kMaxLambdasPerPass; ++j) acc[j] = 0.0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const A ci = to_acc(c[i]);
+    const A ci = scale_at<S>(c, i, w0[i], rule);
     if (ci == A(0)) continue;  // frozen coordinate: term 0, never divided by
     const double z = static_cast<double>(l2_ascent<A>(to_acc(delta[i]), to_acc(grad[i]), ci, gs));
     const double cd = static_cast<double>(ci);
@@ -352,25 +375,26 @@ cudaError_t dispatch(DType t, Args... args) {
 template <typename S> struct DrawF {
   static cudaError_t run(void* out, int64_t n, uint64_t seed, uint32_t rs, uint32_t sample, uint64_t offset, Dist d,
                          cudaStream_t st) {
-    return launch_sample<S, true>(out, nullptr, nullptr, n, 0.0, seed, rs, sample, offset, d, 1, 1, st);
+    return launch_sample<S, true>(out, nullptr, nullptr, ScaleRule{false, 0.0}, n, 0.0, seed, rs, sample, offset, d, 1, 1,
+                                  st);
   }
 };
 template <typename S> struct PerturbF {
-  static cudaError_t run(void* out, const void* w0, const void* c, int64_t n, double rho, uint64_t seed, uint32_t rs,
-                         uint32_t first, uint64_t offset, Dist d, int64_t ns, bool anti, cudaStream_t st) {
-    return launch_sample<S, false>(out, w0, c, n, rho, seed, rs, first, offset, d, ns, anti ? 2 : 1, st);
+  static cudaError_t run(void* out, const void* w0, const void* c, ScaleRule rule, int64_t n, double rho, uint64_t seed,
+                         uint32_t rs, uint32_t first, uint64_t offset, Dist d, int64_t ns, bool anti, cudaStream_t st) {
+    return launch_sample<S, false>(out, w0, c, rule, n, rho, seed, rs, first, offset, d, ns, anti ? 2 : 1, st);
   }
 };
 template <typename S> struct LinfF {
-  static cudaError_t run(void* p, void* d, void* dp, const void* g, const void* w, const void* c, int64_t n,
-                         const double* step, double rho, double mom, cudaStream_t st) {
-    return launch_apgd<S, false>(p, d, dp, g, w, c, n, step, nullptr, rho, mom, st);
+  static cudaError_t run(void* p, void* d, void* dp, const void* g, const void* w, const void* c, ScaleRule rule,
+                         int64_t n, const double* step, double rho, double mom, cudaStream_t st) {
+    return launch_apgd<S, false>(p, d, dp, g, w, c, rule, n, step, nullptr, rho, mom, st);
   }
 };
 template <typename S> struct L2F {
-  static cudaError_t run(void* p, void* d, void* dp, const void* g, const void* w, const void* c, int64_t n,
-                         const double* gs, const double* lam, double mom, cudaStream_t st) {
-    return launch_apgd<S, true>(p, d, dp, g, w, c, n, gs, lam, 0.0, mom, st);
+  static cudaError_t run(void* p, void* d, void* dp, const void* g, const void* w, const void* c, ScaleRule rule,
+                         int64_t n, const double* gs, const double* lam, double mom, cudaStream_t st) {
+    return launch_apgd<S, true>(p, d, dp, g, w, c, rule, n, gs, lam, 0.0, mom, st);
   }
 };
 template <typename S> struct SumSqF {
@@ -384,14 +408,15 @@ template <typename S> struct SumSqF {
   }
 };
 template <typename S> struct EllipsoidF {
-  static cudaError_t run(const void* delta, const void* grad, const void* c, int64_t n, const double* gs,
+  static cudaError_t run(const void* delta, const void* grad, const void* w0, const void* c, ScaleRule rule, int64_t n,
+                         const double* gs,
                          const double* lambdas, int64_t L, double* partials, double* out, cudaStream_t st) {
     const int64_t nb = reduce_partials(n);
     for (int64_t j0 = 0; j0 < L; j0 += kMaxLambdasPerPass) {
       const int l = static_cast<int>(L - j0 < kMaxLambdasPerPass ? L - j0 : kMaxLambdasPerPass);
       ellipsoid_kernel<S><<<static_cast<unsigned>(nb), kReduceThreads, 0, st>>>(
-          static_cast<const S*>(delta), static_cast<const S*>(grad), static_cast<const S*>(c), n, gs, lambdas + j0, l,
-          partials);
+          static_cast<const S*>(delta), static_cast<const S*>(grad), static_cast<const S*>(w0), static_cast<const S*>(c),
+          rule, n, gs, lambdas + j0, l, partials);
       cudaError_t e = cudaGetLastError();
       if (e != cudaSuccess) return e;
       finish_kernel<<<static_cast<unsigned>(l), kReduceThreads, 0, st>>>(partials, nb, l, out + j0);
@@ -418,34 +443,34 @@ cudaError_t draw(void* out, DType dtype, int64_t n, uint64_t seed, uint32_t rng_
   return dispatch<DrawF>(dtype, out, n, seed, rng_stream, sample, offset, dist, stream);
 }
 
-cudaError_t perturb_rows(void* out, const void* w0, const void* c, DType dtype, int64_t n, double rho, uint64_t seed,
-                         uint32_t rng_stream, uint32_t first_sample, uint64_t offset, Dist dist, int64_t n_samples,
-                         bool antithetic, cudaStream_t stream) {
-  return dispatch<PerturbF>(dtype, out, w0, c, n, rho, seed, rng_stream, first_sample, offset, dist, n_samples,
+cudaError_t perturb_rows(void* out, const void* w0, const void* c, ScaleRule rule, DType dtype, int64_t n, double rho,
+                         uint64_t seed, uint32_t rng_stream, uint32_t first_sample, uint64_t offset, Dist dist,
+                         int64_t n_samples, bool antithetic, cudaStream_t stream) {
+  return dispatch<PerturbF>(dtype, out, w0, c, rule, n, rho, seed, rng_stream, first_sample, offset, dist, n_samples,
                             antithetic, stream);
 }
 
 cudaError_t apgd_step_linf(void* params, void* delta, void* delta_prev, const void* grad, const void* w0,
-                           const void* c, DType dtype, int64_t n, const double* step_size, double rho, double momentum,
-                           cudaStream_t stream) {
-  return dispatch<LinfF>(dtype, params, delta, delta_prev, grad, w0, c, n, step_size, rho, momentum, stream);
+                           const void* c, ScaleRule rule, DType dtype, int64_t n, const double* step_size, double rho,
+                           double momentum, cudaStream_t stream) {
+  return dispatch<LinfF>(dtype, params, delta, delta_prev, grad, w0, c, rule, n, step_size, rho, momentum, stream);
 }
 
 cudaError_t apgd_step_l2(void* params, void* delta, void* delta_prev, const void* grad, const void* w0, const void* c,
-                         DType dtype, int64_t n, const double* grad_scale, const double* lam, double momentum,
-                         cudaStream_t stream) {
-  return dispatch<L2F>(dtype, params, delta, delta_prev, grad, w0, c, n, grad_scale, lam, momentum, stream);
+                         ScaleRule rule, DType dtype, int64_t n, const double* grad_scale, const double* lam,
+                         double momentum, cudaStream_t stream) {
+  return dispatch<L2F>(dtype, params, delta, delta_prev, grad, w0, c, rule, n, grad_scale, lam, momentum, stream);
 }
 
 cudaError_t sum_squares(const void* x, DType dtype, int64_t n, double* partials, double* out, cudaStream_t stream) {
   return dispatch<SumSqF>(dtype, x, n, partials, out, stream);
 }
 
-cudaError_t ellipsoid_norms(const void* delta, const void* grad, const void* c, DType dtype, int64_t n,
-                            const double* grad_scale, const double* lambdas, int64_t L, double* partials, double* out,
-                            cudaStream_t stream) {
+cudaError_t ellipsoid_norms(const void* delta, const void* grad, const void* w0, const void* c, ScaleRule rule,
+                            DType dtype, int64_t n, const double* grad_scale, const double* lambdas, int64_t L,
+                            double* partials, double* out, cudaStream_t stream) {
   if (L == 0) return cudaSuccess;
-  return dispatch<EllipsoidF>(dtype, delta, grad, c, n, grad_scale, lambdas, L, partials, out, stream);
+  return dispatch<EllipsoidF>(dtype, delta, grad, w0, c, rule, n, grad_scale, lambdas, L, partials, out, stream);
 }
 
 cudaError_t copy_if(void* dst, const void* src, int64_t nbytes, const bool* cond, cudaStream_t stream) {

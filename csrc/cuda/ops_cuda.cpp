@@ -45,54 +45,62 @@ void draw_cuda(at::Tensor& out, int64_t seed, int64_t stream, int64_t sample, in
                                        k.offset, dist, c10::cuda::getCurrentCUDAStream()));
 }
 
-void perturb_cuda(at::Tensor& out, const at::Tensor& w0, const at::Tensor& c, double rho, int64_t seed,
-                  int64_t stream, int64_t sample, int64_t offset, c10::string_view distribution) {
+// The scale buffer's data pointer, or nullptr when c is derived from w0.
+const void* scale_ptr(const at::Tensor* c) { return c != nullptr ? c->data_ptr() : nullptr; }
+
+void perturb_cuda(at::Tensor& out, const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive, double eta,
+                  double rho, int64_t seed, int64_t stream, int64_t sample, int64_t offset,
+                  c10::string_view distribution) {
   check_flat(w0, "w0");
   check_cuda(w0, "w0");
   check_like(out, "out", w0, "w0");
-  check_like(c, "c", w0, "w0");
+  const at::Tensor* cc = check_scale(c, w0, "w0", adaptive, eta);
   const Dist dist = parse_distribution(distribution);
   const Counter k = check_counter(seed, stream, sample, offset, w0.numel());
   if (w0.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(w0.device());
-  C10_CUDA_CHECK(perturb_rows(out.data_ptr(), w0.data_ptr(), c.data_ptr(), dtype_of(w0), w0.numel(), rho, k.seed,
-                              k.stream, k.sample, k.offset, dist, 1, false, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(perturb_rows(out.data_ptr(), w0.data_ptr(), scale_ptr(cc), ScaleRule{adaptive, eta}, dtype_of(w0),
+                              w0.numel(), rho, k.seed, k.stream, k.sample, k.offset, dist, 1, false,
+                              c10::cuda::getCurrentCUDAStream()));
 }
 
-void perturb_batched_cuda(at::Tensor& out, const at::Tensor& w0, const at::Tensor& c, double rho, int64_t seed,
-                          int64_t stream, int64_t first_sample, int64_t offset, c10::string_view distribution,
-                          bool antithetic) {
+void perturb_batched_cuda(at::Tensor& out, const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive,
+                          double eta, double rho, int64_t seed, int64_t stream, int64_t first_sample, int64_t offset,
+                          c10::string_view distribution, bool antithetic) {
   check_cuda(w0, "w0");
-  const int64_t n_samples = check_batched(out, w0, c, antithetic);
+  const int64_t n_samples = check_batched(out, w0, antithetic);
+  const at::Tensor* cc = check_scale(c, w0, "w0", adaptive, eta);
   const Dist dist = parse_distribution(distribution);
   const Counter k = check_counter(seed, stream, first_sample, offset, w0.numel(), n_samples);
   if (w0.numel() == 0 || n_samples == 0) return;
   TORCH_CHECK(n_samples <= 65535, "sharpfast: at most 65535 samples per perturb_batched_ call on CUDA, got ",
               n_samples);
   const c10::cuda::CUDAGuard guard(w0.device());
-  C10_CUDA_CHECK(perturb_rows(out.data_ptr(), w0.data_ptr(), c.data_ptr(), dtype_of(w0), w0.numel(), rho, k.seed,
-                              k.stream, k.sample, k.offset, dist, n_samples, antithetic,
+  C10_CUDA_CHECK(perturb_rows(out.data_ptr(), w0.data_ptr(), scale_ptr(cc), ScaleRule{adaptive, eta}, dtype_of(w0),
+                              w0.numel(), rho, k.seed, k.stream, k.sample, k.offset, dist, n_samples, antithetic,
                               c10::cuda::getCurrentCUDAStream()));
 }
 
 void apgd_step_linf_cuda(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
-                         const at::Tensor& w0, const at::Tensor& c, const at::Tensor& step_size, double rho,
-                         double momentum) {
-  check_step_buffers(params, delta, delta_prev, grad, w0, c);
+                         const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive, double eta,
+                         const at::Tensor& step_size, double rho, double momentum) {
+  check_step_buffers(params, delta, delta_prev, grad, w0);
+  const at::Tensor* cc = check_scale(c, params, "params", adaptive, eta);
   check_cuda(params, "params");
   check_scalar(step_size, "step_size", params.device(), true);
   if (params.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(params.device());
   const at::Tensor step = as_double(step_size);
   C10_CUDA_CHECK(apgd_step_linf(params.data_ptr(), delta.data_ptr(), delta_prev.data_ptr(), grad.data_ptr(),
-                                w0.data_ptr(), c.data_ptr(), dtype_of(params), params.numel(),
+                                w0.data_ptr(), scale_ptr(cc), ScaleRule{adaptive, eta}, dtype_of(params), params.numel(),
                                 step.data_ptr<double>(), rho, momentum, c10::cuda::getCurrentCUDAStream()));
 }
 
 void apgd_step_l2_cuda(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
-                       const at::Tensor& w0, const at::Tensor& c, const at::Tensor& grad_scale, const at::Tensor& lam,
-                       double momentum) {
-  check_step_buffers(params, delta, delta_prev, grad, w0, c);
+                       const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive, double eta,
+                       const at::Tensor& grad_scale, const at::Tensor& lam, double momentum) {
+  check_step_buffers(params, delta, delta_prev, grad, w0);
+  const at::Tensor* cc = check_scale(c, params, "params", adaptive, eta);
   check_cuda(params, "params");
   check_scalar(grad_scale, "grad_scale", params.device(), true);
   check_scalar(lam, "lam", params.device(), false);
@@ -100,7 +108,8 @@ void apgd_step_l2_cuda(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_
   const c10::cuda::CUDAGuard guard(params.device());
   const at::Tensor gs = as_double(grad_scale);
   C10_CUDA_CHECK(apgd_step_l2(params.data_ptr(), delta.data_ptr(), delta_prev.data_ptr(), grad.data_ptr(),
-                              w0.data_ptr(), c.data_ptr(), dtype_of(params), params.numel(), gs.data_ptr<double>(),
+                              w0.data_ptr(), scale_ptr(cc), ScaleRule{adaptive, eta}, dtype_of(params), params.numel(),
+                              gs.data_ptr<double>(),
                               lam.data_ptr<double>(), momentum, c10::cuda::getCurrentCUDAStream()));
 }
 
@@ -116,12 +125,14 @@ at::Tensor sum_squares_cuda(const at::Tensor& x) {
   return out;
 }
 
-at::Tensor ellipsoid_norms_cuda(const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& c,
+at::Tensor ellipsoid_norms_cuda(const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& w0,
+                                const std::optional<at::Tensor>& c, bool adaptive, double eta,
                                 const at::Tensor& grad_scale, const at::Tensor& lambdas) {
   check_flat(delta, "delta");
   check_cuda(delta, "delta");
   check_like(grad, "grad", delta, "delta");
-  check_like(c, "c", delta, "delta");
+  check_like(w0, "w0", delta, "delta");
+  const at::Tensor* cc = check_scale(c, delta, "delta", adaptive, eta);
   check_scalar(grad_scale, "grad_scale", delta.device(), true);
   check_lambdas(lambdas, delta.device());
   const c10::cuda::CUDAGuard guard(delta.device());
@@ -132,8 +143,8 @@ at::Tensor ellipsoid_norms_cuda(const at::Tensor& delta, const at::Tensor& grad,
   const at::Tensor gs = as_double(grad_scale);
   const int64_t per_pass = L < kMaxLambdasPerPass ? L : kMaxLambdasPerPass;
   at::Tensor partials = at::empty({reduce_partials(delta.numel()) * per_pass}, delta.options().dtype(at::kDouble));
-  C10_CUDA_CHECK(sharpfast::cuda::ellipsoid_norms(delta.data_ptr(), grad.data_ptr(), c.data_ptr(), dtype_of(delta),
-                                                  delta.numel(), gs.data_ptr<double>(), lam.data_ptr<double>(), L,
+  C10_CUDA_CHECK(sharpfast::cuda::ellipsoid_norms(delta.data_ptr(), grad.data_ptr(), w0.data_ptr(), scale_ptr(cc),
+                                                  ScaleRule{adaptive, eta}, dtype_of(delta), delta.numel(), gs.data_ptr<double>(), lam.data_ptr<double>(), L,
                                                   partials.data_ptr<double>(), out.data_ptr<double>(),
                                                   c10::cuda::getCurrentCUDAStream()));
   return out;

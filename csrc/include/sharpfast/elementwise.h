@@ -6,6 +6,21 @@
 
 namespace sharpfast {
 
+// Where the per-coordinate scale c comes from when no c buffer is passed: derived from w0 in
+// the kernels, as the reference builds it (`w.abs() + eta` in the buffer's dtype, eta itself
+// rounded to that dtype first as torch does, when adaptive; else 1). Saves a parameter-sized buffer and its reads for the common definitions;
+// custom and weights-only scales still come as a buffer.
+struct ScaleRule {
+  bool adaptive;
+  double eta;
+};
+
+// The unrounded derived scale in the compute type; callers round it to the buffer's dtype.
+template <typename T>
+SF_HOST_DEVICE T derived_scale(T w0, T eta, bool adaptive) {
+  return adaptive ? (w0 < T(0) ? -w0 : w0) + eta : T(1);
+}
+
 // Perturbation: w0 + (rho * c) * xi, rho already carrying the antithetic sign.
 // Same association as the reference (`w + (sign * rho) * c * xi`).
 template <typename T>
