@@ -31,7 +31,7 @@ except Exception as exc:  # pragma: no cover - depends on the build
     _C = None
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-__all__ = ["available", "build_info", "IMPORT_ERROR", "DerivedScale", "draw_", "perturb_", "perturb_batched_",
+__all__ = ["available", "build_info", "IMPORT_ERROR", "DerivedScale", "draw_", "perturb_", "perturb_pieces_", "perturb_batched_",
            "apgd_step_linf_", "apgd_step_l2_", "ellipsoid_norms", "copy_if_", "sum_squares",
            "seed_to_int64"]
 
@@ -116,6 +116,16 @@ def perturb_(out: torch.Tensor, w0: torch.Tensor, c: Scale, rho: float, seed: in
     _ops().perturb_(out, w0, *_scale_args(c), float(rho), seed_to_int64(seed), int(stream), int(sample), int(offset),
                     _check_distribution(distribution))
     return out
+
+
+def perturb_pieces_(pieces, rho: float, seed: int, stream: int, sample: int, distribution: str = "normal") -> None:
+    """:func:`perturb_` over ``(out, w0, c, offset)`` pieces of one coordinate space (e.g. the
+    parameter tensors of a model, each read where it lies): one op per piece, the shared
+    arguments converted once."""
+    op, seed, rho, distribution = _ops().perturb_, seed_to_int64(seed), float(rho), _check_distribution(distribution)
+    stream, sample = int(stream), int(sample)
+    for out, w0, c, offset in pieces:
+        op(out, w0, *_scale_args(c), rho, seed, stream, sample, offset, distribution)
 
 
 def perturb_batched_(out: torch.Tensor, w0: torch.Tensor, c: Scale, rho: float, seed: int, stream: int,

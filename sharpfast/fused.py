@@ -20,10 +20,12 @@ The m-batches' problems are rows of these buffers: one row at a time through the
 
 Average-case writes K perturbed copies of the weights at once from the Philox stream into a
 ``[K, N]`` buffer and evaluates them in one batched forward (``functional_call`` + ``vmap``),
-or one forward per sample (the CPU default, and the fallback when the model cannot be vmapped).
+or one forward per sample (the CPU default, and the fallback when the model cannot be vmapped),
+in which case the one perturbed copy is written straight from the user's tensors.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -63,29 +65,49 @@ def available(params: ParamSet) -> tuple[bool, str]:
 
 
 class FlatState:
-    """The flat ``w0`` and scale of one call. ``c`` is a buffer only for custom or mixed scales;
-    ``|w| + eta`` and ``1`` are derived from ``w0`` inside the kernels (``_ops.DerivedScale``).
-    ``attach`` allocates the flat weights (and, ``with_grad``, the flat gradient) that the model's
-    parameters (and grads) then view; the batched APGD path has its own rows and never attaches."""
+    """The weights and scale of one call. ``w0`` is a flat copy of the user's weights, made when
+    first used (the one-sample-at-a-time average-case reads the user's own, never written,
+    tensors instead). ``c`` is a buffer only for custom or mixed scales; ``|w| + eta`` and ``1``
+    are derived from ``w0`` inside the kernels (``_ops.DerivedScale``). ``attach`` allocates the
+    flat weights (and, ``with_grad``, the flat gradient) that the model's parameters (and grads)
+    then view; the batched paths have their own rows and never attach."""
 
     def __init__(self, params: ParamSet, s: Settings):
         self.params = params
-        self.w0 = torch.cat([p.detach().reshape(-1) for p in params.tensors])  # a copy: w0 is never written
+        self.originals = [p.detach() for p in params.tensors]   # the user's storage: read, never written
         rule = s.scale.uniform_rule(params)
         self.c = (_ops.DerivedScale(*rule) if rule is not None else
-                  torch.cat([c.reshape(-1) for c in params.scales(s.scale)]).to(self.w0.dtype))
+                  torch.cat([c.reshape(-1) for c in params.scales(s.scale)]).to(self.originals[0].dtype))
         self.current = self.grad = None
-        self._views = []
+        self._views, self._pieces = [], []
+
+    @functools.cached_property
+    def w0(self) -> torch.Tensor:
+        return torch.cat([p.reshape(-1) for p in self.originals])
 
     def attach(self, with_grad: bool = True) -> None:
-        self.current = self.w0.clone()
-        self.grad = torch.zeros_like(self.w0) if with_grad else None
+        self.current = torch.empty(self.params.numel, dtype=self.originals[0].dtype, device=self.params.device)
+        self.grad = torch.zeros_like(self.current) if with_grad else None
         grads = self.params.split(self.grad) if with_grad else [None] * len(self.params)
         self._views = list(zip(self.params.tensors, self.params.split(self.current), grads))
+        derived = not isinstance(self.c, torch.Tensor)
+        self._pieces = [(value.view(-1), original.reshape(-1), self.c if derived else self.c[offset:offset + n], offset)
+                        for (_, value, _), original, offset, n in zip(self._views, self.originals, self.params.offsets,
+                                                                      self.params.numels)]
+        self.reset()
         for p, value, grad in self._views:
             p.data = value
             if grad is not None:
                 p.grad = grad
+
+    def reset(self) -> None:
+        """The attached weights back to w0."""
+        torch._foreach_copy_([value for _, value, _ in self._views], self.originals)
+
+    def perturb(self, rho: float, seed: int, stream: int, sample: int, dist: str) -> None:
+        """The attached weights to ``w0 + rho c xi`` (Philox draws of the flat coordinates), one op
+        per parameter tensor reading ``w0`` from the user's tensors: no flat copy of ``w0``."""
+        _ops.perturb_pieces_(self._pieces, rho, seed, stream, sample, dist)
 
     def scale_values(self, out: torch.Tensor) -> torch.Tensor:
         """``c`` as a tensor: the buffer itself, or written into ``out`` (a free buffer) when derived,
@@ -273,7 +295,8 @@ def _problems(model, batches, params: ParamSet, s: Settings, flat: FlatState):
     device = flat.w0.device
     on_device = lambda values: [to_device(v, device) for v in values]
     if together is None:   # auto: on a GPU, in eval mode, when the [B, N] buffers fit
-        memory = 5 * len(ys) * flat.w0.numel() * flat.w0.element_size()   # current, grad, 3 APGD buffers
+        # current, grad, 3 APGD buffers and the vmapped gradient before it is copied into grad
+        memory = 6 * len(ys) * flat.w0.numel() * flat.w0.element_size()
         together = (device.type in TOGETHER_DEVICES and s.eval_mode and len(ys) > 1 and stackable
                     and memory <= TOGETHER_BUFFER_BYTES)
         if together:
@@ -405,16 +428,17 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
 
 # ----------------------------------------------------------------------------- average-case
 
-def _samples_per_pass(s: Settings, flat: FlatState) -> int:
+def _samples_per_pass(s: Settings, params: ParamSet) -> int:
     """K, the perturbed copies per batched forward: ``samples_per_pass`` if given, else one at a
     time on a CPU (a forward already keeps its cores busy: batching gained <25% on tiny MLPs and
     made a BatchNorm CNN 4.8x slower, benchmarks/RESULTS.md) and up to a memory budget elsewhere."""
     if s.samples_per_pass is not None:
         k = s.samples_per_pass
-    elif flat.w0.device.type == "cpu":
+    elif params.device.type == "cpu":
         k = 1
     else:
-        k = min(MAX_SAMPLES_PER_PASS, max(1, SAMPLE_BUFFER_BYTES // max(1, flat.w0.numel() * flat.w0.element_size())))
+        row_bytes = params.numel * params.tensors[0].element_size()
+        k = min(MAX_SAMPLES_PER_PASS, max(1, SAMPLE_BUFFER_BYTES // max(1, row_bytes)))
     k = min(k, s.n_samples)
     if s.antithetic and k % 2 and k > 1:
         k -= 1
@@ -428,40 +452,48 @@ def _batched_losses(model, s: Settings, params: ParamSet, rows: torch.Tensor, x,
 
 
 def average_sharpness(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
+    """One sample at a time (K = 1) the model views one flat perturbed copy, written from the
+    user's own tensors: 1 parameter-sized buffer. Batched, K rows of perturbed copies and the flat
+    ``w0`` they are written from: K + 1, and the model keeps its own weights for the loss at w0."""
     flat = FlatState(params, s)
-    flat.attach(with_grad=False)
-    w0, c, current = flat.w0, flat.c, flat.current
-    K = _samples_per_pass(s, flat)
-    rows = torch.empty((K if K > 1 else 0, w0.numel()), dtype=w0.dtype, device=w0.device)
-    dist = noise_distribution(s.norm)
+    K = _samples_per_pass(s, params)
     batched = K > 1
+    rows = None
+    if batched:
+        rows = torch.empty((K, params.numel), dtype=flat.w0.dtype, device=params.device)
+    else:
+        flat.attach(with_grad=False)
+    device = params.device
+    dist = noise_distribution(s.norm)
     per_batch, per_batch_err, init_losses, init_errs, nonfinite = [], [], [], [], []
     has_err = True
     with torch.no_grad():
-        for b, x, y in _batches(batches, w0.device):
-            current.copy_(w0)
+        for b, x, y in _batches(batches, device):
+            if flat.current is not None:
+                flat.reset()
             L0, E0, has_err = _loss_err(s, model, x, y)
-            total_loss = torch.zeros((), dtype=torch.float64, device=w0.device)
-            total_err = torch.zeros((), dtype=torch.float64, device=w0.device)
-            bad = torch.zeros((), dtype=torch.bool, device=w0.device)
+            total_loss = torch.zeros((), dtype=torch.float64, device=device)
+            total_err = torch.zeros((), dtype=torch.float64, device=device)
+            bad = torch.zeros((), dtype=torch.bool, device=device)
             start = 0
             while start < s.n_samples:
                 k = min(K, s.n_samples - start)
                 first = AVERAGE_SAMPLE_BASE + (start // 2 if s.antithetic else start)
                 losses = errs = None
                 if batched:
-                    _ops.perturb_batched_(rows[:k], w0, c, s.rho, s.seed, b, first, 0, dist, s.antithetic)
+                    _ops.perturb_batched_(rows[:k], flat.w0, flat.c, s.rho, s.seed, b, first, 0, dist, s.antithetic)
                     try:
                         losses, errs = _batched_losses(model, s, params, rows[:k], x, y)
                     except Exception as e:  # noqa: BLE001 - any vmap limitation: evaluate one by one
                         log.debug("sharpfast: cannot vmap this model (%s: %s); evaluating samples one "
                                   "at a time", type(e).__name__, e)
-                        batched = False
+                        batched, rows = False, None
+                        flat.attach(with_grad=False)
                 if losses is None:
                     losses, errs = [], []
                     for j in range(k):
                         sample, sign = ((start + j) // 2, (-1) ** (start + j)) if s.antithetic else (start + j, 1)
-                        _ops.perturb_(current, w0, c, sign * s.rho, s.seed, b, AVERAGE_SAMPLE_BASE + sample, 0, dist)
+                        flat.perturb(sign * s.rho, s.seed, b, AVERAGE_SAMPLE_BASE + sample, dist)
                         loss, err, _ = _loss_err(s, model, x, y)
                         losses.append(loss)
                         errs.append(err)
@@ -470,13 +502,12 @@ def average_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharpnes
                 total_loss += losses.double().sum()
                 total_err += errs.double().sum()
                 start += k
-            current.copy_(w0)
             per_batch.append(total_loss / s.n_samples - L0.double())
             per_batch_err.append(total_err / s.n_samples - E0.double())
             init_losses.append(L0)
             init_errs.append(E0)
             nonfinite.append(bad)
-    zeros = [torch.zeros((), dtype=torch.float64, device=w0.device)] * len(per_batch)
+    zeros = [torch.zeros((), dtype=torch.float64, device=device)] * len(per_batch)
     return _finish(s, per_batch, per_batch_err, init_losses, init_errs, zeros, has_err, nonfinite)
 
 

@@ -266,9 +266,13 @@ def test_offset_views_of_one_buffer(device):
     w0, c = rand(n, torch.float32, device, g), scale_with_zeros(n, torch.float32, device, g)
     whole = _ops.perturb_(torch.empty(n, device=device), w0, c, 0.2, 3, 0, 0, 0, "normal")
     parts = torch.empty(n, device=device)
-    for a, b in ((0, 3), (3, 130), (130, 131), (131, 1000)):
+    bounds = ((0, 3), (3, 130), (130, 131), (131, 1000))
+    for a, b in bounds:
         _ops.perturb_(parts[a:b], w0[a:b], c[a:b], 0.2, 3, 0, 0, a, "normal")
     assert torch.equal(parts, whole)
+    pieces = torch.empty(n, device=device)
+    _ops.perturb_pieces_([(pieces[a:b], w0[a:b].clone(), c[a:b], a) for a, b in bounds], 0.2, 3, 0, 0, "normal")
+    assert torch.equal(pieces, whole)
 
 
 # ------------------------------------------------------------------------------ derived scale
