@@ -99,8 +99,8 @@ __device__ __forceinline__ void block_draws(Dist dist, uint64_t seed, uint32_t s
 // pairs with signs +1, -1). DRAW_ONLY writes xi, otherwise w0 + sign * rho * c * xi.
 template <typename S, bool DRAW_ONLY, bool VEC4>
 __global__ void sample_kernel(S* __restrict__ out, const S* __restrict__ w0, const S* __restrict__ c,
-                              ScaleRule rule, int64_t n, double rho, uint64_t seed, uint32_t rng_stream, uint32_t first_sample,
-                              uint64_t offset, Dist dist, int rows_per_sample) {
+                              ScaleRule rule, int64_t n, double rho, uint64_t seed, uint32_t rng_stream,
+                              uint32_t first_sample, uint64_t offset, Dist dist, int rows_per_sample) {
   using A = typename AccOf<S>::type;
   const uint64_t first_block = offset >> 2;
   const int64_t head = static_cast<int64_t>(offset & 3u);
@@ -145,9 +145,9 @@ __global__ void sample_kernel(S* __restrict__ out, const S* __restrict__ w0, con
 }
 
 template <typename S, bool DRAW_ONLY>
-cudaError_t launch_sample(void* out, const void* w0, const void* c, ScaleRule rule, int64_t n, double rho, uint64_t seed,
-                          uint32_t rng_stream, uint32_t first_sample, uint64_t offset, Dist dist, int64_t n_samples,
-                          int rows_per_sample, cudaStream_t stream) {
+cudaError_t launch_sample(void* out, const void* w0, const void* c, ScaleRule rule, int64_t n, double rho,
+                          uint64_t seed, uint32_t rng_stream, uint32_t first_sample, uint64_t offset, Dist dist,
+                          int64_t n_samples, int rows_per_sample, cudaStream_t stream) {
   if (n == 0 || n_samples == 0) return cudaSuccess;
   if (n_samples > 65535) return cudaErrorInvalidValue;
   const int64_t n_blocks = (static_cast<int64_t>(offset & 3u) + n + 3) >> 2;
@@ -186,8 +186,8 @@ __device__ __forceinline__ void apgd_element(A d, A dp, A g, A w, A c, A s1, A s
 template <typename S, int V, bool L2>
 __global__ void apgd_kernel(S* __restrict__ params, S* __restrict__ delta, S* __restrict__ delta_prev,
                             const S* __restrict__ grad, const S* __restrict__ w0, const S* __restrict__ c,
-                            ScaleRule rule, int64_t n, const double* __restrict__ s1p, const double* __restrict__ s2p, double rho,
-                            double momentum) {
+                            ScaleRule rule, int64_t n, const double* __restrict__ s1p, const double* __restrict__ s2p,
+                            double rho, double momentum) {
   using A = typename AccOf<S>::type;
   const A s1 = static_cast<A>(*s1p);
   const A s2 = L2 ? static_cast<A>(*s2p) : A(0);
@@ -295,8 +295,9 @@ __global__ void finish_kernel(const double* __restrict__ partials, int64_t n_par
 
 template <typename S>
 __global__ void ellipsoid_kernel(const S* __restrict__ delta, const S* __restrict__ grad, const S* __restrict__ w0,
-                                 const S* __restrict__ c, ScaleRule rule, int64_t n, const double* __restrict__ grad_scale, const double* __restrict__ lambdas,
-                                 int L, double* __restrict__ partials) {
+                                 const S* __restrict__ c, ScaleRule rule, int64_t n,
+                                 const double* __restrict__ grad_scale, const double* __restrict__ lambdas, int L,
+                                 double* __restrict__ partials) {
   using A = typename AccOf<S>::type;
   __shared__ double two_lam[kMaxLambdasPerPass];
   __shared__ double smem[kReduceThreads / 32][kMaxLambdasPerPass];
@@ -375,8 +376,8 @@ cudaError_t dispatch(DType t, Args... args) {
 template <typename S> struct DrawF {
   static cudaError_t run(void* out, int64_t n, uint64_t seed, uint32_t rs, uint32_t sample, uint64_t offset, Dist d,
                          cudaStream_t st) {
-    return launch_sample<S, true>(out, nullptr, nullptr, ScaleRule{false, 0.0}, n, 0.0, seed, rs, sample, offset, d, 1, 1,
-                                  st);
+    return launch_sample<S, true>(out, nullptr, nullptr, ScaleRule{false, 0.0}, n, 0.0, seed, rs, sample, offset, d,
+                                  1, 1, st);
   }
 };
 template <typename S> struct PerturbF {
@@ -415,8 +416,8 @@ template <typename S> struct EllipsoidF {
     for (int64_t j0 = 0; j0 < L; j0 += kMaxLambdasPerPass) {
       const int l = static_cast<int>(L - j0 < kMaxLambdasPerPass ? L - j0 : kMaxLambdasPerPass);
       ellipsoid_kernel<S><<<static_cast<unsigned>(nb), kReduceThreads, 0, st>>>(
-          static_cast<const S*>(delta), static_cast<const S*>(grad), static_cast<const S*>(w0), static_cast<const S*>(c),
-          rule, n, gs, lambdas + j0, l, partials);
+          static_cast<const S*>(delta), static_cast<const S*>(grad), static_cast<const S*>(w0),
+          static_cast<const S*>(c), rule, n, gs, lambdas + j0, l, partials);
       cudaError_t e = cudaGetLastError();
       if (e != cudaSuccess) return e;
       finish_kernel<<<static_cast<unsigned>(l), kReduceThreads, 0, st>>>(partials, nb, l, out + j0);

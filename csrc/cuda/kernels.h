@@ -39,8 +39,8 @@ cudaError_t apgd_step_linf(void* params, void* delta, void* delta_prev, const vo
                            double momentum, cudaStream_t stream);
 
 cudaError_t apgd_step_l2(void* params, void* delta, void* delta_prev, const void* grad, const void* w0,
-                         const void* c, ScaleRule rule, DType dtype, int64_t n, const double* grad_scale, const double* lam,
-                         double momentum, cudaStream_t stream);
+                         const void* c, ScaleRule rule, DType dtype, int64_t n, const double* grad_scale,
+                         const double* lam, double momentum, cudaStream_t stream);
 
 // out[0] = sum x^2 (float64). partials: reduce_partials(n) doubles of scratch.
 cudaError_t sum_squares(const void* x, DType dtype, int64_t n, double* partials, double* out, cudaStream_t stream);

@@ -92,7 +92,8 @@ void apgd_step_linf_cuda(at::Tensor& params, at::Tensor& delta, at::Tensor& delt
   const c10::cuda::CUDAGuard guard(params.device());
   const at::Tensor step = as_double(step_size);
   C10_CUDA_CHECK(apgd_step_linf(params.data_ptr(), delta.data_ptr(), delta_prev.data_ptr(), grad.data_ptr(),
-                                w0.data_ptr(), scale_ptr(cc), ScaleRule{adaptive, eta}, dtype_of(params), params.numel(),
+                                w0.data_ptr(), scale_ptr(cc), ScaleRule{adaptive, eta}, dtype_of(params),
+                                params.numel(),
                                 step.data_ptr<double>(), rho, momentum, c10::cuda::getCurrentCUDAStream()));
 }
 
@@ -144,7 +145,8 @@ at::Tensor ellipsoid_norms_cuda(const at::Tensor& delta, const at::Tensor& grad,
   const int64_t per_pass = L < kMaxLambdasPerPass ? L : kMaxLambdasPerPass;
   at::Tensor partials = at::empty({reduce_partials(delta.numel()) * per_pass}, delta.options().dtype(at::kDouble));
   C10_CUDA_CHECK(sharpfast::cuda::ellipsoid_norms(delta.data_ptr(), grad.data_ptr(), w0.data_ptr(), scale_ptr(cc),
-                                                  ScaleRule{adaptive, eta}, dtype_of(delta), delta.numel(), gs.data_ptr<double>(), lam.data_ptr<double>(), L,
+                                                  ScaleRule{adaptive, eta}, dtype_of(delta), delta.numel(),
+                                                  gs.data_ptr<double>(), lam.data_ptr<double>(), L,
                                                   partials.data_ptr<double>(), out.data_ptr<double>(),
                                                   c10::cuda::getCurrentCUDAStream()));
   return out;

@@ -8,8 +8,9 @@ namespace sharpfast {
 
 // Where the per-coordinate scale c comes from when no c buffer is passed: derived from w0 in
 // the kernels, as the reference builds it (`w.abs() + eta` in the buffer's dtype, eta itself
-// rounded to that dtype first as torch does, when adaptive; else 1). Saves a parameter-sized buffer and its reads for the common definitions;
-// custom and weights-only scales still come as a buffer.
+// rounded to that dtype first as torch does, when adaptive; else 1). Saves a parameter-sized
+// buffer and its reads for the common definitions; custom and weights-only scales still come
+// as a buffer.
 struct ScaleRule {
   bool adaptive;
   double eta;
