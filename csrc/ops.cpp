@@ -23,6 +23,10 @@ TORCH_LIBRARY(sharpfast, m) {
         "int sample, int offset, str distribution) -> ()");
   m.def("perturb_batched_(Tensor(a!) out, Tensor w0, Tensor? c, bool adaptive, float eta, float rho, int seed, "
         "int stream, int first_sample, int offset, str distribution, bool antithetic) -> ()");
+  // perturb_ over pieces of one coordinate space (a model's parameter tensors, read where they lie);
+  // c: one tensor per piece, or none (derived from w0)
+  m.def("perturb_tensors_(Tensor(a!)[] out, Tensor[] w0, Tensor[] c, bool adaptive, float eta, float rho, int seed, "
+        "int stream, int sample, int[] offsets, str distribution) -> ()");
   m.def("apgd_step_linf_(Tensor(a!) params, Tensor(b!) delta, Tensor(c!) delta_prev, Tensor grad, Tensor w0, "
         "Tensor? c, bool adaptive, float eta, Tensor step_size, float rho, float momentum) -> ()");
   m.def("ellipsoid_norms(Tensor delta, Tensor grad, Tensor w0, Tensor? c, bool adaptive, float eta, "
@@ -60,8 +64,8 @@ PYBIND11_MODULE(_C, m) {
     for (const char* d : {"float32", "float64", "float16", "bfloat16"}) dtypes.append(d);
     info["dtypes"] = dtypes;
     py::list ops;
-    for (const char* o : {"draw_", "perturb_", "perturb_batched_", "apgd_step_linf_", "ellipsoid_norms",
-                          "apgd_step_l2_", "copy_if_", "sum_squares"})
+    for (const char* o : {"draw_", "perturb_", "perturb_batched_", "perturb_tensors_", "apgd_step_linf_",
+                          "ellipsoid_norms", "apgd_step_l2_", "copy_if_", "sum_squares"})
       ops.append(o);
     info["ops"] = ops;
     info["rng"] = "philox4x32-10";

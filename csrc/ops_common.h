@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "sharpfast/elementwise.h"
 #include "sharpfast/philox.h"
@@ -102,6 +103,30 @@ inline const at::Tensor* check_scale(const std::optional<at::Tensor>& c, const a
 template <typename S>
 const S* scale_data(const at::Tensor* c) {
   return c ? c->data_ptr<S>() : nullptr;
+}
+
+// Checks of perturb_tensors_: pieces out[p] like w0[p] (one dtype and device for all), their
+// scales (none: derived from w0) and offsets. Returns each piece's scale buffer or nullptr.
+inline std::vector<const at::Tensor*> check_pieces(at::TensorList out, at::TensorList w0, at::TensorList c,
+                                                   at::IntArrayRef offsets, bool adaptive, double eta) {
+  const size_t P = w0.size();
+  TORCH_CHECK(out.size() == P && offsets.size() == P, "sharpfast: perturb_tensors_ needs as many 'out' tensors (",
+              out.size(), ") and offsets (", offsets.size(), ") as 'w0' tensors (", P, ")");
+  TORCH_CHECK(c.empty() || c.size() == P, "sharpfast: argument 'c' must be empty (c derived from w0) or hold one "
+              "tensor per piece, got ", c.size(), " for ", P, " pieces");
+  std::vector<const at::Tensor*> scales(P, nullptr);
+  for (size_t p = 0; p < P; ++p) {
+    check_flat(w0[p], "w0");
+    TORCH_CHECK(w0[p].scalar_type() == w0[0].scalar_type() && w0[p].device() == w0[0].device(),
+                "sharpfast: the 'w0' pieces must share one dtype and device");
+    check_like(out[p], "out", w0[p], "w0");
+    check_scale(std::nullopt, w0[p], "w0", adaptive, eta);  // eta
+    if (!c.empty()) {
+      check_like(c[p], "c", w0[p], "w0");
+      scales[p] = &c[p];  // the caller's list outlives the op
+    }
+  }
+  return scales;
 }
 
 // Checks of the batched perturbation; returns the number of distinct samples.

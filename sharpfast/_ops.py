@@ -31,7 +31,7 @@ except Exception as exc:  # pragma: no cover - depends on the build
     _C = None
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-__all__ = ["available", "build_info", "IMPORT_ERROR", "DerivedScale", "draw_", "perturb_", "perturb_pieces_", "perturb_batched_",
+__all__ = ["available", "build_info", "IMPORT_ERROR", "DerivedScale", "draw_", "perturb_", "perturb_tensors_", "perturb_batched_",
            "apgd_step_linf_", "apgd_step_l2_", "ellipsoid_norms", "copy_if_", "sum_squares",
            "seed_to_int64"]
 
@@ -118,14 +118,20 @@ def perturb_(out: torch.Tensor, w0: torch.Tensor, c: Scale, rho: float, seed: in
     return out
 
 
-def perturb_pieces_(pieces, rho: float, seed: int, stream: int, sample: int, distribution: str = "normal") -> None:
-    """:func:`perturb_` over ``(out, w0, c, offset)`` pieces of one coordinate space (e.g. the
-    parameter tensors of a model, each read where it lies): one op per piece, the shared
-    arguments converted once."""
-    op, seed, rho, distribution = _ops().perturb_, seed_to_int64(seed), float(rho), _check_distribution(distribution)
-    stream, sample = int(stream), int(sample)
-    for out, w0, c, offset in pieces:
-        op(out, w0, *_scale_args(c), rho, seed, stream, sample, offset, distribution)
+def perturb_tensors_(out: list, w0: list, c, rho: float, seed: int, stream: int, sample: int, offsets: list,
+                     distribution: str = "normal") -> None:
+    """:func:`perturb_` over pieces of one coordinate space, read where they lie (e.g. a model's
+    parameter tensors): ``out[p] = w0[p] + rho * c[p] * xi`` with global element indices from
+    ``offsets[p]``, in one op. ``c``: a list of one flat tensor per piece, or a
+    :class:`DerivedScale`. Same draws as one :func:`perturb_` over the concatenation."""
+    if isinstance(c, DerivedScale):   # (a NamedTuple: test it before lists and tuples)
+        scales, adaptive, eta = [], bool(c.adaptive), float(c.eta)
+    elif isinstance(c, (list, tuple)):
+        scales, adaptive, eta = list(c), False, 0.0
+    else:
+        raise TypeError(f"the scales c must be a list of tensors or a DerivedScale, got {type(c).__name__}")
+    _ops().perturb_tensors_(out, w0, scales, adaptive, eta, float(rho), seed_to_int64(seed),
+                            int(stream), int(sample), [int(o) for o in offsets], _check_distribution(distribution))
 
 
 def perturb_batched_(out: torch.Tensor, w0: torch.Tensor, c: Scale, rho: float, seed: int, stream: int,
@@ -239,6 +245,17 @@ if _C is not None:
         torch._check(out.dim() == 2 and out.shape[1] == w0.numel(),
                      lambda: "sharpfast: argument 'out' must be a [K, N] tensor with N = w0.numel()")
         torch._check(out.dtype == w0.dtype, lambda: "sharpfast: argument 'out' must have w0's dtype")
+        return None
+
+    @torch.library.register_fake("sharpfast::perturb_tensors_")
+    def _perturb_tensors_fake(out, w0, c, adaptive, eta, rho, seed, stream, sample, offsets, distribution):
+        torch._check(len(out) == len(w0) == len(offsets) and len(c) in (0, len(w0)),
+                     lambda: "sharpfast: perturb_tensors_ needs one out, offset (and c, if any) per w0 piece")
+        for p, w in enumerate(w0):
+            _fake_check_flat(w, "w0")
+            _fake_check_like(out[p], "out", w, "w0")
+            if c:
+                _fake_check_like(c[p], "c", w, "w0")
         return None
 
     @torch.library.register_fake("sharpfast::apgd_step_linf_")

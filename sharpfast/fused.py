@@ -78,8 +78,8 @@ class FlatState:
         rule = s.scale.uniform_rule(params)
         self.c = (_ops.DerivedScale(*rule) if rule is not None else
                   torch.cat([c.reshape(-1) for c in params.scales(s.scale)]).to(self.originals[0].dtype))
-        self.current = self.grad = None
-        self._views, self._pieces = [], []
+        self.current = self.grad = self._pieces = None
+        self._views = []
 
     @functools.cached_property
     def w0(self) -> torch.Tensor:
@@ -90,10 +90,7 @@ class FlatState:
         self.grad = torch.zeros_like(self.current) if with_grad else None
         grads = self.params.split(self.grad) if with_grad else [None] * len(self.params)
         self._views = list(zip(self.params.tensors, self.params.split(self.current), grads))
-        derived = not isinstance(self.c, torch.Tensor)
-        self._pieces = [(value.view(-1), original.reshape(-1), self.c if derived else self.c[offset:offset + n], offset)
-                        for (_, value, _), original, offset, n in zip(self._views, self.originals, self.params.offsets,
-                                                                      self.params.numels)]
+        self._pieces = None
         self.reset()
         for p, value, grad in self._views:
             p.data = value
@@ -105,9 +102,13 @@ class FlatState:
         torch._foreach_copy_([value for _, value, _ in self._views], self.originals)
 
     def perturb(self, rho: float, seed: int, stream: int, sample: int, dist: str) -> None:
-        """The attached weights to ``w0 + rho c xi`` (Philox draws of the flat coordinates), one op
-        per parameter tensor reading ``w0`` from the user's tensors: no flat copy of ``w0``."""
-        _ops.perturb_pieces_(self._pieces, rho, seed, stream, sample, dist)
+        """The attached weights to ``w0 + rho c xi`` (Philox draws of the flat coordinates), in one op
+        over the parameter tensors that reads ``w0`` from the user's tensors: no flat copy of ``w0``."""
+        if self._pieces is None:   # (out, w0, c) of each parameter tensor, as flat views
+            c = self.c if isinstance(self.c, _ops.DerivedScale) else [t.view(-1) for t in self.params.split(self.c)]
+            self._pieces = ([value.view(-1) for _, value, _ in self._views], [w.reshape(-1) for w in self.originals], c)
+        out, w0, c = self._pieces
+        _ops.perturb_tensors_(out, w0, c, rho, seed, stream, sample, self.params.offsets, dist)
 
     def scale_values(self, out: torch.Tensor) -> torch.Tensor:
         """``c`` as a tensor: the buffer itself, or written into ``out`` (a free buffer) when derived,

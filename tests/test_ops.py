@@ -270,9 +270,15 @@ def test_offset_views_of_one_buffer(device):
     for a, b in bounds:
         _ops.perturb_(parts[a:b], w0[a:b], c[a:b], 0.2, 3, 0, 0, a, "normal")
     assert torch.equal(parts, whole)
+    # one op over separately allocated pieces, explicit or derived scale
     pieces = torch.empty(n, device=device)
-    _ops.perturb_pieces_([(pieces[a:b], w0[a:b].clone(), c[a:b], a) for a, b in bounds], 0.2, 3, 0, 0, "normal")
+    _ops.perturb_tensors_([pieces[a:b] for a, b in bounds], [w0[a:b].clone() for a, b in bounds],
+                          [c[a:b].clone() for a, b in bounds], 0.2, 3, 0, 0, [a for a, _ in bounds], "normal")
     assert torch.equal(pieces, whole)
+    rule = _ops.DerivedScale(True, 0.01)
+    _ops.perturb_tensors_([pieces[a:b] for a, b in bounds], [w0[a:b].clone() for a, b in bounds], rule, 0.2, 3, 0, 0,
+                          [a for a, _ in bounds], "normal")
+    assert torch.equal(pieces, _ops.perturb_(torch.empty(n, device=device), w0, rule, 0.2, 3, 0, 0, 0, "normal"))
 
 
 # ------------------------------------------------------------------------------ derived scale
@@ -346,6 +352,12 @@ def test_errors():
         _ops.perturb_(torch.zeros(n), x, _ops.DerivedScale(True, -0.1), 0.1, 0, 0, 0, 0, "normal")
     with pytest.raises(RuntimeError, match="'w0' has 11 elements"):
         _ops.ellipsoid_norms(x, x, torch.zeros(n + 1), _ops.DerivedScale(), s, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="as many 'out' tensors"):
+        _ops.perturb_tensors_([x], [x, x], _ops.DerivedScale(), 0.1, 0, 0, 0, [0, 10], "normal")
+    with pytest.raises(RuntimeError, match="one tensor per piece"):
+        _ops.perturb_tensors_([x, x.clone()], [x, x], [x], 0.1, 0, 0, 0, [0, 10], "normal")
+    with pytest.raises(RuntimeError, match="one dtype and device"):
+        _ops.perturb_tensors_([x, x.double()], [x, x.double()], _ops.DerivedScale(), 0.1, 0, 0, 0, [0, 10], "normal")
     with pytest.raises(TypeError, match="a tensor or a DerivedScale"):
         _ops.perturb_(torch.zeros(n), x, 1.0, 0.1, 0, 0, 0, 0, "normal")
     with pytest.raises(RuntimeError, match="unknown distribution"):
@@ -435,6 +447,8 @@ def _opcheck_cases(device):
         (OPS.ellipsoid_norms, (f(), f(), f(), c, False, 0.0, s, lam)),
         (OPS.copy_if_, (f(), f(), torch.tensor(True, device=device))),
         (OPS.sum_squares, (f(),)),
+        (OPS.perturb_tensors_, ([f()[:30], f()[:7]], [f()[:30], f()[:7]], [c[:30], c[:7]], False, 0.0, 0.1, 1, 2, 3,
+                                [0, 30], "normal")),
         # c derived from w0 in the kernels (no scale buffer)
         (OPS.perturb_, (f(), f(), None, True, 0.01, 0.1, 1, 2, 3, 4, "normal")),
         (OPS.perturb_batched_, (torch.zeros(2, n, device=device), f(), None, False, 0.0, 0.1, 1, 2, 3, 4, "normal",
@@ -442,11 +456,13 @@ def _opcheck_cases(device):
         (OPS.apgd_step_linf_, (f(), f(), f(), f(), f(), None, True, 0.0, s, 0.1, 0.75)),
         (OPS.apgd_step_l2_, (f(), f(), f(), f(), f(), None, True, 0.0, s, scalar(0.2, device), 0.75)),
         (OPS.ellipsoid_norms, (f(), f(), f(), None, False, 0.0, s, lam)),
+        (OPS.perturb_tensors_, ([f()[:30], f()[:7]], [f()[:30], f()[:7]], [], True, 0.0, 0.1, 1, 2, 3, [0, 30],
+                                "uniform")),
     ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", range(13))
+@pytest.mark.parametrize("case", range(15))
 def test_opcheck(device, case):
     op, args = _opcheck_cases(device)[case]
     torch.library.opcheck(op, args)

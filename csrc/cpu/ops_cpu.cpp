@@ -266,34 +266,54 @@ void draw_cpu(at::Tensor& out, int64_t seed, int64_t stream, int64_t sample, int
   });
 }
 
-// Rows of out ([rows, n]): row r = w0 + sign_r * rho * c * xi(sample_r). Antithetic pairs
-// share their draws (generated once, written twice).
+// A piece of one coordinate space: n elements at global indices offset .. offset + n - 1, whose
+// perturbed rows start at out (row r at out + r * n), read from w and the scale c (or derived).
+template <typename S>
+struct Segment {
+  S* out;
+  const S* w;
+  const S* c;
+  int64_t n;
+  uint64_t offset;
+};
+
+// Rows of every segment: row r = w0 + sign_r * rho * c * xi(sample_r), tiles of all segments in
+// one parallel loop. Antithetic pairs share their draws (generated once, written twice).
+template <typename S>
+void perturb_segments(const std::vector<Segment<S>>& segs, const ScaleRule& rule, double rho, const Counter& k,
+                      int64_t n_samples, bool antithetic, Dist dist) {
+  using acc_t = at::opmath_type<S>;
+  std::vector<int64_t> first(segs.size() + 1, 0);  // first tile of each segment (per sample)
+  for (size_t g = 0; g < segs.size(); ++g) first[g + 1] = first[g] + (segs[g].n + kTile - 1) / kTile;
+  const int64_t tiles = first.back();
+  if (tiles == 0 || n_samples == 0) return;
+  const acc_t rp = static_cast<acc_t>(rho), rm = static_cast<acc_t>(-rho);
+  const int64_t rows = antithetic ? 2 : 1;
+  at::parallel_for(0, tiles * n_samples, std::max<int64_t>(1, kGrain / kTile), [&](int64_t t0, int64_t t1) {
+    acc_t xi[kTile], cs[kTile];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t s = t / tiles, tile = t % tiles;
+      const size_t g = static_cast<size_t>(std::upper_bound(first.begin(), first.end(), tile) - first.begin() - 1);
+      const Segment<S>& seg = segs[g];
+      const int64_t b = (tile - first[g]) * kTile, m = std::min(kTile, seg.n - b);
+      fill_draws<acc_t>(dist, k, k.sample + static_cast<uint32_t>(s), seg.offset + b, m, xi);
+      fill_scales<S>(seg.c ? seg.c + b : nullptr, seg.w + b, rule, m, cs);
+      for (int64_t r = 0; r < rows; ++r) {
+        S* __restrict__ dst = seg.out + (s * rows + r) * seg.n + b;
+        const S* __restrict__ w = seg.w + b;
+        const acc_t rr = r ? rm : rp;
+        for (int64_t j = 0; j < m; ++j) dst[j] = static_cast<S>(perturb<acc_t>(static_cast<acc_t>(w[j]), cs[j], rr, xi[j]));
+      }
+    }
+  });
+}
+
 void perturb_rows(at::Tensor& out, const at::Tensor& w0, const at::Tensor* c, const ScaleRule& rule, double rho,
                   const Counter& k, int64_t n_samples, bool antithetic, Dist dist) {
-  const int64_t n = w0.numel();
-  if (n == 0 || n_samples == 0) return;
   SF_DISPATCH(w0.scalar_type(), "sharpfast::perturb_", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ w = w0.data_ptr<scalar_t>();
-    const scalar_t* cc = scale_data<scalar_t>(c);
-    const int64_t tiles = (n + kTile - 1) / kTile;
-    const acc_t rp = static_cast<acc_t>(rho), rm = static_cast<acc_t>(-rho);
-    at::parallel_for(0, tiles * n_samples, std::max<int64_t>(1, kGrain / kTile), [&](int64_t t0, int64_t t1) {
-      acc_t xi[kTile], cs[kTile];
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t s = t / tiles, b = (t % tiles) * kTile, m = std::min(kTile, n - b);
-        fill_draws<acc_t>(dist, k, k.sample + static_cast<uint32_t>(s), k.offset + b, m, xi);
-        fill_scales<scalar_t>(cc ? cc + b : nullptr, w + b, rule, m, cs);
-        const int64_t rows = antithetic ? 2 : 1;
-        for (int64_t r = 0; r < rows; ++r) {
-          scalar_t* __restrict__ dst = o + (s * rows + r) * n + b;
-          const acc_t rr = r ? rm : rp;
-          for (int64_t j = 0; j < m; ++j)
-            dst[j] = static_cast<scalar_t>(perturb<acc_t>(static_cast<acc_t>(w[b + j]), cs[j], rr, xi[j]));
-        }
-      }
-    });
+    const std::vector<Segment<scalar_t>> segs{{out.data_ptr<scalar_t>(), w0.data_ptr<scalar_t>(),
+                                               scale_data<scalar_t>(c), w0.numel(), k.offset}};
+    perturb_segments<scalar_t>(segs, rule, rho, k, n_samples, antithetic, dist);
   });
 }
 
@@ -316,6 +336,23 @@ void perturb_batched_cpu(at::Tensor& out, const at::Tensor& w0, const std::optio
   const Dist dist = parse_distribution(distribution);
   const Counter k = check_counter(seed, stream, first_sample, offset, w0.numel(), n_samples);
   perturb_rows(out, w0, cc, ScaleRule{adaptive, eta}, rho, k, n_samples, antithetic, dist);
+}
+
+void perturb_tensors_cpu(at::TensorList out, at::TensorList w0, at::TensorList c, bool adaptive, double eta,
+                         double rho, int64_t seed, int64_t stream, int64_t sample, at::IntArrayRef offsets,
+                         c10::string_view distribution) {
+  const std::vector<const at::Tensor*> scales = check_pieces(out, w0, c, offsets, adaptive, eta);
+  const Dist dist = parse_distribution(distribution);
+  if (w0.empty()) return;
+  Counter k{};
+  for (size_t p = 0; p < w0.size(); ++p) k = check_counter(seed, stream, sample, offsets[p], w0[p].numel());
+  SF_DISPATCH(w0[0].scalar_type(), "sharpfast::perturb_tensors_", [&] {
+    std::vector<Segment<scalar_t>> segs;
+    for (size_t p = 0; p < w0.size(); ++p)
+      segs.push_back({out[p].data_ptr<scalar_t>(), w0[p].data_ptr<scalar_t>(), scale_data<scalar_t>(scales[p]),
+                      w0[p].numel(), static_cast<uint64_t>(offsets[p])});
+    perturb_segments<scalar_t>(segs, ScaleRule{adaptive, eta}, rho, k, 1, false, dist);
+  });
 }
 
 void apgd_step_linf_cpu(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
@@ -468,6 +505,7 @@ TORCH_LIBRARY_IMPL(sharpfast, CPU, m) {
   m.impl("draw_", &draw_cpu);
   m.impl("perturb_", &perturb_cpu);
   m.impl("perturb_batched_", &perturb_batched_cpu);
+  m.impl("perturb_tensors_", &perturb_tensors_cpu);
   m.impl("apgd_step_linf_", &apgd_step_linf_cpu);
   m.impl("ellipsoid_norms", &ellipsoid_norms_cpu);
   m.impl("apgd_step_l2_", &apgd_step_l2_cpu);
