@@ -91,9 +91,13 @@ inline Counter check_counter(int64_t seed, int64_t stream, int64_t sample, int64
 
 // The scale argument of an op: a buffer `c` like `ref`, or none, in which case the kernels
 // derive c from w0 by the rule (adaptive, eta). Returns the buffer or nullptr.
+inline void check_eta(double eta) {
+  TORCH_CHECK(std::isfinite(eta) && eta >= 0.0, "sharpfast: argument 'eta' must be finite and >= 0, got ", eta);
+}
+
 inline const at::Tensor* check_scale(const std::optional<at::Tensor>& c, const at::Tensor& ref, const char* ref_name,
                                      bool adaptive, double eta) {
-  TORCH_CHECK(std::isfinite(eta) && eta >= 0.0, "sharpfast: argument 'eta' must be finite and >= 0, got ", eta);
+  check_eta(eta);
   if (!c.has_value() || !c->defined()) return nullptr;
   check_like(*c, "c", ref, ref_name);
   return &*c;
@@ -105,28 +109,36 @@ const S* scale_data(const at::Tensor* c) {
   return c ? c->data_ptr<S>() : nullptr;
 }
 
+// The checked arguments of perturb_tensors_: each piece's scale buffer (nullptr: derived from
+// w0) and the counter shared by the pieces (each piece draws from its own offset).
+struct Pieces {
+  std::vector<const at::Tensor*> scales;
+  Counter counter;
+};
+
 // Checks of perturb_tensors_: pieces out[p] like w0[p] (one dtype and device for all), their
-// scales (none: derived from w0) and offsets. Returns each piece's scale buffer or nullptr.
-inline std::vector<const at::Tensor*> check_pieces(at::TensorList out, at::TensorList w0, at::TensorList c,
-                                                   at::IntArrayRef offsets, bool adaptive, double eta) {
+// scales (none: derived from w0), offsets and counters.
+inline Pieces check_pieces(at::TensorList out, at::TensorList w0, at::TensorList c, at::IntArrayRef offsets,
+                           bool adaptive, double eta, int64_t seed, int64_t stream, int64_t sample) {
   const size_t P = w0.size();
   TORCH_CHECK(out.size() == P && offsets.size() == P, "sharpfast: perturb_tensors_ needs as many 'out' tensors (",
               out.size(), ") and offsets (", offsets.size(), ") as 'w0' tensors (", P, ")");
   TORCH_CHECK(c.empty() || c.size() == P, "sharpfast: argument 'c' must be empty (c derived from w0) or hold one "
               "tensor per piece, got ", c.size(), " for ", P, " pieces");
-  std::vector<const at::Tensor*> scales(P, nullptr);
+  check_eta(eta);
+  Pieces pieces{std::vector<const at::Tensor*>(P, nullptr), check_counter(seed, stream, sample, 0, 0)};
   for (size_t p = 0; p < P; ++p) {
     check_flat(w0[p], "w0");
     TORCH_CHECK(w0[p].scalar_type() == w0[0].scalar_type() && w0[p].device() == w0[0].device(),
                 "sharpfast: the 'w0' pieces must share one dtype and device");
     check_like(out[p], "out", w0[p], "w0");
-    check_scale(std::nullopt, w0[p], "w0", adaptive, eta);  // eta
+    check_counter(seed, stream, sample, offsets[p], w0[p].numel());
     if (!c.empty()) {
       check_like(c[p], "c", w0[p], "w0");
-      scales[p] = &c[p];  // the caller's list outlives the op
+      pieces.scales[p] = &c[p];  // the caller's list outlives the op
     }
   }
-  return scales;
+  return pieces;
 }
 
 // Checks of the batched perturbation; returns the number of distinct samples.

@@ -31,8 +31,8 @@ except Exception as exc:  # pragma: no cover - depends on the build
     _C = None
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-__all__ = ["available", "build_info", "IMPORT_ERROR", "DerivedScale", "draw_", "perturb_", "perturb_tensors_", "perturb_batched_",
-           "apgd_step_linf_", "apgd_step_l2_", "ellipsoid_norms", "copy_if_", "sum_squares",
+__all__ = ["available", "build_info", "IMPORT_ERROR", "DerivedScale", "draw_", "perturb_", "perturb_batched_",
+           "perturb_tensors_", "apgd_step_linf_", "apgd_step_l2_", "ellipsoid_norms", "copy_if_", "sum_squares",
            "seed_to_int64"]
 
 _U64 = 1 << 64

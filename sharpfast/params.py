@@ -31,10 +31,14 @@ class ScaleSpec:
     weights_only: bool = False
     custom: Mapping[str, torch.Tensor] | None = None
 
+    def is_adaptive_for(self, w: torch.Tensor) -> bool:
+        """Whether a parameter without a custom scale gets ``|w| + eta`` (else 1)."""
+        return self.adaptive and (w.dim() >= 2 or not self.weights_only)
+
     def scale_for(self, name: str, w: torch.Tensor) -> torch.Tensor:
         if self.custom is not None and name in self.custom:
             return self.custom[name].detach().to(device=w.device, dtype=w.dtype)
-        if self.adaptive and (w.dim() >= 2 or not self.weights_only):
+        if self.is_adaptive_for(w):
             return w.detach().abs() + self.eta
         return torch.ones_like(w)
 
@@ -44,7 +48,7 @@ class ScaleSpec:
         instead of stored; None for custom scales and for weights-only mixes."""
         if self.custom and any(name in self.custom for name in params.names):
             return None
-        adaptive = [self.adaptive and (p.dim() >= 2 or not self.weights_only) for p in params.tensors]
+        adaptive = [self.is_adaptive_for(p) for p in params.tensors]
         if all(adaptive):
             return True, self.eta
         if not any(adaptive):
@@ -53,9 +57,7 @@ class ScaleSpec:
 
     def is_identity(self, params: "ParamSet") -> bool:
         """True when ``c = 1`` for every coordinate (the l2 projection is then a rescaling)."""
-        if self.custom:
-            return False
-        return not self.adaptive or (self.weights_only and all(p.dim() < 2 for p in params.tensors))
+        return self.uniform_rule(params) == (False, 0.0)
 
 
 class ParamSet:

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../ops_common.h"
@@ -146,8 +147,13 @@ SF_CPU_CLONES void ellipsoid_prep(const double* __restrict__ d, const double* __
 // argument, so that every loop below vectorizes with its scale inlined.
 enum class ScaleMode { buffer, abs_eta, one };
 
-inline ScaleMode scale_mode(const void* c, const ScaleRule& rule) {
-  return c != nullptr ? ScaleMode::buffer : (rule.adaptive ? ScaleMode::abs_eta : ScaleMode::one);
+// f(std::integral_constant<ScaleMode, M>{}) for the mode of this scale (a buffer c, or the rule).
+template <typename F>
+void with_scale_mode(const void* c, const ScaleRule& rule, F&& f) {
+  using M = ScaleMode;
+  if (c != nullptr) return f(std::integral_constant<M, M::buffer>{});
+  if (rule.adaptive) return f(std::integral_constant<M, M::abs_eta>{});
+  return f(std::integral_constant<M, M::one>{});
 }
 
 // eta rounded to the buffer's dtype first, as torch rounds the scalar of `w.abs() + eta`.
@@ -178,11 +184,7 @@ void fill_scales_as(const S* __restrict__ c, const S* __restrict__ w, A eta, int
 template <typename S, typename A>
 void fill_scales(const S* c, const S* w, const ScaleRule& rule, int64_t m, A* out) {
   const A eta = rounded_eta<S>(rule);
-  switch (scale_mode(c, rule)) {
-    case ScaleMode::buffer: return fill_scales_as<ScaleMode::buffer>(c, w, eta, m, out);
-    case ScaleMode::abs_eta: return fill_scales_as<ScaleMode::abs_eta>(c, w, eta, m, out);
-    case ScaleMode::one: return fill_scales_as<ScaleMode::one>(c, w, eta, m, out);
-  }
+  with_scale_mode(c, rule, [&](auto mode) { fill_scales_as<decltype(mode)::value>(c, w, eta, m, out); });
 }
 
 template <typename S>
@@ -228,17 +230,10 @@ void apgd_range(const ApgdBuffers<S>& buf, const ScaleRule& rule, int64_t b, int
                 at::opmath_type<S> s2, at::opmath_type<S> rho, at::opmath_type<S> alpha) {
   const at::opmath_type<S> eta = rounded_eta<S>(rule);
   const S* c = buf.c ? buf.c + b : nullptr;
-  switch (scale_mode(buf.c, rule)) {
-    case ScaleMode::buffer:
-      return apgd_sub<S, L2, ScaleMode::buffer>(buf.p + b, buf.d + b, buf.dp + b, buf.g + b, buf.w + b, c, e - b, eta,
-                                                s1, s2, rho, alpha);
-    case ScaleMode::abs_eta:
-      return apgd_sub<S, L2, ScaleMode::abs_eta>(buf.p + b, buf.d + b, buf.dp + b, buf.g + b, buf.w + b, c, e - b, eta,
-                                                 s1, s2, rho, alpha);
-    case ScaleMode::one:
-      return apgd_sub<S, L2, ScaleMode::one>(buf.p + b, buf.d + b, buf.dp + b, buf.g + b, buf.w + b, c, e - b, eta, s1,
-                                             s2, rho, alpha);
-  }
+  with_scale_mode(c, rule, [&](auto mode) {
+    apgd_sub<S, L2, decltype(mode)::value>(buf.p + b, buf.d + b, buf.dp + b, buf.g + b, buf.w + b, c, e - b, eta, s1,
+                                           s2, rho, alpha);
+  });
 }
 
 double read_scalar(const at::Tensor& t) {
@@ -297,12 +292,13 @@ void perturb_segments(const std::vector<Segment<S>>& segs, const ScaleRule& rule
       const Segment<S>& seg = segs[g];
       const int64_t b = (tile - first[g]) * kTile, m = std::min(kTile, seg.n - b);
       fill_draws<acc_t>(dist, k, k.sample + static_cast<uint32_t>(s), seg.offset + b, m, xi);
-      fill_scales<S>(seg.c ? seg.c + b : nullptr, seg.w + b, rule, m, cs);
+      const S* __restrict__ w = seg.w + b;
+      fill_scales<S>(seg.c ? seg.c + b : nullptr, w, rule, m, cs);
       for (int64_t r = 0; r < rows; ++r) {
         S* __restrict__ dst = seg.out + (s * rows + r) * seg.n + b;
-        const S* __restrict__ w = seg.w + b;
         const acc_t rr = r ? rm : rp;
-        for (int64_t j = 0; j < m; ++j) dst[j] = static_cast<S>(perturb<acc_t>(static_cast<acc_t>(w[j]), cs[j], rr, xi[j]));
+        for (int64_t j = 0; j < m; ++j)
+          dst[j] = static_cast<S>(perturb<acc_t>(static_cast<acc_t>(w[j]), cs[j], rr, xi[j]));
       }
     }
   });
@@ -341,17 +337,15 @@ void perturb_batched_cpu(at::Tensor& out, const at::Tensor& w0, const std::optio
 void perturb_tensors_cpu(at::TensorList out, at::TensorList w0, at::TensorList c, bool adaptive, double eta,
                          double rho, int64_t seed, int64_t stream, int64_t sample, at::IntArrayRef offsets,
                          c10::string_view distribution) {
-  const std::vector<const at::Tensor*> scales = check_pieces(out, w0, c, offsets, adaptive, eta);
+  const Pieces pieces = check_pieces(out, w0, c, offsets, adaptive, eta, seed, stream, sample);
   const Dist dist = parse_distribution(distribution);
   if (w0.empty()) return;
-  Counter k{};
-  for (size_t p = 0; p < w0.size(); ++p) k = check_counter(seed, stream, sample, offsets[p], w0[p].numel());
   SF_DISPATCH(w0[0].scalar_type(), "sharpfast::perturb_tensors_", [&] {
     std::vector<Segment<scalar_t>> segs;
     for (size_t p = 0; p < w0.size(); ++p)
-      segs.push_back({out[p].data_ptr<scalar_t>(), w0[p].data_ptr<scalar_t>(), scale_data<scalar_t>(scales[p]),
+      segs.push_back({out[p].data_ptr<scalar_t>(), w0[p].data_ptr<scalar_t>(), scale_data<scalar_t>(pieces.scales[p]),
                       w0[p].numel(), static_cast<uint64_t>(offsets[p])});
-    perturb_segments<scalar_t>(segs, ScaleRule{adaptive, eta}, rho, k, 1, false, dist);
+    perturb_segments<scalar_t>(segs, ScaleRule{adaptive, eta}, rho, pieces.counter, 1, false, dist);
   });
 }
 

@@ -84,18 +84,18 @@ void perturb_batched_cuda(at::Tensor& out, const at::Tensor& w0, const std::opti
 void perturb_tensors_cuda(at::TensorList out, at::TensorList w0, at::TensorList c, bool adaptive, double eta,
                           double rho, int64_t seed, int64_t stream, int64_t sample, at::IntArrayRef offsets,
                           c10::string_view distribution) {
-  const std::vector<const at::Tensor*> scales = check_pieces(out, w0, c, offsets, adaptive, eta);
+  const Pieces pieces = check_pieces(out, w0, c, offsets, adaptive, eta, seed, stream, sample);
   const Dist dist = parse_distribution(distribution);
   if (w0.empty()) return;
   check_cuda(w0[0], "w0");
   const c10::cuda::CUDAGuard guard(w0[0].device());
   const cudaStream_t cuda_stream = c10::cuda::getCurrentCUDAStream();
+  const Counter& k = pieces.counter;
   for (size_t p = 0; p < w0.size(); ++p) {  // one launch per piece, enqueued back to back
-    const Counter k = check_counter(seed, stream, sample, offsets[p], w0[p].numel());
     if (w0[p].numel() == 0) continue;
-    C10_CUDA_CHECK(perturb_rows(out[p].data_ptr(), w0[p].data_ptr(), scale_ptr(scales[p]), ScaleRule{adaptive, eta},
-                                dtype_of(w0[p]), w0[p].numel(), rho, k.seed, k.stream, k.sample, k.offset, dist, 1,
-                                false, cuda_stream));
+    C10_CUDA_CHECK(perturb_rows(out[p].data_ptr(), w0[p].data_ptr(), scale_ptr(pieces.scales[p]),
+                                ScaleRule{adaptive, eta}, dtype_of(w0[p]), w0[p].numel(), rho, k.seed, k.stream,
+                                k.sample, static_cast<uint64_t>(offsets[p]), dist, 1, false, cuda_stream));
   }
 }
 
