@@ -15,6 +15,11 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# IEEE division and square root, subnormals kept, no FMA contraction (.ci/nvcc_check.sh uses the same)
+NVCC_EXACT_MATH = ["-fmad=false", "--prec-div=true", "--prec-sqrt=true", "--ftz=false"]
+# A range, never a pin: CI builds against 2.13.0 (CPU) and 2.14.1 (CUDA 13); 2.11 is what the
+# GPU machines sharpfast is run on provide.
+TORCH_REQUIREMENT = "torch>=2.11"
 
 
 def _want_cuda() -> bool:
@@ -30,14 +35,16 @@ def _extension():
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     # -fno-math-errno: sqrt/log without errno bookkeeping, so the sampling loops vectorize.
+    # -ffp-contract=off: no FMA contraction (GCC's default is "fast", which contracts wherever
+    # the target has FMA instructions, aarch64 among them), so CPU and CUDA round alike.
     # -fopenmp: at::parallel_for is a header template that runs serially unless the extension
     # itself is compiled with OpenMP (torch's own libgomp.so.1 is reused at load time).
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno"] + openmp
+    cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off"] + openmp
     if _want_cuda():
         # torch-free kernels (*.cu, checked by .ci/nvcc_check.sh) + ATen host glue (*.cpp)
         sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc = ["-O3", "-lineinfo"] + NVCC_EXACT_MATH
         return CUDAExtension("sharpfast._C", sources, include_dirs=include_dirs,
                              define_macros=[("SHARPFAST_WITH_CUDA", "1")],
                              extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=openmp)
@@ -51,7 +58,7 @@ setup(
     description="Fast, exact sharpness measures (average- and worst-case, adaptive) for PyTorch models",
     packages=find_packages(include=["sharpfast", "sharpfast.*"]),
     python_requires=">=3.10",
-    install_requires=["torch==2.13.0", "numpy", "scipy", "scikit-learn", "safetensors", "tqdm",
+    install_requires=[TORCH_REQUIREMENT, "numpy", "scipy", "scikit-learn", "safetensors", "tqdm",
                       "pyyaml", "matplotlib"],
     extras_require={"test": ["pytest", "hypothesis", "pytest-benchmark", "ray"],
                     "ray": ["ray"]},

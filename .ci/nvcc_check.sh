@@ -17,8 +17,8 @@ status=0
 for src in "${sources[@]}"; do
   for arch in $ARCHS; do
     obj="$tmp/$(basename "$src" .cu).sm_$arch.o"
-    # the same half/bf16 restrictions torch's CUDAExtension compiles with
-    if "$NVCC" -c -std=c++17 -O3 --use_fast_math -I csrc/include -arch="sm_$arch" \
+    # the exact-math flags of setup.py, and the half/bf16 restrictions torch's CUDAExtension adds
+    if "$NVCC" -c -std=c++17 -O3 -fmad=false --prec-div=true --prec-sqrt=true --ftz=false -I csrc/include -arch="sm_$arch" \
         -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
         -D__CUDA_NO_HALF2_OPERATORS__ -Werror all-warnings -o "$obj" "$src"; then
       echo "nvcc_check: ok   $src (sm_$arch)"

@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -50,6 +51,46 @@ inline void check_scalar(const at::Tensor& t, const char* name, const at::Device
               " tensor, got ", t.scalar_type());
   TORCH_CHECK(t.device() == device, "sharpfast: argument '", name, "' is on ", t.device(),
               " but the buffers are on ", device);
+}
+
+// The memory an op argument spans, for the overlap check below (flat buffers are contiguous,
+// so a tensor's elements lie in [data, data + nbytes)).
+struct Span {
+  uintptr_t begin, end;
+  const char* name;
+  int64_t index;  // position in a tensor list, or -1
+  bool written;
+};
+
+inline void add_span(std::vector<Span>& spans, const at::Tensor* t, const char* name, bool written,
+                     int64_t index = -1) {
+  if (t == nullptr || !t->defined() || t->numel() == 0) return;
+  const auto begin = reinterpret_cast<uintptr_t>(t->data_ptr());
+  spans.push_back({begin, begin + static_cast<uintptr_t>(t->numel() * t->element_size()), name, index, written});
+}
+
+inline std::string span_label(const Span& s) {
+  return "'" + std::string(s.name) + (s.index >= 0 ? "[" + std::to_string(s.index) + "]" : "") + "'";
+}
+
+// No tensor an op writes may share memory with any other argument: the kernels take
+// __restrict__ pointers, and an aliased write would silently change what is read. Sorted by
+// start address, a span overlaps an earlier one iff it starts before that one ends, so one
+// sweep (tracking the furthest end of any span and of any written span) finds every clash.
+inline void check_no_overlap(std::vector<Span> spans, const char* op) {
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  const Span* furthest = nullptr;          // the span reaching furthest so far
+  const Span* furthest_written = nullptr;  // ... among the written ones
+  for (const Span& s : spans) {
+    const Span* clash = nullptr;
+    if (furthest_written != nullptr && s.begin < furthest_written->end) clash = furthest_written;
+    else if (s.written && furthest != nullptr && s.begin < furthest->end) clash = furthest;
+    TORCH_CHECK(clash == nullptr, "sharpfast: ", op, " writes ", span_label(clash && clash->written ? *clash : s),
+                " but it shares memory with ", span_label(clash && clash->written ? s : *clash),
+                "; pass separate buffers");
+    if (furthest == nullptr || s.end > furthest->end) furthest = &s;
+    if (s.written && (furthest_written == nullptr || s.end > furthest_written->end)) furthest_written = &s;
+  }
 }
 
 inline Dist parse_distribution(c10::string_view s) {
@@ -138,6 +179,14 @@ inline Pieces check_pieces(at::TensorList out, at::TensorList w0, at::TensorList
       pieces.scales[p] = &c[p];  // the caller's list outlives the op
     }
   }
+  std::vector<Span> spans;
+  for (size_t p = 0; p < P; ++p) {
+    const auto i = static_cast<int64_t>(p);
+    add_span(spans, &out[p], "out", true, i);
+    add_span(spans, &w0[p], "w0", false, i);
+    add_span(spans, pieces.scales[p], "c", false, i);
+  }
+  check_no_overlap(std::move(spans), "perturb_tensors_");
   return pieces;
 }
 
@@ -166,6 +215,28 @@ inline void check_step_buffers(const at::Tensor& params, const at::Tensor& delta
   check_like(w0, "w0", params, "params");
 }
 
+// The overlap checks of the ops that write: a perturbation's rows, an APGD step's buffers.
+inline void check_out_no_overlap(const char* op, const at::Tensor& out, const at::Tensor& w0, const at::Tensor* c) {
+  std::vector<Span> spans;
+  add_span(spans, &out, "out", true);
+  add_span(spans, &w0, "w0", false);
+  add_span(spans, c, "c", false);
+  check_no_overlap(std::move(spans), op);
+}
+
+inline void check_step_no_overlap(const char* op, const at::Tensor& params, const at::Tensor& delta,
+                                  const at::Tensor& delta_prev, const at::Tensor& grad, const at::Tensor& w0,
+                                  const at::Tensor* c) {
+  std::vector<Span> spans;
+  add_span(spans, &params, "params", true);
+  add_span(spans, &delta, "delta", true);
+  add_span(spans, &delta_prev, "delta_prev", true);
+  add_span(spans, &grad, "grad", false);
+  add_span(spans, &w0, "w0", false);
+  add_span(spans, c, "c", false);
+  check_no_overlap(std::move(spans), op);
+}
+
 inline void check_lambdas(const at::Tensor& lambdas, const at::Device& device) {
   TORCH_CHECK(lambdas.dim() == 1, "sharpfast: argument 'lambdas' must be 1-D, got shape ", lambdas.sizes());
   TORCH_CHECK(lambdas.scalar_type() == at::kDouble, "sharpfast: argument 'lambdas' must be float64, got ",
@@ -187,6 +258,11 @@ inline void check_copy_if(const at::Tensor& dst, const at::Tensor& src, const at
               cond.sizes());
   TORCH_CHECK(cond.device() == dst.device(), "sharpfast: argument 'cond' is on ", cond.device(),
               " but 'dst' is on ", dst.device());
+  std::vector<Span> spans;
+  add_span(spans, &dst, "dst", true);
+  add_span(spans, &src, "src", false);
+  add_span(spans, &cond, "cond", false);
+  check_no_overlap(std::move(spans), "copy_if_");
 }
 
 }  // namespace sharpfast

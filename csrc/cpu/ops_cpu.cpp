@@ -319,6 +319,7 @@ void perturb_cpu(at::Tensor& out, const at::Tensor& w0, const std::optional<at::
   check_flat(w0, "w0");
   check_like(out, "out", w0, "w0");
   const at::Tensor* cc = check_scale(c, w0, "w0", adaptive, eta);
+  check_out_no_overlap("perturb_", out, w0, cc);
   const Dist dist = parse_distribution(distribution);
   const Counter k = check_counter(seed, stream, sample, offset, w0.numel());
   perturb_rows(out, w0, cc, ScaleRule{adaptive, eta}, rho, k, 1, false, dist);
@@ -329,6 +330,7 @@ void perturb_batched_cpu(at::Tensor& out, const at::Tensor& w0, const std::optio
                          c10::string_view distribution, bool antithetic) {
   const int64_t n_samples = check_batched(out, w0, antithetic);
   const at::Tensor* cc = check_scale(c, w0, "w0", adaptive, eta);
+  check_out_no_overlap("perturb_batched_", out, w0, cc);
   const Dist dist = parse_distribution(distribution);
   const Counter k = check_counter(seed, stream, first_sample, offset, w0.numel(), n_samples);
   perturb_rows(out, w0, cc, ScaleRule{adaptive, eta}, rho, k, n_samples, antithetic, dist);
@@ -354,6 +356,7 @@ void apgd_step_linf_cpu(at::Tensor& params, at::Tensor& delta, at::Tensor& delta
                         const at::Tensor& step_size, double rho, double momentum) {
   check_step_buffers(params, delta, delta_prev, grad, w0);
   const at::Tensor* cc = check_scale(c, params, "params", adaptive, eta);
+  check_step_no_overlap("apgd_step_linf_", params, delta, delta_prev, grad, w0, cc);
   const ScaleRule rule{adaptive, eta};
   check_scalar(step_size, "step_size", params.device(), true);
   const int64_t n = params.numel();
@@ -374,6 +377,7 @@ void apgd_step_l2_cpu(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_p
                       const at::Tensor& grad_scale, const at::Tensor& lam, double momentum) {
   check_step_buffers(params, delta, delta_prev, grad, w0);
   const at::Tensor* cc = check_scale(c, params, "params", adaptive, eta);
+  check_step_no_overlap("apgd_step_l2_", params, delta, delta_prev, grad, w0, cc);
   const ScaleRule rule{adaptive, eta};
   check_scalar(grad_scale, "grad_scale", params.device(), true);
   check_scalar(lam, "lam", params.device(), false);

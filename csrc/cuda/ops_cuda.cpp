@@ -55,6 +55,7 @@ void perturb_cuda(at::Tensor& out, const at::Tensor& w0, const std::optional<at:
   check_cuda(w0, "w0");
   check_like(out, "out", w0, "w0");
   const at::Tensor* cc = check_scale(c, w0, "w0", adaptive, eta);
+  check_out_no_overlap("perturb_", out, w0, cc);
   const Dist dist = parse_distribution(distribution);
   const Counter k = check_counter(seed, stream, sample, offset, w0.numel());
   if (w0.numel() == 0) return;
@@ -70,6 +71,7 @@ void perturb_batched_cuda(at::Tensor& out, const at::Tensor& w0, const std::opti
   check_cuda(w0, "w0");
   const int64_t n_samples = check_batched(out, w0, antithetic);
   const at::Tensor* cc = check_scale(c, w0, "w0", adaptive, eta);
+  check_out_no_overlap("perturb_batched_", out, w0, cc);
   const Dist dist = parse_distribution(distribution);
   const Counter k = check_counter(seed, stream, first_sample, offset, w0.numel(), n_samples);
   if (w0.numel() == 0 || n_samples == 0) return;
@@ -104,6 +106,7 @@ void apgd_step_linf_cuda(at::Tensor& params, at::Tensor& delta, at::Tensor& delt
                          const at::Tensor& step_size, double rho, double momentum) {
   check_step_buffers(params, delta, delta_prev, grad, w0);
   const at::Tensor* cc = check_scale(c, params, "params", adaptive, eta);
+  check_step_no_overlap("apgd_step_linf_", params, delta, delta_prev, grad, w0, cc);
   check_cuda(params, "params");
   check_scalar(step_size, "step_size", params.device(), true);
   if (params.numel() == 0) return;
@@ -120,6 +123,7 @@ void apgd_step_l2_cuda(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_
                        const at::Tensor& grad_scale, const at::Tensor& lam, double momentum) {
   check_step_buffers(params, delta, delta_prev, grad, w0);
   const at::Tensor* cc = check_scale(c, params, "params", adaptive, eta);
+  check_step_no_overlap("apgd_step_l2_", params, delta, delta_prev, grad, w0, cc);
   check_cuda(params, "params");
   check_scalar(grad_scale, "grad_scale", params.device(), true);
   check_scalar(lam, "lam", params.device(), false);
