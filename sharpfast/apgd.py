@@ -45,6 +45,17 @@ def checkpoint_schedule(n_iters: int) -> list[int]:
     return w[1:]
 
 
+def too_few_updates(n_updates, ratio: float, gap: int):
+    """APGD's first halving condition, ``n_updates < ratio * gap``, with the threshold in float64
+    as the published (Python) code compares it. ``n_updates`` may be an integer tensor (the fused
+    backend keeps it on the device): comparing that with a Python float would round the threshold
+    to float32, and ``0.28 * 25`` is 7.000000000000001 in float64 but 7.0 in float32."""
+    threshold = ratio * gap
+    if hasattr(n_updates, "double"):
+        return n_updates.double() < threshold
+    return n_updates < threshold
+
+
 class BisectionState:
     """The published bisection for ``lambda >= 0`` with ``||z / (1 + 2 lambda / c^2) / c||_2 = rho``.
 

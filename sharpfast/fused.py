@@ -388,7 +388,7 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
                     n_updates += improved
                     if not last and (i - 1) in checkpoints:
                         j = i - 1
-                        too_few = n_updates < s.min_update_ratio * (j - prev_checkpoint)
+                        too_few = apgd.too_few_updates(n_updates, s.min_update_ratio, j - prev_checkpoint)
                         stalled = (prev_step == step) & (prev_best == L_best)
                         prev_step, prev_best, prev_checkpoint = step.clone(), L_best.clone(), j
                         n_updates = torch.zeros_like(n_updates)

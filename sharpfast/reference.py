@@ -172,7 +172,7 @@ def apgd_restart(model, params: ParamSet, s: Settings, x, y, w0: Tensors, c: Ten
             best_weights = [p.data for p in params.tensors]
             n_updates += 1
         if i in checkpoints:
-            too_few_updates = n_updates < s.min_update_ratio * (i - prev_checkpoint)
+            too_few_updates = apgd.too_few_updates(n_updates, s.min_update_ratio, i - prev_checkpoint)
             stalled = prev_step == step and prev_best == best_loss
             prev_step, prev_best, prev_checkpoint, n_updates = step, best_loss, i, 0
             if too_few_updates or stalled:

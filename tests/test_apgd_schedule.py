@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 
 from sharpfast import apgd
 
@@ -121,3 +122,17 @@ def test_replayed_bisection_edge_cases():
     # rho - tol <= 0 (the published absolute 1e-5 at a tiny radius): never "below", still the same answer
     tiny = lambda lam: 1e-3 / (1e-4 + 2 * lam)
     assert replay(tiny, 5e-6, 1e-5) == apgd.ellipsoid_lambda(tiny, 5e-6, 1e-5)
+
+
+def test_update_counter_is_compared_in_float64_on_every_backend():
+    """0.28 * 25 = 7.000000000000001 in float64 (7 updates are too few), 7.0 in float32 (they are
+    not): a device counter must decide as the published Python comparison does."""
+    assert 0.28 * 25 > 7
+    assert apgd.too_few_updates(7, 0.28, 25)
+    assert bool(apgd.too_few_updates(torch.tensor(7), 0.28, 25))
+    assert bool(apgd.too_few_updates(torch.tensor([7, 8]), 0.28, 25).equal(torch.tensor([True, False])))
+    assert not (torch.tensor(7) < 0.28 * 25)   # the float32 comparison this replaces
+    for ratio in (0.0, 0.3, 0.75, 1.0):
+        for gap in range(0, 40):
+            for n in range(0, gap + 2):
+                assert bool(apgd.too_few_updates(torch.tensor(n), ratio, gap)) == apgd.too_few_updates(n, ratio, gap)
