@@ -6,7 +6,9 @@ As in the published code the model is evaluated in whatever train/eval mode it i
 logits are whatever the model returns (wrap it in a logit-normalizing module, as the published
 scripts do, or use :func:`sharpfast.worst_case_sharpness` with ``normalize_logits=True``).
 
-Differences, all deliberate: ``rand_init=True`` works (the published init function is
+Differences, all deliberate: ``rand_init`` defaults to False, where the published signature says
+True: every published run passed ``rand_init=False`` (the published random start crashes), so
+these defaults reproduce the published numbers; ``rand_init=True`` works (the published init function is
 accidentally a tuple and crashes); adaptive l2 with exact-zero weights freezes those
 coordinates instead of producing NaN norms and skipping the projection; ``no_grad_norm`` and
 ``layer_name_pattern`` are accepted and ignored, as they are ignored there. The ellipsoid
@@ -27,7 +29,7 @@ def _log(kind: str, result) -> str:
 
 def eval_APGD_sharpness(model, batches, loss_f, train_err=None, train_loss=None, rho=0.01,
                         step_size_mult=1, n_iters=200, layer_name_pattern="all", n_restarts=1,
-                        min_update_ratio=0.75, rand_init=True, no_grad_norm=False, verbose=False,
+                        min_update_ratio=0.75, rand_init=False, no_grad_norm=False, verbose=False,
                         return_output=False, adaptive=False, version="default", norm="linf",
                         seed=0, backend="auto", **kwargs):
     """Worst-case sharpness by APGD; returns ``(sharpness, err_sharpness, max ||delta||_2)``

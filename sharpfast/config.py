@@ -17,6 +17,7 @@ from torch import nn
 from .apgd import bisection_tolerance
 from .objective import Objective, resolve_logit_normalization
 from .params import ParamSet, ScaleSpec
+from .precision import check_policy
 
 NORMS = ("l2", "linf")
 BACKENDS = ("auto", "reference", "fused")
@@ -54,6 +55,7 @@ class Settings:
     seed: int
     backend: str
     eval_mode: bool = True
+    low_precision: str = "float32"  # fp16/bf16 parameters: evaluate a float32 copy, or "error" (precision.py)
     # worst-case
     n_iters: int = 20
     n_restarts: int = 1
@@ -141,7 +143,7 @@ def check_model(model: nn.Module) -> ParamSet:
 
 def make_settings(kind: str, model: nn.Module, *, rho, norm, adaptive, scale, loss_fn,
                   normalize_logits, seed, backend, adaptive_eta=0.0, adaptive_weights_only=False,
-                  eval_mode=True, **specific) -> tuple[Settings, ParamSet]:
+                  eval_mode=True, error_fn=None, low_precision="float32", **specific) -> tuple[Settings, ParamSet]:
     params = check_model(model)
     rho = _positive_float("rho", rho)
     if norm not in NORMS:
@@ -150,13 +152,16 @@ def make_settings(kind: str, model: nn.Module, *, rho, norm, adaptive, scale, lo
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError("loss_fn must be callable as loss_fn(output, y)")
+    if error_fn is not None and not callable(error_fn):
+        raise TypeError("error_fn must be callable as error_fn(output, y)")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
     spec = ScaleSpec(adaptive=bool(adaptive), eta=_positive_float("adaptive_eta", adaptive_eta, allow_zero=True),
                      weights_only=bool(adaptive_weights_only), custom=_check_scale(scale, params))
-    objective = Objective(loss_fn=loss_fn, logit_normalization=resolve_logit_normalization(normalize_logits))
+    objective = Objective(loss_fn=loss_fn, logit_normalization=resolve_logit_normalization(normalize_logits),
+                          error_fn=error_fn)
     common = dict(kind=kind, rho=rho, norm=norm, scale=spec, objective=objective, seed=int(seed),
-                  backend=backend, eval_mode=bool(eval_mode))
+                  backend=backend, eval_mode=bool(eval_mode), low_precision=check_policy(low_precision))
     if kind == "worst":
         n_iters = _positive_int("n_iters", specific.get("n_iters", 20))
         n_restarts = _positive_int("n_restarts", specific.get("n_restarts", 1))

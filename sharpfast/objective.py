@@ -24,14 +24,19 @@ def unpack_batch(batch: Any, index: int) -> tuple[Any, Any]:
                     + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
 
 
-def to_device(x: Any, device: torch.device) -> Any:
+def map_tensors(fn: Callable, x: Any) -> Any:
+    """``fn`` applied to every tensor in ``x`` (a tensor, or dicts, tuples and lists of them)."""
     if isinstance(x, torch.Tensor):
-        return x.to(device)
+        return fn(x)
     if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
+        return {k: map_tensors(fn, v) for k, v in x.items()}
     if isinstance(x, (tuple, list)):
-        return type(x)(to_device(v, device) for v in x)
+        return type(x)(map_tensors(fn, v) for v in x)
     return x
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    return map_tensors(lambda t: t.to(device), x)
 
 
 def call_model(model: Callable, x: Any) -> Any:
@@ -75,12 +80,38 @@ def default_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y)
 
 
+def classification_error(f: torch.Tensor, y: Any) -> torch.Tensor | None:
+    """Mean 0-1 error ``argmax f != y``, or None where ``y`` are not class labels for ``f``
+    (integer labels shaped like ``f`` without its last, class, dimension)."""
+    if (isinstance(y, torch.Tensor) and not y.is_floating_point() and not y.is_complex()
+            and y.dtype != torch.bool and f.dim() >= 1 and tuple(f.shape[:-1]) == tuple(y.shape)):
+        return (f.argmax(dim=-1) != y).to(torch.float32).mean()
+    return None
+
+
+def _one_element(value: Any, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise TypeError(f"{what}(output, y) must return the mean of the batch as a one-element tensor, got "
+                        f"{type(value).__name__}" + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                                                     else ""))
+    return value.reshape(())
+
+
 @dataclass
 class Objective:
-    """``loss_fn(normalized logits, y)`` and the 0-1 error, for one batch at the current weights."""
+    """``loss_fn(normalized logits, y)`` and the 0-1 error, for one batch at the current weights.
+
+    The error is ``error_fn(logits, y)`` where one is given. Otherwise it is the classification
+    error ``argmax != y`` where that means what the loss means: for ``[B, K]`` logits with ``[B]``
+    integer labels whatever the loss, and for sequence logits ``[B, T, K]`` with ``[B, T]`` labels
+    only under the default token cross-entropy (a custom loss may shift or mask the tokens, as a
+    language model's does, and ``argmax != y`` would then compare the wrong positions). Anything
+    else has no error (``err_sharpness`` is None).
+    """
 
     loss_fn: Callable | None = None
     logit_normalization: str | None = None  # None, "norm" or "std"
+    error_fn: Callable | None = None
 
     def logits(self, model: Callable, x: Any) -> torch.Tensor:
         f = unwrap_logits(call_model(model, x))
@@ -91,19 +122,14 @@ class Objective:
         return f
 
     def loss(self, f: torch.Tensor, y: Any) -> torch.Tensor:
-        loss = (self.loss_fn or default_loss)(f, y)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise TypeError("loss_fn(output, y) must return the mean loss of the batch as a "
-                            f"one-element tensor, got {type(loss).__name__}"
-                            + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
-        return loss.reshape(())
+        return _one_element((self.loss_fn or default_loss)(f, y), "loss_fn")
 
-    @staticmethod
-    def error(f: torch.Tensor, y: Any) -> torch.Tensor | None:
-        """Mean 0-1 error ``argmax != y``, or None where ``y`` are not class labels for ``f``."""
-        if (isinstance(y, torch.Tensor) and not y.is_floating_point() and not y.is_complex()
-                and y.dtype != torch.bool and f.dim() >= 1 and tuple(f.shape[:-1]) == tuple(y.shape)):
-            return (f.argmax(dim=-1) != y).to(torch.float32).mean()
+    def error(self, f: torch.Tensor, y: Any) -> torch.Tensor | None:
+        """The batch's mean error (see the class docstring), or None where it has none."""
+        if self.error_fn is not None:
+            return _one_element(self.error_fn(f, y), "error_fn").to(torch.float32)
+        if self.loss_fn is None or f.dim() == 2:
+            return classification_error(f, y)
         return None
 
     def loss_and_error(self, model: Callable, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -48,6 +48,20 @@ def test_compat_apgd_reproduces_the_published_algorithm(norm, adaptive):
     assert vals[0] > 0
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_compat_defaults_are_the_published_runs(norm):
+    """Every published run passed rand_init=False (the published signature's default True crashes):
+    compat's defaults are those runs, with no rand_init argument."""
+    model = trained_mlp()
+    batches = five_tuples()
+    loss_f = lambda out, y: F.cross_entropy(out, y)
+    vals = compat.eval_APGD_sharpness(model, batches, loss_f, rho=0.05, n_iters=20, adaptive=True, norm=norm,
+                                      backend="reference")
+    expected = published_worst_case(model, [(x, y) for x, _, y, _, _ in batches], loss_f, 0.05, 20, True, norm)
+    assert vals[0] == pytest.approx(expected[0], rel=1e-5, abs=1e-7)
+    assert vals[2] == pytest.approx(expected[2], rel=1e-4)
+
+
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_compat_average_reproduces_the_published_loop_on_the_same_draws(norm):
     model = trained_mlp()
