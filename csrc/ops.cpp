@@ -9,7 +9,7 @@
 namespace py = pybind11;
 
 #ifdef SHARPFAST_WITH_CUDA
-namespace sharpfast { namespace cuda { int build_cuda_version(); } }
+namespace sharpfast { namespace cuda { int build_cuda_version(); const char* build_cuda_archs(); } }
 #endif
 
 // Seeds are 64-bit unsigned integers carried in the int64 `seed` arguments (bit reinterpretation;
@@ -56,9 +56,20 @@ PYBIND11_MODULE(_C, m) {
     {
       const int v = sharpfast::cuda::build_cuda_version();  // CUDART_VERSION, e.g. 12080
       info["cuda_version"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+      py::list archs;  // "800,900" -> ["sm_80", "sm_90"]
+      std::string list = sharpfast::cuda::build_cuda_archs();
+      for (size_t start = 0; start < list.size();) {
+        size_t end = list.find(',', start);
+        if (end == std::string::npos) end = list.size();
+        const int arch = std::stoi(list.substr(start, end - start));
+        archs.append("sm_" + std::to_string(arch / 10));
+        start = end + 1;
+      }
+      info["cuda_archs"] = archs;
     }
 #else
     info["cuda_version"] = py::none();
+    info["cuda_archs"] = py::list();
 #endif
     py::list dtypes;
     for (const char* d : {"float32", "float64", "float16", "bfloat16"}) dtypes.append(d);

@@ -5,6 +5,8 @@
 """
 from .api import average_sharpness, worst_case_sharpness
 from .config import SharpnessResult
+from .kernel_check import SelfTestReport, selftest
 
 __version__ = "0.1.0"
-__all__ = ["worst_case_sharpness", "average_sharpness", "SharpnessResult", "__version__"]
+__all__ = ["worst_case_sharpness", "average_sharpness", "SharpnessResult", "selftest", "SelfTestReport",
+           "__version__"]

@@ -1,26 +1,34 @@
-"""The public entry points (DESIGN §5): validate, guard the model, dispatch to a backend."""
+"""The public entry points: validate, guard the model, apply the precision policy, dispatch to
+a backend."""
 from __future__ import annotations
 
-import importlib.util
+import warnings
 from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
-from . import reference
+from . import precision, reference
 from .config import SharpnessResult, check_batches, make_settings
 from .params import ModelGuard, ParamSet
 
 
 def resolve_backend(backend: str, params: ParamSet) -> str:
-    """``"auto"`` picks the fused backend where the extension supports the parameters, else the reference."""
+    """``"auto"`` picks the fused backend where the extension supports the parameters and passes
+    its self-test on their device (:mod:`sharpfast.selftest`, once per device per process), else
+    the reference (with a warning when the self-test failed). ``"fused"`` raises instead."""
     if backend == "reference":
         return "reference"
-    if importlib.util.find_spec("sharpfast.fused") is None:
-        available, why = False, "this build has no fused evaluators"
-    else:
-        from . import fused  # imported lazily: the reference needs no extension
-        available, why = fused.available(params)
+    from . import fused, kernel_check  # imported lazily: the reference needs no extension
+    available, why = fused.available(params)
+    if available:
+        report = kernel_check.verified(params.device)
+        if not report.ok:
+            available = False
+            why = (f"the extension's self-test failed on {report.device} for {', '.join(report.failed)} "
+                   f"({'; '.join(c.message for c in report.checks if not c.ok)}); run `sharpfast doctor`")
+            if backend == "auto":
+                warnings.warn(f"sharpfast: using the pure-PyTorch reference: {why}", RuntimeWarning, stacklevel=4)
     if backend == "fused" and not available:
         raise RuntimeError(f"backend='fused' is not available for these parameters on {params.device}: {why}")
     return "fused" if available else "reference"
@@ -29,13 +37,14 @@ def resolve_backend(backend: str, params: ParamSet) -> str:
 def _evaluate(kind: str, model: nn.Module, data: Iterable, **kwargs) -> SharpnessResult:
     settings, params = make_settings(kind, model, **kwargs)
     batches = check_batches(data)
-    backend = resolve_backend(settings.backend, params)
-    if backend == "fused":
-        from . import fused
-        impl = fused.worst_case_sharpness if kind == "worst" else fused.average_sharpness
-    else:
-        impl = reference.worst_case_sharpness if kind == "worst" else reference.average_sharpness
     with ModelGuard(model, eval_mode=settings.eval_mode):
+        batches = precision.apply_policy(model, params, batches, settings.low_precision)
+        backend = resolve_backend(settings.backend, params)
+        if backend == "fused":
+            from . import fused
+            impl = fused.worst_case_sharpness if kind == "worst" else fused.average_sharpness
+        else:
+            impl = reference.worst_case_sharpness if kind == "worst" else reference.average_sharpness
         return impl(model, batches, params, settings)
 
 
@@ -46,7 +55,8 @@ def worst_case_sharpness(
     rand_init: bool = False, step_size_mult: float = 1.0, seed: int = 0, backend: str = "auto",
     adaptive_eta: float = 0.0, adaptive_weights_only: bool = False, eval_mode: bool = True,
     min_update_ratio: float = 0.75, projection_tol: float | None = None,
-    solve_batches_together: bool | None = None,
+    solve_batches_together: bool | None = None, error_fn: Callable | None = None,
+    low_precision: str = "float32",
 ) -> SharpnessResult:
     """Worst-case sharpness ``E_S max_{||delta/c||_p <= rho} L_S(w + delta) - L_S(w)`` by APGD.
 
@@ -59,6 +69,12 @@ def worst_case_sharpness(
     ``solve_batches_together``: the fused backend solves the m-batches' APGD problems in one
     vmapped forward/backward per step (batches of one shape; same results); default: on a GPU
     when the ``[batches, parameters]`` buffers fit, else one batch at a time.
+    ``error_fn(output, y)``: the batch's mean error for ``err_sharpness``; by default the
+    classification error where outputs and labels are a classification pair (see
+    ``objective.Objective``), else ``err_sharpness`` is None.
+    ``low_precision``: for float16/bfloat16 parameters, ``"float32"`` (default) evaluates a float32
+    copy of the same weights (a half-precision perturbation rounds away), ``"error"`` raises
+    (see ``sharpfast.precision``).
     The model is left exactly as it was, also after an exception or interrupt.
     """
     return _evaluate("worst", model, data, rho=rho, norm=norm, adaptive=adaptive, scale=scale,
@@ -67,7 +83,8 @@ def worst_case_sharpness(
                      seed=seed, backend=backend, adaptive_eta=adaptive_eta,
                      adaptive_weights_only=adaptive_weights_only, eval_mode=eval_mode,
                      min_update_ratio=min_update_ratio, projection_tol=projection_tol,
-                     solve_batches_together=solve_batches_together)
+                     solve_batches_together=solve_batches_together, error_fn=error_fn,
+                     low_precision=low_precision)
 
 
 def average_sharpness(
@@ -76,6 +93,7 @@ def average_sharpness(
     normalize_logits: bool | str = False, n_samples: int = 20, seed: int = 0,
     backend: str = "auto", adaptive_eta: float = 0.0, adaptive_weights_only: bool = False,
     eval_mode: bool = True, antithetic: bool = False, samples_per_pass: int | None = None,
+    error_fn: Callable | None = None, low_precision: str = "float32",
 ) -> SharpnessResult:
     """Average-case sharpness ``E_S E_xi L_S(w + rho * c * xi) - L_S(w)``.
 
@@ -90,7 +108,8 @@ def average_sharpness(
                      loss_fn=loss_fn, normalize_logits=normalize_logits, n_samples=n_samples,
                      seed=seed, backend=backend, adaptive_eta=adaptive_eta,
                      adaptive_weights_only=adaptive_weights_only, eval_mode=eval_mode,
-                     antithetic=antithetic, samples_per_pass=samples_per_pass)
+                     antithetic=antithetic, samples_per_pass=samples_per_pass, error_fn=error_fn,
+                     low_precision=low_precision)
 
 
 __all__ = ["worst_case_sharpness", "average_sharpness", "SharpnessResult", "resolve_backend"]

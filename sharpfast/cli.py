@@ -1,10 +1,12 @@
-"""The ``sharpfast`` command line: ``zoo``, ``sweep``, ``report``, ``run`` (all three), ``definitions``.
+"""The ``sharpfast`` command line: ``zoo``, ``sweep``, ``report``, ``run`` (all three), ``definitions``,
+``doctor``.
 
     sharpfast run --out sharpfast-out             # the main job: zoo -> sweep -> report
     sharpfast zoo --out zoo --preset default --jobs 2
     sharpfast sweep --zoo zoo --store results.db --preset default [--config defs.yaml] [--executor ray]
     sharpfast report --store results.db --out report
     sharpfast definitions --preset paper          # list a preset's definitions
+    sharpfast doctor [--device cuda]              # build, devices and the fused ops' self-test
 """
 from __future__ import annotations
 
@@ -207,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("definitions", help="list the definitions a preset/config/flags give")
     _add_definition_flags(q)
     q.add_argument("--yaml", action="store_true", help="print them as an editable YAML config")
+
+    q = sub.add_parser("doctor", help="the build, the devices and the self-test of every fused op")
+    q.add_argument("--device", help="self-test only this device (default: every device)")
     return p
 
 
@@ -285,8 +290,16 @@ def cmd_definitions(args: argparse.Namespace) -> None:
         print(f"  {d.key}  {d.name}")
 
 
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from .doctor import run
+
+    if not run(args.device):
+        raise CLIError("the fused backend cannot run on every device asked for (see above); backend='auto' "
+                       "uses the pure-PyTorch reference there")
+
+
 COMMANDS = {"zoo": cmd_zoo, "sweep": cmd_sweep, "report": cmd_report, "run": cmd_run,
-            "definitions": cmd_definitions}
+            "definitions": cmd_definitions, "doctor": cmd_doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -131,3 +131,20 @@ def test_console_script():
     assert r.returncode == 0
     for cmd in ("zoo", "sweep", "report", "run"):
         assert cmd in r.stdout
+
+
+def test_doctor(capsys, monkeypatch):
+    from sharpfast import _ops
+
+    if not _ops.available("cpu"):
+        pytest.skip("extension not built")
+    assert main(["doctor", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch {_ops.build_info()['torch']}" in out and "OpenMP" in out
+    assert "self-test on cpu: ok (9 ops" in out and "apgd_step_l2_" in out
+    broken = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("invalid device function"))
+    monkeypatch.setattr(_ops, "copy_if_", broken)
+    assert main(["doctor", "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert "FAILED: copy_if_" in captured.out and "invalid device function" in captured.out
+    assert "uses the pure-PyTorch reference" in captured.err

@@ -432,6 +432,17 @@ template <typename S> struct EllipsoidF {
 
 int build_cuda_version() { return CUDART_VERSION; }
 
+// nvcc defines __CUDA_ARCH_LIST__ (e.g. 800,900) in host and device passes alike since CUDA 11.5.
+#define SF_STRINGIFY_(x) #x
+#define SF_STRINGIFY(x) SF_STRINGIFY_(x)
+const char* build_cuda_archs() {
+#ifdef __CUDA_ARCH_LIST__
+  return SF_STRINGIFY(__CUDA_ARCH_LIST__);
+#else
+  return "";
+#endif
+}
+
 int64_t reduce_partials(int64_t n) {
   const int64_t per_block = static_cast<int64_t>(kReduceThreads) * 8;
   int64_t b = (n + per_block - 1) / per_block;

@@ -20,6 +20,8 @@ enum class DType : int { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
 constexpr int kMaxLambdasPerPass = 32;
 
 int build_cuda_version();
+// The compute capabilities compiled into the kernels, as nvcc lists them ("800,900").
+const char* build_cuda_archs();
 
 // Number of per-block partial sums the reductions write (a function of n only, so the
 // summation order, and hence the result, is the same on every device).

@@ -1,0 +1,251 @@
+"""``sharpfast.selftest(device)``: every fused op on small random inputs on that device, against
+the pure-PyTorch math (and the Philox twin, :mod:`sharpfast.philox`, for the draws).
+
+It is what stands between a user and a kernel that is wrong on their device (a compiler, an
+architecture or a driver the test suite never ran on): the fused backend runs it once per device
+per process, the first time it is used there (a few milliseconds), and ``backend="auto"`` falls
+back to the reference with a warning naming the op when it fails, while ``backend="fused"``
+raises. ``sharpfast doctor`` prints it.
+
+The inputs are float32 and float64 buffers of an odd length (vector loads and scalar tails),
+read through an unaligned view (the kernels' unvectorized path), with exact-zero scales (frozen
+coordinates) and zero gradients (``sign(0) = 0``), for buffered and derived scales. The
+reference expressions use the kernels' operation order, so agreement is to an ulp or two;
+the tolerances are a few ulps of the compute type (reductions: float64 rounding of sums taken in
+another order).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import _ops
+from .philox import DISTRIBUTIONS, philox_draw
+
+N = 1003           # odd: vectorized body and scalar tail
+OFFSET = 5         # global element index of the first element: a block's draws start mid-block
+DTYPES = (torch.float32, torch.float64)
+RHO, ETA, STEP, MOMENTUM, GRAD_SCALE = 0.05, 0.01, 0.37, 0.75, 0.02
+LAMBDAS = (0.0, 0.013, 3.5)
+
+
+@dataclass
+class OpCheck:
+    """One op's result: the largest ``|op - reference|`` over its cases and whether every case was
+    within tolerance (``message`` says which was not, or what the op raised)."""
+
+    op: str
+    max_error: float = 0.0
+    ok: bool = True
+    message: str = ""
+
+
+@dataclass
+class SelfTestReport:
+    device: str
+    checks: list[OpCheck]
+    seconds: float
+    build: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def errors(self) -> dict[str, float]:
+        """``{op: max |op - reference|}``."""
+        return {c.op: c.max_error for c in self.checks}
+
+    @property
+    def failed(self) -> list[str]:
+        return [c.op for c in self.checks if not c.ok]
+
+    def __str__(self) -> str:
+        lines = [f"self-test on {self.device}: {'ok' if self.ok else 'FAILED: ' + ', '.join(self.failed)} "
+                 f"({len(self.checks)} ops, {1e3 * self.seconds:.1f} ms)"]
+        for c in self.checks:
+            lines.append(f"  {c.op:<18} {'ok  ' if c.ok else 'FAIL'}  max error {c.max_error:.3g}"
+                         + (f"  {c.message}" if c.message else ""))
+        return "\n".join(lines)
+
+
+def _tolerance(dtype: torch.dtype, reduction: bool = False) -> tuple[float, float]:
+    if reduction:
+        return 1e-10, 1e-12
+    return (1e-12, 1e-12) if dtype == torch.float64 else (1e-6, 1e-6)
+
+
+class _Checker:
+    """Collects per-op agreement, case by case."""
+
+    def __init__(self):
+        self.checks: dict[str, OpCheck] = {}
+
+    def compare(self, op: str, case: str, got: torch.Tensor, want: torch.Tensor, reduction: bool = False) -> None:
+        check = self.checks.setdefault(op, OpCheck(op))
+        rtol, atol = _tolerance(want.dtype, reduction)
+        got, want = got.detach().double().cpu(), want.detach().double().cpu()
+        if got.shape != want.shape:
+            check.ok, check.message = False, f"{case}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+            return
+        if got.numel() == 0:
+            return
+        diff = (got - want).abs()
+        bad = ~(diff <= atol + rtol * want.abs())   # NaN counts as bad
+        err = float(diff.nan_to_num(float("inf")).max())
+        check.max_error = max(check.max_error, err)
+        if bool(bad.any()) and check.ok:
+            check.ok, check.message = False, f"{case}: {int(bad.sum())} of {got.numel()} elements off"
+
+    def run(self, op: str, case: str, fn) -> None:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - a raising op is a failed op, reported by name
+            check = self.checks.setdefault(op, OpCheck(op))
+            check.ok, check.message = False, f"{case}: raised {type(e).__name__}: {e}"
+
+
+def _inputs(dtype: torch.dtype, device: torch.device, gen: torch.Generator):
+    """Buffers read through views one element into their storage (unaligned), so both the
+    vectorized and the scalar paths of the kernels run."""
+    def unaligned(values: torch.Tensor) -> torch.Tensor:
+        storage = torch.empty(N + 1, dtype=dtype, device=device)
+        storage[1:] = values.to(dtype).to(device)
+        return storage[1:]
+
+    w0 = unaligned(torch.randn(N, generator=gen, dtype=torch.float64))
+    c = torch.rand(N, generator=gen, dtype=torch.float64) + 0.05
+    c[torch.rand(N, generator=gen) < 0.2] = 0.0
+    c = unaligned(c)
+    grad = torch.randn(N, generator=gen, dtype=torch.float64)
+    grad[::7] = 0.0
+    grad = unaligned(grad)
+    box = lambda: unaligned(RHO * c.double().cpu() * (2 * torch.rand(N, generator=gen, dtype=torch.float64) - 1))
+    return w0, c, grad, box(), box()
+
+
+def _check_dtype(chk: _Checker, dtype: torch.dtype, device: torch.device) -> None:
+    gen = torch.Generator().manual_seed(0)
+    w0, c_buf, grad, delta, delta_prev = _inputs(dtype, device, gen)
+    seed, stream, sample = 2**40 + 3, 2, 7
+    scales = {"buffer c": (c_buf, c_buf),
+              "c = |w| + eta": (_ops.DerivedScale(True, ETA), (w0.abs() + ETA)),
+              "c = 1": (_ops.DerivedScale(False, 0.0), torch.ones_like(w0))}
+    name = str(dtype).replace("torch.", "")
+
+    for dist in DISTRIBUTIONS:
+        case = f"{name} {dist}"
+        xi = philox_draw(dist, seed, stream, sample, OFFSET, N, dtype=dtype, device=device)
+        chk.run("draw_", case, lambda: chk.compare(
+            "draw_", case, _ops.draw_(torch.empty(N, dtype=dtype, device=device), seed, stream, sample, OFFSET, dist),
+            xi))
+
+    for label, (c_op, c) in scales.items():
+        case = f"{name} {label}"
+        xi = philox_draw("normal", seed, stream, sample, OFFSET, N, dtype=dtype, device=device)
+        want = w0 + (RHO * c) * xi
+        chk.run("perturb_", case, lambda: chk.compare(
+            "perturb_", case, _ops.perturb_(torch.empty_like(w0), w0, c_op, RHO, seed, stream, sample, OFFSET), want))
+
+        def batched():   # antithetic pairs: rows 2j, 2j + 1 = sample first + j with signs +, -
+            rows = _ops.perturb_batched_(torch.empty(4, N, dtype=dtype, device=device), w0, c_op, RHO, seed, stream,
+                                         sample, OFFSET, "uniform", antithetic=True)
+            for r in range(4):
+                x = philox_draw("uniform", seed, stream, sample + r // 2, OFFSET, N, dtype=dtype, device=device)
+                chk.compare("perturb_batched_", f"{case} row {r}", rows[r], w0 + ((-RHO if r % 2 else RHO) * c) * x)
+        chk.run("perturb_batched_", case, batched)
+
+        def pieces():   # two pieces of one coordinate space: the same draws as the concatenation
+            cut = 400
+            out = [torch.empty(cut, dtype=dtype, device=device), torch.empty(N - cut, dtype=dtype, device=device)]
+            cs = c_op if isinstance(c_op, _ops.DerivedScale) else [c_op[:cut], c_op[cut:]]
+            _ops.perturb_tensors_(out, [w0[:cut], w0[cut:]], cs, RHO, seed, stream, sample, [OFFSET, OFFSET + cut])
+            chk.compare("perturb_tensors_", case, torch.cat(out), want)
+        chk.run("perturb_tensors_", case, pieces)
+
+        def linf():
+            bufs = [w0 + delta, delta.clone(), delta_prev.clone()]
+            _ops.apgd_step_linf_(*bufs, grad, w0, c_op, torch.tensor(STEP, dtype=torch.float64, device=device), RHO,
+                                 MOMENTUM)
+            z = delta + STEP * grad.sign() * c
+            z = torch.maximum(torch.minimum(z, RHO * c), -RHO * c)
+            new = MOMENTUM * z + (1 - MOMENTUM) * delta_prev
+            for got, exp in zip(bufs, (w0 + new, new, delta)):
+                chk.compare("apgd_step_linf_", case, got, exp)
+        chk.run("apgd_step_linf_", case, linf)
+
+        for lam in LAMBDAS:
+            def l2(lam=lam):
+                bufs = [w0 + delta, delta.clone(), delta_prev.clone()]
+                scalar = lambda v: torch.tensor(v, dtype=torch.float64, device=device)
+                _ops.apgd_step_l2_(*bufs, grad, w0, c_op, scalar(GRAD_SCALE), scalar(lam), MOMENTUM)
+                z = delta + GRAD_SCALE * grad * c
+                shrunk = z if lam == 0 else z * c**2 / (c**2 + 2 * lam)
+                new = MOMENTUM * torch.where(c != 0, shrunk, torch.zeros_like(z)) + (1 - MOMENTUM) * delta_prev
+                for got, exp in zip(bufs, (w0 + new, new, delta)):
+                    chk.compare("apgd_step_l2_", f"{case} lambda={lam}", got, exp)
+            chk.run("apgd_step_l2_", f"{case} lambda={lam}", l2)
+
+        def norms():
+            lams = torch.tensor(LAMBDAS, dtype=torch.float64, device=device)
+            got = _ops.ellipsoid_norms(delta, grad, w0, c_op,
+                                       torch.tensor(GRAD_SCALE, dtype=torch.float64, device=device), lams)
+            z, cd = (delta + GRAD_SCALE * grad * c).double(), c.double()
+            want = torch.stack([torch.where(cd != 0, z * cd / (cd**2 + 2 * lam), torch.zeros_like(z)).pow(2).sum()
+                                for lam in LAMBDAS])
+            chk.compare("ellipsoid_norms", case, got, want, reduction=True)
+        chk.run("ellipsoid_norms", case, norms)
+
+    case = name
+    chk.run("sum_squares", case, lambda: chk.compare("sum_squares", case, _ops.sum_squares(grad),
+                                                     grad.double().pow(2).sum(), reduction=True))
+
+    def copy_if():
+        for cond in (True, False):
+            dst = delta.clone()
+            _ops.copy_if_(dst, grad, torch.tensor(cond, device=device))
+            chk.compare("copy_if_", f"{case} cond={cond}", dst, grad if cond else delta)
+    chk.run("copy_if_", case, copy_if)
+
+
+def selftest(device=None) -> SelfTestReport:
+    """Run every fused op on ``device`` (default: the current CUDA device where there is one,
+    else the CPU) against the pure-PyTorch math; returns a report with ``.ok``, ``.errors``
+    (``{op: max |op - reference|}``) and ``.failed``. Raises ``RuntimeError`` when the extension
+    has no kernels for that device."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and _ops.available("cuda") else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if not _ops.available(device):
+        raise RuntimeError(f"sharpfast's extension has no kernels for {device}: "
+                           + (_ops.IMPORT_ERROR or f"it was built without {device.type} support"))
+    start = time.perf_counter()
+    chk = _Checker()
+    with torch.no_grad():
+        for dtype in DTYPES:
+            _check_dtype(chk, dtype, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return SelfTestReport(str(device), list(chk.checks.values()), time.perf_counter() - start, _ops.build_info())
+
+
+# Reports of the automatic check, per device, for this process.
+_VERIFIED: dict[str, SelfTestReport] = {}
+
+
+def verified(device) -> SelfTestReport:
+    """The self-test of ``device``, run the first time it is asked for in this process."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = str(device)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = selftest(device)
+    return _VERIFIED[key]
+
+
+__all__ = ["selftest", "verified", "SelfTestReport", "OpCheck"]
