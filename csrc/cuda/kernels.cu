@@ -433,8 +433,8 @@ template <typename S> struct EllipsoidF {
 int build_cuda_version() { return CUDART_VERSION; }
 
 // nvcc defines __CUDA_ARCH_LIST__ (e.g. 800,900) in host and device passes alike since CUDA 11.5.
-#define SF_STRINGIFY_(x) #x
-#define SF_STRINGIFY(x) SF_STRINGIFY_(x)
+#define SF_STRINGIFY_(...) #__VA_ARGS__
+#define SF_STRINGIFY(...) SF_STRINGIFY_(__VA_ARGS__)
 const char* build_cuda_archs() {
 #ifdef __CUDA_ARCH_LIST__
   return SF_STRINGIFY(__CUDA_ARCH_LIST__);
