@@ -8,7 +8,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v nvcc >/dev/null 2>&1 || { echo "cuda_build: nvcc not found" >&2; exit 2; }
-export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}
+# the toolkit whose headers the host glue needs (nvcc on the PATH may be a wrapper script)
+if [ -z "${CUDA_HOME:-}" ]; then
+  for cand in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")" /usr/local/cuda; do
+    [ -f "$cand/include/cuda_runtime.h" ] && { CUDA_HOME=$cand; break; }
+  done
+fi
+[ -f "${CUDA_HOME:-/nonexistent}/include/cuda_runtime.h" ] || { echo "cuda_build: no CUDA toolkit headers found" >&2; exit 2; }
+export CUDA_HOME
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
 venv=${CUDA_VENV:-/tmp/sharpfast-cuda-venv}
 work=$(mktemp -d)
