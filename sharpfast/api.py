@@ -15,7 +15,7 @@ from .params import ModelGuard, ParamSet
 
 def resolve_backend(backend: str, params: ParamSet) -> str:
     """``"auto"`` picks the fused backend where the extension supports the parameters and passes
-    its self-test on their device (:mod:`sharpfast.selftest`, once per device per process), else
+    its self-test on their device (:mod:`sharpfast.kernel_check`, once per device per process), else
     the reference (with a warning when the self-test failed). ``"fused"`` raises instead."""
     if backend == "reference":
         return "reference"

@@ -89,9 +89,9 @@ def classification_error(f: torch.Tensor, y: Any) -> torch.Tensor | None:
     return None
 
 
-def _one_element(value: Any, what: str) -> torch.Tensor:
+def _one_element(value: Any, what: str, quantity: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
-        raise TypeError(f"{what}(output, y) must return the mean of the batch as a one-element tensor, got "
+        raise TypeError(f"{what}(output, y) must return the mean {quantity} of the batch as a one-element tensor, got "
                         f"{type(value).__name__}" + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
                                                      else ""))
     return value.reshape(())
@@ -122,12 +122,12 @@ class Objective:
         return f
 
     def loss(self, f: torch.Tensor, y: Any) -> torch.Tensor:
-        return _one_element((self.loss_fn or default_loss)(f, y), "loss_fn")
+        return _one_element((self.loss_fn or default_loss)(f, y), "loss_fn", "loss")
 
     def error(self, f: torch.Tensor, y: Any) -> torch.Tensor | None:
         """The batch's mean error (see the class docstring), or None where it has none."""
         if self.error_fn is not None:
-            return _one_element(self.error_fn(f, y), "error_fn").to(torch.float32)
+            return _one_element(self.error_fn(f, y), "error_fn", "error").to(torch.float32)
         if self.loss_fn is None or f.dim() == 2:
             return classification_error(f, y)
         return None

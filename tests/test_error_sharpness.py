@@ -71,6 +71,6 @@ def test_error_fn_must_be_callable_and_return_one_element():
     data = lm_batches()
     with pytest.raises(TypeError, match="error_fn must be callable"):
         sharpfast.worst_case_sharpness(TinyLM(), data, rho=0.05, error_fn=3)
-    with pytest.raises(TypeError, match="error_fn\\(output, y\\) must return the mean"):
+    with pytest.raises(TypeError, match="error_fn\\(output, y\\) must return the mean error"):
         sharpfast.worst_case_sharpness(TinyLM(), data, rho=0.05, loss_fn=shifted_loss, backend="reference",
                                        error_fn=lambda f, y: (f.argmax(-1) != y).float())
