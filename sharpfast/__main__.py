@@ -1,6 +1,6 @@
 """``python -m sharpfast ...``: the same as the ``sharpfast`` console command."""
 import sys
 
-from .cli import main
+from .study.cli import main
 
 sys.exit(main())

@@ -6,9 +6,9 @@ import pickle
 import pytest
 import torch
 
-from sharpfast.checkpoints import (CheckpointError, Manifest, ManifestError, ModelEntry, file_sha256,
+from sharpfast.study.checkpoints import (CheckpointError, Manifest, ManifestError, ModelEntry, file_sha256,
                                    import_factory, load_model, load_state_dict, save_state_dict)
-from sharpfast.zoo import mlp
+from sharpfast.study.zoo import mlp
 
 MARKER = "pwned-marker"
 
@@ -25,7 +25,7 @@ class Evil:
 
 def _manifest(tmp_path, entries, data=None):
     raw = {"format": "sharpfast-manifest", "version": 1,
-           "data": data or {"factory": "sharpfast.digits:sharpness_data", "kwargs": {"n_train": 256}},
+           "data": data or {"factory": "sharpfast.study.digits:sharpness_data", "kwargs": {"n_train": 256}},
            "models": entries}
     p = tmp_path / "manifest.json"
     p.write_text(json.dumps(raw))
@@ -46,7 +46,7 @@ def _saved_mlp(tmp_path, name="m.safetensors", width=8):
 @pytest.mark.parametrize("name", ["m.safetensors", "m.pt"])
 def test_round_trip(tmp_path, name):
     model, path = _saved_mlp(tmp_path, name)
-    p = _manifest(tmp_path, [{"id": "a", "factory": "sharpfast.zoo:mlp", "kwargs": {"width": 8},
+    p = _manifest(tmp_path, [{"id": "a", "factory": "sharpfast.study.zoo:mlp", "kwargs": {"width": 8},
                               "checkpoint": name, "sha256": file_sha256(str(path)),
                               "hparams": {"lr": 0.1}, "metrics": {"test_error": 0.1}}])
     m = Manifest.load(str(tmp_path))          # a folder finds its manifest.json
@@ -102,7 +102,7 @@ def test_malicious_pickle_refused_and_never_executed(tmp_path, how):
     assert "never unpickles arbitrary objects" in str(exc.value)
     assert not marker.exists(), "the malicious pickle ran code"
     # through a manifest and the sweep's loader too
-    m = Manifest.load(str(_manifest(tmp_path, [{"id": "evil", "factory": "sharpfast.zoo:mlp",
+    m = Manifest.load(str(_manifest(tmp_path, [{"id": "evil", "factory": "sharpfast.study.zoo:mlp",
                                                  "kwargs": {"width": 8}, "checkpoint": "evil.pt"}])))
     with pytest.raises(CheckpointError, match="refusing to load"):
         load_model(m, m.models[0])
@@ -119,7 +119,7 @@ def test_the_payload_is_really_malicious(tmp_path):
 
 def test_state_dict_mismatch(tmp_path):
     _saved_mlp(tmp_path, width=8)
-    m = Manifest.load(str(_manifest(tmp_path, [{"id": "a", "factory": "sharpfast.zoo:mlp",
+    m = Manifest.load(str(_manifest(tmp_path, [{"id": "a", "factory": "sharpfast.study.zoo:mlp",
                                                  "kwargs": {"width": 16}, "checkpoint": "m.safetensors"}])))
     with pytest.raises(CheckpointError, match="does not match the model"):
         load_model(m, m.models[0])
@@ -150,7 +150,7 @@ def test_missing_checkpoint_and_unknown_suffix(tmp_path):
 ])
 def test_bad_manifests(tmp_path, mutate, message):
     raw = {"format": "sharpfast-manifest", "version": 1,
-           "data": {"factory": "sharpfast.digits:sharpness_data"}, "models": []}
+           "data": {"factory": "sharpfast.study.digits:sharpness_data"}, "models": []}
     out = mutate(raw)
     (tmp_path / "manifest.json").write_text(out if isinstance(out, str) else json.dumps(out))
     with pytest.raises(ManifestError, match=message):
@@ -163,13 +163,13 @@ def test_missing_manifest_and_bad_factories(tmp_path):
     with pytest.raises(ManifestError, match="cannot import module"):
         import_factory("no_such_module_xyz:f")
     with pytest.raises(ManifestError, match="no callable"):
-        import_factory("sharpfast.zoo:no_such_function")
+        import_factory("sharpfast.study.zoo:no_such_function")
     _saved_mlp(tmp_path)
-    m = Manifest.load(str(_manifest(tmp_path, [{"id": "a", "factory": "sharpfast.zoo:mlp",
+    m = Manifest.load(str(_manifest(tmp_path, [{"id": "a", "factory": "sharpfast.study.zoo:mlp",
                                                  "kwargs": {"nope": 1}, "checkpoint": "m.safetensors"}])))
     with pytest.raises(ManifestError, match="rejected kwargs"):
         load_model(m, m.models[0])
-    m2 = Manifest.load(str(_manifest(tmp_path, [{"id": "a", "factory": "sharpfast.digits:split",
+    m2 = Manifest.load(str(_manifest(tmp_path, [{"id": "a", "factory": "sharpfast.study.digits:split",
                                                   "checkpoint": "m.safetensors"}])))
     with pytest.raises(ManifestError, match="not a torch.nn.Module"):
         load_model(m2, m2.models[0])

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from sharpfast.cli import main
-from sharpfast.store import Store
+from sharpfast.study.cli import main
+from sharpfast.study.store import Store
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -75,7 +75,7 @@ def test_subcommands_in_process(tmp_path, capsys):
     assert "Psi = mean granulated tau vs gen. gap" in out
     assert len(list((rep / "plots").glob("*.png"))) == 3
     # the paper's near-minimum selection keeps only low-train-error models
-    from sharpfast.report import build_report
+    from sharpfast.study.report import build_report
     with Store(str(store), readonly=True) as st:
         train_err = sorted(c["metrics"]["train_error"] for c in st.checkpoints().values())
     cut = train_err[3]
@@ -89,7 +89,7 @@ def test_subcommands_in_process(tmp_path, capsys):
     assert main(["definitions", "--preset", "paper", "--yaml"]) == 0
     dumped = tmp_path / "paper.yaml"
     dumped.write_text(capsys.readouterr().out)
-    from sharpfast import definitions as D
+    from sharpfast.study import definitions as D
     assert [d.key for d in D.load_config(str(dumped))] == [d.key for d in D.preset("paper")]
 
 
@@ -109,7 +109,7 @@ def test_clear_errors(tmp_path, capsys, args, message):
     zdir = tmp_path / "zoo"
     zdir.mkdir()
     (zdir / "manifest.json").write_text(json.dumps({"format": "sharpfast-manifest", "version": 1,
-                                                    "data": {"factory": "sharpfast.digits:sharpness_data"},
+                                                    "data": {"factory": "sharpfast.study.digits:sharpness_data"},
                                                     "models": []}))
     args = [a.format(tmp=tmp_path, zoo=zdir) for a in args]
     assert main(args) == 2                     # an exception other than the clear ones would propagate

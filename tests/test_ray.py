@@ -5,11 +5,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from sharpfast import definitions as D  # noqa: E402
-from sharpfast import zoo  # noqa: E402
-from sharpfast.checkpoints import Manifest  # noqa: E402
-from sharpfast.store import Store  # noqa: E402
-from sharpfast.sweep import run_sweep  # noqa: E402
+from sharpfast.study import definitions as D  # noqa: E402
+from sharpfast.study import zoo  # noqa: E402
+from sharpfast.study.checkpoints import Manifest  # noqa: E402
+from sharpfast.study.store import Store  # noqa: E402
+from sharpfast.study.sweep import run_sweep  # noqa: E402
 
 TINY = zoo.ZooSpec({"lr": [0.5, 2.0], "width": [8, 16]}, {"arch": "mlp", "epochs": 2, "n_train": 256})
 

@@ -3,8 +3,8 @@ import sqlite3
 
 import pytest
 
-from sharpfast.definitions import Definition
-from sharpfast.store import Store, StoreError
+from sharpfast.study.definitions import Definition
+from sharpfast.study.store import Store, StoreError
 
 
 def _row(cid, key, value=1.0, status="ok", **kw):

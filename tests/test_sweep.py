@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import sharpfast
-from sharpfast import definitions as D
-from sharpfast import zoo
-from sharpfast.checkpoints import Manifest, load_model
-from sharpfast.definitions import ConfigError, Definition
-from sharpfast.store import Store
-from sharpfast.sweep import run_sweep
+from sharpfast.study import definitions as D
+from sharpfast.study import zoo
+from sharpfast.study.checkpoints import Manifest, load_model
+from sharpfast.study.definitions import ConfigError, Definition
+from sharpfast.study.store import Store
+from sharpfast.study.sweep import run_sweep
 
 TINY = zoo.ZooSpec({"lr": [0.5, 2.0], "batch_size": [32, 128], "width": [8, 16]},
                    {"arch": "mlp", "epochs": 2, "n_train": 256})

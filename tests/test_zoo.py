@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from sharpfast import digits, zoo
-from sharpfast.checkpoints import Manifest, load_model
+from sharpfast.study import digits, zoo
+from sharpfast.study.checkpoints import Manifest, load_model
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_build_zoo_is_resumable(tmp_path):
     assert len(m.models) == 2 and "trained 2 model(s)" in logs[-1]
     raw = json.loads((tmp_path / "manifest.json").read_text())
     e = raw["models"][0]
-    assert e["factory"] == "sharpfast.zoo:mlp" and e["checkpoint"].endswith(".safetensors")
+    assert e["factory"] == "sharpfast.study.zoo:mlp" and e["checkpoint"].endswith(".safetensors")
     assert {"train_error", "train_loss", "test_error", "test_loss", "ood_error", "gap"} <= set(e["metrics"])
     assert e["hparams"]["lr"] == 0.5 and len(e["sha256"]) == 64
     mtime = os.path.getmtime(tmp_path / e["checkpoint"])
@@ -110,13 +110,13 @@ def test_parallel_training_is_bit_identical(tmp_path):
 
 
 def test_zoo_grid_file(tmp_path):
-    from sharpfast.cli import main
+    from sharpfast.study.cli import main
 
     g = tmp_path / "grid.yaml"
     g.write_text("factors: {lr: [0.5, 1.0]}\nfixed: {epochs: 1, n_train: 64, width: 4, arch: cnn}\n")
     assert main(["zoo", "--out", str(tmp_path / "z"), "--grid", str(g), "--jobs", "1", "--quiet"]) == 0
     m = Manifest.load(str(tmp_path / "z"))
     assert [e.hparams["lr"] for e in m.models] == [0.5, 1.0]
-    assert all(e.factory == "sharpfast.zoo:cnn" and e.kwargs == {"width": 2} for e in m.models)
+    assert all(e.factory == "sharpfast.study.zoo:cnn" and e.kwargs == {"width": 2} for e in m.models)
     g.write_text("factors: {momentum: [0.9]}\n")
     assert main(["zoo", "--out", str(tmp_path / "z2"), "--grid", str(g), "--quiet"]) == 2

@@ -1,7 +1,7 @@
 """The built-in model zoo: small MLPs and CNNs trained on scikit-learn digits over a grid of
 hyperparameters (learning rate, batch size, width, weight decay, augmentation, optimizer).
 
-Every model is saved as safetensors with a manifest entry (``sharpfast.checkpoints``) holding
+Every model is saved as safetensors with a manifest entry (``sharpfast.study.checkpoints``) holding
 its factory, hyperparameters, train/test error and loss, and its error on digits-C.
 Training is deterministic: the seed fixes the initialization and the batch order, and each
 model is trained with one intra-op thread.
@@ -47,7 +47,7 @@ def cnn(width: int = 16, n_classes: int = digits.N_CLASSES) -> nn.Module:
     )
 
 
-ARCHS: dict[str, str] = {"mlp": "sharpfast.zoo:mlp", "cnn": "sharpfast.zoo:cnn"}
+ARCHS: dict[str, str] = {"mlp": "sharpfast.study.zoo:mlp", "cnn": "sharpfast.study.zoo:cnn"}
 
 # ----------------------------------------------------------------------------- grids
 
@@ -206,7 +206,7 @@ def data_spec(cfgs: Iterable[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("all models of one zoo must share n_train, n_test and split_seed "
                          f"(the sharpness data), got {sorted(keys)}")
     n_train, n_test, split_seed = keys.pop()
-    return {"factory": "sharpfast.digits:sharpness_data",
+    return {"factory": "sharpfast.study.digits:sharpness_data",
             "kwargs": {"n_train": n_train, "n_test": n_test, "split_seed": split_seed}}
 
 

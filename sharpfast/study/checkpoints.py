@@ -3,7 +3,7 @@
 A manifest (``manifest.json``) lists the models of a zoo::
 
     {"format": "sharpfast-manifest", "version": 1,
-     "data": {"factory": "sharpfast.digits:sharpness_data", "kwargs": {...}},
+     "data": {"factory": "sharpfast.study.digits:sharpness_data", "kwargs": {...}},
      "models": [{"id": "...", "factory": "package.module:function", "kwargs": {...},
                  "checkpoint": "checkpoints/x.safetensors", "sha256": "...",
                  "hparams": {...}, "metrics": {"test_error": ..., ...}}]}
@@ -127,11 +127,17 @@ def load_state_dict(path: str, sha256: str | None = None, key: str | None = None
 
 # ----------------------------------------------------------------------------- factories
 
+# Where the built-in factories lived before the study moved to ``sharpfast.study`` (0.1.0):
+# manifests written then name them so and must keep loading.
+MOVED_MODULES = {"sharpfast.digits": "sharpfast.study.digits", "sharpfast.zoo": "sharpfast.study.zoo"}
+
+
 def import_factory(spec: str) -> Callable[..., Any]:
     """``'package.module:function'`` -> the function (imported, never unpickled)."""
     if not isinstance(spec, str) or not _FACTORY_RE.match(spec):
         raise ManifestError(f"factory {spec!r} is not of the form 'package.module:function'")
     mod_name, fn_name = spec.split(":")
+    mod_name = MOVED_MODULES.get(mod_name, mod_name)
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:

@@ -291,7 +291,7 @@ def cmd_definitions(args: argparse.Namespace) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> None:
-    from .doctor import run
+    from ..doctor import run
 
     if not run(args.device):
         raise CLIError("the fused backend cannot run on every device asked for (see above); backend='auto' "
