@@ -39,6 +39,13 @@ def to_device(x: Any, device: torch.device) -> Any:
     return map_tensors(lambda t: t.to(device), x)
 
 
+def batches_on_device(batches, device: torch.device):
+    """``(index, x, y)`` for each batch, moved to ``device`` when its turn comes."""
+    for index, batch in enumerate(batches):
+        x, y = unpack_batch(batch, index)
+        yield index, to_device(x, device), to_device(y, device)
+
+
 def call_model(model: Callable, x: Any) -> Any:
     if isinstance(x, dict):
         return model(**x)

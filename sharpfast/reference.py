@@ -21,7 +21,7 @@ import torch
 
 from . import apgd
 from .config import Settings, SharpnessResult, check_finite_loss
-from .objective import Objective, to_device, unpack_batch
+from .objective import Objective, batches_on_device
 from .params import ParamSet
 from .philox import AVERAGE_SAMPLE_BASE, RAND_INIT_SAMPLE_BASE, noise_distribution, philox_draw
 
@@ -70,12 +70,6 @@ def gradient(model, objective: Objective, params: ParamSet, x, y) -> Tensors:
     loss = objective.loss(objective.logits(model, x), y)
     grads = torch.autograd.grad(loss, params.tensors, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.tensors)]
-
-
-def batches_on_device(batches, device):
-    for index, batch in enumerate(batches):
-        x, y = unpack_batch(batch, index)
-        yield index, to_device(x, device), to_device(y, device)
 
 
 def _mean(values):

@@ -14,7 +14,8 @@ from torch import nn
 
 import sharpfast
 from sharpfast import _ops
-from sharpfast.fused import TOGETHER_DEVICES
+from sharpfast.fused import problems
+from sharpfast.fused.problems import TOGETHER_DEVICES
 from memory_probe import peak_cpu_bytes
 from toy_models import MODEL_KINDS, model_and_data
 
@@ -190,11 +191,10 @@ def test_fused_reports_non_finite_losses():
 
 @pytest.mark.parametrize("definition", [dict(norm="linf", rho=0.05), dict(norm="l2", rho=0.1, rand_init=True, n_restarts=2)])
 def test_batches_solved_together_by_default_where_enabled(monkeypatch, definition):
-    from sharpfast import fused
-    monkeypatch.setattr(fused, "TOGETHER_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(problems, "TOGETHER_DEVICES", ("cpu", "cuda"))
     vmapped = []
-    evaluate = fused._AllBatches.evaluate
-    monkeypatch.setattr(fused._AllBatches, "evaluate", lambda self, **kw: vmapped.append(1) or evaluate(self, **kw))
+    evaluate = problems.AllBatches.evaluate
+    monkeypatch.setattr(problems.AllBatches, "evaluate", lambda self, **kw: vmapped.append(1) or evaluate(self, **kw))
     for kind in ("mlp", "cnn", "dict"):
         model, data = on("cpu", *model_and_data(kind, n_batches=3))
         kw = dict(n_iters=7, seed=2, **definition)
@@ -214,8 +214,7 @@ def test_a_single_batch_asked_to_be_solved_together_is_solved_on_its_own():
 
 
 def test_batches_solved_one_by_one_when_the_model_cannot_be_vmapped(monkeypatch, caplog):
-    from sharpfast import fused
-    monkeypatch.setattr(fused, "TOGETHER_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(problems, "TOGETHER_DEVICES", ("cpu", "cuda"))
     torch.manual_seed(0)
     model = NotVmappable()
     data = [(torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,))) for _ in range(3)]

@@ -1,0 +1,14 @@
+"""Fast evaluators on the extension's fused ops: the reference's numbers, many times faster.
+
+* :mod:`.flat`: the flat buffers of a call (the model's parameters view them), availability,
+  the loss and error as device tensors, the one read-back of the results;
+* :mod:`.problems`: a worst-case call's APGD problems as rows, one at a time through the model
+  or all at once in a vmapped forward/backward, chosen once before the loop;
+* :mod:`.bookkeeping`: APGD's best point, step size and halving rule, on the device;
+* :mod:`.worst_case`, :mod:`.average_case`: the two entry points.
+"""
+from .average_case import average_sharpness
+from .flat import SUPPORTED_DTYPES, available
+from .worst_case import worst_case_sharpness
+
+__all__ = ["available", "worst_case_sharpness", "average_sharpness", "SUPPORTED_DTYPES"]

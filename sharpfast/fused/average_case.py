@@ -1,0 +1,135 @@
+"""Fused average-case sharpness: perturbed copies of the weights written straight from the Philox
+stream (no noise tensor), evaluated one at a time through the model or K at a time in one
+vmapped forward.
+
+Memory (DESIGN.md, "Memory"): one sample at a time the model views one flat perturbed copy,
+written from the user's own tensors (1 parameter-sized buffer); K at a time, K rows and the flat
+``w0`` they are written from (K + 1), while the model keeps its own weights for the loss at w0.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.func import vmap
+
+from .. import _ops
+from ..config import Settings, SharpnessResult
+from ..objective import batches_on_device
+from ..params import ParamSet
+from ..philox import AVERAGE_SAMPLE_BASE, noise_distribution
+from .flat import FlatState, finish, loss_and_error
+from .problems import loss_and_error_at_row
+
+log = logging.getLogger("sharpfast.fused")
+
+MAX_SAMPLES_PER_PASS = 32           # perturbed copies evaluated in one forward ...
+SAMPLE_BUFFER_BYTES = 256 * 2**20   # ... within this much memory for the [K, N] buffer
+
+
+def average_sharpness(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
+    flat = FlatState(params, s)
+    samples = _Sequential(model, s, flat)
+    K = samples_per_pass(s, params)
+    if K > 1:
+        samples = _Batched(model, s, params, flat, K, fallback=samples)
+    device = params.device
+    per_batch, per_batch_err, init_losses, init_errs, nonfinite = [], [], [], [], []
+    labelled = True
+    with torch.no_grad():
+        for b, x, y in batches_on_device(batches, device):
+            samples.reset()
+            L0, E0, labelled = loss_and_error(s, model, x, y)
+            total_loss = torch.zeros((), dtype=torch.float64, device=device)
+            total_err = torch.zeros((), dtype=torch.float64, device=device)
+            bad = torch.zeros((), dtype=torch.bool, device=device)
+            for start in range(0, s.n_samples, K):
+                losses, errs = samples.evaluate(b, start, min(K, s.n_samples - start), x, y)
+                bad |= ~torch.isfinite(losses).all()
+                total_loss += losses.double().sum()
+                total_err += errs.double().sum()
+            per_batch.append(total_loss / s.n_samples - L0.double())
+            per_batch_err.append(total_err / s.n_samples - E0.double())
+            init_losses.append(L0)
+            init_errs.append(E0)
+            nonfinite.append(bad)
+    zeros = [torch.zeros((), dtype=torch.float64, device=device)] * len(per_batch)
+    return finish(s, per_batch, per_batch_err, init_losses, init_errs, zeros, labelled, nonfinite)
+
+
+def samples_per_pass(s: Settings, params: ParamSet) -> int:
+    """K, the perturbed copies per batched forward: ``samples_per_pass`` if given, else one at a
+    time on a CPU (a forward already keeps its cores busy: batching gained <25% on tiny MLPs and
+    made a BatchNorm CNN 4.8x slower, benchmarks/RESULTS.md) and up to a memory budget elsewhere."""
+    if s.samples_per_pass is not None:
+        k = s.samples_per_pass
+    elif params.device.type == "cpu":
+        k = 1
+    else:
+        row_bytes = params.numel * params.tensors[0].element_size()
+        k = min(MAX_SAMPLES_PER_PASS, max(1, SAMPLE_BUFFER_BYTES // max(1, row_bytes)))
+    k = min(k, s.n_samples)
+    if s.antithetic and k % 2 and k > 1:
+        k -= 1
+    return k
+
+
+def _sample_of(s: Settings, k: int) -> tuple[int, int]:
+    """Sample k's draw index and sign: antithetic pairs share one draw, +xi then -xi."""
+    return ((k // 2, (-1) ** k) if s.antithetic else (k, 1))
+
+
+class _Sequential:
+    """One perturbed copy at a time, through the model itself (its parameters view the copy)."""
+
+    def __init__(self, model, s: Settings, flat: FlatState):
+        self.model, self.s, self.flat = model, s, flat
+        self.attached = False
+
+    def reset(self) -> None:
+        """The model's weights back to w0 (for the loss at w0)."""
+        if not self.attached:
+            self.flat.attach(with_grad=False)
+            self.attached = True
+        self.flat.reset()
+
+    def evaluate(self, b: int, start: int, k: int, x, y):
+        s, losses, errs = self.s, [], []
+        for j in range(start, start + k):
+            sample, sign = _sample_of(s, j)
+            self.flat.perturb(sign * s.rho, s.seed, b, AVERAGE_SAMPLE_BASE + sample, noise_distribution(s.norm))
+            loss, err, _ = loss_and_error(s, self.model, x, y)
+            losses.append(loss)
+            errs.append(err)
+        return torch.stack(losses), torch.stack(errs)
+
+
+class _Batched:
+    """K perturbed copies as rows of a ``[K, N]`` buffer, evaluated in one vmapped forward. Its
+    first evaluation is the probe: a model that vmap cannot trace is handed to ``fallback`` then,
+    for that chunk and every later one (the choice is made once, and kept here)."""
+
+    def __init__(self, model, s: Settings, params: ParamSet, flat: FlatState, K: int, fallback: _Sequential):
+        self.s, self.flat, self.fallback = s, flat, fallback
+        self.rows = torch.empty((K, params.numel), dtype=flat.w0.dtype, device=params.device)
+        self.at_row = loss_and_error_at_row(model, s, params)
+        self.vmappable = True
+
+    def reset(self) -> None:
+        if not self.vmappable:
+            self.fallback.reset()
+
+    def evaluate(self, b: int, start: int, k: int, x, y):
+        if self.vmappable:
+            s = self.s
+            first = AVERAGE_SAMPLE_BASE + _sample_of(s, start)[0]
+            _ops.perturb_batched_(self.rows[:k], self.flat.w0, self.flat.c, s.rho, s.seed, b, first, 0,
+                                  noise_distribution(s.norm), s.antithetic)
+            try:
+                return vmap(lambda row: self.at_row(row, x, y)[:2], randomness="error")(self.rows[:k])
+            except Exception as e:  # noqa: BLE001 - any vmap limitation: evaluate one by one
+                log.debug("sharpfast: cannot vmap this model (%s: %s); evaluating samples one at a time",
+                          type(e).__name__, e)
+                self.vmappable, self.rows = False, None
+                self.fallback.reset()
+        return self.fallback.evaluate(b, start, k, x, y)

@@ -1,0 +1,123 @@
+"""The flat state of one fused call, and what every fused evaluator shares: whether the fused
+backend can take the parameters, the loss and error at the current weights as device tensors,
+and the one read-back of a call's results.
+
+Every parameter-sized quantity of a call lives in one flat buffer, and the model's parameters
+(and their ``.grad``) point at views of it for the duration of the call (DESIGN.md, "Flat
+buffers"); the user's storage is only read.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .. import _ops
+from ..config import Settings, SharpnessResult, check_finite_loss
+from ..params import ParamSet
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def available(params: ParamSet) -> tuple[bool, str]:
+    """Whether the fused backend can evaluate these parameters, and if not, why."""
+    if not _ops.available(params.device):
+        return False, (f"the extension could not be loaded ({_ops.IMPORT_ERROR})" if _ops.IMPORT_ERROR else
+                       f"the extension was built without support for {params.device.type} devices")
+    dtypes = {p.dtype for p in params.tensors}
+    if len(dtypes) > 1:
+        return False, f"the parameters have several dtypes ({sorted(map(str, dtypes))}); one is needed"
+    dtype = dtypes.pop()
+    if dtype not in SUPPORTED_DTYPES:
+        return False, f"parameters of dtype {dtype} are not supported"
+    return True, ""
+
+
+class FlatState:
+    """The weights and scale of one call. ``w0`` is a flat copy of the user's weights, made when
+    first used (the one-sample-at-a-time average-case reads the user's own, never written,
+    tensors instead). ``c`` is a buffer only for custom or mixed scales; ``|w| + eta`` and ``1``
+    are derived from ``w0`` inside the kernels (``_ops.DerivedScale``). ``attach`` allocates the
+    flat weights (and, ``with_grad``, the flat gradient) that the model's parameters (and grads)
+    then view; the batched paths have their own rows and never attach."""
+
+    def __init__(self, params: ParamSet, s: Settings):
+        self.params = params
+        self.originals = [p.detach() for p in params.tensors]   # the user's storage: read, never written
+        rule = s.scale.uniform_rule(params)
+        self.c = (_ops.DerivedScale(*rule) if rule is not None else
+                  torch.cat([c.reshape(-1) for c in params.scales(s.scale)]).to(self.originals[0].dtype))
+        self.current = self.grad = self._pieces = None
+        self._views = []
+
+    @functools.cached_property
+    def w0(self) -> torch.Tensor:
+        return torch.cat([p.reshape(-1) for p in self.originals])
+
+    def attach(self, with_grad: bool = True) -> None:
+        self.current = torch.empty(self.params.numel, dtype=self.originals[0].dtype, device=self.params.device)
+        self.grad = torch.zeros_like(self.current) if with_grad else None
+        grads = self.params.split(self.grad) if with_grad else [None] * len(self.params)
+        self._views = list(zip(self.params.tensors, self.params.split(self.current), grads))
+        self._pieces = None
+        self.reset()
+        for p, value, grad in self._views:
+            p.data = value
+            if grad is not None:
+                p.grad = grad
+
+    def reset(self) -> None:
+        """The attached weights back to w0."""
+        torch._foreach_copy_([value for _, value, _ in self._views], self.originals)
+
+    def perturb(self, rho: float, seed: int, stream: int, sample: int, dist: str) -> None:
+        """The attached weights to ``w0 + rho c xi`` (Philox draws of the flat coordinates), in one op
+        over the parameter tensors that reads ``w0`` from the user's tensors: no flat copy of ``w0``."""
+        if self._pieces is None:   # (out, w0, c) of each parameter tensor, as flat views
+            c = self.c if isinstance(self.c, _ops.DerivedScale) else [t.view(-1) for t in self.params.split(self.c)]
+            self._pieces = ([value.view(-1) for _, value, _ in self._views], [w.reshape(-1) for w in self.originals], c)
+        out, w0, c = self._pieces
+        _ops.perturb_tensors_(out, w0, c, rho, seed, stream, sample, self.params.offsets, dist)
+
+    def scale_values(self, out: torch.Tensor) -> torch.Tensor:
+        """``c`` as a tensor: the buffer itself, or written into ``out`` (a free buffer) when derived,
+        exactly as the reference builds it."""
+        if isinstance(self.c, torch.Tensor):
+            return self.c
+        if self.c.adaptive:
+            return torch.abs(self.w0, out=out).add_(self.c.eta)
+        return out.fill_(1)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """The gradient at the current weights, accumulated in place into ``self.grad``."""
+        self.grad.zero_()
+        loss.backward()
+        for p, _, grad in self._views:
+            if p.grad is not grad:  # autograd replaced it (a hook, an unusual layout): copy back
+                grad.copy_(p.grad)
+                p.grad = grad
+
+
+def loss_and_error(s: Settings, model, x, y):
+    """(loss, error) as device tensors; error is a zero tensor where there are no labels."""
+    loss, err = s.objective.loss_and_error(model, x, y)
+    has_err = err is not None
+    return loss, (err if has_err else torch.zeros((), device=loss.device)), has_err
+
+
+def finish(s: Settings, per_batch, per_batch_err, init_losses, init_errs, delta_norms, has_err, nonfinite):
+    """The one read-back of a call: everything stacked and copied to the host together."""
+    values = torch.stack([torch.stack(v).double() for v in (per_batch, per_batch_err, init_losses, init_errs)]
+                         + [torch.stack(delta_norms).double(), torch.stack(nonfinite).double()])
+    per_batch, per_batch_err, init_losses, init_errs, delta_norms, nonfinite = values.tolist()
+    for b, (bad, l0) in enumerate(zip(nonfinite, init_losses)):
+        check_finite_loss(l0, f"at the unperturbed weights (batch {b})")
+        if bad:
+            check_finite_loss(math.nan, f"at a perturbed point (batch {b})")
+    mean = lambda v: sum(v) / len(v)
+    return SharpnessResult(
+        sharpness=mean(per_batch), err_sharpness=mean(per_batch_err) if has_err else None,
+        per_batch=per_batch, per_batch_err=per_batch_err if has_err else None,
+        delta_norm=max(delta_norms), init_loss=mean(init_losses), init_err=mean(init_errs) if has_err else None,
+        backend="fused", kind=s.kind, settings=s.describe())

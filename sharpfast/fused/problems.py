@@ -1,0 +1,168 @@
+"""The APGD problems of a worst-case call, as rows of flat buffers, and how they are evaluated.
+
+Each m-batch is one APGD problem. A *group* holds problems solved together: ``current`` and
+``grad`` are ``[B, N]`` (one row per problem), and ``evaluate`` returns the loss and error of
+every row at its current weights (and, with grad, fills ``grad``). Two kinds:
+
+* :class:`OneBatch`: one problem on the model itself, whose parameters view the flat weights;
+  autograd accumulates the gradient into the flat gradient buffer.
+* :class:`AllBatches`: every problem at once, one vmapped forward (+ backward) through
+  ``torch.func.functional_call`` (batches of one shape only).
+
+:func:`plan` makes the choice once, before the APGD loop, and the group it returns keeps the
+evaluation its vmap probe took at ``w0`` for the loop's first step (no forward is wasted).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.func import functional_call, vmap
+
+from ..config import Settings
+from ..objective import batches_on_device, to_device, unpack_batch
+from ..params import ParamSet
+from .flat import FlatState, loss_and_error
+
+log = logging.getLogger("sharpfast.fused")
+
+TOGETHER_DEVICES = ("cuda",)   # where m-batches are solved together by default ...
+TOGETHER_BUFFER_BYTES = 2**30  # ... when their [B, N] buffers fit in this much memory
+TOGETHER_BUFFERS = 6           # current, grad, delta, delta_prev, best_grad, the vmapped gradient
+
+
+class OneBatch:
+    """One m-batch's problem on the model itself: its row is the flat weights the model views."""
+
+    def __init__(self, model, s: Settings, flat: FlatState, index: int, x, y):
+        self.model, self.s, self.flat, self.x, self.y = model, s, flat, x, y   # flat: attached
+        self.streams = [index]
+        self.current, self.grad = flat.current.view(1, -1), flat.grad.view(1, -1)
+
+    def evaluate(self, with_grad: bool):
+        """(loss, error, labelled) at the current row, 0-dim; with_grad also fills ``grad``."""
+        with torch.set_grad_enabled(with_grad):
+            loss, err, labelled = loss_and_error(self.s, self.model, self.x, self.y)
+        if with_grad:
+            self.flat.backward(loss)
+        return loss.detach(), err, labelled
+
+
+class AllBatches:
+    """Every m-batch's problem at once: row b of ``current`` holds batch b's weights, and one
+    vmapped forward (+ backward) evaluates them all. Rows start at ``w0``."""
+
+    def __init__(self, model, s: Settings, params: ParamSet, flat: FlatState, xs, ys):
+        B, n = len(ys), flat.w0.numel()
+        self.streams = list(range(B))
+        self.current = flat.w0.expand(B, n).clone()
+        self.grad = torch.zeros_like(self.current)
+        self.x, self.y = _stack(xs), torch.stack(ys)
+        self.labelled = True
+        self._kept = None   # the probe's evaluation at w0, for the first evaluate()
+        at_row = loss_and_error_at_row(model, s, params)
+
+        def loss_and_err(row, x, y):
+            loss, err, labelled = at_row(row, x, y)
+            self.labelled = labelled   # decided by shapes and dtypes: the same for every row
+            return loss, err
+
+        self._values = vmap(loss_and_err, randomness="error")
+        self._grads = vmap(torch.func.grad_and_value(loss_and_err, has_aux=True), randomness="error")
+
+    def probe(self) -> None:
+        """Evaluate at ``w0`` (with grad) now, raising if vmap cannot trace the model; the result
+        is what the first :meth:`evaluate` returns (the loop's first evaluation is at ``w0``)."""
+        self._kept = self._evaluate(with_grad=True)
+
+    def evaluate(self, with_grad: bool):
+        if self._kept is not None:
+            kept, self._kept = self._kept, None
+            return kept
+        return self._evaluate(with_grad)
+
+    def _evaluate(self, with_grad: bool):
+        if with_grad:
+            grad, (loss, err) = self._grads(self.current, self.x, self.y)
+            self.grad.copy_(grad)
+        else:
+            with torch.no_grad():
+                loss, err = self._values(self.current, self.x, self.y)
+        return loss.detach(), err, self.labelled
+
+
+def loss_and_error_at_row(model, s: Settings, params: ParamSet):
+    """``(row, x, y) -> (loss, error, labelled)`` with the model's parameters taken from ``row``, a
+    flat weight vector (``functional_call``, so it composes with vmap and grad); the error is a
+    zero tensor where there are no labels."""
+    names, numels, shapes = params.names, params.numels, [p.shape for p in params.tensors]
+
+    def at_row(row, x, y):
+        weights = {name: t.view(shape) for name, t, shape in zip(names, row.split(numels), shapes)}
+        f = s.objective.logits(lambda *a, **kw: functional_call(model, weights, a, kw), x)
+        err = s.objective.error(f.detach(), y)
+        return s.objective.loss(f, y), (err if err is not None else torch.zeros((), device=f.device)), err is not None
+    return at_row
+
+
+def plan(model, batches, params: ParamSet, s: Settings, flat: FlatState) -> list:
+    """The groups of a call: ``[AllBatches]`` where the m-batches are solved together, else one
+    :class:`OneBatch` per batch (a generator: each batch moves to the device when its turn comes,
+    and the model's parameters are attached to the flat buffers first)."""
+    unpacked = [unpack_batch(batch, index) for index, batch in enumerate(batches)]   # still on the host
+    xs, ys = [x for x, _ in unpacked], [y for _, y in unpacked]
+    stackable = _stackable(xs) and _stackable(ys)
+    device = flat.w0.device
+    on_device = lambda values: [to_device(v, device) for v in values]
+    together = s.solve_batches_together
+    if together:
+        if not stackable:
+            raise ValueError("solve_batches_together=True needs batches of one shape (the m-batches are "
+                             "stacked into one vmapped forward); the batches given differ")
+        if not s.eval_mode:
+            raise ValueError("solve_batches_together=True needs eval_mode=True: in train mode, layers such "
+                             "as BatchNorm update their buffers batch after batch")
+        if len(ys) > 1:   # asked for: errors (e.g. a model vmap cannot trace) reach the caller
+            return [AllBatches(model, s, params, flat, on_device(xs), on_device(ys))]
+    elif together is None and _together_by_default(s, flat, len(ys), stackable):
+        group = AllBatches(model, s, params, flat, on_device(xs), on_device(ys))
+        try:
+            group.probe()
+            return [group]
+        except Exception as e:  # noqa: BLE001 - any vmap limitation: solve one batch at a time
+            log.debug("sharpfast: cannot vmap this model (%s: %s); solving the m-batches one by one",
+                      type(e).__name__, e)
+    flat.attach()   # one batch at a time (a single batch is its own "together")
+    return (OneBatch(model, s, flat, b, x, y) for b, x, y in batches_on_device(batches, device))
+
+
+def _together_by_default(s: Settings, flat: FlatState, n_batches: int, stackable: bool) -> bool:
+    """On a GPU, in eval mode, for several batches of one shape whose [B, N] buffers fit."""
+    memory = TOGETHER_BUFFERS * n_batches * flat.w0.numel() * flat.w0.element_size()
+    return (flat.w0.device.type in TOGETHER_DEVICES and s.eval_mode and n_batches > 1 and stackable
+            and memory <= TOGETHER_BUFFER_BYTES)
+
+
+def _stack(xs):
+    """The inputs of equally shaped batches stacked along a new leading dimension."""
+    first = xs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(xs)
+    if isinstance(first, dict):
+        return {k: _stack([x[k] for x in xs]) for k in first}
+    return type(first)(_stack(list(parts)) for parts in zip(*xs))
+
+
+def _signature(v):
+    """Shapes and dtypes of a batch's tensors (None if something in it is not a tensor)."""
+    if isinstance(v, torch.Tensor):
+        return tuple(v.shape), v.dtype
+    if isinstance(v, (dict, tuple, list)):
+        parts = [(k, _signature(u)) for k, u in (v.items() if isinstance(v, dict) else enumerate(v))]
+        return None if any(sig is None for _, sig in parts) else (type(v).__name__, tuple(parts))
+    return None
+
+
+def _stackable(items) -> bool:
+    first = _signature(items[0])
+    return first is not None and all(_signature(v) == first for v in items[1:])

@@ -1,0 +1,186 @@
+"""Fused worst-case sharpness: the published APGD (DESIGN.md, "Compatible semantics") with every
+step one fused op over flat buffers and the bookkeeping on the device.
+
+Memory (DESIGN.md, "Memory"): the perturbed weights and their gradient (which the model views),
+``w0``, ``delta``, ``delta_prev`` and the gradient at the best point. The best point itself is
+never stored: moving back to it is always followed by a step that rewrites every weight from
+its gradient. The loss at a new point comes from the forward pass of the next gradient step, so
+a restart costs ``n_iters`` forward+backward passes and one forward.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _ops, apgd
+from ..config import Settings, SharpnessResult
+from ..params import ParamSet
+from ..philox import RAND_INIT_SAMPLE_BASE, noise_distribution
+from . import problems
+from .bookkeeping import Bookkeeping
+from .flat import FlatState, finish
+
+# bisection steps speculated per pass over memory: each costs an fp64 division per coordinate
+# on a CPU (~15% of a pass), next to nothing on a GPU
+BISECTION_LEVELS = {"cpu": 1, "cuda": 4}
+
+
+def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
+    flat = FlatState(params, s)
+    checkpoints = set(apgd.checkpoint_schedule(s.n_iters))
+    results, pool = _Results(), {}
+    for group in problems.plan(model, batches, params, s, flat):   # the m-batch problems solved together
+        run = _Run(group, flat, s, params, pool)
+        L0 = E0 = worst = None
+        if s.rand_init:   # the first gradient is taken at the random start: L0 needs its own forward
+            L0, E0, results.labelled = group.evaluate(with_grad=False)
+        for restart in range(s.n_restarts):
+            run.start(restart)
+            loss, err, results.labelled = group.evaluate(with_grad=True)   # at the start point: the first "best"
+            if L0 is None:   # delta = 0: this forward was at w0
+                L0, E0 = loss, err
+            book = Bookkeeping(s, L0, E0)
+            run.keep_best_grad(None)
+            for i in range(s.n_iters):
+                run.step(book.step)
+                final = i == s.n_iters - 1
+                loss, err, results.labelled = group.evaluate(with_grad=not final)   # final: its loss only
+                run.loss_sum += loss
+                improved = book.record(loss, err, run.delta_sq_norms())
+                if final:
+                    break
+                run.keep_best_grad(improved)
+                if i in checkpoints:
+                    run.back_to_best(book.checkpoint(i))
+            worst = _best_of(worst, (book.best_loss, book.best_err, book.delta_norm(L0)), L0, E0)
+        results.add(L0, E0, worst, run.loss_sum)
+    return results.finish(s)
+
+
+class _Run:
+    """A group's APGD buffers (one row per problem) and its fused step. ``pool`` keeps the buffers
+    for the next group of the same size (one batch at a time: every batch reuses them)."""
+
+    def __init__(self, group, flat: FlatState, s: Settings, params: ParamSet, pool: dict):
+        self.group, self.flat, self.s = group, flat, s
+        current = group.current
+        if current.shape[0] not in pool:
+            pool[current.shape[0]] = [torch.empty_like(current) for _ in range(3)]
+        self.delta, self.delta_prev, self.best_grad = pool[current.shape[0]]
+        self.rows = range(current.shape[0])
+        single = current.shape[0] == 1
+        self.at = (lambda t, r: t) if single else (lambda t, r: t[r])   # per-problem scalars: 0-dim for one
+        self.views = [(current[r], group.grad[r], self.delta[r], self.delta_prev[r], self.best_grad[r])
+                      for r in self.rows]
+        self.loss_sum = torch.zeros(() if single else (len(self.rows),), dtype=torch.float64,
+                                    device=current.device)   # non-finite iff some iterate's loss was
+        self.c_is_one = s.scale.is_identity(params)
+        current.copy_(flat.w0.expand_as(current))
+
+    def start(self, restart: int) -> None:
+        """delta = 0, or the random start of this restart; the weights to w0 + delta."""
+        s, w0 = self.s, self.flat.w0
+        if s.rand_init:
+            dist = noise_distribution(s.norm)
+            for r, stream in zip(self.rows, self.group.streams):
+                delta = self.delta[r]
+                c = self.flat.scale_values(self.best_grad[r])   # best_grad is free until the first gradient
+                _ops.draw_(delta, s.seed, stream, RAND_INIT_SAMPLE_BASE + restart, 0, dist)
+                if s.norm == "l2":  # a Gaussian direction on the ellipsoid's surface (see reference)
+                    counted = torch.sign(c, out=self.delta_prev[r]).mul_(delta)   # frozen (c = 0) do not count
+                    delta.div_(_ops.sum_squares(counted).sqrt().to(delta.dtype))
+                delta.mul_(c).mul_(s.rho)   # frozen coordinates do not move
+            torch.add(w0, self.delta, out=self.group.current)
+        else:
+            self.delta.zero_()
+            self.group.current.copy_(w0.expand_as(self.group.current))
+        self.delta_prev.copy_(self.delta)
+        if s.norm == "l2":
+            self.projections = [_Projection(w0, self.flat.c, s, self.c_is_one) for _ in self.rows]
+
+    def keep_best_grad(self, where) -> None:
+        """The gradient just taken becomes the best point's (where it improved; everywhere at the start)."""
+        if where is None:
+            self.best_grad.copy_(self.group.grad)
+            return
+        for r, (_, grad, _, _, best_grad) in zip(self.rows, self.views):
+            _ops.copy_if_(best_grad, grad, self.at(where, r))
+
+    def back_to_best(self, where) -> None:
+        """Where the step was halved, the next step starts from the best point's gradient (and, as
+        published, the unchanged delta); the step rewrites every weight, so no weights are kept."""
+        for r, (_, grad, _, _, best_grad) in zip(self.rows, self.views):
+            _ops.copy_if_(grad, best_grad, self.at(where, r))
+
+    def delta_sq_norms(self) -> torch.Tensor:
+        sq = [_ops.sum_squares(delta) for _, _, delta, _, _ in self.views]
+        return sq[0] if len(sq) == 1 else torch.stack(sq)
+
+    @torch.no_grad()
+    def step(self, step_size: torch.Tensor) -> None:
+        s, w0, c = self.s, self.flat.w0, self.flat.c
+        for r, (current, grad, delta, delta_prev, _) in zip(self.rows, self.views):
+            if s.norm == "linf":
+                _ops.apgd_step_linf_(current, delta, delta_prev, grad, w0, c, self.at(step_size, r), s.rho,
+                                     apgd.MOMENTUM)
+            else:
+                grad_scale = self.at(step_size, r) / (_ops.sum_squares(grad).sqrt() + 1e-12)
+                lam = self.projections[r](delta, grad, grad_scale)
+                _ops.apgd_step_l2_(current, delta, delta_prev, grad, w0, c, grad_scale, lam, apgd.MOMENTUM)
+
+
+class _Projection:
+    """The l2 projection's multiplier lambda for one APGD problem, as a device scalar (see ``apgd``)."""
+
+    def __init__(self, w0: torch.Tensor, c: _ops.Scale, s: Settings, c_is_one: bool):
+        self.w0, self.c, self.s, self.c_is_one = w0, c, s, c_is_one
+        self.device = w0.device
+        self.levels = BISECTION_LEVELS.get(self.device.type, 3)
+        self.zero = torch.zeros(1, dtype=torch.float64, device=self.device)
+        self.hint = None
+
+    def norms(self, delta, grad, grad_scale, lams):
+        sq = _ops.ellipsoid_norms(delta, grad, self.w0, self.c, grad_scale,
+                                  torch.as_tensor(lams, dtype=torch.float64, device=self.device))
+        return sq.sqrt()
+
+    def __call__(self, delta, grad, grad_scale) -> torch.Tensor:
+        rho = self.s.rho
+        if self.c_is_one:  # rescale to norm rho: z / (1 + 2 lambda) = z rho / ||z||, no host sync
+            z_norm = self.norms(delta, grad, grad_scale, self.zero)[0]
+            return torch.where(z_norm > rho, (z_norm / rho - 1) / 2, torch.zeros_like(z_norm))
+        # The published bisection's multiplier, replayed from a few passes over memory (see
+        # apgd.replayed_ellipsoid_lambda); the previous step's multiplier is the first guess.
+        lam, _ = apgd.replayed_ellipsoid_lambda(lambda lams: self.norms(delta, grad, grad_scale, lams).tolist(),
+                                                rho, self.s.projection_tol, hint=self.hint, levels=self.levels)
+        self.hint = lam or self.hint
+        return torch.tensor(lam, dtype=torch.float64, device=self.device)
+
+
+def _best_of(worst, restart, L0, E0):
+    """(loss, error, ||delta||) of the best restart so far, per problem."""
+    if worst is None:
+        worst = (L0.clone(), E0.clone(), torch.zeros(L0.shape, dtype=torch.float64, device=L0.device))
+    better = restart[0] > worst[0]
+    return tuple(torch.where(better, new, old) for new, old in zip(restart, worst))
+
+
+class _Results:
+    """Per-problem device values of a call, read back once at the end."""
+
+    def __init__(self):
+        self.per_batch, self.per_batch_err, self.init_losses, self.init_errs = [], [], [], []
+        self.delta_norms, self.nonfinite = [], []
+        self.labelled = True
+
+    def add(self, L0, E0, worst, loss_sum) -> None:
+        worst_loss, worst_err, worst_norm = worst
+        self.per_batch += list((worst_loss - L0).reshape(-1))
+        self.per_batch_err += list((worst_err - E0).reshape(-1))
+        self.init_losses += list(L0.reshape(-1))
+        self.init_errs += list(E0.reshape(-1))
+        self.delta_norms += list(worst_norm.reshape(-1))
+        self.nonfinite += list((~torch.isfinite(loss_sum)).reshape(-1))
+
+    def finish(self, s: Settings) -> SharpnessResult:
+        return finish(s, self.per_batch, self.per_batch_err, self.init_losses, self.init_errs, self.delta_norms,
+                      self.labelled, self.nonfinite)
