@@ -181,7 +181,7 @@ def l2_loop(s):
 
 def norms_fused(s, scale=None):
     c = s.c if scale is None else scale
-    return lambda: _ops.ellipsoid_norms(s.delta, s.grad, s.w0, c, s.gs, s.lambdas)
+    return lambda: _ops.ellipsoid_sq_norms(s.delta, s.grad, s.w0, c, s.gs, s.lambdas)
 
 
 def norms_foreach(s):

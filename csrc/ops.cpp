@@ -13,28 +13,38 @@ namespace sharpfast { namespace cuda { int build_cuda_version(); const char* bui
 #endif
 
 // Seeds are 64-bit unsigned integers carried in the int64 `seed` arguments (bit reinterpretation;
-// sharpfast/_ops.py maps s >= 2^63 to s - 2^64). `stream` and `sample` are in [0, 2^32).
+// sharpfast/_ops.py maps s >= 2^63 to s - 2^64). `rng_stream` (the Philox stream, not a CUDA
+// stream) and `sample` are in [0, 2^32).
 // Element i of a buffer has the global element index offset + i for the counter RNG.
 // The scale c: the buffer `c`, or when it is None, derived from w0 in the kernels:
 // |w0| + eta (rounded to the buffer's dtype) where `adaptive`, else 1.
+// Every op, once: its name and schema. TORCH_LIBRARY defines them; build_info lists them.
+struct OpSchema {
+  const char* name;
+  const char* schema;
+};
+constexpr OpSchema kOps[] = {
+    {"draw_", "(Tensor(a!) out, int seed, int rng_stream, int sample, int offset, str distribution) -> ()"},
+    {"perturb_", "(Tensor(a!) out, Tensor w0, Tensor? c, bool adaptive, float eta, float rho, int seed, "
+                 "int rng_stream, int sample, int offset, str distribution) -> ()"},
+    {"perturb_batched_", "(Tensor(a!) out, Tensor w0, Tensor? c, bool adaptive, float eta, float rho, int seed, "
+                         "int rng_stream, int first_sample, int offset, str distribution, bool antithetic) -> ()"},
+    // perturb_ over pieces of one coordinate space (a model's parameter tensors, read where they
+    // lie); c: one tensor per piece, or none (derived from w0)
+    {"perturb_tensors_", "(Tensor(a!)[] out, Tensor[] w0, Tensor[] c, bool adaptive, float eta, float rho, int seed, "
+                         "int rng_stream, int sample, int[] offsets, str distribution) -> ()"},
+    {"apgd_step_linf_", "(Tensor(a!) params, Tensor(b!) delta, Tensor(c!) delta_prev, Tensor grad, Tensor w0, "
+                        "Tensor? c, bool adaptive, float eta, Tensor step_size, float rho, float momentum) -> ()"},
+    {"ellipsoid_sq_norms", "(Tensor delta, Tensor grad, Tensor w0, Tensor? c, bool adaptive, float eta, "
+                           "Tensor grad_scale, Tensor lambdas) -> Tensor"},
+    {"apgd_step_l2_", "(Tensor(a!) params, Tensor(b!) delta, Tensor(c!) delta_prev, Tensor grad, Tensor w0, "
+                      "Tensor? c, bool adaptive, float eta, Tensor grad_scale, Tensor lam, float momentum) -> ()"},
+    {"copy_if_", "(Tensor(a!) dst, Tensor src, Tensor cond) -> ()"},
+    {"sum_squares", "(Tensor x) -> Tensor"},
+};
+
 TORCH_LIBRARY(sharpfast, m) {
-  m.def("draw_(Tensor(a!) out, int seed, int stream, int sample, int offset, str distribution) -> ()");
-  m.def("perturb_(Tensor(a!) out, Tensor w0, Tensor? c, bool adaptive, float eta, float rho, int seed, int stream, "
-        "int sample, int offset, str distribution) -> ()");
-  m.def("perturb_batched_(Tensor(a!) out, Tensor w0, Tensor? c, bool adaptive, float eta, float rho, int seed, "
-        "int stream, int first_sample, int offset, str distribution, bool antithetic) -> ()");
-  // perturb_ over pieces of one coordinate space (a model's parameter tensors, read where they lie);
-  // c: one tensor per piece, or none (derived from w0)
-  m.def("perturb_tensors_(Tensor(a!)[] out, Tensor[] w0, Tensor[] c, bool adaptive, float eta, float rho, int seed, "
-        "int stream, int sample, int[] offsets, str distribution) -> ()");
-  m.def("apgd_step_linf_(Tensor(a!) params, Tensor(b!) delta, Tensor(c!) delta_prev, Tensor grad, Tensor w0, "
-        "Tensor? c, bool adaptive, float eta, Tensor step_size, float rho, float momentum) -> ()");
-  m.def("ellipsoid_norms(Tensor delta, Tensor grad, Tensor w0, Tensor? c, bool adaptive, float eta, "
-        "Tensor grad_scale, Tensor lambdas) -> Tensor");
-  m.def("apgd_step_l2_(Tensor(a!) params, Tensor(b!) delta, Tensor(c!) delta_prev, Tensor grad, Tensor w0, "
-        "Tensor? c, bool adaptive, float eta, Tensor grad_scale, Tensor lam, float momentum) -> ()");
-  m.def("copy_if_(Tensor(a!) dst, Tensor src, Tensor cond) -> ()");
-  m.def("sum_squares(Tensor x) -> Tensor");
+  for (const OpSchema& op : kOps) m.def((std::string(op.name) + op.schema).c_str());  // parsed at once
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -75,9 +85,7 @@ PYBIND11_MODULE(_C, m) {
     for (const char* d : {"float32", "float64", "float16", "bfloat16"}) dtypes.append(d);
     info["dtypes"] = dtypes;
     py::list ops;
-    for (const char* o : {"draw_", "perturb_", "perturb_batched_", "perturb_tensors_", "apgd_step_linf_",
-                          "ellipsoid_norms", "apgd_step_l2_", "copy_if_", "sum_squares"})
-      ops.append(o);
+    for (const OpSchema& op : kOps) ops.append(op.name);
     info["ops"] = ops;
     info["rng"] = "philox4x32-10";
     return info;

@@ -111,16 +111,16 @@ inline uint32_t check_u32(int64_t v, const char* name) {
 // int64 schema argument (bit reinterpretation: Python maps s >= 2^63 to s - 2^64).
 struct Counter {
   uint64_t seed;
-  uint32_t stream;
+  uint32_t rng_stream;
   uint32_t sample;
   uint64_t offset;
 };
 
-inline Counter check_counter(int64_t seed, int64_t stream, int64_t sample, int64_t offset, int64_t numel,
+inline Counter check_counter(int64_t seed, int64_t rng_stream, int64_t sample, int64_t offset, int64_t numel,
                              int64_t n_samples = 1) {
   Counter k;
   k.seed = static_cast<uint64_t>(seed);
-  k.stream = check_u32(stream, "stream");
+  k.rng_stream = check_u32(rng_stream, "rng_stream");
   k.sample = check_u32(sample, "sample");
   TORCH_CHECK(n_samples <= 1 || static_cast<int64_t>(k.sample) + n_samples - 1 <= static_cast<int64_t>(UINT32_MAX),
               "sharpfast: sample indices ", sample, " .. ", sample + n_samples - 1, " exceed 2^32 - 1");
@@ -160,20 +160,20 @@ struct Pieces {
 // Checks of perturb_tensors_: pieces out[p] like w0[p] (one dtype and device for all), their
 // scales (none: derived from w0), offsets and counters.
 inline Pieces check_pieces(at::TensorList out, at::TensorList w0, at::TensorList c, at::IntArrayRef offsets,
-                           bool adaptive, double eta, int64_t seed, int64_t stream, int64_t sample) {
+                           bool adaptive, double eta, int64_t seed, int64_t rng_stream, int64_t sample) {
   const size_t P = w0.size();
   TORCH_CHECK(out.size() == P && offsets.size() == P, "sharpfast: perturb_tensors_ needs as many 'out' tensors (",
               out.size(), ") and offsets (", offsets.size(), ") as 'w0' tensors (", P, ")");
   TORCH_CHECK(c.empty() || c.size() == P, "sharpfast: argument 'c' must be empty (c derived from w0) or hold one "
               "tensor per piece, got ", c.size(), " for ", P, " pieces");
   check_eta(eta);
-  Pieces pieces{std::vector<const at::Tensor*>(P, nullptr), check_counter(seed, stream, sample, 0, 0)};
+  Pieces pieces{std::vector<const at::Tensor*>(P, nullptr), check_counter(seed, rng_stream, sample, 0, 0)};
   for (size_t p = 0; p < P; ++p) {
     check_flat(w0[p], "w0");
     TORCH_CHECK(w0[p].scalar_type() == w0[0].scalar_type() && w0[p].device() == w0[0].device(),
                 "sharpfast: the 'w0' pieces must share one dtype and device");
     check_like(out[p], "out", w0[p], "w0");
-    check_counter(seed, stream, sample, offsets[p], w0[p].numel());
+    check_counter(seed, rng_stream, sample, offsets[p], w0[p].numel());
     if (!c.empty()) {
       check_like(c[p], "c", w0[p], "w0");
       pieces.scales[p] = &c[p];  // the caller's list outlives the op

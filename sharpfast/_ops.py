@@ -32,7 +32,7 @@ except Exception as exc:  # pragma: no cover - depends on the build
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 __all__ = ["available", "build_info", "IMPORT_ERROR", "DerivedScale", "draw_", "perturb_", "perturb_batched_",
-           "perturb_tensors_", "apgd_step_linf_", "apgd_step_l2_", "ellipsoid_norms", "copy_if_", "sum_squares",
+           "perturb_tensors_", "apgd_step_linf_", "apgd_step_l2_", "ellipsoid_sq_norms", "copy_if_", "sum_squares",
            "seed_to_int64"]
 
 _U64 = 1 << 64
@@ -103,22 +103,22 @@ def _scale_args(c: Scale) -> tuple:
 
 # ----------------------------------------------------------------------------- wrappers
 
-def draw_(out: torch.Tensor, seed: int, stream: int, sample: int, offset: int = 0,
+def draw_(out: torch.Tensor, seed: int, rng_stream: int, sample: int, offset: int = 0,
           distribution: str = "normal") -> torch.Tensor:
-    """``out[i] = xi(seed, stream, sample, offset + i)``; returns ``out``."""
-    _ops().draw_(out, seed_to_int64(seed), int(stream), int(sample), int(offset), _check_distribution(distribution))
+    """``out[i] = xi(seed, rng_stream, sample, offset + i)``; returns ``out``."""
+    _ops().draw_(out, seed_to_int64(seed), int(rng_stream), int(sample), int(offset), _check_distribution(distribution))
     return out
 
 
-def perturb_(out: torch.Tensor, w0: torch.Tensor, c: Scale, rho: float, seed: int, stream: int,
+def perturb_(out: torch.Tensor, w0: torch.Tensor, c: Scale, rho: float, seed: int, rng_stream: int,
              sample: int, offset: int = 0, distribution: str = "normal") -> torch.Tensor:
     """``out = w0 + rho * c * xi`` with ``xi`` drawn in place (no noise tensor); returns ``out``."""
-    _ops().perturb_(out, w0, *_scale_args(c), float(rho), seed_to_int64(seed), int(stream), int(sample), int(offset),
+    _ops().perturb_(out, w0, *_scale_args(c), float(rho), seed_to_int64(seed), int(rng_stream), int(sample), int(offset),
                     _check_distribution(distribution))
     return out
 
 
-def perturb_tensors_(out: list, w0: list, c, rho: float, seed: int, stream: int, sample: int, offsets: list,
+def perturb_tensors_(out: list, w0: list, c, rho: float, seed: int, rng_stream: int, sample: int, offsets: list,
                      distribution: str = "normal") -> None:
     """:func:`perturb_` over pieces of one coordinate space, read where they lie (e.g. a model's
     parameter tensors): ``out[p] = w0[p] + rho * c[p] * xi`` with global element indices from
@@ -131,10 +131,10 @@ def perturb_tensors_(out: list, w0: list, c, rho: float, seed: int, stream: int,
     else:
         raise TypeError(f"the scales c must be a list of tensors or a DerivedScale, got {type(c).__name__}")
     _ops().perturb_tensors_(out, w0, scales, adaptive, eta, float(rho), seed_to_int64(seed),
-                            int(stream), int(sample), [int(o) for o in offsets], _check_distribution(distribution))
+                            int(rng_stream), int(sample), [int(o) for o in offsets], _check_distribution(distribution))
 
 
-def perturb_batched_(out: torch.Tensor, w0: torch.Tensor, c: Scale, rho: float, seed: int, stream: int,
+def perturb_batched_(out: torch.Tensor, w0: torch.Tensor, c: Scale, rho: float, seed: int, rng_stream: int,
                      first_sample: int, offset: int = 0, distribution: str = "normal",
                      antithetic: bool = False) -> torch.Tensor:
     """``out[k] = w0 + rho * c * xi(sample = first_sample + k)`` for a ``[K, N]`` ``out``.
@@ -142,7 +142,7 @@ def perturb_batched_(out: torch.Tensor, w0: torch.Tensor, c: Scale, rho: float, 
     With ``antithetic`` rows ``2j`` and ``2j + 1`` use sample ``first_sample + j`` with signs
     ``+1`` and ``-1`` (``K`` must be even). Returns ``out``.
     """
-    _ops().perturb_batched_(out, w0, *_scale_args(c), float(rho), seed_to_int64(seed), int(stream), int(first_sample),
+    _ops().perturb_batched_(out, w0, *_scale_args(c), float(rho), seed_to_int64(seed), int(rng_stream), int(first_sample),
                             int(offset), _check_distribution(distribution), bool(antithetic))
     return out
 
@@ -161,7 +161,7 @@ def apgd_step_linf_(params: torch.Tensor, delta: torch.Tensor, delta_prev: torch
                            float(momentum))
 
 
-def ellipsoid_norms(delta: torch.Tensor, grad: torch.Tensor, w0: torch.Tensor, c: Scale, grad_scale: torch.Tensor,
+def ellipsoid_sq_norms(delta: torch.Tensor, grad: torch.Tensor, w0: torch.Tensor, c: Scale, grad_scale: torch.Tensor,
                     lambdas: torch.Tensor) -> torch.Tensor:
     """``||shrink(z, lambda_j) / c||^2`` for every candidate ``lambda_j``, in one pass over memory.
 
@@ -170,7 +170,7 @@ def ellipsoid_norms(delta: torch.Tensor, grad: torch.Tensor, w0: torch.Tensor, c
     0-dim tensor; ``lambdas``: 1-D float64 on the same device; ``w0`` is read only where ``c`` is
     derived from it. Deterministic.
     """
-    return _ops().ellipsoid_norms(delta, grad, w0, *_scale_args(c), grad_scale, lambdas)
+    return _ops().ellipsoid_sq_norms(delta, grad, w0, *_scale_args(c), grad_scale, lambdas)
 
 
 def apgd_step_l2_(params: torch.Tensor, delta: torch.Tensor, delta_prev: torch.Tensor, grad: torch.Tensor,
@@ -226,19 +226,19 @@ def _fake_check_step(params, delta, delta_prev, grad, w0, c):
 
 if _C is not None:
     @torch.library.register_fake("sharpfast::draw_")
-    def _draw_fake(out, seed, stream, sample, offset, distribution):
+    def _draw_fake(out, seed, rng_stream, sample, offset, distribution):
         _fake_check_flat(out, "out")
         return None
 
     @torch.library.register_fake("sharpfast::perturb_")
-    def _perturb_fake(out, w0, c, adaptive, eta, rho, seed, stream, sample, offset, distribution):
+    def _perturb_fake(out, w0, c, adaptive, eta, rho, seed, rng_stream, sample, offset, distribution):
         _fake_check_flat(w0, "w0")
         _fake_check_like(out, "out", w0, "w0")
         _fake_check_scale(c, w0, "w0")
         return None
 
     @torch.library.register_fake("sharpfast::perturb_batched_")
-    def _perturb_batched_fake(out, w0, c, adaptive, eta, rho, seed, stream, first_sample, offset, distribution,
+    def _perturb_batched_fake(out, w0, c, adaptive, eta, rho, seed, rng_stream, first_sample, offset, distribution,
                               antithetic):
         _fake_check_flat(w0, "w0")
         _fake_check_scale(c, w0, "w0")
@@ -248,7 +248,7 @@ if _C is not None:
         return None
 
     @torch.library.register_fake("sharpfast::perturb_tensors_")
-    def _perturb_tensors_fake(out, w0, c, adaptive, eta, rho, seed, stream, sample, offsets, distribution):
+    def _perturb_tensors_fake(out, w0, c, adaptive, eta, rho, seed, rng_stream, sample, offsets, distribution):
         torch._check(len(out) == len(w0) == len(offsets) and len(c) in (0, len(w0)),
                      lambda: "sharpfast: perturb_tensors_ needs one out, offset (and c, if any) per w0 piece")
         for p, w in enumerate(w0):
@@ -271,7 +271,7 @@ if _C is not None:
         torch._check(lam.dim() == 0, lambda: "sharpfast: argument 'lam' must be a 0-dim tensor")
         return None
 
-    @torch.library.register_fake("sharpfast::ellipsoid_norms")
+    @torch.library.register_fake("sharpfast::ellipsoid_sq_norms")
     def _norms_fake(delta, grad, w0, c, adaptive, eta, grad_scale, lambdas):
         _fake_check_flat(delta, "delta")
         _fake_check_like(grad, "grad", delta, "delta")

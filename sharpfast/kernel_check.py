@@ -190,13 +190,13 @@ def _check_dtype(chk: _Checker, dtype: torch.dtype, device: torch.device) -> Non
 
         def norms():
             lams = torch.tensor(LAMBDAS, dtype=torch.float64, device=device)
-            got = _ops.ellipsoid_norms(delta, grad, w0, c_op,
+            got = _ops.ellipsoid_sq_norms(delta, grad, w0, c_op,
                                        torch.tensor(GRAD_SCALE, dtype=torch.float64, device=device), lams)
             z, cd = (delta + GRAD_SCALE * grad * c).double(), c.double()
             want = torch.stack([torch.where(cd != 0, z * cd / (cd**2 + 2 * lam), torch.zeros_like(z)).pow(2).sum()
                                 for lam in LAMBDAS])
-            chk.compare("ellipsoid_norms", case, got, want, reduction=True)
-        chk.run("ellipsoid_norms", case, norms)
+            chk.compare("ellipsoid_sq_norms", case, got, want, reduction=True)
+        chk.run("ellipsoid_sq_norms", case, norms)
 
     case = name
     chk.run("sum_squares", case, lambda: chk.compare("sum_squares", case, _ops.sum_squares(grad),

@@ -187,11 +187,11 @@ def test_apgd_step_l2_nonadaptive_rescale(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES + [100_003])
-def test_ellipsoid_norms(device, dtype, n):
+def test_ellipsoid_sq_norms(device, dtype, n):
     gs = 0.3
     _, delta, _, grad, w0, c = step_inputs(n, dtype, device)
     lambdas = torch.tensor([0.0, 1e-4, 0.01, 0.1, 1.0, 10.0, 1e3], dtype=torch.float64, device=device)
-    got = _ops.ellipsoid_norms(delta, grad, w0, c, scalar(gs, device), lambdas)
+    got = _ops.ellipsoid_sq_norms(delta, grad, w0, c, scalar(gs, device), lambdas)
     assert got.dtype == torch.float64 and got.shape == (7,) and got.device.type == torch.device(device).type
     ct = compute_dtype(dtype)
     z = (delta.to(ct) + gs * grad.to(ct) * c.to(ct)).double()
@@ -209,13 +209,13 @@ def test_ellipsoid_norms(device, dtype, n):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_ellipsoid_norms_many_lambdas(device):
+def test_ellipsoid_sq_norms_many_lambdas(device):
     """More candidates than one CUDA pass holds (32): same values."""
     n = 3000
     _, delta, _, grad, w0, c = step_inputs(n, torch.float64, device)
     lambdas = torch.logspace(-6, 3, 70, dtype=torch.float64, device=device)
-    got = _ops.ellipsoid_norms(delta, grad, w0, c, scalar(0.1, device), lambdas)
-    single = torch.stack([_ops.ellipsoid_norms(delta, grad, w0, c, scalar(0.1, device), lambdas[j:j + 1])[0]
+    got = _ops.ellipsoid_sq_norms(delta, grad, w0, c, scalar(0.1, device), lambdas)
+    single = torch.stack([_ops.ellipsoid_sq_norms(delta, grad, w0, c, scalar(0.1, device), lambdas[j:j + 1])[0]
                           for j in range(70)])
     torch.testing.assert_close(got, single, rtol=1e-13, atol=0)
     assert (got[1:] <= got[:-1]).all()   # monotone in lambda
@@ -241,7 +241,7 @@ def test_reductions_thread_count_independent():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            res.append((OPS.sum_squares(grad), _ops.ellipsoid_norms(delta, grad, w0, c, scalar(0.1, "cpu"), lambdas)))
+            res.append((OPS.sum_squares(grad), _ops.ellipsoid_sq_norms(delta, grad, w0, c, scalar(0.1, "cpu"), lambdas)))
     finally:
         torch.set_num_threads(prev)
     assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
@@ -314,7 +314,7 @@ def test_derived_scale_equals_its_buffer(device, dtype, rule):
         one = _ops.perturb_(torch.empty_like(w0), w0, scale, 0.05, 3, 1, 2, 5, "normal")
         rows = _ops.perturb_batched_(torch.empty(2, n, dtype=dtype, device=device), w0, scale, 0.05, 3, 1, 2, 5,
                                      "uniform", True)
-        norms = _ops.ellipsoid_norms(delta, grad, w0, scale, s, lambdas)
+        norms = _ops.ellipsoid_sq_norms(delta, grad, w0, scale, s, lambdas)
         return bufs + linf + [one, rows, norms]
 
     for got, want in zip(run(rule), run(c)):
@@ -353,7 +353,7 @@ def test_errors():
     with pytest.raises(RuntimeError, match="'eta' must be finite and >= 0"):
         _ops.perturb_(torch.zeros(n), x, _ops.DerivedScale(True, -0.1), 0.1, 0, 0, 0, 0, "normal")
     with pytest.raises(RuntimeError, match="'w0' has 11 elements"):
-        _ops.ellipsoid_norms(x, x, torch.zeros(n + 1), _ops.DerivedScale(), s, torch.zeros(3, dtype=torch.float64))
+        _ops.ellipsoid_sq_norms(x, x, torch.zeros(n + 1), _ops.DerivedScale(), s, torch.zeros(3, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="as many 'out' tensors"):
         _ops.perturb_tensors_([x], [x, x], _ops.DerivedScale(), 0.1, 0, 0, 0, [0, 10], "normal")
     with pytest.raises(RuntimeError, match="one tensor per piece"):
@@ -366,7 +366,7 @@ def test_errors():
         OPS.draw_(x, 0, 0, 0, 0, "cauchy")
     with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
         OPS.draw_(torch.zeros(n, dtype=torch.int32), 0, 0, 0, 0, "normal")
-    with pytest.raises(RuntimeError, match="'stream' must be in"):
+    with pytest.raises(RuntimeError, match="'rng_stream' must be in"):
         OPS.draw_(x, 0, -1, 0, 0, "normal")
     with pytest.raises(RuntimeError, match="'sample' must be in"):
         OPS.draw_(x, 0, 0, 2**32, 0, "normal")
@@ -390,7 +390,7 @@ def test_errors():
     with pytest.raises(RuntimeError, match="'lam' must be a float64"):
         _ops.apgd_step_l2_(*args, s, s.float(), 0.75)
     with pytest.raises(RuntimeError, match="'lambdas' must be float64"):
-        _ops.ellipsoid_norms(x, x, x, x, s, torch.zeros(3))
+        _ops.ellipsoid_sq_norms(x, x, x, x, s, torch.zeros(3))
     with pytest.raises(RuntimeError, match="'cond' must be a 0-dim bool"):
         OPS.copy_if_(x, x.clone(), torch.tensor([True]))
     with pytest.raises(RuntimeError, match="'src' has shape"):
@@ -479,7 +479,7 @@ def _opcheck_cases(device):
         (OPS.perturb_batched_, (torch.zeros(4, n, device=device), f(), c, False, 0.0, 0.1, 1, 2, 3, 4, "normal", True)),
         (OPS.apgd_step_linf_, (f(), f(), f(), f(), f(), c, False, 0.0, s, 0.1, 0.75)),
         (OPS.apgd_step_l2_, (f(), f(), f(), f(), f(), c, False, 0.0, s, scalar(0.2, device), 0.75)),
-        (OPS.ellipsoid_norms, (f(), f(), f(), c, False, 0.0, s, lam)),
+        (OPS.ellipsoid_sq_norms, (f(), f(), f(), c, False, 0.0, s, lam)),
         (OPS.copy_if_, (f(), f(), torch.tensor(True, device=device))),
         (OPS.sum_squares, (f(),)),
         (OPS.perturb_tensors_, ([f()[:30], f()[:7]], [f()[:30], f()[:7]], [c[:30], c[:7]], False, 0.0, 0.1, 1, 2, 3,
@@ -490,7 +490,7 @@ def _opcheck_cases(device):
                                 False)),
         (OPS.apgd_step_linf_, (f(), f(), f(), f(), f(), None, True, 0.0, s, 0.1, 0.75)),
         (OPS.apgd_step_l2_, (f(), f(), f(), f(), f(), None, True, 0.0, s, scalar(0.2, device), 0.75)),
-        (OPS.ellipsoid_norms, (f(), f(), f(), None, False, 0.0, s, lam)),
+        (OPS.ellipsoid_sq_norms, (f(), f(), f(), None, False, 0.0, s, lam)),
         (OPS.perturb_tensors_, ([f()[:30], f()[:7]], [f()[:30], f()[:7]], [], True, 0.0, 0.1, 1, 2, 3, [0, 30],
                                 "uniform")),
     ]
@@ -511,7 +511,7 @@ def test_torch_compile_fullgraph(device):
     def step(params, delta, delta_prev, grad, w0, c, step_size, lambdas):
         OPS.apgd_step_linf_(params, delta, delta_prev, grad, w0, c, False, 0.0, step_size, 0.1, 0.75)
         OPS.apgd_step_l2_(params, delta, delta_prev, grad, w0, None, True, 0.0, step_size, lambdas[1], 0.75)
-        norms = OPS.ellipsoid_norms(delta, grad, w0, c, False, 0.0, step_size, lambdas)
+        norms = OPS.ellipsoid_sq_norms(delta, grad, w0, c, False, 0.0, step_size, lambdas)
         OPS.perturb_(w0, params, c, False, 0.0, 0.01, 7, 0, 1, 0, "normal")
         OPS.copy_if_(params, w0, norms[0] > 0)
         return norms * 2, OPS.sum_squares(params)
@@ -569,7 +569,7 @@ def test_cpu_cuda_agree(dtype):
             for x, y in zip(bufs_a, bufs_b):
                 assert torch.equal(x, y.cpu()), step
     lam = torch.tensor([0.0, 0.3], dtype=torch.float64)
-    na = _ops.ellipsoid_norms(cpu[1], cpu[3], cpu[4], cpu[5], scalar(0.1, "cpu"), lam)
-    nb = _ops.ellipsoid_norms(gpu[1], gpu[3], gpu[4], gpu[5], scalar(0.1, "cuda"), lam.cuda())
+    na = _ops.ellipsoid_sq_norms(cpu[1], cpu[3], cpu[4], cpu[5], scalar(0.1, "cpu"), lam)
+    nb = _ops.ellipsoid_sq_norms(gpu[1], gpu[3], gpu[4], gpu[5], scalar(0.1, "cuda"), lam.cuda())
     torch.testing.assert_close(nb.cpu(), na, rtol=1e-12, atol=0)
     torch.testing.assert_close(_ops.sum_squares(gpu[3]).cpu(), _ops.sum_squares(cpu[3]), rtol=1e-12, atol=0)

@@ -38,10 +38,10 @@ constexpr int64_t kReduceChunk = 16384;  // elements per partial sum (reductions
 #endif
 
 // The 4 * blocks words of philox blocks first_block, first_block + 1, ...
-SF_CPU_CLONES void philox_words(uint64_t seed, uint32_t stream, uint32_t sample, uint64_t first_block,
+SF_CPU_CLONES void philox_words(uint64_t seed, uint32_t rng_stream, uint32_t sample, uint64_t first_block,
                                 int64_t blocks, uint32_t* __restrict__ w) {
   for (int64_t b = 0; b < blocks; ++b) {
-    const Words4 r = philox_block(seed, stream, sample, first_block + static_cast<uint64_t>(b));
+    const Words4 r = philox_block(seed, rng_stream, sample, first_block + static_cast<uint64_t>(b));
     w[4 * b] = r.v[0];
     w[4 * b + 1] = r.v[1];
     w[4 * b + 2] = r.v[2];
@@ -62,7 +62,7 @@ void fill_draws(Dist dist, const Counter& k, uint32_t sample, uint64_t e0, int64
   uint32_t w[kMaxWords];
   const int64_t lane0 = static_cast<int64_t>(e0 & 3u);
   const int64_t blocks = (lane0 + n + 3) >> 2;
-  philox_words(k.seed, k.stream, sample, e0 >> 2, blocks, w);
+  philox_words(k.seed, k.rng_stream, sample, e0 >> 2, blocks, w);
   const uint32_t* __restrict__ wl = w + lane0;
   if (dist == Dist::normal) {
     double z[kMaxWords];
@@ -156,20 +156,27 @@ void with_scale_mode(const void* c, const ScaleRule& rule, F&& f) {
   return f(std::integral_constant<M, M::one>{});
 }
 
-// eta rounded to the buffer's dtype first, as torch rounds the scalar of `w.abs() + eta`.
+// The storage round trip of the derived-scale rule (elementwise.h): to dtype S and back.
 template <typename S>
-at::opmath_type<S> rounded_eta(const ScaleRule& rule) {
-  return static_cast<at::opmath_type<S>>(static_cast<S>(rule.eta));
+struct CpuRoundTrip {
+  template <typename A>
+  static A apply(A x) {
+    return static_cast<A>(static_cast<S>(x));
+  }
+};
+
+template <typename S>
+at::opmath_type<S> eta_of(const ScaleRule& rule) {
+  return sharpfast::rounded_eta<CpuRoundTrip<S>, at::opmath_type<S>>(rule.eta);
 }
 
-// c_i in the compute type: from the buffer, or derived from w_i and rounded to the buffer's
-// dtype exactly as the reference's `w.abs() + eta`.
+// c_i in the compute type: from the buffer, or derived from w_i by the shared rule.
 template <ScaleMode M, typename S, typename A>
 inline A scale_of(const S* c, int64_t i, A w, A eta) {
   if constexpr (M == ScaleMode::buffer) {
     return static_cast<A>(c[i]);
   } else if constexpr (M == ScaleMode::abs_eta) {
-    return static_cast<A>(static_cast<S>(derived_scale<A>(w, eta, true)));
+    return derived_scale_rounded<CpuRoundTrip<S>, A>(w, eta, true);
   } else {
     return A(1);
   }
@@ -183,7 +190,7 @@ void fill_scales_as(const S* __restrict__ c, const S* __restrict__ w, A eta, int
 // c of m elements in the compute type (the sampling and reduction ops gather a tile's scales first).
 template <typename S, typename A>
 void fill_scales(const S* c, const S* w, const ScaleRule& rule, int64_t m, A* out) {
-  const A eta = rounded_eta<S>(rule);
+  const A eta = eta_of<S>(rule);
   with_scale_mode(c, rule, [&](auto mode) { fill_scales_as<decltype(mode)::value>(c, w, eta, m, out); });
 }
 
@@ -201,9 +208,8 @@ struct ApgdBuffers {
         w(w0.data_ptr<S>()), c(scale_data<S>(cc)) {}
 };
 
-// One APGD step over m elements (a plain function with restrict pointers, so it vectorizes):
-// linf: z = clamp(delta + s1 sign(g) c, -rho c, rho c); l2: z = shrink(delta + s1 g c, lam = s2);
-// then momentum, history shift and parameter write.
+// One APGD step over m elements (a plain function with restrict pointers, so it vectorizes): the
+// shared element update (elementwise.h apgd_update), history shift and parameter write.
 template <typename S, bool L2, ScaleMode M>
 void apgd_sub(S* __restrict__ p, S* __restrict__ d, S* __restrict__ dp, const S* __restrict__ g,
               const S* __restrict__ w, const S* __restrict__ c, int64_t m, at::opmath_type<S> eta,
@@ -212,13 +218,7 @@ void apgd_sub(S* __restrict__ p, S* __restrict__ d, S* __restrict__ dp, const S*
   for (int64_t i = 0; i < m; ++i) {
     const A di = static_cast<A>(d[i]), gi = static_cast<A>(g[i]), wi = static_cast<A>(w[i]);
     const A ci = scale_of<M, S, A>(c, i, wi, eta);
-    A z;
-    if (L2) {
-      z = ellipsoid_shrink<A>(l2_ascent<A>(di, gi, ci, s1), ci, s2);
-    } else {
-      z = linf_ascent_clamp<A>(di, gi, ci, s1, rho);
-    }
-    const A nw = momentum_mix<A>(z, static_cast<A>(dp[i]), alpha);
+    const A nw = apgd_update<A, L2>(di, static_cast<A>(dp[i]), gi, ci, s1, s2, rho, alpha);
     dp[i] = d[i];
     d[i] = static_cast<S>(nw);
     p[i] = static_cast<S>(wi + nw);
@@ -228,7 +228,7 @@ void apgd_sub(S* __restrict__ p, S* __restrict__ d, S* __restrict__ dp, const S*
 template <typename S, bool L2>
 void apgd_range(const ApgdBuffers<S>& buf, const ScaleRule& rule, int64_t b, int64_t e, at::opmath_type<S> s1,
                 at::opmath_type<S> s2, at::opmath_type<S> rho, at::opmath_type<S> alpha) {
-  const at::opmath_type<S> eta = rounded_eta<S>(rule);
+  const at::opmath_type<S> eta = eta_of<S>(rule);
   const S* c = buf.c ? buf.c + b : nullptr;
   with_scale_mode(c, rule, [&](auto mode) {
     apgd_sub<S, L2, decltype(mode)::value>(buf.p + b, buf.d + b, buf.dp + b, buf.g + b, buf.w + b, c, e - b, eta, s1,
@@ -240,12 +240,12 @@ double read_scalar(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? *t.data_ptr<double>() : static_cast<double>(*t.data_ptr<float>());
 }
 
-void draw_cpu(at::Tensor& out, int64_t seed, int64_t stream, int64_t sample, int64_t offset,
+void draw_cpu(at::Tensor& out, int64_t seed, int64_t rng_stream, int64_t sample, int64_t offset,
               c10::string_view distribution) {
   check_flat(out, "out");
   const Dist dist = parse_distribution(distribution);
   const int64_t n = out.numel();
-  const Counter k = check_counter(seed, stream, sample, offset, n);
+  const Counter k = check_counter(seed, rng_stream, sample, offset, n);
   if (n == 0) return;
   SF_DISPATCH(out.scalar_type(), "sharpfast::draw_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -314,32 +314,32 @@ void perturb_rows(at::Tensor& out, const at::Tensor& w0, const at::Tensor* c, co
 }
 
 void perturb_cpu(at::Tensor& out, const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive, double eta,
-                 double rho, int64_t seed, int64_t stream, int64_t sample, int64_t offset,
+                 double rho, int64_t seed, int64_t rng_stream, int64_t sample, int64_t offset,
                  c10::string_view distribution) {
   check_flat(w0, "w0");
   check_like(out, "out", w0, "w0");
   const at::Tensor* cc = check_scale(c, w0, "w0", adaptive, eta);
   check_out_no_overlap("perturb_", out, w0, cc);
   const Dist dist = parse_distribution(distribution);
-  const Counter k = check_counter(seed, stream, sample, offset, w0.numel());
+  const Counter k = check_counter(seed, rng_stream, sample, offset, w0.numel());
   perturb_rows(out, w0, cc, ScaleRule{adaptive, eta}, rho, k, 1, false, dist);
 }
 
 void perturb_batched_cpu(at::Tensor& out, const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive,
-                         double eta, double rho, int64_t seed, int64_t stream, int64_t first_sample, int64_t offset,
+                         double eta, double rho, int64_t seed, int64_t rng_stream, int64_t first_sample, int64_t offset,
                          c10::string_view distribution, bool antithetic) {
   const int64_t n_samples = check_batched(out, w0, antithetic);
   const at::Tensor* cc = check_scale(c, w0, "w0", adaptive, eta);
   check_out_no_overlap("perturb_batched_", out, w0, cc);
   const Dist dist = parse_distribution(distribution);
-  const Counter k = check_counter(seed, stream, first_sample, offset, w0.numel(), n_samples);
+  const Counter k = check_counter(seed, rng_stream, first_sample, offset, w0.numel(), n_samples);
   perturb_rows(out, w0, cc, ScaleRule{adaptive, eta}, rho, k, n_samples, antithetic, dist);
 }
 
 void perturb_tensors_cpu(at::TensorList out, at::TensorList w0, at::TensorList c, bool adaptive, double eta,
-                         double rho, int64_t seed, int64_t stream, int64_t sample, at::IntArrayRef offsets,
+                         double rho, int64_t seed, int64_t rng_stream, int64_t sample, at::IntArrayRef offsets,
                          c10::string_view distribution) {
-  const Pieces pieces = check_pieces(out, w0, c, offsets, adaptive, eta, seed, stream, sample);
+  const Pieces pieces = check_pieces(out, w0, c, offsets, adaptive, eta, seed, rng_stream, sample);
   const Dist dist = parse_distribution(distribution);
   if (w0.empty()) return;
   SF_DISPATCH(w0[0].scalar_type(), "sharpfast::perturb_tensors_", [&] {
@@ -437,7 +437,7 @@ at::Tensor sum_squares_cpu(const at::Tensor& x) {
   return out;
 }
 
-at::Tensor ellipsoid_norms_cpu(const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& w0,
+at::Tensor ellipsoid_sq_norms_cpu(const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& w0,
                                const std::optional<at::Tensor>& c, bool adaptive, double eta,
                                const at::Tensor& grad_scale, const at::Tensor& lambdas) {
   check_flat(delta, "delta");
@@ -454,7 +454,7 @@ at::Tensor ellipsoid_norms_cpu(const at::Tensor& delta, const at::Tensor& grad, 
   const at::Tensor lam_c = lambdas.contiguous();
   const double* lam = lam_c.data_ptr<double>();
   const double gs = read_scalar(grad_scale);
-  SF_DISPATCH(delta.scalar_type(), "sharpfast::ellipsoid_norms", [&] {
+  SF_DISPATCH(delta.scalar_type(), "sharpfast::ellipsoid_sq_norms", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* __restrict__ d = delta.data_ptr<scalar_t>();
     const scalar_t* __restrict__ g = grad.data_ptr<scalar_t>();
@@ -505,7 +505,7 @@ TORCH_LIBRARY_IMPL(sharpfast, CPU, m) {
   m.impl("perturb_batched_", &perturb_batched_cpu);
   m.impl("perturb_tensors_", &perturb_tensors_cpu);
   m.impl("apgd_step_linf_", &apgd_step_linf_cpu);
-  m.impl("ellipsoid_norms", &ellipsoid_norms_cpu);
+  m.impl("ellipsoid_sq_norms", &ellipsoid_sq_norms_cpu);
   m.impl("apgd_step_l2_", &apgd_step_l2_cpu);
   m.impl("copy_if_", &copy_if_cpu);
   m.impl("sum_squares", &sum_squares_cpu);

@@ -51,13 +51,20 @@ __device__ __forceinline__ void store_vec(S* p, int64_t i, const Vec<S, V>& x) {
   reinterpret_cast<Vec<S, V>*>(p)[i] = x;
 }
 
-// c_i derived from w0_i (no scale buffer), rounded to the buffer's dtype like the reference's
-// `w.abs() + eta`.
+// The storage round trip of the derived-scale rule (elementwise.h): to dtype S and back.
+template <typename S>
+struct CudaRoundTrip {
+  static __device__ __forceinline__ typename AccOf<S>::type apply(typename AccOf<S>::type x) {
+    return to_acc(from_acc<S>(x));
+  }
+};
+
+// c_i derived from w0_i (no scale buffer) by the shared rule.
 template <typename S>
 __device__ __forceinline__ typename AccOf<S>::type derived_scale_of(S w, const ScaleRule& rule) {
   using A = typename AccOf<S>::type;
-  const A eta = to_acc(from_acc<S>(static_cast<A>(rule.eta)));  // torch rounds the scalar to the dtype first
-  return to_acc(from_acc<S>(derived_scale<A>(to_acc(w), eta, rule.adaptive)));
+  const A eta = rounded_eta<CudaRoundTrip<S>, A>(rule.eta);
+  return derived_scale_rounded<CudaRoundTrip<S>, A>(to_acc(w), eta, rule.adaptive);
 }
 
 // c_i from the buffer c, or derived from w0_i where there is none.
@@ -169,20 +176,8 @@ cudaError_t launch_sample(void* out, const void* w0, const void* c, ScaleRule ru
 
 // ------------------------------------------------------------------------------- APGD steps
 
-// One fused pass: z (linf: ascent + clamp; l2: ascent + ellipsoid shrink), momentum, history
-// shift, parameter write. s1 = step size (linf) or gradient scale (l2); s2 = lambda (l2).
-template <typename A, bool L2>
-__device__ __forceinline__ void apgd_element(A d, A dp, A g, A w, A c, A s1, A s2, A rho, A alpha, A& new_d, A& p) {
-  A z;
-  if (L2) {
-    z = ellipsoid_shrink<A>(l2_ascent<A>(d, g, c, s1), c, s2);
-  } else {
-    z = linf_ascent_clamp<A>(d, g, c, s1, rho);
-  }
-  new_d = momentum_mix<A>(z, dp, alpha);
-  p = w + new_d;
-}
-
+// One fused pass: the shared element update (elementwise.h apgd_update), history shift,
+// parameter write. s1 = step size (linf) or gradient scale (l2); s2 = lambda (l2).
 template <typename S, int V, bool L2>
 __global__ void apgd_kernel(S* __restrict__ params, S* __restrict__ delta, S* __restrict__ delta_prev,
                             const S* __restrict__ grad, const S* __restrict__ w0, const S* __restrict__ c,
@@ -203,12 +198,10 @@ __global__ void apgd_kernel(S* __restrict__ params, S* __restrict__ delta, S* __
     Vec<S, V> ND, P;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      A nd, p;
       const A ck = c != nullptr ? to_acc(C.v[k]) : derived_scale_of<S>(W.v[k], rule);
-      apgd_element<A, L2>(to_acc(D.v[k]), to_acc(DP.v[k]), to_acc(G.v[k]), to_acc(W.v[k]), ck, s1, s2, r, alpha, nd,
-                          p);
+      const A nd = apgd_update<A, L2>(to_acc(D.v[k]), to_acc(DP.v[k]), to_acc(G.v[k]), ck, s1, s2, r, alpha);
       ND.v[k] = from_acc<S>(nd);
-      P.v[k] = from_acc<S>(p);
+      P.v[k] = from_acc<S>(to_acc(W.v[k]) + nd);
     }
     store_vec<S, V>(delta_prev, v, D);
     store_vec<S, V>(delta, v, ND);
@@ -216,13 +209,12 @@ __global__ void apgd_kernel(S* __restrict__ params, S* __restrict__ delta, S* __
   }
   for (int64_t i = nv * V + tid; i < n; i += stride) {
     const S d = delta[i];
-    A nd, p;
     const S w = w0[i];
-    apgd_element<A, L2>(to_acc(d), to_acc(delta_prev[i]), to_acc(grad[i]), to_acc(w), scale_at<S>(c, i, w, rule), s1,
-                        s2, r, alpha, nd, p);
+    const A nd = apgd_update<A, L2>(to_acc(d), to_acc(delta_prev[i]), to_acc(grad[i]), scale_at<S>(c, i, w, rule), s1,
+                                    s2, r, alpha);
     delta_prev[i] = d;
     delta[i] = from_acc<S>(nd);
-    params[i] = from_acc<S>(p);
+    params[i] = from_acc<S>(to_acc(w) + nd);
   }
 }
 
@@ -478,7 +470,7 @@ cudaError_t sum_squares(const void* x, DType dtype, int64_t n, double* partials,
   return dispatch<SumSqF>(dtype, x, n, partials, out, stream);
 }
 
-cudaError_t ellipsoid_norms(const void* delta, const void* grad, const void* w0, const void* c, ScaleRule rule,
+cudaError_t ellipsoid_sq_norms(const void* delta, const void* grad, const void* w0, const void* c, ScaleRule rule,
                             DType dtype, int64_t n, const double* grad_scale, const double* lambdas, int64_t L,
                             double* partials, double* out, cudaStream_t stream) {
   if (L == 0) return cudaSuccess;

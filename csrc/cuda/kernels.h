@@ -16,7 +16,7 @@ namespace cuda {
 
 enum class DType : int { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
 
-// Lambdas handled per pass over memory by ellipsoid_norms (more are done in several passes).
+// Lambdas handled per pass over memory by ellipsoid_sq_norms (more are done in several passes).
 constexpr int kMaxLambdasPerPass = 32;
 
 int build_cuda_version();
@@ -49,7 +49,7 @@ cudaError_t sum_squares(const void* x, DType dtype, int64_t n, double* partials,
 
 // out[j] = sum_i (z_i c_i / (c_i^2 + 2 lambdas[j]))^2, z = delta + grad_scale * grad * c, for
 // j < L. partials: reduce_partials(n) * min(L, kMaxLambdasPerPass) doubles of scratch.
-cudaError_t ellipsoid_norms(const void* delta, const void* grad, const void* w0, const void* c, ScaleRule rule,
+cudaError_t ellipsoid_sq_norms(const void* delta, const void* grad, const void* w0, const void* c, ScaleRule rule,
                             DType dtype, int64_t n,
                             const double* grad_scale, const double* lambdas, int64_t L, double* partials,
                             double* out, cudaStream_t stream);

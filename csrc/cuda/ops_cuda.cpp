@@ -1,4 +1,4 @@
-// CUDA implementations of sharpfast's ops: argument checks, device guard, current stream and
+// CUDA implementations of sharpfast's ops: argument checks, device guard, current CUDA stream and
 // scratch buffers (ATen side); the kernels in kernels.cu see raw pointers only. Compiled only
 // when the extension is built with CUDA. Nothing here synchronizes with the host.
 #include <ATen/core/Tensor.h>
@@ -33,15 +33,15 @@ void check_cuda(const at::Tensor& t, const char* name) {
 // A 0-dim scalar as a float64 device tensor (a float32 one is converted on the device).
 at::Tensor as_double(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? t : t.to(at::kDouble); }
 
-void draw_cuda(at::Tensor& out, int64_t seed, int64_t stream, int64_t sample, int64_t offset,
+void draw_cuda(at::Tensor& out, int64_t seed, int64_t rng_stream, int64_t sample, int64_t offset,
                c10::string_view distribution) {
   check_flat(out, "out");
   check_cuda(out, "out");
   const Dist dist = parse_distribution(distribution);
-  const Counter k = check_counter(seed, stream, sample, offset, out.numel());
+  const Counter k = check_counter(seed, rng_stream, sample, offset, out.numel());
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
-  C10_CUDA_CHECK(sharpfast::cuda::draw(out.data_ptr(), dtype_of(out), out.numel(), k.seed, k.stream, k.sample,
+  C10_CUDA_CHECK(sharpfast::cuda::draw(out.data_ptr(), dtype_of(out), out.numel(), k.seed, k.rng_stream, k.sample,
                                        k.offset, dist, c10::cuda::getCurrentCUDAStream()));
 }
 
@@ -49,7 +49,7 @@ void draw_cuda(at::Tensor& out, int64_t seed, int64_t stream, int64_t sample, in
 const void* scale_ptr(const at::Tensor* c) { return c != nullptr ? c->data_ptr() : nullptr; }
 
 void perturb_cuda(at::Tensor& out, const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive, double eta,
-                  double rho, int64_t seed, int64_t stream, int64_t sample, int64_t offset,
+                  double rho, int64_t seed, int64_t rng_stream, int64_t sample, int64_t offset,
                   c10::string_view distribution) {
   check_flat(w0, "w0");
   check_cuda(w0, "w0");
@@ -57,36 +57,36 @@ void perturb_cuda(at::Tensor& out, const at::Tensor& w0, const std::optional<at:
   const at::Tensor* cc = check_scale(c, w0, "w0", adaptive, eta);
   check_out_no_overlap("perturb_", out, w0, cc);
   const Dist dist = parse_distribution(distribution);
-  const Counter k = check_counter(seed, stream, sample, offset, w0.numel());
+  const Counter k = check_counter(seed, rng_stream, sample, offset, w0.numel());
   if (w0.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(w0.device());
   C10_CUDA_CHECK(perturb_rows(out.data_ptr(), w0.data_ptr(), scale_ptr(cc), ScaleRule{adaptive, eta}, dtype_of(w0),
-                              w0.numel(), rho, k.seed, k.stream, k.sample, k.offset, dist, 1, false,
+                              w0.numel(), rho, k.seed, k.rng_stream, k.sample, k.offset, dist, 1, false,
                               c10::cuda::getCurrentCUDAStream()));
 }
 
 void perturb_batched_cuda(at::Tensor& out, const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive,
-                          double eta, double rho, int64_t seed, int64_t stream, int64_t first_sample, int64_t offset,
+                          double eta, double rho, int64_t seed, int64_t rng_stream, int64_t first_sample, int64_t offset,
                           c10::string_view distribution, bool antithetic) {
   check_cuda(w0, "w0");
   const int64_t n_samples = check_batched(out, w0, antithetic);
   const at::Tensor* cc = check_scale(c, w0, "w0", adaptive, eta);
   check_out_no_overlap("perturb_batched_", out, w0, cc);
   const Dist dist = parse_distribution(distribution);
-  const Counter k = check_counter(seed, stream, first_sample, offset, w0.numel(), n_samples);
+  const Counter k = check_counter(seed, rng_stream, first_sample, offset, w0.numel(), n_samples);
   if (w0.numel() == 0 || n_samples == 0) return;
   TORCH_CHECK(n_samples <= 65535, "sharpfast: at most 65535 samples per perturb_batched_ call on CUDA, got ",
               n_samples);
   const c10::cuda::CUDAGuard guard(w0.device());
   C10_CUDA_CHECK(perturb_rows(out.data_ptr(), w0.data_ptr(), scale_ptr(cc), ScaleRule{adaptive, eta}, dtype_of(w0),
-                              w0.numel(), rho, k.seed, k.stream, k.sample, k.offset, dist, n_samples, antithetic,
+                              w0.numel(), rho, k.seed, k.rng_stream, k.sample, k.offset, dist, n_samples, antithetic,
                               c10::cuda::getCurrentCUDAStream()));
 }
 
 void perturb_tensors_cuda(at::TensorList out, at::TensorList w0, at::TensorList c, bool adaptive, double eta,
-                          double rho, int64_t seed, int64_t stream, int64_t sample, at::IntArrayRef offsets,
+                          double rho, int64_t seed, int64_t rng_stream, int64_t sample, at::IntArrayRef offsets,
                           c10::string_view distribution) {
-  const Pieces pieces = check_pieces(out, w0, c, offsets, adaptive, eta, seed, stream, sample);
+  const Pieces pieces = check_pieces(out, w0, c, offsets, adaptive, eta, seed, rng_stream, sample);
   const Dist dist = parse_distribution(distribution);
   if (w0.empty()) return;
   check_cuda(w0[0], "w0");
@@ -96,7 +96,7 @@ void perturb_tensors_cuda(at::TensorList out, at::TensorList w0, at::TensorList 
   for (size_t p = 0; p < w0.size(); ++p) {  // one launch per piece, enqueued back to back
     if (w0[p].numel() == 0) continue;
     C10_CUDA_CHECK(perturb_rows(out[p].data_ptr(), w0[p].data_ptr(), scale_ptr(pieces.scales[p]),
-                                ScaleRule{adaptive, eta}, dtype_of(w0[p]), w0[p].numel(), rho, k.seed, k.stream,
+                                ScaleRule{adaptive, eta}, dtype_of(w0[p]), w0[p].numel(), rho, k.seed, k.rng_stream,
                                 k.sample, static_cast<uint64_t>(offsets[p]), dist, 1, false, cuda_stream));
   }
 }
@@ -148,7 +148,7 @@ at::Tensor sum_squares_cuda(const at::Tensor& x) {
   return out;
 }
 
-at::Tensor ellipsoid_norms_cuda(const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& w0,
+at::Tensor ellipsoid_sq_norms_cuda(const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& w0,
                                 const std::optional<at::Tensor>& c, bool adaptive, double eta,
                                 const at::Tensor& grad_scale, const at::Tensor& lambdas) {
   check_flat(delta, "delta");
@@ -166,7 +166,7 @@ at::Tensor ellipsoid_norms_cuda(const at::Tensor& delta, const at::Tensor& grad,
   const at::Tensor gs = as_double(grad_scale);
   const int64_t per_pass = L < kMaxLambdasPerPass ? L : kMaxLambdasPerPass;
   at::Tensor partials = at::empty({reduce_partials(delta.numel()) * per_pass}, delta.options().dtype(at::kDouble));
-  C10_CUDA_CHECK(sharpfast::cuda::ellipsoid_norms(delta.data_ptr(), grad.data_ptr(), w0.data_ptr(), scale_ptr(cc),
+  C10_CUDA_CHECK(sharpfast::cuda::ellipsoid_sq_norms(delta.data_ptr(), grad.data_ptr(), w0.data_ptr(), scale_ptr(cc),
                                                   ScaleRule{adaptive, eta}, dtype_of(delta), delta.numel(),
                                                   gs.data_ptr<double>(), lam.data_ptr<double>(), L,
                                                   partials.data_ptr<double>(), out.data_ptr<double>(),
@@ -195,7 +195,7 @@ TORCH_LIBRARY_IMPL(sharpfast, CUDA, m) {
   m.impl("perturb_batched_", &perturb_batched_cuda);
   m.impl("perturb_tensors_", &perturb_tensors_cuda);
   m.impl("apgd_step_linf_", &apgd_step_linf_cuda);
-  m.impl("ellipsoid_norms", &ellipsoid_norms_cuda);
+  m.impl("ellipsoid_sq_norms", &ellipsoid_sq_norms_cuda);
   m.impl("apgd_step_l2_", &apgd_step_l2_cuda);
   m.impl("copy_if_", &copy_if_cuda);
   m.impl("sum_squares", &sum_squares_cuda);

@@ -139,7 +139,7 @@ class _Projection:
         self.hint = None
 
     def norms(self, delta, grad, grad_scale, lams):
-        sq = _ops.ellipsoid_norms(delta, grad, self.w0, self.c, grad_scale,
+        sq = _ops.ellipsoid_sq_norms(delta, grad, self.w0, self.c, grad_scale,
                                   torch.as_tensor(lams, dtype=torch.float64, device=self.device))
         return sq.sqrt()
 

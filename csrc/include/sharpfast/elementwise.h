@@ -16,10 +16,24 @@ struct ScaleRule {
   double eta;
 };
 
-// The unrounded derived scale in the compute type; callers round it to the buffer's dtype.
+// The unrounded derived scale in the compute type (see derived_scale_rounded).
 template <typename T>
 SF_HOST_DEVICE T derived_scale(T w0, T eta, bool adaptive) {
   return adaptive ? (w0 < T(0) ? -w0 : w0) + eta : T(1);
+}
+
+// The derived-scale rule bit for bit as the reference builds c (`w.abs() + eta` in the buffer's
+// dtype): eta is rounded to the dtype first, as torch rounds a scalar operand, and the sum is
+// rounded to the dtype. `RoundTrip::apply(x)` rounds a compute-type value to the storage dtype
+// and back (the CPU and CUDA backends convert half types with different intrinsics).
+template <typename RoundTrip, typename T>
+SF_HOST_DEVICE T rounded_eta(double eta) {
+  return RoundTrip::apply(static_cast<T>(eta));
+}
+
+template <typename RoundTrip, typename T>
+SF_HOST_DEVICE T derived_scale_rounded(T w0, T eta_rounded, bool adaptive) {
+  return adaptive ? RoundTrip::apply(derived_scale<T>(w0, eta_rounded, true)) : T(1);
 }
 
 // Perturbation: w0 + (rho * c) * xi, rho already carrying the antithetic sign.
@@ -73,6 +87,21 @@ SF_HOST_DEVICE double ellipsoid_term(double z, double c, double lam) {
 template <typename T>
 SF_HOST_DEVICE T momentum_mix(T z, T delta_prev, T alpha) {
   return alpha * z + (T(1) - alpha) * delta_prev;
+}
+
+// One APGD element update, as both backends apply it: z = the ascent projected onto the
+// constraint (linf: clamp to the box; l2: the ellipsoid shrink with multiplier s2), then the
+// momentum mix with delta_prev. s1 is the step size (linf) or the gradient scale
+// step / ||g|| (l2). Returns delta's new value; the parameter becomes w0 + that.
+template <typename T, bool L2>
+SF_HOST_DEVICE T apgd_update(T delta, T delta_prev, T g, T c, T s1, T s2, T rho, T alpha) {
+  T z;
+  if (L2) {
+    z = ellipsoid_shrink<T>(l2_ascent<T>(delta, g, c, s1), c, s2);
+  } else {
+    z = linf_ascent_clamp<T>(delta, g, c, s1, rho);
+  }
+  return momentum_mix<T>(z, delta_prev, alpha);
 }
 
 }  // namespace sharpfast
