@@ -3,10 +3,11 @@
 >>> r = sharpfast.worst_case_sharpness(model, batches, rho=0.002, norm="linf", adaptive=True)
 >>> r.sharpness, r.err_sharpness, r.per_batch, r.delta_norm
 """
-from .api import average_sharpness, worst_case_sharpness
-from .config import SharpnessResult
+from .api import average_sharpness, evaluate_sharpness, worst_case_sharpness
 from .kernel_check import SelfTestReport, selftest
+from .result import SharpnessResult
+from .settings import AverageCaseSettings, WorstCaseSettings
 
 __version__ = "0.1.0"
-__all__ = ["worst_case_sharpness", "average_sharpness", "SharpnessResult", "selftest", "SelfTestReport",
-           "__version__"]
+__all__ = ["worst_case_sharpness", "average_sharpness", "evaluate_sharpness", "WorstCaseSettings",
+           "AverageCaseSettings", "SharpnessResult", "selftest", "SelfTestReport", "__version__"]

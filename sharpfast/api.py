@@ -1,5 +1,5 @@
-"""The public entry points: validate, guard the model, apply the precision policy, dispatch to
-a backend."""
+"""The public entry points: settings in, the model guarded, the precision policy applied, a
+backend chosen, a :class:`~sharpfast.result.SharpnessResult` out."""
 from __future__ import annotations
 
 import warnings
@@ -9,8 +9,136 @@ import torch
 from torch import nn
 
 from . import precision, reference
-from .config import SharpnessResult, check_batches, make_settings
 from .params import ModelGuard, ParamSet
+from .result import SharpnessResult, check_batches
+from .settings import AverageCaseSettings as A
+from .settings import Settings
+from .settings import WorstCaseSettings as W
+
+
+def worst_case_sharpness(
+    model: nn.Module, data: Iterable, rho: float, norm: str = W.norm, adaptive: bool = W.adaptive,
+    scale: Mapping[str, torch.Tensor] | None = None, loss_fn: Callable | None = None,
+    normalize_logits: bool | str = W.normalize_logits, n_iters: int = W.n_iters, n_restarts: int = W.n_restarts,
+    rand_init: bool = W.rand_init, step_size_mult: float = W.step_size_mult, seed: int = W.seed,
+    backend: str = W.backend, adaptive_eta: float = W.adaptive_eta,
+    adaptive_weights_only: bool = W.adaptive_weights_only, eval_mode: bool = W.eval_mode,
+    min_update_ratio: float = W.min_update_ratio, projection_tol: float | None = None,
+    solve_batches_together: bool | None = None, error_fn: Callable | None = None,
+    low_precision: str = W.low_precision,
+) -> SharpnessResult:
+    """Worst-case sharpness ``E_S max_{||delta / c||_p <= rho} L_S(w + delta) - L_S(w)``, the inner
+    maximum found by the published APGD in weight space.
+
+    Args:
+        model: the network; left exactly as it was after the call, also after an exception or
+            an interrupt (parameters, buffers, ``.grad``, ``requires_grad``, train/eval mode).
+        data: an iterable of batches ``(x, y)`` or ``(x, _, y, _, _)``, one per m-sharpness batch;
+            ``x`` a tensor, a tuple of positional inputs or a dict of keyword inputs.
+        rho: the radius, > 0.
+        norm: ``"linf"`` or ``"l2"``, the norm of ``delta / c``.
+        adaptive: ``c = |w|`` (+ ``adaptive_eta``) where True, else ``c = 1``.
+        scale: ``{parameter name: tensor}``, ``c`` for those parameters (>= 0; 0 freezes a
+            coordinate); the others follow ``adaptive``.
+        loss_fn: ``loss_fn(output, y)`` -> the batch's mean loss; default cross-entropy
+            (sequence outputs ``[B, T, K]`` with ``[B, T]`` labels flattened).
+        normalize_logits: ``True``/``"norm"`` divides the centred logits by their l2 norm (the
+            published code), ``"std"`` by their standard deviation (the paper's slides).
+        n_iters: APGD iterations per batch and restart.
+        n_restarts: restarts from independent random starts (needs ``rand_init``).
+        rand_init: start from a random point of the constraint set instead of ``delta = 0``.
+        step_size_mult: the initial step is ``2 * rho * step_size_mult``.
+        seed: the counter-based noise seed (random starts), in ``[0, 2^64)``.
+        backend: ``"auto"`` (the extension where it is built for the device and passes its
+            self-test, else the reference), ``"fused"`` or ``"reference"``.
+        adaptive_eta: ASAM's ``eta``: ``c = |w| + eta``.
+        adaptive_weights_only: only weight matrices and kernels get ``|w|``; biases and
+            normalization parameters ``c = 1``.
+        eval_mode: evaluate in eval mode (BatchNorm running statistics, no dropout).
+        min_update_ratio: halve the step at a checkpoint where fewer than this fraction of the
+            steps since the last one improved.
+        projection_tol: absolute tolerance of the l2 ellipsoid bisection; default
+            ``1e-5 * min(1, rho)`` (the published 1e-5 is absolute; see ``apgd.bisection_tolerance``).
+        solve_batches_together: solve every m-batch's problem in one vmapped forward/backward per
+            step (same results; batches of one shape, eval mode); default: on a GPU where the
+            ``[batches, parameters]`` buffers fit, else one batch at a time.
+        error_fn: ``error_fn(output, y)`` -> the batch's mean error for ``err_sharpness``; by
+            default the classification error where outputs and labels are a classification
+            pair (``objective.Objective``), else ``err_sharpness`` is None.
+        low_precision: for float16/bfloat16 parameters, ``"float32"`` measures a float32 copy of
+            the same weights (a half-precision perturbation rounds away), ``"error"`` raises.
+
+    Returns:
+        A :class:`~sharpfast.result.SharpnessResult`: ``sharpness`` (mean over batches),
+        ``err_sharpness``, ``per_batch``, ``delta_norm`` (the largest ``||delta||_2`` at a best point).
+
+    Example:
+        >>> import torch, sharpfast
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <...>
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> batches = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(2)]
+        >>> r = sharpfast.worst_case_sharpness(model, batches, rho=0.05, norm="linf", n_iters=10)
+        >>> r.sharpness > 0 and len(r.per_batch) == 2
+        True
+    """
+    return evaluate_sharpness(model, data, W(
+        rho=rho, norm=norm, adaptive=adaptive, scale=scale, loss_fn=loss_fn, error_fn=error_fn,
+        normalize_logits=normalize_logits, seed=seed, backend=backend, adaptive_eta=adaptive_eta,
+        adaptive_weights_only=adaptive_weights_only, eval_mode=eval_mode, low_precision=low_precision,
+        n_iters=n_iters, n_restarts=n_restarts, rand_init=rand_init, step_size_mult=step_size_mult,
+        min_update_ratio=min_update_ratio, projection_tol=projection_tol,
+        solve_batches_together=solve_batches_together))
+
+
+def average_sharpness(
+    model: nn.Module, data: Iterable, rho: float, norm: str = A.norm, adaptive: bool = A.adaptive,
+    scale: Mapping[str, torch.Tensor] | None = None, loss_fn: Callable | None = None,
+    normalize_logits: bool | str = A.normalize_logits, n_samples: int = A.n_samples, seed: int = A.seed,
+    backend: str = A.backend, adaptive_eta: float = A.adaptive_eta,
+    adaptive_weights_only: bool = A.adaptive_weights_only, eval_mode: bool = A.eval_mode,
+    antithetic: bool = A.antithetic, samples_per_pass: int | None = None, error_fn: Callable | None = None,
+    low_precision: str = A.low_precision,
+) -> SharpnessResult:
+    """Average-case sharpness ``E_S E_xi [L_S(w + rho * c * xi) - L_S(w)]``.
+
+    Args:
+        norm: ``"l2"`` (``xi ~ N(0, I)``) or ``"linf"`` (``xi ~ U(-1, 1)``).
+        n_samples: noise draws per batch.
+        antithetic: pair each draw ``+xi`` with ``-xi`` (cancels the odd terms of the estimate;
+            ``n_samples`` even).
+        samples_per_pass: perturbed copies evaluated in one vmapped forward by the fused
+            backend (same draws, same values); default: up to a memory budget on a GPU, one at a
+            time on a CPU (a forward already keeps its cores busy there).
+        model, data, rho, adaptive, scale, loss_fn, normalize_logits, seed, backend, adaptive_eta,
+        adaptive_weights_only, eval_mode, error_fn, low_precision: as
+            :func:`worst_case_sharpness`.
+
+    Returns:
+        A :class:`~sharpfast.result.SharpnessResult` (``delta_norm`` is 0.0).
+    """
+    return evaluate_sharpness(model, data, A(
+        rho=rho, norm=norm, adaptive=adaptive, scale=scale, loss_fn=loss_fn, error_fn=error_fn,
+        normalize_logits=normalize_logits, seed=seed, backend=backend, adaptive_eta=adaptive_eta,
+        adaptive_weights_only=adaptive_weights_only, eval_mode=eval_mode, low_precision=low_precision,
+        n_samples=n_samples, antithetic=antithetic, samples_per_pass=samples_per_pass))
+
+
+def evaluate_sharpness(model: nn.Module, data: Iterable, settings: Settings) -> SharpnessResult:
+    """The sharpness ``settings`` define (:class:`~sharpfast.settings.WorstCaseSettings` or
+    :class:`~sharpfast.settings.AverageCaseSettings`) of ``model`` on ``data``."""
+    if not isinstance(settings, Settings):
+        raise TypeError(f"settings must be WorstCaseSettings or AverageCaseSettings, got {type(settings).__name__}")
+    params = settings.bind(model)
+    batches = check_batches(data)
+    with ModelGuard(model, eval_mode=settings.eval_mode):
+        batches = precision.apply_policy(model, params, batches, settings.low_precision)
+        if resolve_backend(settings.backend, params) == "fused":
+            from . import fused
+            impl = fused.worst_case_sharpness if settings.kind == "worst" else fused.average_sharpness
+        else:
+            impl = reference.worst_case_sharpness if settings.kind == "worst" else reference.average_sharpness
+        return impl(model, batches, params, settings)
 
 
 def resolve_backend(backend: str, params: ParamSet) -> str:
@@ -34,82 +162,4 @@ def resolve_backend(backend: str, params: ParamSet) -> str:
     return "fused" if available else "reference"
 
 
-def _evaluate(kind: str, model: nn.Module, data: Iterable, **kwargs) -> SharpnessResult:
-    settings, params = make_settings(kind, model, **kwargs)
-    batches = check_batches(data)
-    with ModelGuard(model, eval_mode=settings.eval_mode):
-        batches = precision.apply_policy(model, params, batches, settings.low_precision)
-        backend = resolve_backend(settings.backend, params)
-        if backend == "fused":
-            from . import fused
-            impl = fused.worst_case_sharpness if kind == "worst" else fused.average_sharpness
-        else:
-            impl = reference.worst_case_sharpness if kind == "worst" else reference.average_sharpness
-        return impl(model, batches, params, settings)
-
-
-def worst_case_sharpness(
-    model: nn.Module, data: Iterable, rho: float, norm: str = "linf", adaptive: bool = True,
-    scale: Mapping[str, torch.Tensor] | None = None, loss_fn: Callable | None = None,
-    normalize_logits: bool | str = False, n_iters: int = 20, n_restarts: int = 1,
-    rand_init: bool = False, step_size_mult: float = 1.0, seed: int = 0, backend: str = "auto",
-    adaptive_eta: float = 0.0, adaptive_weights_only: bool = False, eval_mode: bool = True,
-    min_update_ratio: float = 0.75, projection_tol: float | None = None,
-    solve_batches_together: bool | None = None, error_fn: Callable | None = None,
-    low_precision: str = "float32",
-) -> SharpnessResult:
-    """Worst-case sharpness ``E_S max_{||delta/c||_p <= rho} L_S(w + delta) - L_S(w)`` by APGD.
-
-    ``data``: iterable of ``(x, y)`` (or ``(x, _, y, _, _)``) batches, one per m-sharpness batch.
-    ``norm``: ``"linf"`` or ``"l2"``. ``adaptive``: ``c = |w|`` (+ ``adaptive_eta``; only weight
-    matrices with ``adaptive_weights_only``), else ``c = 1``; ``scale``: ``{name: c}`` overrides.
-    ``normalize_logits``: ``True``/``"norm"`` (published code) or ``"std"`` (slides).
-    ``projection_tol``: absolute tolerance of the l2 ellipsoid bisection; default
-    ``1e-5 * min(1, rho)`` (the published code's 1e-5 is absolute, see ``apgd.bisection_tolerance``).
-    ``solve_batches_together``: the fused backend solves the m-batches' APGD problems in one
-    vmapped forward/backward per step (batches of one shape; same results); default: on a GPU
-    when the ``[batches, parameters]`` buffers fit, else one batch at a time.
-    ``error_fn(output, y)``: the batch's mean error for ``err_sharpness``; by default the
-    classification error where outputs and labels are a classification pair (see
-    ``objective.Objective``), else ``err_sharpness`` is None.
-    ``low_precision``: for float16/bfloat16 parameters, ``"float32"`` (default) evaluates a float32
-    copy of the same weights (a half-precision perturbation rounds away), ``"error"`` raises
-    (see ``sharpfast.precision``).
-    The model is left exactly as it was, also after an exception or interrupt.
-    """
-    return _evaluate("worst", model, data, rho=rho, norm=norm, adaptive=adaptive, scale=scale,
-                     loss_fn=loss_fn, normalize_logits=normalize_logits, n_iters=n_iters,
-                     n_restarts=n_restarts, rand_init=rand_init, step_size_mult=step_size_mult,
-                     seed=seed, backend=backend, adaptive_eta=adaptive_eta,
-                     adaptive_weights_only=adaptive_weights_only, eval_mode=eval_mode,
-                     min_update_ratio=min_update_ratio, projection_tol=projection_tol,
-                     solve_batches_together=solve_batches_together, error_fn=error_fn,
-                     low_precision=low_precision)
-
-
-def average_sharpness(
-    model: nn.Module, data: Iterable, rho: float, norm: str = "l2", adaptive: bool = True,
-    scale: Mapping[str, torch.Tensor] | None = None, loss_fn: Callable | None = None,
-    normalize_logits: bool | str = False, n_samples: int = 20, seed: int = 0,
-    backend: str = "auto", adaptive_eta: float = 0.0, adaptive_weights_only: bool = False,
-    eval_mode: bool = True, antithetic: bool = False, samples_per_pass: int | None = None,
-    error_fn: Callable | None = None, low_precision: str = "float32",
-) -> SharpnessResult:
-    """Average-case sharpness ``E_S E_xi L_S(w + rho * c * xi) - L_S(w)``.
-
-    ``xi ~ N(0, I)`` for ``norm="l2"``, ``U(-1, 1)`` for ``"linf"``; ``n_samples`` draws per batch
-    (``antithetic=True`` pairs ``+xi`` with ``-xi``, cancelling the odd terms of the estimate).
-    ``samples_per_pass``: perturbed copies evaluated in one batched (vmapped) forward by the fused
-    backend; default: as many as a memory budget allows on a GPU, one at a time on a CPU (there a
-    forward already keeps the cores busy, and batched convolutions are slower). Any choice gives
-    the same draws. Other arguments as :func:`worst_case_sharpness`.
-    """
-    return _evaluate("average", model, data, rho=rho, norm=norm, adaptive=adaptive, scale=scale,
-                     loss_fn=loss_fn, normalize_logits=normalize_logits, n_samples=n_samples,
-                     seed=seed, backend=backend, adaptive_eta=adaptive_eta,
-                     adaptive_weights_only=adaptive_weights_only, eval_mode=eval_mode,
-                     antithetic=antithetic, samples_per_pass=samples_per_pass, error_fn=error_fn,
-                     low_precision=low_precision)
-
-
-__all__ = ["worst_case_sharpness", "average_sharpness", "SharpnessResult", "resolve_backend"]
+__all__ = ["worst_case_sharpness", "average_sharpness", "evaluate_sharpness", "resolve_backend"]

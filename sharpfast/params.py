@@ -17,7 +17,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ScaleSpec:
-    """How the per-coordinate scale ``c`` is chosen (DESIGN §1).
+    """How the per-coordinate scale ``c`` is chosen (DESIGN.md §1).
 
     ``adaptive``: ``c = |w| + eta`` (Kwon et al. 2021; ``eta > 0`` is ASAM's variant), else ``c = 1``.
     ``weights_only``: only parameters with two or more dimensions (weight matrices and kernels)
@@ -61,9 +61,11 @@ class ScaleSpec:
 
 
 class ParamSet:
-    """The trainable floating-point parameters of a model, deduplicated, in a fixed order."""
+    """The trainable floating-point parameters of a model, deduplicated, in a fixed order, and
+    ``scaling``, how their scale ``c`` is chosen (set by ``Settings.bind``)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, scaling: ScaleSpec | None = None):
+        self.scaling = scaling or ScaleSpec()
         named = [(n, p) for n, p in model.named_parameters()  # remove_duplicate=True: tied once
                  if p.requires_grad and p.is_floating_point()]
         self.names = [n for n, _ in named]
@@ -83,8 +85,18 @@ class ParamSet:
         """Views of a flat vector shaped like the parameters."""
         return [chunk.view_as(p) for chunk, p in zip(flat.split(self.numels), self.tensors)]
 
-    def scales(self, spec: ScaleSpec) -> list[torch.Tensor]:
-        return [spec.scale_for(n, p) for n, p in zip(self.names, self.tensors)]
+    def scales(self) -> list[torch.Tensor]:
+        """``c`` for every parameter, as a tensor shaped like it."""
+        return [self.scaling.scale_for(n, p) for n, p in zip(self.names, self.tensors)]
+
+    def uniform_rule(self) -> tuple[bool, float] | None:
+        """See :meth:`ScaleSpec.uniform_rule`."""
+        return self.scaling.uniform_rule(self)
+
+    @property
+    def unit_scale(self) -> bool:
+        """True when ``c = 1`` for every coordinate (the l2 projection is then a rescaling)."""
+        return self.scaling.is_identity(self)
 
 
 class ModelGuard(contextlib.AbstractContextManager):

@@ -1,4 +1,4 @@
-"""The pure-PyTorch reference: sharpness exactly as defined in DESIGN §1-2, written to be read.
+"""The pure-PyTorch reference: sharpness exactly as defined in DESIGN.md §1-2, written to be read.
 
 For weights ``w``, a batch ``S``, radius ``rho`` and per-coordinate scale ``c``:
 
@@ -20,7 +20,8 @@ import math
 import torch
 
 from . import apgd
-from .config import Settings, SharpnessResult, check_finite_loss
+from .result import SharpnessResult, check_finite_loss
+from .settings import Settings
 from .objective import Objective, batches_on_device
 from .params import ParamSet
 from .philox import AVERAGE_SAMPLE_BASE, RAND_INIT_SAMPLE_BASE, noise_distribution, philox_draw
@@ -80,7 +81,7 @@ def _mean(values):
 
 def average_sharpness(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
     w0 = [p.data for p in params.tensors]
-    c = params.scales(s.scale)
+    c = params.scales()
     per_batch, per_batch_err, init_losses, init_errs = [], [], [], []
     for b, x, y in batches_on_device(batches, params.device):
         set_weights(params, w0)
@@ -130,7 +131,7 @@ def project(z: Tensors, c: Tensors, rho: float, norm: str, c_is_one: bool, tol: 
 def apgd_restart(model, params: ParamSet, s: Settings, x, y, w0: Tensors, c: Tensors,
                  L0: float, E0, stream: int, restart: int, on_iterate=None):
     """One APGD run on one batch; returns ``(best loss, its error, ||delta||_2 there)``."""
-    c_is_one = s.scale.is_identity(params)
+    c_is_one = params.unit_scale
     if s.rand_init:
         xi = draw_noise(params, s, stream=stream, sample=RAND_INIT_SAMPLE_BASE + restart)
         if s.norm == "l2":
@@ -153,7 +154,7 @@ def apgd_restart(model, params: ParamSet, s: Settings, x, y, w0: Tensors, c: Ten
     for i in range(s.n_iters):
         g = gradient(model, s.objective, params, x, y)               # at the current weights
         with torch.no_grad():
-            z = project(ascent(delta, g, c, step, s.norm), c, s.rho, s.norm, c_is_one, s.projection_tol)
+            z = project(ascent(delta, g, c, step, s.norm), c, s.rho, s.norm, c_is_one, s.bisection_tol)
             delta, delta_prev = [apgd.MOMENTUM * zi + (1 - apgd.MOMENTUM) * dp
                                  for zi, dp in zip(z, delta_prev)], delta
             set_weights(params, [w + d for w, d in zip(w0, delta)])
@@ -177,7 +178,7 @@ def apgd_restart(model, params: ParamSet, s: Settings, x, y, w0: Tensors, c: Ten
 
 def worst_case_sharpness(model, batches, params: ParamSet, s: Settings, on_iterate=None) -> SharpnessResult:
     w0 = [p.data for p in params.tensors]
-    c = params.scales(s.scale)
+    c = params.scales()
     per_batch, per_batch_err, init_losses, init_errs, delta_norm = [], [], [], [], 0.0
     for b, x, y in batches_on_device(batches, params.device):
         set_weights(params, w0)

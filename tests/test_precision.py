@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import sharpfast
-from sharpfast import _ops, config, reference
+from sharpfast import _ops, reference
+from sharpfast.settings import WorstCaseSettings
 from sharpfast.params import ModelGuard
-from toy_models import SmallCNN, mlp, model_and_data
+from tests.toy_models import SmallCNN, mlp, model_and_data
 
 HALF = [torch.bfloat16, torch.float16]
 BACKENDS = ["reference", pytest.param("fused", marks=pytest.mark.skipif(not _ops.available("cpu"),
@@ -60,9 +61,8 @@ def test_what_the_policy_prevents():
     a worst-case sharpness of exactly 0 here, against ~7e-4 in float32."""
     model32, data = model_and_data("transformer", n_batches=2, batch_size=32)
     half = model32.to(torch.bfloat16)
-    kw = dict(rho=5e-4, norm="linf", adaptive=True, scale=None, loss_fn=None, normalize_logits=False, seed=0,
-              backend="reference", n_iters=20)
-    s, params = config.make_settings("worst", half, **kw)
+    s = WorstCaseSettings(rho=5e-4, norm="linf", backend="reference", n_iters=20)
+    params = s.bind(half)
     with ModelGuard(half):
         naive = reference.worst_case_sharpness(half, data, params, s).sharpness
     assert naive < 1e-2 * sharpness_of_float32(data)

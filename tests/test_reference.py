@@ -4,17 +4,18 @@ import torch
 import torch.nn.functional as F
 
 import sharpfast
-from sharpfast import config, reference
+from sharpfast import reference
+from sharpfast.settings import AverageCaseSettings, WorstCaseSettings
 from sharpfast.params import ModelGuard, ParamSet, ScaleSpec
 from sharpfast.philox import RAND_INIT_SAMPLE_BASE, philox_draw
-from toy_models import MODEL_KINDS, SmallCNN, mlp, model_and_data
+from tests.toy_models import MODEL_KINDS, SmallCNN, mlp, model_and_data
 
 
 def run_reference(kind, model, data, on_iterate=None, **kw):
-    defaults = dict(rho=0.1, norm="linf", adaptive=True, scale=None, loss_fn=None, normalize_logits=False,
-                    seed=0, backend="reference")
+    defaults = dict(rho=0.1, norm="linf", backend="reference")
     defaults.update(kw)
-    s, params = config.make_settings(kind, model, **defaults)
+    s = (WorstCaseSettings if kind == "worst" else AverageCaseSettings)(**defaults)
+    params = s.bind(model)
     with ModelGuard(model):
         if kind == "worst":
             return reference.worst_case_sharpness(model, data, params, s, on_iterate=on_iterate), params
@@ -192,19 +193,19 @@ def test_logit_normalization_forms():
 
 def test_scale_spec_rules():
     model = mlp()
-    params = ParamSet(model)
-    w = params.tensors
-    c = params.scales(ScaleSpec(adaptive=True))
+    scales = lambda spec: ParamSet(model, spec).scales()
+    w = ParamSet(model).tensors
+    c = scales(ScaleSpec(adaptive=True))
     assert all(torch.equal(ci, wi.detach().abs()) for ci, wi in zip(c, w))
-    c = params.scales(ScaleSpec(adaptive=True, eta=0.1))
+    c = scales(ScaleSpec(adaptive=True, eta=0.1))
     assert all(torch.equal(ci, wi.detach().abs() + 0.1) for ci, wi in zip(c, w))
-    c = params.scales(ScaleSpec(adaptive=True, weights_only=True))
+    c = scales(ScaleSpec(adaptive=True, weights_only=True))
     for ci, wi in zip(c, w):
         assert torch.equal(ci, wi.detach().abs() if wi.dim() >= 2 else torch.ones_like(wi))
-    c = params.scales(ScaleSpec(adaptive=False))
+    c = scales(ScaleSpec(adaptive=False))
     assert all(torch.equal(ci, torch.ones_like(wi)) for ci, wi in zip(c, w))
     custom = {"0.bias": torch.zeros_like(model[0].bias)}
-    c = params.scales(ScaleSpec(adaptive=True, custom=custom))
+    c = scales(ScaleSpec(adaptive=True, custom=custom))
     assert torch.equal(c[1], torch.zeros_like(model[0].bias))
 
 

@@ -59,7 +59,8 @@ def test_sweep_rows_match_the_api_and_rerun_is_idempotent(tiny_zoo, tmp_path):
     before = torch.get_num_threads()
     torch.set_num_threads(1)            # as the sweep evaluates (threads=1)
     try:
-        r = sharpfast.worst_case_sharpness(model, batches, **d.api_kwargs())
+        r = sharpfast.worst_case_sharpness(model, batches, rho=d.rho, norm=d.norm, adaptive=d.adaptive,
+                                           normalize_logits=d.normalize_logits, n_iters=d.n_iters, seed=d.seed)
     finally:
         torch.set_num_threads(before)
     status, value, err_value, per_batch = rows[(entry.id, d.key)]
@@ -237,8 +238,11 @@ def test_definition_keys():
     assert a.key != Definition("max", "linf", 0.002, n_iters=21).key
     assert a.key != Definition("max", "linf", 0.004).key
     assert Definition("avg", "l2", 0.1, normalize_logits=True).normalize_logits == "norm"
-    kw = Definition("avg", "l2", 0.1, n_samples=7).api_kwargs()
-    assert kw["n_samples"] == 7 and "n_iters" not in kw
+    settings = Definition("avg", "l2", 0.1, n_samples=7).settings()
+    assert isinstance(settings, sharpfast.AverageCaseSettings) and settings.n_samples == 7
+    worst = Definition("max", "l2", 0.1, n_iters=9, rand_init=True, n_restarts=2).settings("reference")
+    assert isinstance(worst, sharpfast.WorstCaseSettings) and (worst.n_iters, worst.n_restarts) == (9, 2)
+    assert worst.backend == "reference" and worst.norm == "l2" and worst.rho == 0.1
 
 
 def test_yaml_and_toml_configs(tmp_path):

@@ -2,7 +2,7 @@
 stream (no noise tensor), evaluated one at a time through the model or K at a time in one
 vmapped forward.
 
-Memory (DESIGN.md, "Memory"): one sample at a time the model views one flat perturbed copy,
+Memory (DESIGN.md §5): one sample at a time the model views one flat perturbed copy,
 written from the user's own tensors (1 parameter-sized buffer); K at a time, K rows and the flat
 ``w0`` they are written from (K + 1), while the model keeps its own weights for the loss at w0.
 """
@@ -14,7 +14,8 @@ import torch
 from torch.func import vmap
 
 from .. import _ops
-from ..config import Settings, SharpnessResult
+from ..result import SharpnessResult
+from ..settings import Settings
 from ..objective import batches_on_device
 from ..params import ParamSet
 from ..philox import AVERAGE_SAMPLE_BASE, noise_distribution

@@ -1,7 +1,7 @@
 """APGD's record of one restart, kept on the device for every problem of a group at once.
 
 The best loss found, its error and ``||delta||^2`` there, the step size, and the halving rule at
-the checkpoints (DESIGN.md, "Compatible semantics"): every quantity is a tensor of shape
+the checkpoints (DESIGN.md §2): every quantity is a tensor of shape
 ``()`` for one problem or ``(B,)`` for B problems, and every decision a ``torch.where``, so
 the loop never waits for the host.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import apgd
-from ..config import Settings
+from ..settings import Settings
 
 
 class Bookkeeping:

@@ -3,7 +3,7 @@ backend can take the parameters, the loss and error at the current weights as de
 and the one read-back of a call's results.
 
 Every parameter-sized quantity of a call lives in one flat buffer, and the model's parameters
-(and their ``.grad``) point at views of it for the duration of the call (DESIGN.md, "Flat
+(and their ``.grad``) point at views of it for the duration of the call (DESIGN.md §4, "Flat
 buffers"); the user's storage is only read.
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ import math
 import torch
 
 from .. import _ops
-from ..config import Settings, SharpnessResult, check_finite_loss
+from ..result import SharpnessResult, check_finite_loss
+from ..settings import Settings
 from ..params import ParamSet
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -45,9 +46,9 @@ class FlatState:
     def __init__(self, params: ParamSet, s: Settings):
         self.params = params
         self.originals = [p.detach() for p in params.tensors]   # the user's storage: read, never written
-        rule = s.scale.uniform_rule(params)
+        rule = params.uniform_rule()
         self.c = (_ops.DerivedScale(*rule) if rule is not None else
-                  torch.cat([c.reshape(-1) for c in params.scales(s.scale)]).to(self.originals[0].dtype))
+                  torch.cat([c.reshape(-1) for c in params.scales()]).to(self.originals[0].dtype))
         self.current = self.grad = self._pieces = None
         self._views = []
 

@@ -19,7 +19,7 @@ import logging
 import torch
 from torch.func import functional_call, vmap
 
-from ..config import Settings
+from ..settings import Settings
 from ..objective import batches_on_device, to_device, unpack_batch
 from ..params import ParamSet
 from .flat import FlatState, loss_and_error

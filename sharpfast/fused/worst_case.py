@@ -1,7 +1,7 @@
-"""Fused worst-case sharpness: the published APGD (DESIGN.md, "Compatible semantics") with every
+"""Fused worst-case sharpness: the published APGD (DESIGN.md §2) with every
 step one fused op over flat buffers and the bookkeeping on the device.
 
-Memory (DESIGN.md, "Memory"): the perturbed weights and their gradient (which the model views),
+Memory (DESIGN.md §5): the perturbed weights and their gradient (which the model views),
 ``w0``, ``delta``, ``delta_prev`` and the gradient at the best point. The best point itself is
 never stored: moving back to it is always followed by a step that rewrites every weight from
 its gradient. The loss at a new point comes from the forward pass of the next gradient step, so
@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from .. import _ops, apgd
-from ..config import Settings, SharpnessResult
+from ..result import SharpnessResult
+from ..settings import Settings
 from ..params import ParamSet
 from ..philox import RAND_INIT_SAMPLE_BASE, noise_distribution
 from . import problems
@@ -73,7 +74,7 @@ class _Run:
                       for r in self.rows]
         self.loss_sum = torch.zeros(() if single else (len(self.rows),), dtype=torch.float64,
                                     device=current.device)   # non-finite iff some iterate's loss was
-        self.c_is_one = s.scale.is_identity(params)
+        self.c_is_one = params.unit_scale
         current.copy_(flat.w0.expand_as(current))
 
     def start(self, restart: int) -> None:
@@ -151,7 +152,7 @@ class _Projection:
         # The published bisection's multiplier, replayed from a few passes over memory (see
         # apgd.replayed_ellipsoid_lambda); the previous step's multiplier is the first guess.
         lam, _ = apgd.replayed_ellipsoid_lambda(lambda lams: self.norms(delta, grad, grad_scale, lams).tolist(),
-                                                rho, self.s.projection_tol, hint=self.hint, levels=self.levels)
+                                                rho, self.s.bisection_tol, hint=self.hint, levels=self.levels)
         self.hint = lam or self.hint
         return torch.tensor(lam, dtype=torch.float64, device=self.device)
 

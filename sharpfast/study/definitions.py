@@ -123,20 +123,18 @@ class Definition:
         return f"{self.family} rho={self.rho:g}"
 
     # -- evaluation -----------------------------------------------------------------------
-    def api_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``sharpfast.worst_case_sharpness`` / ``average_sharpness``."""
-        kw = dict(rho=self.rho, norm=self.norm, adaptive=self.adaptive,
-                  normalize_logits=self.normalize_logits, seed=self.seed)
-        if self.adaptive_eta:
-            kw["adaptive_eta"] = self.adaptive_eta
-        if self.adaptive_weights_only:
-            kw["adaptive_weights_only"] = True
+    def settings(self, backend: str = "auto"):
+        """The core's settings object for this definition (``sharpfast.WorstCaseSettings`` for
+        ``max``, ``AverageCaseSettings`` for ``avg``), evaluated by ``sharpfast.evaluate_sharpness``."""
+        import sharpfast
+
+        common = dict(rho=self.rho, norm=self.norm, adaptive=self.adaptive, normalize_logits=self.normalize_logits,
+                      seed=self.seed, adaptive_eta=self.adaptive_eta,
+                      adaptive_weights_only=self.adaptive_weights_only, backend=backend)
         if self.kind == "max":
-            kw.update(n_iters=self.n_iters, n_restarts=self.n_restarts, rand_init=self.rand_init,
-                      step_size_mult=self.step_size_mult)
-        else:
-            kw.update(n_samples=self.n_samples)
-        return kw
+            return sharpfast.WorstCaseSettings(n_iters=self.n_iters, n_restarts=self.n_restarts,
+                                               rand_init=self.rand_init, step_size_mult=self.step_size_mult, **common)
+        return sharpfast.AverageCaseSettings(n_samples=self.n_samples, **common)
 
     def to_json(self) -> str:
         return json.dumps(self.canonical(), sort_keys=True)

@@ -85,8 +85,7 @@ def evaluate_checkpoint(data_spec: dict[str, Any], root: str, entry: dict[str, A
                 raise ValueError(f"the definition needs {d.n_examples} examples, the data has {len(y)}")
             x, y = x[:d.n_examples].to(dev), y[:d.n_examples].to(dev)
             batches = [(x[i:i + d.m], y[i:i + d.m]) for i in range(0, d.n_examples, d.m)]
-            fn = sharpfast.worst_case_sharpness if d.kind == "max" else sharpfast.average_sharpness
-            r = fn(model, batches, backend=backend, **d.api_kwargs())
+            r = sharpfast.evaluate_sharpness(model, batches, d.settings(backend))
             if dev.startswith("cuda"):
                 torch.cuda.synchronize()
             rows.append(dict(base, definition_key=d.key, status="ok", value=float(r.sharpness),

@@ -1,0 +1,46 @@
+"""What an evaluation returns, and the checks that keep a non-finite number out of it."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class SharpnessResult:
+    """What an evaluation returns.
+
+    ``sharpness``: mean over batches of the loss increase; ``err_sharpness``: the same for the 0-1
+    error (None without class labels); ``per_batch`` / ``per_batch_err``: one value per batch;
+    ``delta_norm``: worst-case, the largest ``||delta||_2`` over batches at the best point found
+    (0.0 for average-case); ``init_loss`` / ``init_err``: mean loss / error at ``w``.
+    """
+
+    sharpness: float
+    err_sharpness: float | None
+    per_batch: list[float]
+    per_batch_err: list[float] | None
+    delta_norm: float
+    init_loss: float
+    init_err: float | None
+    backend: str
+    kind: str
+    settings: dict = field(default_factory=dict, repr=False)
+
+
+def check_finite_loss(loss: float, where: str) -> None:
+    if not math.isfinite(loss):
+        raise ValueError(f"the loss is not finite ({loss}) {where}; check the model, the data and "
+                         "loss_fn (and, at perturbed points, whether rho is too large)")
+
+
+def check_batches(data: Any) -> list:
+    """Materialize ``data`` (an iterable of batches) once; reject an empty one."""
+    if isinstance(data, torch.Tensor) or not hasattr(data, "__iter__"):
+        raise TypeError(f"data must be an iterable of (x, y) batches, got {type(data).__name__}")
+    batches = list(data)
+    if not batches:
+        raise ValueError("data is empty: pass at least one (x, y) batch")
+    return batches

@@ -1,0 +1,214 @@
+"""The settings of one sharpness evaluation: frozen, kind-specific dataclasses that hold every
+default and validate themselves, so no backend ever sees a configuration that could produce a
+NaN (bad input gets a ``ValueError``/``TypeError`` naming the problem).
+
+The public functions build them directly from their arguments; ``sharpfast.evaluate_sharpness``
+takes one; the study's definitions produce them. What depends on the model (which parameters
+``scale`` names, their shapes) is checked by :meth:`Settings.bind`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from dataclasses import dataclass, fields
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from . import apgd
+from .objective import Objective, resolve_logit_normalization
+from .params import ParamSet, ScaleSpec
+from .precision import check_policy
+
+NORMS = ("l2", "linf")
+BACKENDS = ("auto", "reference", "fused")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """What both kinds share. Arguments as :func:`sharpfast.worst_case_sharpness` documents them."""
+
+    kind: ClassVar[str]
+    rho: float
+    norm: str
+    adaptive: bool = True
+    scale: Mapping[str, torch.Tensor] | None = None
+    loss_fn: Callable | None = None
+    error_fn: Callable | None = None
+    normalize_logits: bool | str = False
+    seed: int = 0
+    backend: str = "auto"
+    adaptive_eta: float = 0.0
+    adaptive_weights_only: bool = False
+    eval_mode: bool = True
+    low_precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        self._set("rho", _positive_float("rho", self.rho))
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; expected 'l2' or 'linf'")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; expected one of {BACKENDS}")
+        for name in ("loss_fn", "error_fn"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise TypeError(f"{name} must be callable as {name}(output, y)")
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
+        self._set("seed", int(seed))
+        self._set("adaptive_eta", _positive_float("adaptive_eta", self.adaptive_eta, allow_zero=True))
+        if self.scale is not None and not isinstance(self.scale, Mapping):
+            raise TypeError(f"scale must be a dict {{parameter name: tensor}}, got {type(self.scale).__name__}")
+        for name in ("adaptive", "adaptive_weights_only", "eval_mode"):
+            self._set(name, bool(getattr(self, name)))
+        resolve_logit_normalization(self.normalize_logits)
+        check_policy(self.low_precision)
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)   # normalizing a field of a frozen dataclass
+
+    @functools.cached_property
+    def objective(self) -> Objective:
+        return Objective(loss_fn=self.loss_fn, logit_normalization=resolve_logit_normalization(self.normalize_logits),
+                         error_fn=self.error_fn)
+
+    def bind(self, model: nn.Module) -> ParamSet:
+        """The model's perturbed parameters (checked: trainable floating-point ones exist, finite,
+        on one device), with the scale rule of these settings, ``scale`` checked against them."""
+        params = check_model(model)
+        params.scaling = ScaleSpec(adaptive=self.adaptive, eta=self.adaptive_eta,
+                                   weights_only=self.adaptive_weights_only, custom=_check_scale(self.scale, params))
+        return params
+
+    def describe(self) -> dict:
+        """Every setting that changes the value, by field (callables by name, ``scale`` by the
+        parameters it names); the l2 bisection's tolerance as applied."""
+        d = {"kind": self.kind}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "backend":
+                continue
+            if callable(v):
+                v = getattr(v, "__qualname__", type(v).__name__)
+            elif f.name == "scale" and v is not None:
+                v = sorted(v)
+            elif f.name == "normalize_logits":
+                v = resolve_logit_normalization(v)
+            d[f.name] = v
+        return d
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorstCaseSettings(Settings):
+    """Worst-case sharpness by the published APGD (DESIGN.md §2)."""
+
+    kind: ClassVar[str] = "worst"
+    norm: str = "linf"
+    n_iters: int = 20
+    n_restarts: int = 1
+    rand_init: bool = False
+    step_size_mult: float = 1.0
+    min_update_ratio: float = apgd.MIN_UPDATE_RATIO
+    projection_tol: float | None = None   # None: apgd.bisection_tolerance(rho)
+    solve_batches_together: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("n_iters", _positive_int("n_iters", self.n_iters))
+        self._set("n_restarts", _positive_int("n_restarts", self.n_restarts))
+        self._set("rand_init", bool(self.rand_init))
+        if self.n_restarts > 1 and not self.rand_init:
+            raise ValueError("n_restarts > 1 needs rand_init=True (restarts from delta = 0 are identical)")
+        if self.solve_batches_together is not None and not isinstance(self.solve_batches_together, bool):
+            raise TypeError(f"solve_batches_together must be True, False or None, got {self.solve_batches_together!r}")
+        self._set("step_size_mult", _positive_float("step_size_mult", self.step_size_mult))
+        self._set("min_update_ratio", _positive_float("min_update_ratio", self.min_update_ratio, allow_zero=True))
+        if self.projection_tol is not None:
+            self._set("projection_tol", _positive_float("projection_tol", self.projection_tol))
+
+    @property
+    def bisection_tol(self) -> float:
+        """The absolute tolerance the l2 ellipsoid bisection stops at."""
+        return apgd.bisection_tolerance(self.rho, self.projection_tol)
+
+    def describe(self) -> dict:
+        return dict(super().describe(), projection_tol=self.bisection_tol)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AverageCaseSettings(Settings):
+    """Average-case sharpness: ``n_samples`` Gaussian (l2) or uniform (linf) draws per batch."""
+
+    kind: ClassVar[str] = "average"
+    norm: str = "l2"
+    n_samples: int = 20
+    antithetic: bool = False
+    samples_per_pass: int | None = None   # None: by device (fused.average_case.samples_per_pass)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("n_samples", _positive_int("n_samples", self.n_samples))
+        self._set("antithetic", bool(self.antithetic))
+        if self.antithetic and self.n_samples % 2:
+            raise ValueError(f"antithetic=True pairs +xi and -xi: n_samples must be even, got {self.n_samples}")
+        if self.samples_per_pass is not None:
+            self._set("samples_per_pass", _positive_int("samples_per_pass", self.samples_per_pass))
+
+
+def _positive_int(name: str, v: Any, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return int(v)
+
+
+def _positive_float(name: str, v: Any, allow_zero: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {v}")
+    return v
+
+
+def _check_scale(scale: Mapping[str, torch.Tensor] | None, params: ParamSet) -> dict | None:
+    if scale is None:
+        return None
+    shapes = dict(zip(params.names, (p.shape for p in params.tensors)))
+    checked = {}
+    for name, c in scale.items():
+        if name not in shapes:
+            raise ValueError(f"scale names {name!r}, which is not a trainable floating-point "
+                             f"parameter of the model (known: {', '.join(params.names[:8])}"
+                             f"{', ...' if len(params.names) > 8 else ''})")
+        if not isinstance(c, torch.Tensor):
+            raise TypeError(f"scale[{name!r}] must be a tensor, got {type(c).__name__}")
+        if tuple(c.shape) != tuple(shapes[name]):
+            raise ValueError(f"scale[{name!r}] has shape {tuple(c.shape)}, but the parameter has "
+                             f"shape {tuple(shapes[name])}")
+        c = c.detach()
+        if not torch.isfinite(c).all():
+            raise ValueError(f"scale[{name!r}] has non-finite entries")
+        if (c < 0).any():
+            raise ValueError(f"scale[{name!r}] has negative entries; c must be >= 0 (0 freezes a coordinate)")
+        checked[name] = c
+    return checked
+
+
+def check_model(model: nn.Module) -> ParamSet:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = ParamSet(model)
+    if len(params) == 0 or params.numel == 0:
+        raise ValueError("the model has no trainable floating-point parameters "
+                         "(requires_grad=True) to perturb")
+    for name, p in zip(params.names, params.tensors):
+        if not torch.isfinite(p.detach()).all():
+            raise ValueError(f"parameter {name!r} has non-finite values (NaN or inf)")
+    devices = {p.device for p in params.tensors}
+    if len(devices) > 1:
+        raise ValueError(f"all trainable parameters must be on one device, found {sorted(map(str, devices))}")
+    return params
