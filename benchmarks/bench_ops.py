@@ -11,8 +11,8 @@ Reports the median time, the effective bandwidth (bytes the op must move / time)
 fraction of the device's peak memory bandwidth (CUDA: from the device's memory clock and bus
 width) and of a measured device copy (``clone``) bandwidth.
 
-    python benchmarks/bench_ops.py --device cpu --small      # prints a markdown table
-    python benchmarks/bench_ops.py --device cuda --out benchmarks/OPS_RESULTS.md
+    python -m benchmarks.bench_ops --device cpu --small      # prints a markdown table
+    python -m benchmarks.bench_ops --device cuda --out benchmarks/OPS_RESULTS.md
 """
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ import time
 
 import torch
 
-sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), ".."))
-from sharpfast import _ops  # noqa: E402
+from sharpfast import _ops
 
 RHO, MOM, STEP, GS, K, N_LAMBDAS = 0.05, 0.75, 0.1, 1e-3, 8, 16
 FROM_W0 = _ops.DerivedScale(adaptive=True, eta=0.0)   # the same c = |w0| as State.c, with no buffer
@@ -391,7 +390,7 @@ def main(argv=None):
         del s
     if args.out:
         with open(args.out, "w") as f:
-            f.write("# sharpfast op micro-benchmarks\n\n`python benchmarks/bench_ops.py "
+            f.write("# sharpfast op micro-benchmarks\n\n`python -m benchmarks.bench_ops "
                     + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n\n" + "\n".join(lines) + "\n")
 
 

@@ -1,6 +1,6 @@
 """End-to-end sharpness timings: fused vs reference vs the published algorithm vs the bare cost.
 
-    python benchmarks/bench_sharpness.py [--device cpu|cuda] [--repeats 5] [--out benchmarks/RESULTS.md]
+    python -m benchmarks.bench_sharpness [--device cpu|cuda] [--repeats 5] [--out benchmarks/RESULTS.md]
 
 For each model and definition, one run measures (best of ``--repeats`` interleaved rounds, after a
 warm-up):
@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-import sharpfast  # noqa: E402
-from bench_ops import device_name  # noqa: E402
-from memory_probe import peak_cpu_bytes  # noqa: E402
-from published_style import published_average_case, published_worst_case  # noqa: E402
+import sharpfast
+from benchmarks.bench_ops import device_name
+from tests.memory_probe import peak_cpu_bytes
+from tests.published_style import published_average_case, published_worst_case
 
 
 def digits_batches(n_batches, batch_size, device, seed=0):
@@ -232,7 +231,7 @@ def peak_bytes(fn, device) -> int:
 def table(rows, device):
     lines = [f"## {device.type.upper()}", "",
              f"Device: {device_name(device)}; torch {torch.__version__}; sharpfast {sharpfast.__version__}.",
-             f"Command: `python benchmarks/bench_sharpness.py {' '.join(sys.argv[1:])}`. Best of interleaved rounds after",
+             f"Command: `python -m benchmarks.bench_sharpness {' '.join(sys.argv[1:])}`. Best of interleaved rounds after",
              "a warm-up; all ratios come from this one run. bare = n_iters forward+backward (worst-case) or",
              "n_samples forwards (average-case) per batch in plain PyTorch, the cost the algorithm cannot avoid;",
              "published = the published code's structure (`tests/published_style.py`: deep copies and an extra",
@@ -266,8 +265,8 @@ def write_results(path, device, text):
 
 RESULTS_HEADER = """# sharpfast end-to-end timings
 
-Written by `benchmarks/bench_sharpness.py` (one section per device type; rerun it to refresh a
-section). Targets (DESIGN section 4): worst-case <= 1.15x the bare cost and >= 3x faster than the
+Written by `python -m benchmarks.bench_sharpness` (one section per device type; rerun it to refresh a
+section). Targets (DESIGN.md §6): worst-case <= 1.15x the bare cost and >= 3x faster than the
 published code on CPU for a 25-layer MLP, >= 5x on a GPU for a small ViT or ResNet; average-case
 faster than sequential forwards on small models.
 """

@@ -11,7 +11,7 @@ of the test suite (``pytest.ini`` collects ``tests/`` only) and never asserts a 
 import pytest
 import torch
 
-from bench_sharpness import DEFINITIONS, GPU_ONLY_BY_DEFAULT, MODELS as ALL_MODELS, contenders, digits_batches, trained
+from benchmarks.bench_sharpness import DEFINITIONS, GPU_ONLY_BY_DEFAULT, MODELS as ALL_MODELS, contenders, digits_batches, trained
 
 MODELS = {name: spec for name, spec in ALL_MODELS.items()
           if torch.cuda.is_available() or name not in GPU_ONLY_BY_DEFAULT}

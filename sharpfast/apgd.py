@@ -1,4 +1,4 @@
-"""Scalar parts of APGD in weight space shared by every backend (DESIGN §2).
+"""Scalar parts of APGD in weight space shared by every backend (DESIGN.md §2).
 
 The step-size checkpoints and the bisection that finds the Lagrange multiplier of the
 ellipsoid projection are plain Python on scalars: the backends differ only in how they

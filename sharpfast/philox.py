@@ -66,13 +66,6 @@ def _check_counter_args(seed: int, stream: int, sample: int, offset: int, numel:
         raise ValueError(f"offset and numel must be >= 0, got {offset} and {numel}")
 
 
-def philox_words(seed: int, stream: int, sample: int, offset: int, numel: int,
-                 device=None) -> torch.Tensor:
-    """The raw 32-bit words (as int64) of elements ``offset .. offset + numel - 1``."""
-    words, _ = _words_and_partners(seed, stream, sample, offset, numel, device)
-    return words
-
-
 def _words_and_partners(seed, stream, sample, offset, numel, device):
     _check_counter_args(seed, stream, sample, offset, numel)
     first_block, last_block = offset // 4, (offset + numel + 3) // 4
@@ -121,5 +114,5 @@ RAND_INIT_SAMPLE_BASE = 1 << 31
 
 
 def noise_distribution(norm: str) -> str:
-    """Gaussian noise for the l2 definitions, uniform(-1, 1) for linf (DESIGN §1)."""
+    """Gaussian noise for the l2 definitions, uniform(-1, 1) for linf (DESIGN.md §1)."""
     return "normal" if norm == "l2" else "uniform"

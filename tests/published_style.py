@@ -1,4 +1,4 @@
-"""An independent oracle: DESIGN §2's worst-case algorithm written in the published code's style.
+"""An independent oracle: DESIGN.md §2's worst-case algorithm written in the published code's style.
 
 Per-parameter dictionaries keyed by the parameter, full ``state_dict`` copies of the best
 point, the loss at every new point from a separate no-grad forward, the norms in the

@@ -1,6 +1,6 @@
 """Closed forms the reference must reproduce.
 
-Diagonal linear network (DESIGN §1): ``beta = u * v``, loss ``1/2 ||X beta - y||^2`` with
+Diagonal linear network (DESIGN.md §1): ``beta = u * v``, loss ``1/2 ||X beta - y||^2`` with
 ``X^T X = I``, at a zero-loss point ``X beta* = y``. Then ``L(u', v') = 1/2 ||u'v' - u v||^2`` and,
 writing a perturbation as ``du = a p``, ``dv = b q`` (``a``, ``b``: the scale ``c`` on the u- and
 v-coordinates), coordinate i contributes ``1/2 (A_i q_i + B_i p_i + a_i b_i p_i q_i)^2`` with
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import sharpfast
-from toy_models import DiagonalLinearNetwork, half_squared_error
+from tests.toy_models import DiagonalLinearNetwork, half_squared_error
 
 D, N = 5, 12
 

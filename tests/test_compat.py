@@ -7,8 +7,8 @@ import sharpfast
 from sharpfast import compat
 from sharpfast.params import ParamSet
 from sharpfast.philox import noise_distribution, philox_draw
-from published_style import published_average_case_with_draws, published_worst_case
-from toy_models import mlp
+from tests.published_style import published_average_case_with_draws, published_worst_case
+from tests.toy_models import mlp
 
 
 def five_tuples(n_batches=3, bs=24, seed=0):
@@ -99,7 +99,7 @@ def test_compat_random_init_works_and_returns_the_log():
 def test_compat_evaluates_in_the_mode_the_caller_set():
     """Like the published code, compat does not switch to eval mode: a BatchNorm model in train
     mode is evaluated with batch statistics (and its running statistics are left untouched)."""
-    from toy_models import SmallCNN
+    from tests.toy_models import SmallCNN
     model = SmallCNN().train()
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(16, 1, 6, 6, generator=g), None, torch.randint(0, 3, (16,), generator=g), None, None)]

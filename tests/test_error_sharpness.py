@@ -7,7 +7,7 @@ from torch import nn
 
 import sharpfast
 from sharpfast import _ops
-from toy_models import mlp
+from tests.toy_models import mlp
 
 BACKENDS = ["reference", pytest.param("fused", marks=pytest.mark.skipif(not _ops.available("cpu"),
                                                                           reason="extension not built"))]

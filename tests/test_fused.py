@@ -1,4 +1,4 @@
-"""backend="fused" gives the reference's numbers (DESIGN §4 equivalence), on every model kind.
+"""backend="fused" gives the reference's numbers (DESIGN.md §2-3), on every model kind.
 
 Tolerances: in float64 the two backends differ only by summation order, so worst-case agrees
 to 1e-5 relative and average-case (identical Philox draws) to 1e-6 relative. In float32 the
@@ -16,12 +16,12 @@ import sharpfast
 from sharpfast import _ops
 from sharpfast.fused import problems
 from sharpfast.fused.problems import TOGETHER_DEVICES
-from memory_probe import peak_cpu_bytes
-from toy_models import MODEL_KINDS, model_and_data
+from tests.memory_probe import peak_cpu_bytes
+from tests.toy_models import MODEL_KINDS, model_and_data
 
 pytestmark = pytest.mark.skipif(not _ops.available(torch.device("cpu")), reason="extension not built")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from tests.helpers import DEVICES
 
 
 def on(device, model, data, dtype=torch.float64):
@@ -257,7 +257,7 @@ def test_solving_batches_together_needs_one_shape_and_eval_mode():
     (dict(norm="linf", solve_batches_together=True), 13, 0.7),
 ])
 def test_worst_case_parameter_sized_buffers(definition, buffers, slack):
-    """DESIGN §4: at most 4 parameter-sized buffers beyond the weights and gradient of a training
+    """DESIGN.md §5: at most 4 parameter-sized buffers beyond the weights and gradient of a training
     step. The call holds w0, the perturbed weights, the gradient, delta, delta_prev and the
     gradient at the best point; the scale is derived from w0 in the kernels unless it is mixed.
     Many small layers keep the per-layer transients of autograd and the activations small."""
@@ -276,7 +276,7 @@ def test_worst_case_parameter_sized_buffers(definition, buffers, slack):
     (4, dict(), 5),                                             # K rows and the flat w0 they are written from
 ])
 def test_average_case_parameter_sized_buffers(samples_per_pass, definition, buffers):
-    """DESIGN §4: at most 1 parameter-sized buffer (+ K when batching). One sample at a time the
+    """DESIGN.md §5: at most 1 parameter-sized buffer (+ K when batching). One sample at a time the
     perturbed weights are written from the user's own tensors, the scale derived from them."""
     torch.manual_seed(0)
     model = nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(64, 64), nn.ReLU())], nn.Linear(64, 10))

@@ -12,9 +12,7 @@ from sharpfast.philox import philox_draw
 pytestmark = pytest.mark.skipif(not _ops.available("cpu"), reason=f"extension not built: {_ops.IMPORT_ERROR}")
 OPS = torch.ops.sharpfast
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _ops.available("cuda"),
-                                                                 reason="no CUDA build or GPU"))]
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+from tests.helpers import DEVICES, DTYPES
 SIZES = [0, 1, 7, 1001]
 
 

@@ -10,8 +10,7 @@ from sharpfast.philox import philox4x32_10, philox_draw
 
 pytestmark = pytest.mark.skipif(not _ops.available("cpu"), reason=f"extension not built: {_ops.IMPORT_ERROR}")
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _ops.available("cuda"),
-                                                                 reason="no CUDA build or GPU"))]
+from tests.helpers import DEVICES
 SEEDS = [0, 1, 12345, 2**32 + 7, 2**63 + 11, 2**64 - 1]
 OFFSETS = [0, 1, 2, 3, 5, 4097, 2**33 + 3]
 

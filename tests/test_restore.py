@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sharpfast
-from toy_models import MODEL_KINDS, model_and_data
+from tests.toy_models import MODEL_KINDS, model_and_data
 
 BACKENDS = ["reference", "fused", "fused-together"]   # fused-together: all m-batches in one vmapped pass
 

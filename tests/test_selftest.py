@@ -5,7 +5,7 @@ import torch
 
 import sharpfast
 from sharpfast import _ops, kernel_check
-from toy_models import model_and_data
+from tests.toy_models import model_and_data
 
 pytestmark = pytest.mark.skipif(not _ops.available("cpu"), reason=f"extension not built: {_ops.IMPORT_ERROR}")
 

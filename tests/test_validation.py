@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sharpfast
-from toy_models import mlp, model_and_data
+from tests.toy_models import mlp, model_and_data
 
 FUNCS = {"worst": sharpfast.worst_case_sharpness, "average": sharpfast.average_sharpness}
 

@@ -26,19 +26,10 @@ DEFAULT_JOBS = max(1, min(os.cpu_count() or 1, 8))
 
 
 class CLIError(ValueError):
-    pass
+    """A command that cannot do what it was asked (exit status 2)."""
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _bool(s: str) -> bool:
-    v = s.strip().lower()
-    if v in ("1", "true", "yes", "y", "on"):
-        return True
-    if v in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
 
 def _zoo_spec(args: argparse.Namespace):
     from .zoo import DEFAULT_TRAIN, ZOO_PRESETS, ZooSpec
