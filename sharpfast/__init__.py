@@ -5,9 +5,11 @@
 """
 from .api import average_sharpness, evaluate_sharpness, worst_case_sharpness
 from .kernel_check import SelfTestReport, selftest
+from .objective import LOGIT_NORMALIZATIONS
 from .result import SharpnessResult
-from .settings import AverageCaseSettings, WorstCaseSettings
+from .settings import NORMS, AverageCaseSettings, WorstCaseSettings
 
 __version__ = "0.1.0"
 __all__ = ["worst_case_sharpness", "average_sharpness", "evaluate_sharpness", "WorstCaseSettings",
-           "AverageCaseSettings", "SharpnessResult", "selftest", "SelfTestReport", "__version__"]
+           "AverageCaseSettings", "SharpnessResult", "selftest", "SelfTestReport", "NORMS", "LOGIT_NORMALIZATIONS",
+           "__version__"]
