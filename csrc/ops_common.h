@@ -155,19 +155,23 @@ const S* scale_data(const at::Tensor* c) {
 struct Pieces {
   std::vector<const at::Tensor*> scales;
   Counter counter;
+  Dist dist;
+  ScaleRule rule;
 };
 
 // Checks of perturb_tensors_: pieces out[p] like w0[p] (one dtype and device for all), their
 // scales (none: derived from w0), offsets and counters.
 inline Pieces check_pieces(at::TensorList out, at::TensorList w0, at::TensorList c, at::IntArrayRef offsets,
-                           bool adaptive, double eta, int64_t seed, int64_t rng_stream, int64_t sample) {
+                           bool adaptive, double eta, int64_t seed, int64_t rng_stream, int64_t sample,
+                           c10::string_view distribution) {
   const size_t P = w0.size();
   TORCH_CHECK(out.size() == P && offsets.size() == P, "sharpfast: perturb_tensors_ needs as many 'out' tensors (",
               out.size(), ") and offsets (", offsets.size(), ") as 'w0' tensors (", P, ")");
   TORCH_CHECK(c.empty() || c.size() == P, "sharpfast: argument 'c' must be empty (c derived from w0) or hold one "
               "tensor per piece, got ", c.size(), " for ", P, " pieces");
   check_eta(eta);
-  Pieces pieces{std::vector<const at::Tensor*>(P, nullptr), check_counter(seed, rng_stream, sample, 0, 0)};
+  Pieces pieces{std::vector<const at::Tensor*>(P, nullptr), check_counter(seed, rng_stream, sample, 0, 0),
+                parse_distribution(distribution), ScaleRule{adaptive, eta}};
   for (size_t p = 0; p < P; ++p) {
     check_flat(w0[p], "w0");
     TORCH_CHECK(w0[p].scalar_type() == w0[0].scalar_type() && w0[p].device() == w0[0].device(),
@@ -263,6 +267,92 @@ inline void check_copy_if(const at::Tensor& dst, const at::Tensor& src, const at
   add_span(spans, &src, "src", false);
   add_span(spans, &cond, "cond", false);
   check_no_overlap(std::move(spans), "copy_if_");
+}
+
+// ------------------------------------------------------------------------------------------
+// One check per op, shared by the CPU and CUDA implementations: every argument checked, parsed
+// into what the loops and kernels take. (The CUDA glue adds only that the tensors are on a GPU.)
+
+// A sampling op: the counter, the distribution, the scale (buffer or rule) and the rows.
+struct SampleCall {
+  Counter k;
+  Dist dist;
+  const at::Tensor* c;  // nullptr: derived from w0 by rule
+  ScaleRule rule;
+  int64_t n_samples;    // distinct samples (rows / 2 when antithetic)
+};
+
+inline SampleCall check_draw(const at::Tensor& out, int64_t seed, int64_t rng_stream, int64_t sample, int64_t offset,
+                             c10::string_view distribution) {
+  check_flat(out, "out");
+  return {check_counter(seed, rng_stream, sample, offset, out.numel()), parse_distribution(distribution), nullptr,
+          ScaleRule{false, 0.0}, 1};
+}
+
+inline SampleCall check_perturb(const at::Tensor& out, const at::Tensor& w0, const std::optional<at::Tensor>& c,
+                                bool adaptive, double eta, int64_t seed, int64_t rng_stream, int64_t sample,
+                                int64_t offset, c10::string_view distribution) {
+  check_flat(w0, "w0");
+  check_like(out, "out", w0, "w0");
+  const at::Tensor* cc = check_scale(c, w0, "w0", adaptive, eta);
+  check_out_no_overlap("perturb_", out, w0, cc);
+  return {check_counter(seed, rng_stream, sample, offset, w0.numel()), parse_distribution(distribution), cc,
+          ScaleRule{adaptive, eta}, 1};
+}
+
+inline SampleCall check_perturb_batched(const at::Tensor& out, const at::Tensor& w0,
+                                        const std::optional<at::Tensor>& c, bool adaptive, double eta, int64_t seed,
+                                        int64_t rng_stream, int64_t first_sample, int64_t offset,
+                                        c10::string_view distribution, bool antithetic) {
+  const int64_t n_samples = check_batched(out, w0, antithetic);
+  const at::Tensor* cc = check_scale(c, w0, "w0", adaptive, eta);
+  check_out_no_overlap("perturb_batched_", out, w0, cc);
+  return {check_counter(seed, rng_stream, first_sample, offset, w0.numel(), n_samples),
+          parse_distribution(distribution), cc, ScaleRule{adaptive, eta}, n_samples};
+}
+
+// An APGD step: the scale; its device scalars are checked here, read by the backend.
+struct StepCall {
+  const at::Tensor* c;  // nullptr: derived from w0 by rule
+  ScaleRule rule;
+};
+
+inline StepCall check_apgd_step(const char* op, const at::Tensor& params, const at::Tensor& delta,
+                                const at::Tensor& delta_prev, const at::Tensor& grad, const at::Tensor& w0,
+                                const std::optional<at::Tensor>& c, bool adaptive, double eta) {
+  check_step_buffers(params, delta, delta_prev, grad, w0);
+  const at::Tensor* cc = check_scale(c, params, "params", adaptive, eta);
+  check_step_no_overlap(op, params, delta, delta_prev, grad, w0, cc);
+  return {cc, ScaleRule{adaptive, eta}};
+}
+
+inline StepCall check_apgd_linf(const at::Tensor& params, const at::Tensor& delta, const at::Tensor& delta_prev,
+                                const at::Tensor& grad, const at::Tensor& w0, const std::optional<at::Tensor>& c,
+                                bool adaptive, double eta, const at::Tensor& step_size) {
+  const StepCall call = check_apgd_step("apgd_step_linf_", params, delta, delta_prev, grad, w0, c, adaptive, eta);
+  check_scalar(step_size, "step_size", params.device(), true);
+  return call;
+}
+
+inline StepCall check_apgd_l2(const at::Tensor& params, const at::Tensor& delta, const at::Tensor& delta_prev,
+                              const at::Tensor& grad, const at::Tensor& w0, const std::optional<at::Tensor>& c,
+                              bool adaptive, double eta, const at::Tensor& grad_scale, const at::Tensor& lam) {
+  const StepCall call = check_apgd_step("apgd_step_l2_", params, delta, delta_prev, grad, w0, c, adaptive, eta);
+  check_scalar(grad_scale, "grad_scale", params.device(), true);
+  check_scalar(lam, "lam", params.device(), false);
+  return call;
+}
+
+inline StepCall check_ellipsoid_sq_norms(const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& w0,
+                                         const std::optional<at::Tensor>& c, bool adaptive, double eta,
+                                         const at::Tensor& grad_scale, const at::Tensor& lambdas) {
+  check_flat(delta, "delta");
+  check_like(grad, "grad", delta, "delta");
+  check_like(w0, "w0", delta, "delta");
+  const at::Tensor* cc = check_scale(c, delta, "delta", adaptive, eta);
+  check_scalar(grad_scale, "grad_scale", delta.device(), true);
+  check_lambdas(lambdas, delta.device());
+  return {cc, ScaleRule{adaptive, eta}};
 }
 
 }  // namespace sharpfast

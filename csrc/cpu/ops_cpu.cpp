@@ -242,10 +242,10 @@ double read_scalar(const at::Tensor& t) {
 
 void draw_cpu(at::Tensor& out, int64_t seed, int64_t rng_stream, int64_t sample, int64_t offset,
               c10::string_view distribution) {
-  check_flat(out, "out");
-  const Dist dist = parse_distribution(distribution);
+  const SampleCall call = check_draw(out, seed, rng_stream, sample, offset, distribution);
+  const Counter& k = call.k;
+  const Dist dist = call.dist;
   const int64_t n = out.numel();
-  const Counter k = check_counter(seed, rng_stream, sample, offset, n);
   if (n == 0) return;
   SF_DISPATCH(out.scalar_type(), "sharpfast::draw_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -304,61 +304,49 @@ void perturb_segments(const std::vector<Segment<S>>& segs, const ScaleRule& rule
   });
 }
 
-void perturb_rows(at::Tensor& out, const at::Tensor& w0, const at::Tensor* c, const ScaleRule& rule, double rho,
-                  const Counter& k, int64_t n_samples, bool antithetic, Dist dist) {
+void perturb_rows(at::Tensor& out, const at::Tensor& w0, const SampleCall& call, double rho, bool antithetic) {
   SF_DISPATCH(w0.scalar_type(), "sharpfast::perturb_", [&] {
     const std::vector<Segment<scalar_t>> segs{{out.data_ptr<scalar_t>(), w0.data_ptr<scalar_t>(),
-                                               scale_data<scalar_t>(c), w0.numel(), k.offset}};
-    perturb_segments<scalar_t>(segs, rule, rho, k, n_samples, antithetic, dist);
+                                               scale_data<scalar_t>(call.c), w0.numel(), call.k.offset}};
+    perturb_segments<scalar_t>(segs, call.rule, rho, call.k, call.n_samples, antithetic, call.dist);
   });
 }
 
 void perturb_cpu(at::Tensor& out, const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive, double eta,
                  double rho, int64_t seed, int64_t rng_stream, int64_t sample, int64_t offset,
                  c10::string_view distribution) {
-  check_flat(w0, "w0");
-  check_like(out, "out", w0, "w0");
-  const at::Tensor* cc = check_scale(c, w0, "w0", adaptive, eta);
-  check_out_no_overlap("perturb_", out, w0, cc);
-  const Dist dist = parse_distribution(distribution);
-  const Counter k = check_counter(seed, rng_stream, sample, offset, w0.numel());
-  perturb_rows(out, w0, cc, ScaleRule{adaptive, eta}, rho, k, 1, false, dist);
+  const SampleCall call = check_perturb(out, w0, c, adaptive, eta, seed, rng_stream, sample, offset, distribution);
+  perturb_rows(out, w0, call, rho, false);
 }
 
 void perturb_batched_cpu(at::Tensor& out, const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive,
                          double eta, double rho, int64_t seed, int64_t rng_stream, int64_t first_sample, int64_t offset,
                          c10::string_view distribution, bool antithetic) {
-  const int64_t n_samples = check_batched(out, w0, antithetic);
-  const at::Tensor* cc = check_scale(c, w0, "w0", adaptive, eta);
-  check_out_no_overlap("perturb_batched_", out, w0, cc);
-  const Dist dist = parse_distribution(distribution);
-  const Counter k = check_counter(seed, rng_stream, first_sample, offset, w0.numel(), n_samples);
-  perturb_rows(out, w0, cc, ScaleRule{adaptive, eta}, rho, k, n_samples, antithetic, dist);
+  const SampleCall call = check_perturb_batched(out, w0, c, adaptive, eta, seed, rng_stream, first_sample, offset,
+                                                distribution, antithetic);
+  perturb_rows(out, w0, call, rho, antithetic);
 }
 
 void perturb_tensors_cpu(at::TensorList out, at::TensorList w0, at::TensorList c, bool adaptive, double eta,
                          double rho, int64_t seed, int64_t rng_stream, int64_t sample, at::IntArrayRef offsets,
                          c10::string_view distribution) {
-  const Pieces pieces = check_pieces(out, w0, c, offsets, adaptive, eta, seed, rng_stream, sample);
-  const Dist dist = parse_distribution(distribution);
+  const Pieces pieces = check_pieces(out, w0, c, offsets, adaptive, eta, seed, rng_stream, sample, distribution);
   if (w0.empty()) return;
   SF_DISPATCH(w0[0].scalar_type(), "sharpfast::perturb_tensors_", [&] {
     std::vector<Segment<scalar_t>> segs;
     for (size_t p = 0; p < w0.size(); ++p)
       segs.push_back({out[p].data_ptr<scalar_t>(), w0[p].data_ptr<scalar_t>(), scale_data<scalar_t>(pieces.scales[p]),
                       w0[p].numel(), static_cast<uint64_t>(offsets[p])});
-    perturb_segments<scalar_t>(segs, ScaleRule{adaptive, eta}, rho, pieces.counter, 1, false, dist);
+    perturb_segments<scalar_t>(segs, pieces.rule, rho, pieces.counter, 1, false, pieces.dist);
   });
 }
 
 void apgd_step_linf_cpu(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
                         const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive, double eta,
                         const at::Tensor& step_size, double rho, double momentum) {
-  check_step_buffers(params, delta, delta_prev, grad, w0);
-  const at::Tensor* cc = check_scale(c, params, "params", adaptive, eta);
-  check_step_no_overlap("apgd_step_linf_", params, delta, delta_prev, grad, w0, cc);
-  const ScaleRule rule{adaptive, eta};
-  check_scalar(step_size, "step_size", params.device(), true);
+  const StepCall call = check_apgd_linf(params, delta, delta_prev, grad, w0, c, adaptive, eta, step_size);
+  const at::Tensor* cc = call.c;
+  const ScaleRule rule = call.rule;
   const int64_t n = params.numel();
   if (n == 0) return;
   const double step = read_scalar(step_size);
@@ -375,12 +363,9 @@ void apgd_step_linf_cpu(at::Tensor& params, at::Tensor& delta, at::Tensor& delta
 void apgd_step_l2_cpu(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
                       const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive, double eta,
                       const at::Tensor& grad_scale, const at::Tensor& lam, double momentum) {
-  check_step_buffers(params, delta, delta_prev, grad, w0);
-  const at::Tensor* cc = check_scale(c, params, "params", adaptive, eta);
-  check_step_no_overlap("apgd_step_l2_", params, delta, delta_prev, grad, w0, cc);
-  const ScaleRule rule{adaptive, eta};
-  check_scalar(grad_scale, "grad_scale", params.device(), true);
-  check_scalar(lam, "lam", params.device(), false);
+  const StepCall call = check_apgd_l2(params, delta, delta_prev, grad, w0, c, adaptive, eta, grad_scale, lam);
+  const at::Tensor* cc = call.c;
+  const ScaleRule rule = call.rule;
   const int64_t n = params.numel();
   if (n == 0) return;
   const double gs = read_scalar(grad_scale), lm = read_scalar(lam);
@@ -440,13 +425,9 @@ at::Tensor sum_squares_cpu(const at::Tensor& x) {
 at::Tensor ellipsoid_sq_norms_cpu(const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& w0,
                                const std::optional<at::Tensor>& c, bool adaptive, double eta,
                                const at::Tensor& grad_scale, const at::Tensor& lambdas) {
-  check_flat(delta, "delta");
-  check_like(grad, "grad", delta, "delta");
-  check_like(w0, "w0", delta, "delta");
-  const at::Tensor* c_buf = check_scale(c, delta, "delta", adaptive, eta);
-  const ScaleRule rule{adaptive, eta};
-  check_scalar(grad_scale, "grad_scale", delta.device(), true);
-  check_lambdas(lambdas, delta.device());
+  const StepCall call = check_ellipsoid_sq_norms(delta, grad, w0, c, adaptive, eta, grad_scale, lambdas);
+  const at::Tensor* c_buf = call.c;
+  const ScaleRule rule = call.rule;
   const int64_t L = lambdas.numel();
   at::Tensor out = at::zeros({L}, delta.options().dtype(at::kDouble));
   const int64_t n = delta.numel();

@@ -152,25 +152,27 @@ __global__ void sample_kernel(S* __restrict__ out, const S* __restrict__ w0, con
 }
 
 template <typename S, bool DRAW_ONLY>
-cudaError_t launch_sample(void* out, const void* w0, const void* c, ScaleRule rule, int64_t n, double rho,
-                          uint64_t seed, uint32_t rng_stream, uint32_t first_sample, uint64_t offset, Dist dist,
-                          int64_t n_samples, int rows_per_sample, cudaStream_t stream) {
+cudaError_t launch_sample(const SampleArgs& a, cudaStream_t stream) {
+  const int64_t n = a.n, n_samples = a.n_samples;
+  const int rows_per_sample = a.antithetic ? 2 : 1;
   if (n == 0 || n_samples == 0) return cudaSuccess;
   if (n_samples > 65535) return cudaErrorInvalidValue;
-  const int64_t n_blocks = (static_cast<int64_t>(offset & 3u) + n + 3) >> 2;
+  const int64_t n_blocks = (static_cast<int64_t>(a.offset & 3u) + n + 3) >> 2;
   const size_t vb = 4 * sizeof(S);
-  const bool vec = (offset & 3u) == 0 && aligned(out, vb) && (DRAW_ONLY || (aligned(w0, vb) && aligned(c, vb))) &&
+  const bool vec = (a.offset & 3u) == 0 && aligned(a.out, vb) &&
+                   (DRAW_ONLY || (aligned(a.w0, vb) && aligned(a.c, vb))) &&
                    (n % 4 == 0 || n_samples * rows_per_sample == 1);
   dim3 grid(grid_for(n_blocks), static_cast<unsigned>(n_samples));
-  auto o = static_cast<S*>(out);
-  auto w = static_cast<const S*>(w0);
-  auto cc = static_cast<const S*>(c);
+  auto o = static_cast<S*>(a.out);
+  auto w = static_cast<const S*>(a.w0);
+  auto cc = static_cast<const S*>(a.c);
   if (vec)
-    sample_kernel<S, DRAW_ONLY, true><<<grid, kThreads, 0, stream>>>(o, w, cc, rule, n, rho, seed, rng_stream,
-                                                                     first_sample, offset, dist, rows_per_sample);
+    sample_kernel<S, DRAW_ONLY, true><<<grid, kThreads, 0, stream>>>(o, w, cc, a.rule, n, a.rho, a.seed, a.rng_stream,
+                                                                     a.first_sample, a.offset, a.dist, rows_per_sample);
   else
-    sample_kernel<S, DRAW_ONLY, false><<<grid, kThreads, 0, stream>>>(o, w, cc, rule, n, rho, seed, rng_stream,
-                                                                      first_sample, offset, dist, rows_per_sample);
+    sample_kernel<S, DRAW_ONLY, false><<<grid, kThreads, 0, stream>>>(o, w, cc, a.rule, n, a.rho, a.seed,
+                                                                      a.rng_stream, a.first_sample, a.offset, a.dist,
+                                                                      rows_per_sample);
   return cudaGetLastError();
 }
 
@@ -219,24 +221,24 @@ __global__ void apgd_kernel(S* __restrict__ params, S* __restrict__ delta, S* __
 }
 
 template <typename S, bool L2>
-cudaError_t launch_apgd(void* params, void* delta, void* delta_prev, const void* grad, const void* w0, const void* c,
-                        ScaleRule rule, int64_t n, const double* s1, const double* s2, double rho, double momentum,
-                        cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
+cudaError_t launch_apgd(const ApgdArgs& a, cudaStream_t stream) {
+  if (a.n == 0) return cudaSuccess;
   constexpr int V = 16 / sizeof(S);
-  const bool vec = aligned(params, 16) && aligned(delta, 16) && aligned(delta_prev, 16) && aligned(grad, 16) &&
-                   aligned(w0, 16) && aligned(c, 16);
-  auto P = static_cast<S*>(params);
-  auto D = static_cast<S*>(delta);
-  auto DP = static_cast<S*>(delta_prev);
-  auto G = static_cast<const S*>(grad);
-  auto W = static_cast<const S*>(w0);
-  auto C = static_cast<const S*>(c);
+  const bool vec = aligned(a.params, 16) && aligned(a.delta, 16) && aligned(a.delta_prev, 16) && aligned(a.grad, 16) &&
+                   aligned(a.w0, 16) && aligned(a.c, 16);
+  auto P = static_cast<S*>(a.params);
+  auto D = static_cast<S*>(a.delta);
+  auto DP = static_cast<S*>(a.delta_prev);
+  auto G = static_cast<const S*>(a.grad);
+  auto W = static_cast<const S*>(a.w0);
+  auto C = static_cast<const S*>(a.c);
+  const double rho = L2 ? 0.0 : a.rho;
   if (vec)
-    apgd_kernel<S, V, L2><<<grid_for(n / V + 1), kThreads, 0, stream>>>(P, D, DP, G, W, C, rule, n, s1, s2, rho,
-                                                                         momentum);
+    apgd_kernel<S, V, L2><<<grid_for(a.n / V + 1), kThreads, 0, stream>>>(P, D, DP, G, W, C, a.rule, a.n, a.s1, a.lam,
+                                                                           rho, a.momentum);
   else
-    apgd_kernel<S, 1, L2><<<grid_for(n), kThreads, 0, stream>>>(P, D, DP, G, W, C, rule, n, s1, s2, rho, momentum);
+    apgd_kernel<S, 1, L2><<<grid_for(a.n), kThreads, 0, stream>>>(P, D, DP, G, W, C, a.rule, a.n, a.s1, a.lam, rho,
+                                                                   a.momentum);
   return cudaGetLastError();
 }
 
@@ -366,29 +368,16 @@ cudaError_t dispatch(DType t, Args... args) {
 }
 
 template <typename S> struct DrawF {
-  static cudaError_t run(void* out, int64_t n, uint64_t seed, uint32_t rs, uint32_t sample, uint64_t offset, Dist d,
-                         cudaStream_t st) {
-    return launch_sample<S, true>(out, nullptr, nullptr, ScaleRule{false, 0.0}, n, 0.0, seed, rs, sample, offset, d,
-                                  1, 1, st);
-  }
+  static cudaError_t run(const SampleArgs& a, cudaStream_t st) { return launch_sample<S, true>(a, st); }
 };
 template <typename S> struct PerturbF {
-  static cudaError_t run(void* out, const void* w0, const void* c, ScaleRule rule, int64_t n, double rho, uint64_t seed,
-                         uint32_t rs, uint32_t first, uint64_t offset, Dist d, int64_t ns, bool anti, cudaStream_t st) {
-    return launch_sample<S, false>(out, w0, c, rule, n, rho, seed, rs, first, offset, d, ns, anti ? 2 : 1, st);
-  }
+  static cudaError_t run(const SampleArgs& a, cudaStream_t st) { return launch_sample<S, false>(a, st); }
 };
 template <typename S> struct LinfF {
-  static cudaError_t run(void* p, void* d, void* dp, const void* g, const void* w, const void* c, ScaleRule rule,
-                         int64_t n, const double* step, double rho, double mom, cudaStream_t st) {
-    return launch_apgd<S, false>(p, d, dp, g, w, c, rule, n, step, nullptr, rho, mom, st);
-  }
+  static cudaError_t run(const ApgdArgs& a, cudaStream_t st) { return launch_apgd<S, false>(a, st); }
 };
 template <typename S> struct L2F {
-  static cudaError_t run(void* p, void* d, void* dp, const void* g, const void* w, const void* c, ScaleRule rule,
-                         int64_t n, const double* gs, const double* lam, double mom, cudaStream_t st) {
-    return launch_apgd<S, true>(p, d, dp, g, w, c, rule, n, gs, lam, 0.0, mom, st);
-  }
+  static cudaError_t run(const ApgdArgs& a, cudaStream_t st) { return launch_apgd<S, true>(a, st); }
 };
 template <typename S> struct SumSqF {
   static cudaError_t run(const void* x, int64_t n, double* partials, double* out, cudaStream_t st) {
@@ -401,18 +390,16 @@ template <typename S> struct SumSqF {
   }
 };
 template <typename S> struct EllipsoidF {
-  static cudaError_t run(const void* delta, const void* grad, const void* w0, const void* c, ScaleRule rule, int64_t n,
-                         const double* gs,
-                         const double* lambdas, int64_t L, double* partials, double* out, cudaStream_t st) {
-    const int64_t nb = reduce_partials(n);
-    for (int64_t j0 = 0; j0 < L; j0 += kMaxLambdasPerPass) {
-      const int l = static_cast<int>(L - j0 < kMaxLambdasPerPass ? L - j0 : kMaxLambdasPerPass);
+  static cudaError_t run(const EllipsoidArgs& a, cudaStream_t st) {
+    const int64_t nb = reduce_partials(a.n);
+    for (int64_t j0 = 0; j0 < a.L; j0 += kMaxLambdasPerPass) {
+      const int l = static_cast<int>(a.L - j0 < kMaxLambdasPerPass ? a.L - j0 : kMaxLambdasPerPass);
       ellipsoid_kernel<S><<<static_cast<unsigned>(nb), kReduceThreads, 0, st>>>(
-          static_cast<const S*>(delta), static_cast<const S*>(grad), static_cast<const S*>(w0),
-          static_cast<const S*>(c), rule, n, gs, lambdas + j0, l, partials);
+          static_cast<const S*>(a.delta), static_cast<const S*>(a.grad), static_cast<const S*>(a.w0),
+          static_cast<const S*>(a.c), a.rule, a.n, a.grad_scale, a.lambdas + j0, l, a.partials);
       cudaError_t e = cudaGetLastError();
       if (e != cudaSuccess) return e;
-      finish_kernel<<<static_cast<unsigned>(l), kReduceThreads, 0, st>>>(partials, nb, l, out + j0);
+      finish_kernel<<<static_cast<unsigned>(l), kReduceThreads, 0, st>>>(a.partials, nb, l, a.out + j0);
       e = cudaGetLastError();
       if (e != cudaSuccess) return e;
     }
@@ -442,39 +429,21 @@ int64_t reduce_partials(int64_t n) {
   return b < kMaxPartials ? b : kMaxPartials;
 }
 
-cudaError_t draw(void* out, DType dtype, int64_t n, uint64_t seed, uint32_t rng_stream, uint32_t sample,
-                 uint64_t offset, Dist dist, cudaStream_t stream) {
-  return dispatch<DrawF>(dtype, out, n, seed, rng_stream, sample, offset, dist, stream);
-}
+cudaError_t draw(const SampleArgs& a, cudaStream_t stream) { return dispatch<DrawF>(a.dtype, a, stream); }
 
-cudaError_t perturb_rows(void* out, const void* w0, const void* c, ScaleRule rule, DType dtype, int64_t n, double rho,
-                         uint64_t seed, uint32_t rng_stream, uint32_t first_sample, uint64_t offset, Dist dist,
-                         int64_t n_samples, bool antithetic, cudaStream_t stream) {
-  return dispatch<PerturbF>(dtype, out, w0, c, rule, n, rho, seed, rng_stream, first_sample, offset, dist, n_samples,
-                            antithetic, stream);
-}
+cudaError_t perturb_rows(const SampleArgs& a, cudaStream_t stream) { return dispatch<PerturbF>(a.dtype, a, stream); }
 
-cudaError_t apgd_step_linf(void* params, void* delta, void* delta_prev, const void* grad, const void* w0,
-                           const void* c, ScaleRule rule, DType dtype, int64_t n, const double* step_size, double rho,
-                           double momentum, cudaStream_t stream) {
-  return dispatch<LinfF>(dtype, params, delta, delta_prev, grad, w0, c, rule, n, step_size, rho, momentum, stream);
-}
+cudaError_t apgd_step_linf(const ApgdArgs& a, cudaStream_t stream) { return dispatch<LinfF>(a.dtype, a, stream); }
 
-cudaError_t apgd_step_l2(void* params, void* delta, void* delta_prev, const void* grad, const void* w0, const void* c,
-                         ScaleRule rule, DType dtype, int64_t n, const double* grad_scale, const double* lam,
-                         double momentum, cudaStream_t stream) {
-  return dispatch<L2F>(dtype, params, delta, delta_prev, grad, w0, c, rule, n, grad_scale, lam, momentum, stream);
-}
+cudaError_t apgd_step_l2(const ApgdArgs& a, cudaStream_t stream) { return dispatch<L2F>(a.dtype, a, stream); }
 
 cudaError_t sum_squares(const void* x, DType dtype, int64_t n, double* partials, double* out, cudaStream_t stream) {
   return dispatch<SumSqF>(dtype, x, n, partials, out, stream);
 }
 
-cudaError_t ellipsoid_sq_norms(const void* delta, const void* grad, const void* w0, const void* c, ScaleRule rule,
-                            DType dtype, int64_t n, const double* grad_scale, const double* lambdas, int64_t L,
-                            double* partials, double* out, cudaStream_t stream) {
-  if (L == 0) return cudaSuccess;
-  return dispatch<EllipsoidF>(dtype, delta, grad, w0, c, rule, n, grad_scale, lambdas, L, partials, out, stream);
+cudaError_t ellipsoid_sq_norms(const EllipsoidArgs& a, cudaStream_t stream) {
+  if (a.L == 0) return cudaSuccess;
+  return dispatch<EllipsoidF>(a.dtype, a, stream);
 }
 
 cudaError_t copy_if(void* dst, const void* src, int64_t nbytes, const bool* cond, cudaStream_t stream) {

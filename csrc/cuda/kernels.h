@@ -27,32 +27,71 @@ const char* build_cuda_archs();
 // summation order, and hence the result, is the same on every device).
 int64_t reduce_partials(int64_t n);
 
-cudaError_t draw(void* out, DType dtype, int64_t n, uint64_t seed, uint32_t rng_stream, uint32_t sample,
-                 uint64_t offset, Dist dist, cudaStream_t stream);
+// A sampling launch: `out` is [rows, n], rows = n_samples (or 2 n_samples when antithetic); row r
+// uses sample first_sample + r (antithetic: first_sample + r / 2 with sign (-1)^r) and holds
+// w0 + sign * rho * c * xi, or xi itself for `draw` (w0, c, rule and rho unused).
+struct SampleArgs {
+  void* out;
+  const void* w0;
+  const void* c;  // nullptr: derived from w0 by rule
+  ScaleRule rule;
+  DType dtype;
+  int64_t n;
+  double rho;
+  uint64_t seed;
+  uint32_t rng_stream;
+  uint32_t first_sample;
+  uint64_t offset;  // global element index of element 0
+  Dist dist;
+  int64_t n_samples;
+  bool antithetic;
+};
 
-// out: [n_rows, n] with n_rows = n_samples (or 2 n_samples when antithetic): row r uses sample
-// first_sample + r (antithetic: first_sample + r / 2 with sign (-1)^r).
-cudaError_t perturb_rows(void* out, const void* w0, const void* c, ScaleRule rule, DType dtype, int64_t n, double rho,
-                         uint64_t seed, uint32_t rng_stream, uint32_t first_sample, uint64_t offset, Dist dist,
-                         int64_t n_samples, bool antithetic, cudaStream_t stream);
+cudaError_t draw(const SampleArgs& a, cudaStream_t stream);
+cudaError_t perturb_rows(const SampleArgs& a, cudaStream_t stream);
 
-cudaError_t apgd_step_linf(void* params, void* delta, void* delta_prev, const void* grad, const void* w0,
-                           const void* c, ScaleRule rule, DType dtype, int64_t n, const double* step_size, double rho,
-                           double momentum, cudaStream_t stream);
+// An APGD step's buffers and scalars. s1: the step size (linf) or the gradient scale (l2), lam
+// the ellipsoid multiplier (l2 only), both device scalars.
+struct ApgdArgs {
+  void* params;
+  void* delta;
+  void* delta_prev;
+  const void* grad;
+  const void* w0;
+  const void* c;  // nullptr: derived from w0 by rule
+  ScaleRule rule;
+  DType dtype;
+  int64_t n;
+  const double* s1;
+  const double* lam;
+  double rho;
+  double momentum;
+};
 
-cudaError_t apgd_step_l2(void* params, void* delta, void* delta_prev, const void* grad, const void* w0,
-                         const void* c, ScaleRule rule, DType dtype, int64_t n, const double* grad_scale,
-                         const double* lam, double momentum, cudaStream_t stream);
+cudaError_t apgd_step_linf(const ApgdArgs& a, cudaStream_t stream);
+cudaError_t apgd_step_l2(const ApgdArgs& a, cudaStream_t stream);
 
 // out[0] = sum x^2 (float64). partials: reduce_partials(n) doubles of scratch.
 cudaError_t sum_squares(const void* x, DType dtype, int64_t n, double* partials, double* out, cudaStream_t stream);
 
 // out[j] = sum_i (z_i c_i / (c_i^2 + 2 lambdas[j]))^2, z = delta + grad_scale * grad * c, for
 // j < L. partials: reduce_partials(n) * min(L, kMaxLambdasPerPass) doubles of scratch.
-cudaError_t ellipsoid_sq_norms(const void* delta, const void* grad, const void* w0, const void* c, ScaleRule rule,
-                            DType dtype, int64_t n,
-                            const double* grad_scale, const double* lambdas, int64_t L, double* partials,
-                            double* out, cudaStream_t stream);
+struct EllipsoidArgs {
+  const void* delta;
+  const void* grad;
+  const void* w0;
+  const void* c;  // nullptr: derived from w0 by rule
+  ScaleRule rule;
+  DType dtype;
+  int64_t n;
+  const double* grad_scale;
+  const double* lambdas;
+  int64_t L;
+  double* partials;
+  double* out;
+};
+
+cudaError_t ellipsoid_sq_norms(const EllipsoidArgs& a, cudaStream_t stream);
 
 // dst = src (nbytes) iff *cond; the kernel reads cond and returns early when it is false.
 cudaError_t copy_if(void* dst, const void* src, int64_t nbytes, const bool* cond, cudaStream_t stream);

@@ -35,59 +35,51 @@ at::Tensor as_double(const at::Tensor& t) { return t.scalar_type() == at::kDoubl
 
 void draw_cuda(at::Tensor& out, int64_t seed, int64_t rng_stream, int64_t sample, int64_t offset,
                c10::string_view distribution) {
-  check_flat(out, "out");
+  const SampleCall call = check_draw(out, seed, rng_stream, sample, offset, distribution);
   check_cuda(out, "out");
-  const Dist dist = parse_distribution(distribution);
-  const Counter k = check_counter(seed, rng_stream, sample, offset, out.numel());
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
-  C10_CUDA_CHECK(sharpfast::cuda::draw(out.data_ptr(), dtype_of(out), out.numel(), k.seed, k.rng_stream, k.sample,
-                                       k.offset, dist, c10::cuda::getCurrentCUDAStream()));
+  const SampleArgs a{out.data_ptr(), nullptr, nullptr, call.rule, dtype_of(out), out.numel(), 0.0, call.k.seed,
+                     call.k.rng_stream, call.k.sample, call.k.offset, call.dist, 1, false};
+  C10_CUDA_CHECK(sharpfast::cuda::draw(a, c10::cuda::getCurrentCUDAStream()));
 }
 
 // The scale buffer's data pointer, or nullptr when c is derived from w0.
 const void* scale_ptr(const at::Tensor* c) { return c != nullptr ? c->data_ptr() : nullptr; }
 
+// Rows w0 + sign * rho * c * xi of a checked sampling call.
+void launch_perturb(at::Tensor& out, const at::Tensor& w0, const SampleCall& call, double rho, bool antithetic) {
+  if (w0.numel() == 0 || call.n_samples == 0) return;
+  TORCH_CHECK(call.n_samples <= 65535, "sharpfast: at most 65535 samples per perturb_batched_ call on CUDA, got ",
+              call.n_samples);
+  const c10::cuda::CUDAGuard guard(w0.device());
+  const SampleArgs a{out.data_ptr(), w0.data_ptr(), scale_ptr(call.c), call.rule, dtype_of(w0), w0.numel(), rho,
+                     call.k.seed, call.k.rng_stream, call.k.sample, call.k.offset, call.dist, call.n_samples,
+                     antithetic};
+  C10_CUDA_CHECK(perturb_rows(a, c10::cuda::getCurrentCUDAStream()));
+}
+
 void perturb_cuda(at::Tensor& out, const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive, double eta,
                   double rho, int64_t seed, int64_t rng_stream, int64_t sample, int64_t offset,
                   c10::string_view distribution) {
-  check_flat(w0, "w0");
+  const SampleCall call = check_perturb(out, w0, c, adaptive, eta, seed, rng_stream, sample, offset, distribution);
   check_cuda(w0, "w0");
-  check_like(out, "out", w0, "w0");
-  const at::Tensor* cc = check_scale(c, w0, "w0", adaptive, eta);
-  check_out_no_overlap("perturb_", out, w0, cc);
-  const Dist dist = parse_distribution(distribution);
-  const Counter k = check_counter(seed, rng_stream, sample, offset, w0.numel());
-  if (w0.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(w0.device());
-  C10_CUDA_CHECK(perturb_rows(out.data_ptr(), w0.data_ptr(), scale_ptr(cc), ScaleRule{adaptive, eta}, dtype_of(w0),
-                              w0.numel(), rho, k.seed, k.rng_stream, k.sample, k.offset, dist, 1, false,
-                              c10::cuda::getCurrentCUDAStream()));
+  launch_perturb(out, w0, call, rho, false);
 }
 
 void perturb_batched_cuda(at::Tensor& out, const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive,
                           double eta, double rho, int64_t seed, int64_t rng_stream, int64_t first_sample, int64_t offset,
                           c10::string_view distribution, bool antithetic) {
+  const SampleCall call = check_perturb_batched(out, w0, c, adaptive, eta, seed, rng_stream, first_sample, offset,
+                                                distribution, antithetic);
   check_cuda(w0, "w0");
-  const int64_t n_samples = check_batched(out, w0, antithetic);
-  const at::Tensor* cc = check_scale(c, w0, "w0", adaptive, eta);
-  check_out_no_overlap("perturb_batched_", out, w0, cc);
-  const Dist dist = parse_distribution(distribution);
-  const Counter k = check_counter(seed, rng_stream, first_sample, offset, w0.numel(), n_samples);
-  if (w0.numel() == 0 || n_samples == 0) return;
-  TORCH_CHECK(n_samples <= 65535, "sharpfast: at most 65535 samples per perturb_batched_ call on CUDA, got ",
-              n_samples);
-  const c10::cuda::CUDAGuard guard(w0.device());
-  C10_CUDA_CHECK(perturb_rows(out.data_ptr(), w0.data_ptr(), scale_ptr(cc), ScaleRule{adaptive, eta}, dtype_of(w0),
-                              w0.numel(), rho, k.seed, k.rng_stream, k.sample, k.offset, dist, n_samples, antithetic,
-                              c10::cuda::getCurrentCUDAStream()));
+  launch_perturb(out, w0, call, rho, antithetic);
 }
 
 void perturb_tensors_cuda(at::TensorList out, at::TensorList w0, at::TensorList c, bool adaptive, double eta,
                           double rho, int64_t seed, int64_t rng_stream, int64_t sample, at::IntArrayRef offsets,
                           c10::string_view distribution) {
-  const Pieces pieces = check_pieces(out, w0, c, offsets, adaptive, eta, seed, rng_stream, sample);
-  const Dist dist = parse_distribution(distribution);
+  const Pieces pieces = check_pieces(out, w0, c, offsets, adaptive, eta, seed, rng_stream, sample, distribution);
   if (w0.empty()) return;
   check_cuda(w0[0], "w0");
   const c10::cuda::CUDAGuard guard(w0[0].device());
@@ -95,45 +87,45 @@ void perturb_tensors_cuda(at::TensorList out, at::TensorList w0, at::TensorList 
   const Counter& k = pieces.counter;
   for (size_t p = 0; p < w0.size(); ++p) {  // one launch per piece, enqueued back to back
     if (w0[p].numel() == 0) continue;
-    C10_CUDA_CHECK(perturb_rows(out[p].data_ptr(), w0[p].data_ptr(), scale_ptr(pieces.scales[p]),
-                                ScaleRule{adaptive, eta}, dtype_of(w0[p]), w0[p].numel(), rho, k.seed, k.rng_stream,
-                                k.sample, static_cast<uint64_t>(offsets[p]), dist, 1, false, cuda_stream));
+    const SampleArgs a{out[p].data_ptr(), w0[p].data_ptr(), scale_ptr(pieces.scales[p]), pieces.rule,
+                       dtype_of(w0[p]), w0[p].numel(), rho, k.seed, k.rng_stream, k.sample,
+                       static_cast<uint64_t>(offsets[p]), pieces.dist, 1, false};
+    C10_CUDA_CHECK(perturb_rows(a, cuda_stream));
   }
+}
+
+// One APGD step of a checked call; s1 / lam: the device scalars as float64.
+ApgdArgs apgd_args(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
+                   const at::Tensor& w0, const StepCall& call, const at::Tensor& s1, const double* lam, double rho,
+                   double momentum) {
+  return ApgdArgs{params.data_ptr(), delta.data_ptr(), delta_prev.data_ptr(), grad.data_ptr(), w0.data_ptr(),
+                  scale_ptr(call.c), call.rule, dtype_of(params), params.numel(), s1.data_ptr<double>(), lam, rho,
+                  momentum};
 }
 
 void apgd_step_linf_cuda(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
                          const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive, double eta,
                          const at::Tensor& step_size, double rho, double momentum) {
-  check_step_buffers(params, delta, delta_prev, grad, w0);
-  const at::Tensor* cc = check_scale(c, params, "params", adaptive, eta);
-  check_step_no_overlap("apgd_step_linf_", params, delta, delta_prev, grad, w0, cc);
+  const StepCall call = check_apgd_linf(params, delta, delta_prev, grad, w0, c, adaptive, eta, step_size);
   check_cuda(params, "params");
-  check_scalar(step_size, "step_size", params.device(), true);
   if (params.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(params.device());
   const at::Tensor step = as_double(step_size);
-  C10_CUDA_CHECK(apgd_step_linf(params.data_ptr(), delta.data_ptr(), delta_prev.data_ptr(), grad.data_ptr(),
-                                w0.data_ptr(), scale_ptr(cc), ScaleRule{adaptive, eta}, dtype_of(params),
-                                params.numel(),
-                                step.data_ptr<double>(), rho, momentum, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(apgd_step_linf(apgd_args(params, delta, delta_prev, grad, w0, call, step, nullptr, rho, momentum),
+                                c10::cuda::getCurrentCUDAStream()));
 }
 
 void apgd_step_l2_cuda(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
                        const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive, double eta,
                        const at::Tensor& grad_scale, const at::Tensor& lam, double momentum) {
-  check_step_buffers(params, delta, delta_prev, grad, w0);
-  const at::Tensor* cc = check_scale(c, params, "params", adaptive, eta);
-  check_step_no_overlap("apgd_step_l2_", params, delta, delta_prev, grad, w0, cc);
+  const StepCall call = check_apgd_l2(params, delta, delta_prev, grad, w0, c, adaptive, eta, grad_scale, lam);
   check_cuda(params, "params");
-  check_scalar(grad_scale, "grad_scale", params.device(), true);
-  check_scalar(lam, "lam", params.device(), false);
   if (params.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(params.device());
   const at::Tensor gs = as_double(grad_scale);
-  C10_CUDA_CHECK(apgd_step_l2(params.data_ptr(), delta.data_ptr(), delta_prev.data_ptr(), grad.data_ptr(),
-                              w0.data_ptr(), scale_ptr(cc), ScaleRule{adaptive, eta}, dtype_of(params), params.numel(),
-                              gs.data_ptr<double>(),
-                              lam.data_ptr<double>(), momentum, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(apgd_step_l2(apgd_args(params, delta, delta_prev, grad, w0, call, gs, lam.data_ptr<double>(), 0.0,
+                                        momentum),
+                              c10::cuda::getCurrentCUDAStream()));
 }
 
 at::Tensor sum_squares_cuda(const at::Tensor& x) {
@@ -151,13 +143,8 @@ at::Tensor sum_squares_cuda(const at::Tensor& x) {
 at::Tensor ellipsoid_sq_norms_cuda(const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& w0,
                                 const std::optional<at::Tensor>& c, bool adaptive, double eta,
                                 const at::Tensor& grad_scale, const at::Tensor& lambdas) {
-  check_flat(delta, "delta");
+  const StepCall call = check_ellipsoid_sq_norms(delta, grad, w0, c, adaptive, eta, grad_scale, lambdas);
   check_cuda(delta, "delta");
-  check_like(grad, "grad", delta, "delta");
-  check_like(w0, "w0", delta, "delta");
-  const at::Tensor* cc = check_scale(c, delta, "delta", adaptive, eta);
-  check_scalar(grad_scale, "grad_scale", delta.device(), true);
-  check_lambdas(lambdas, delta.device());
   const c10::cuda::CUDAGuard guard(delta.device());
   const int64_t L = lambdas.numel();
   at::Tensor out = at::zeros({L}, delta.options().dtype(at::kDouble));
@@ -166,11 +153,10 @@ at::Tensor ellipsoid_sq_norms_cuda(const at::Tensor& delta, const at::Tensor& gr
   const at::Tensor gs = as_double(grad_scale);
   const int64_t per_pass = L < kMaxLambdasPerPass ? L : kMaxLambdasPerPass;
   at::Tensor partials = at::empty({reduce_partials(delta.numel()) * per_pass}, delta.options().dtype(at::kDouble));
-  C10_CUDA_CHECK(sharpfast::cuda::ellipsoid_sq_norms(delta.data_ptr(), grad.data_ptr(), w0.data_ptr(), scale_ptr(cc),
-                                                  ScaleRule{adaptive, eta}, dtype_of(delta), delta.numel(),
-                                                  gs.data_ptr<double>(), lam.data_ptr<double>(), L,
-                                                  partials.data_ptr<double>(), out.data_ptr<double>(),
-                                                  c10::cuda::getCurrentCUDAStream()));
+  const EllipsoidArgs a{delta.data_ptr(), grad.data_ptr(), w0.data_ptr(), scale_ptr(call.c), call.rule,
+                        dtype_of(delta), delta.numel(), gs.data_ptr<double>(), lam.data_ptr<double>(), L,
+                        partials.data_ptr<double>(), out.data_ptr<double>()};
+  C10_CUDA_CHECK(sharpfast::cuda::ellipsoid_sq_norms(a, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
