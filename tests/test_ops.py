@@ -566,6 +566,18 @@ def test_cpu_cuda_agree(dtype):
                     _ops.apgd_step_l2_(*bufs, c, scalar(0.37, dev), scalar(0.3, dev), 0.75)
             for x, y in zip(bufs_a, bufs_b):
                 assert torch.equal(x, y.cpu()), step
+    # the multi-tensor perturbation: many pieces of odd sizes (empty ones too), odd offsets, one launch on CUDA
+    sizes = [5, 0, 1, 1000, 3, 77, 4096, 2]
+    cuts = torch.tensor([0] + sizes).cumsum(0).tolist()
+    for c_cpu, c_gpu in ((cpu[5], gpu[5]), (_ops.DerivedScale(True, 0.01), _ops.DerivedScale(True, 0.01))):
+        outs = []
+        for w, c, dev in ((cpu[4], c_cpu, "cpu"), (gpu[4], c_gpu, "cuda")):
+            pieces = [w[a:b] for a, b in zip(cuts, cuts[1:])]
+            cs = c if isinstance(c, _ops.DerivedScale) else [c[a:b] for a, b in zip(cuts, cuts[1:])]
+            out = [torch.empty_like(piece) for piece in pieces]
+            _ops.perturb_tensors_(out, pieces, cs, 0.05, 3, 1, 2, [7 + a for a in cuts[:-1]], "normal")
+            outs.append(torch.cat(out).cpu())
+        assert torch.equal(outs[0], outs[1])
     lam = torch.tensor([0.0, 0.3], dtype=torch.float64)
     na = _ops.ellipsoid_sq_norms(cpu[1], cpu[3], cpu[4], cpu[5], scalar(0.1, "cpu"), lam)
     nb = _ops.ellipsoid_sq_norms(gpu[1], gpu[3], gpu[4], gpu[5], scalar(0.1, "cuda"), lam.cuda())

@@ -50,6 +50,26 @@ struct SampleArgs {
 cudaError_t draw(const SampleArgs& a, cudaStream_t stream);
 cudaError_t perturb_rows(const SampleArgs& a, cudaStream_t stream);
 
+// One piece of a multi-tensor perturbation: n elements at global indices offset .. offset + n - 1,
+// whose Philox blocks are blocks first_block .. of the launch (prefix sums over the pieces).
+struct Piece {
+  void* out;
+  const void* w0;
+  const void* c;  // nullptr: derived from w0 by rule
+  int64_t n;
+  uint64_t offset;
+  int64_t first_block;
+};
+
+// Philox blocks a piece of n elements starting at global index `offset` touches.
+inline int64_t piece_blocks(int64_t n, uint64_t offset) { return (static_cast<int64_t>(offset & 3u) + n + 3) >> 2; }
+
+// out = w0 + rho * c * xi(sample) for every piece, in one launch over total_blocks Philox blocks;
+// `pieces`: n_pieces non-empty pieces in device memory, ordered by first_block.
+cudaError_t perturb_pieces(const Piece* pieces, int64_t n_pieces, int64_t total_blocks, ScaleRule rule, DType dtype,
+                           double rho, uint64_t seed, uint32_t rng_stream, uint32_t sample, Dist dist,
+                           cudaStream_t stream);
+
 // An APGD step's buffers and scalars. s1: the step size (linf) or the gradient scale (l2), lam
 // the ellipsoid multiplier (l2 only), both device scalars.
 struct ApgdArgs {

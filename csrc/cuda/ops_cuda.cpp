@@ -1,5 +1,5 @@
 // CUDA implementations of sharpfast's ops: argument checks, device guard, current CUDA stream and
-// scratch buffers (ATen side); the kernels in kernels.cu see raw pointers only. Compiled only
+// scratch buffers (ATen side); the kernels (sampling.cu, apgd.cu, reductions.cu) see raw pointers only. Compiled only
 // when the extension is built with CUDA. Nothing here synchronizes with the host.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -8,6 +8,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <cstring>
+#include <vector>
 
 #include "../ops_common.h"
 #include "kernels.h"
@@ -83,15 +86,27 @@ void perturb_tensors_cuda(at::TensorList out, at::TensorList w0, at::TensorList 
   if (w0.empty()) return;
   check_cuda(w0[0], "w0");
   const c10::cuda::CUDAGuard guard(w0[0].device());
-  const cudaStream_t cuda_stream = c10::cuda::getCurrentCUDAStream();
-  const Counter& k = pieces.counter;
-  for (size_t p = 0; p < w0.size(); ++p) {  // one launch per piece, enqueued back to back
+  // One launch for every piece: the pieces' table goes to the device through pinned memory
+  // (the caching host allocator keeps it alive until the asynchronous copy is done).
+  std::vector<Piece> table;
+  int64_t total_blocks = 0;
+  for (size_t p = 0; p < w0.size(); ++p) {
     if (w0[p].numel() == 0) continue;
-    const SampleArgs a{out[p].data_ptr(), w0[p].data_ptr(), scale_ptr(pieces.scales[p]), pieces.rule,
-                       dtype_of(w0[p]), w0[p].numel(), rho, k.seed, k.rng_stream, k.sample,
-                       static_cast<uint64_t>(offsets[p]), pieces.dist, 1, false};
-    C10_CUDA_CHECK(perturb_rows(a, cuda_stream));
+    const auto offset = static_cast<uint64_t>(offsets[p]);
+    table.push_back({out[p].data_ptr(), w0[p].data_ptr(), scale_ptr(pieces.scales[p]), w0[p].numel(), offset,
+                     total_blocks});
+    total_blocks += piece_blocks(w0[p].numel(), offset);
   }
+  if (table.empty()) return;
+  const auto bytes = static_cast<int64_t>(table.size() * sizeof(Piece));
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), table.data(), static_cast<size_t>(bytes));
+  at::Tensor device_table = at::empty({bytes}, w0[0].options().dtype(at::kByte));
+  device_table.copy_(host, /*non_blocking=*/true);
+  const Counter& k = pieces.counter;
+  C10_CUDA_CHECK(perturb_pieces(static_cast<const Piece*>(device_table.data_ptr()),
+                                static_cast<int64_t>(table.size()), total_blocks, pieces.rule, dtype_of(w0[0]), rho,
+                                k.seed, k.rng_stream, k.sample, pieces.dist, c10::cuda::getCurrentCUDAStream()));
 }
 
 // One APGD step of a checked call; s1 / lam: the device scalars as float64.

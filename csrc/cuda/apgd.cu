@@ -1,0 +1,109 @@
+// CUDA APGD steps (the shared element update in one pass) and copy_if_.
+#include "common.cuh"
+
+namespace sharpfast {
+namespace cuda {
+
+namespace {
+
+// One fused pass: the shared element update (elementwise.h apgd_update), history shift,
+// parameter write. s1 = step size (linf) or gradient scale (l2); s2 = lambda (l2).
+template <typename S, int V, bool L2>
+__global__ void apgd_kernel(S* __restrict__ params, S* __restrict__ delta, S* __restrict__ delta_prev,
+                            const S* __restrict__ grad, const S* __restrict__ w0, const S* __restrict__ c,
+                            ScaleRule rule, int64_t n, const double* __restrict__ s1p, const double* __restrict__ s2p,
+                            double rho, double momentum) {
+  using A = typename AccOf<S>::type;
+  const A s1 = static_cast<A>(*s1p);
+  const A s2 = L2 ? static_cast<A>(*s2p) : A(0);
+  const A r = static_cast<A>(rho), alpha = static_cast<A>(momentum);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nv = n / V;
+  for (int64_t v = tid; v < nv; v += stride) {
+    const Vec<S, V> D = load_vec<S, V>(delta, v), DP = load_vec<S, V>(delta_prev, v), G = load_vec<S, V>(grad, v),
+                    W = load_vec<S, V>(w0, v);
+    Vec<S, V> C{};
+    if (c != nullptr) C = load_vec<S, V>(c, v);
+    Vec<S, V> ND, P;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const A ck = c != nullptr ? to_acc(C.v[k]) : derived_scale_of<S>(W.v[k], rule);
+      const A nd = apgd_update<A, L2>(to_acc(D.v[k]), to_acc(DP.v[k]), to_acc(G.v[k]), ck, s1, s2, r, alpha);
+      ND.v[k] = from_acc<S>(nd);
+      P.v[k] = from_acc<S>(to_acc(W.v[k]) + nd);
+    }
+    store_vec<S, V>(delta_prev, v, D);
+    store_vec<S, V>(delta, v, ND);
+    store_vec<S, V>(params, v, P);
+  }
+  for (int64_t i = nv * V + tid; i < n; i += stride) {
+    const S d = delta[i];
+    const S w = w0[i];
+    const A nd = apgd_update<A, L2>(to_acc(d), to_acc(delta_prev[i]), to_acc(grad[i]), scale_at<S>(c, i, w, rule), s1,
+                                    s2, r, alpha);
+    delta_prev[i] = d;
+    delta[i] = from_acc<S>(nd);
+    params[i] = from_acc<S>(to_acc(w) + nd);
+  }
+}
+
+template <typename S, bool L2>
+cudaError_t launch_apgd(const ApgdArgs& a, cudaStream_t stream) {
+  if (a.n == 0) return cudaSuccess;
+  constexpr int V = 16 / sizeof(S);
+  const bool vec = aligned(a.params, 16) && aligned(a.delta, 16) && aligned(a.delta_prev, 16) && aligned(a.grad, 16) &&
+                   aligned(a.w0, 16) && aligned(a.c, 16);
+  auto P = static_cast<S*>(a.params);
+  auto D = static_cast<S*>(a.delta);
+  auto DP = static_cast<S*>(a.delta_prev);
+  auto G = static_cast<const S*>(a.grad);
+  auto W = static_cast<const S*>(a.w0);
+  auto C = static_cast<const S*>(a.c);
+  const double rho = L2 ? 0.0 : a.rho;
+  if (vec)
+    apgd_kernel<S, V, L2><<<grid_for(a.n / V + 1), kThreads, 0, stream>>>(P, D, DP, G, W, C, a.rule, a.n, a.s1, a.lam,
+                                                                           rho, a.momentum);
+  else
+    apgd_kernel<S, 1, L2><<<grid_for(a.n), kThreads, 0, stream>>>(P, D, DP, G, W, C, a.rule, a.n, a.s1, a.lam, rho,
+                                                                   a.momentum);
+  return cudaGetLastError();
+}
+
+__global__ void copy_if_kernel(uint8_t* __restrict__ dst, const uint8_t* __restrict__ src, int64_t nbytes,
+                               const bool* __restrict__ cond, bool vec16) {
+  if (!*cond) return;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t done = 0;
+  if (vec16) {
+    const int64_t nv = nbytes / 16;
+    for (int64_t v = tid; v < nv; v += stride) reinterpret_cast<uint4*>(dst)[v] = reinterpret_cast<const uint4*>(src)[v];
+    done = nv * 16;
+  }
+  for (int64_t i = done + tid; i < nbytes; i += stride) dst[i] = src[i];
+}
+
+template <typename S> struct LinfF {
+  static cudaError_t run(const ApgdArgs& a, cudaStream_t st) { return launch_apgd<S, false>(a, st); }
+};
+template <typename S> struct L2F {
+  static cudaError_t run(const ApgdArgs& a, cudaStream_t st) { return launch_apgd<S, true>(a, st); }
+};
+
+}  // namespace
+
+cudaError_t apgd_step_linf(const ApgdArgs& a, cudaStream_t stream) { return dispatch<LinfF>(a.dtype, a, stream); }
+
+cudaError_t apgd_step_l2(const ApgdArgs& a, cudaStream_t stream) { return dispatch<L2F>(a.dtype, a, stream); }
+
+cudaError_t copy_if(void* dst, const void* src, int64_t nbytes, const bool* cond, cudaStream_t stream) {
+  if (nbytes == 0) return cudaSuccess;
+  const bool vec16 = aligned(dst, 16) && aligned(src, 16);
+  copy_if_kernel<<<grid_for(vec16 ? nbytes / 16 + 1 : nbytes), kThreads, 0, stream>>>(
+      static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), nbytes, cond, vec16);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace sharpfast
