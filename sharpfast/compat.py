@@ -29,7 +29,7 @@ def _log(kind: str, result) -> str:
 
 def eval_APGD_sharpness(model, batches, loss_f, train_err=None, train_loss=None, rho=0.01,
                         step_size_mult=1, n_iters=200, layer_name_pattern="all", n_restarts=1,
-                        min_update_ratio=0.75, rand_init=False, no_grad_norm=False, verbose=False,
+                        min_update_ratio=apgd.MIN_UPDATE_RATIO, rand_init=False, no_grad_norm=False, verbose=False,
                         return_output=False, adaptive=False, version="default", norm="linf",
                         seed=0, backend="auto", **kwargs):
     """Worst-case sharpness by APGD; returns ``(sharpness, err_sharpness, max ||delta||_2)``

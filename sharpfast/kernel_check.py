@@ -126,51 +126,66 @@ def _inputs(dtype: torch.dtype, device: torch.device, gen: torch.Generator):
     return w0, c, grad, box(), box()
 
 
-def _check_dtype(chk: _Checker, dtype: torch.dtype, device: torch.device) -> None:
-    gen = torch.Generator().manual_seed(0)
-    w0, c_buf, grad, delta, delta_prev = _inputs(dtype, device, gen)
-    seed, stream, sample = 2**40 + 3, 2, 7
-    scales = {"buffer c": (c_buf, c_buf),
-              "c = |w| + eta": (_ops.DerivedScale(True, ETA), (w0.abs() + ETA)),
-              "c = 1": (_ops.DerivedScale(False, 0.0), torch.ones_like(w0))}
-    name = str(dtype).replace("torch.", "")
+SEED, RNG_STREAM, SAMPLE = 2**40 + 3, 2, 7
 
+
+class _Inputs:
+    """One dtype's buffers on the device (see :func:`_inputs`) and the draws the sampling ops make."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self.w0, self.c, self.grad, self.delta, self.delta_prev = _inputs(dtype, device, torch.Generator().manual_seed(0))
+        self.name = str(dtype).replace("torch.", "")
+
+    def xi(self, dist: str, sample: int = SAMPLE) -> torch.Tensor:
+        return philox_draw(dist, SEED, RNG_STREAM, sample, OFFSET, N, dtype=self.dtype, device=self.device)
+
+    def scalar(self, v: float) -> torch.Tensor:
+        return torch.tensor(v, dtype=torch.float64, device=self.device)
+
+    def scales(self):
+        """``(label, c as the op takes it, c as a tensor)`` for a buffer, ``|w| + eta`` and 1."""
+        return [("buffer c", self.c, self.c), ("c = |w| + eta", _ops.DerivedScale(True, ETA), self.w0.abs() + ETA),
+                ("c = 1", _ops.DerivedScale(False, 0.0), torch.ones_like(self.w0))]
+
+
+def _check_sampling(chk: _Checker, t: _Inputs) -> None:
     for dist in DISTRIBUTIONS:
-        case = f"{name} {dist}"
-        xi = philox_draw(dist, seed, stream, sample, OFFSET, N, dtype=dtype, device=device)
+        case = f"{t.name} {dist}"
         chk.run("draw_", case, lambda: chk.compare(
-            "draw_", case, _ops.draw_(torch.empty(N, dtype=dtype, device=device), seed, stream, sample, OFFSET, dist),
-            xi))
-
-    for label, (c_op, c) in scales.items():
-        case = f"{name} {label}"
-        xi = philox_draw("normal", seed, stream, sample, OFFSET, N, dtype=dtype, device=device)
-        want = w0 + (RHO * c) * xi
+            "draw_", case, _ops.draw_(torch.empty_like(t.w0), SEED, RNG_STREAM, SAMPLE, OFFSET, dist), t.xi(dist)))
+    for label, c_op, c in t.scales():
+        case, w0 = f"{t.name} {label}", t.w0
+        want = w0 + (RHO * c) * t.xi("normal")
         chk.run("perturb_", case, lambda: chk.compare(
-            "perturb_", case, _ops.perturb_(torch.empty_like(w0), w0, c_op, RHO, seed, stream, sample, OFFSET), want))
+            "perturb_", case, _ops.perturb_(torch.empty_like(w0), w0, c_op, RHO, SEED, RNG_STREAM, SAMPLE, OFFSET), want))
 
         def batched():   # antithetic pairs: rows 2j, 2j + 1 = sample first + j with signs +, -
-            rows = _ops.perturb_batched_(torch.empty(4, N, dtype=dtype, device=device), w0, c_op, RHO, seed, stream,
-                                         sample, OFFSET, "uniform", antithetic=True)
+            rows = _ops.perturb_batched_(torch.empty(4, N, dtype=t.dtype, device=t.device), w0, c_op, RHO, SEED,
+                                         RNG_STREAM, SAMPLE, OFFSET, "uniform", antithetic=True)
             for r in range(4):
-                x = philox_draw("uniform", seed, stream, sample + r // 2, OFFSET, N, dtype=dtype, device=device)
-                chk.compare("perturb_batched_", f"{case} row {r}", rows[r], w0 + ((-RHO if r % 2 else RHO) * c) * x)
+                expected = w0 + ((-RHO if r % 2 else RHO) * c) * t.xi("uniform", SAMPLE + r // 2)
+                chk.compare("perturb_batched_", f"{case} row {r}", rows[r], expected)
         chk.run("perturb_batched_", case, batched)
 
         def pieces():   # two pieces of one coordinate space: the same draws as the concatenation
             cut = 400
-            out = [torch.empty(cut, dtype=dtype, device=device), torch.empty(N - cut, dtype=dtype, device=device)]
+            out = [torch.empty_like(w0[:cut]), torch.empty_like(w0[cut:])]
             cs = c_op if isinstance(c_op, _ops.DerivedScale) else [c_op[:cut], c_op[cut:]]
-            _ops.perturb_tensors_(out, [w0[:cut], w0[cut:]], cs, RHO, seed, stream, sample, [OFFSET, OFFSET + cut])
+            _ops.perturb_tensors_(out, [w0[:cut], w0[cut:]], cs, RHO, SEED, RNG_STREAM, SAMPLE, [OFFSET, OFFSET + cut])
             chk.compare("perturb_tensors_", case, torch.cat(out), want)
         chk.run("perturb_tensors_", case, pieces)
 
+
+def _check_steps(chk: _Checker, t: _Inputs) -> None:
+    w0, grad, delta, delta_prev = t.w0, t.grad, t.delta, t.delta_prev
+    for label, c_op, c in t.scales():
+        case = f"{t.name} {label}"
+
         def linf():
             bufs = [w0 + delta, delta.clone(), delta_prev.clone()]
-            _ops.apgd_step_linf_(*bufs, grad, w0, c_op, torch.tensor(STEP, dtype=torch.float64, device=device), RHO,
-                                 MOMENTUM)
-            z = delta + STEP * grad.sign() * c
-            z = torch.maximum(torch.minimum(z, RHO * c), -RHO * c)
+            _ops.apgd_step_linf_(*bufs, grad, w0, c_op, t.scalar(STEP), RHO, MOMENTUM)
+            z = torch.maximum(torch.minimum(delta + STEP * grad.sign() * c, RHO * c), -RHO * c)
             new = MOMENTUM * z + (1 - MOMENTUM) * delta_prev
             for got, exp in zip(bufs, (w0 + new, new, delta)):
                 chk.compare("apgd_step_linf_", case, got, exp)
@@ -179,8 +194,7 @@ def _check_dtype(chk: _Checker, dtype: torch.dtype, device: torch.device) -> Non
         for lam in LAMBDAS:
             def l2(lam=lam):
                 bufs = [w0 + delta, delta.clone(), delta_prev.clone()]
-                scalar = lambda v: torch.tensor(v, dtype=torch.float64, device=device)
-                _ops.apgd_step_l2_(*bufs, grad, w0, c_op, scalar(GRAD_SCALE), scalar(lam), MOMENTUM)
+                _ops.apgd_step_l2_(*bufs, grad, w0, c_op, t.scalar(GRAD_SCALE), t.scalar(lam), MOMENTUM)
                 z = delta + GRAD_SCALE * grad * c
                 shrunk = z if lam == 0 else z * c**2 / (c**2 + 2 * lam)
                 new = MOMENTUM * torch.where(c != 0, shrunk, torch.zeros_like(z)) + (1 - MOMENTUM) * delta_prev
@@ -188,26 +202,28 @@ def _check_dtype(chk: _Checker, dtype: torch.dtype, device: torch.device) -> Non
                     chk.compare("apgd_step_l2_", f"{case} lambda={lam}", got, exp)
             chk.run("apgd_step_l2_", f"{case} lambda={lam}", l2)
 
+    def copy_if():
+        for cond in (True, False):
+            dst = delta.clone()
+            _ops.copy_if_(dst, grad, torch.tensor(cond, device=t.device))
+            chk.compare("copy_if_", f"{t.name} cond={cond}", dst, grad if cond else delta)
+    chk.run("copy_if_", t.name, copy_if)
+
+
+def _check_reductions(chk: _Checker, t: _Inputs) -> None:
+    for label, c_op, c in t.scales():
+        case = f"{t.name} {label}"
+
         def norms():
-            lams = torch.tensor(LAMBDAS, dtype=torch.float64, device=device)
-            got = _ops.ellipsoid_sq_norms(delta, grad, w0, c_op,
-                                       torch.tensor(GRAD_SCALE, dtype=torch.float64, device=device), lams)
-            z, cd = (delta + GRAD_SCALE * grad * c).double(), c.double()
+            lams = torch.tensor(LAMBDAS, dtype=torch.float64, device=t.device)
+            got = _ops.ellipsoid_sq_norms(t.delta, t.grad, t.w0, c_op, t.scalar(GRAD_SCALE), lams)
+            z, cd = (t.delta + GRAD_SCALE * t.grad * c).double(), c.double()
             want = torch.stack([torch.where(cd != 0, z * cd / (cd**2 + 2 * lam), torch.zeros_like(z)).pow(2).sum()
                                 for lam in LAMBDAS])
             chk.compare("ellipsoid_sq_norms", case, got, want, reduction=True)
         chk.run("ellipsoid_sq_norms", case, norms)
-
-    case = name
-    chk.run("sum_squares", case, lambda: chk.compare("sum_squares", case, _ops.sum_squares(grad),
-                                                     grad.double().pow(2).sum(), reduction=True))
-
-    def copy_if():
-        for cond in (True, False):
-            dst = delta.clone()
-            _ops.copy_if_(dst, grad, torch.tensor(cond, device=device))
-            chk.compare("copy_if_", f"{case} cond={cond}", dst, grad if cond else delta)
-    chk.run("copy_if_", case, copy_if)
+    chk.run("sum_squares", t.name, lambda: chk.compare("sum_squares", t.name, _ops.sum_squares(t.grad),
+                                                       t.grad.double().pow(2).sum(), reduction=True))
 
 
 def selftest(device=None) -> SelfTestReport:
@@ -227,7 +243,9 @@ def selftest(device=None) -> SelfTestReport:
     chk = _Checker()
     with torch.no_grad():
         for dtype in DTYPES:
-            _check_dtype(chk, dtype, device)
+            inputs = _Inputs(dtype, device)
+            for check in (_check_sampling, _check_steps, _check_reductions):
+                check(chk, inputs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return SelfTestReport(str(device), list(chk.checks.values()), time.perf_counter() - start, _ops.build_info())
