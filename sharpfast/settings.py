@@ -27,30 +27,22 @@ BACKENDS = ("auto", "reference", "fused")
 
 
 @dataclass(frozen=True, kw_only=True)
-class Settings:
-    """What both kinds share. Arguments as :func:`sharpfast.worst_case_sharpness` documents them."""
+class Measurement:
+    """What every measure of a model shares: the scale ``c``, the objective, the noise seed, the
+    mode and the precision policy. Arguments as :func:`sharpfast.worst_case_sharpness` documents them."""
 
-    kind: ClassVar[str]
-    rho: float
-    norm: str
     adaptive: bool = True
     scale: Mapping[str, torch.Tensor] | None = None
     loss_fn: Callable | None = None
     error_fn: Callable | None = None
     normalize_logits: bool | str = False
     seed: int = 0
-    backend: str = "auto"
     adaptive_eta: float = 0.0
     adaptive_weights_only: bool = False
     eval_mode: bool = True
     low_precision: str = "float32"
 
     def __post_init__(self) -> None:
-        self._set("rho", _positive_float("rho", self.rho))
-        if self.norm not in NORMS:
-            raise ValueError(f"unknown norm {self.norm!r}; expected 'l2' or 'linf'")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; expected one of {BACKENDS}")
         for name in ("loss_fn", "error_fn"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise TypeError(f"{name} must be callable as {name}(output, y)")
@@ -98,6 +90,24 @@ class Settings:
                 v = resolve_logit_normalization(v)
             d[f.name] = v
         return d
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings(Measurement):
+    """What both sharpness kinds share beyond :class:`Measurement`: the radius, the norm, the backend."""
+
+    kind: ClassVar[str]
+    rho: float
+    norm: str
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self._set("rho", _positive_float("rho", self.rho))
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; expected 'l2' or 'linf'")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; expected one of {BACKENDS}")
+        super().__post_init__()
 
 
 @dataclass(frozen=True, kw_only=True)

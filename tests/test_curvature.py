@@ -1,0 +1,266 @@
+"""Curvature measures against dense float64 Hessians (torch.func.hessian) and closed forms."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import sharpfast
+from sharpfast import curvature
+from tests.toy_models import DiagonalLinearNetwork, SmallCNN, TinyTransformer, half_squared_error, mlp
+
+
+class AttentionBlock(torch.nn.Module):
+    """A pre-norm transformer block written out (input projection, single-head attention, GELU
+    MLP, LayerNorms) on continuous sequences."""
+
+    def __init__(self, d_in=4, d=6, n_cls=3):
+        super().__init__()
+        torch.manual_seed(0)
+        nn = torch.nn
+        self.embed, self.qkv, self.proj = nn.Linear(d_in, d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.norm1, self.norm2, self.head = nn.LayerNorm(d), nn.LayerNorm(d), nn.Linear(d, n_cls)
+        self.mlp = nn.Sequential(nn.Linear(d, 8), nn.GELU(), nn.Linear(8, d))
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        q, k, v = self.qkv(self.norm1(h)).chunk(3, dim=-1)
+        h = h + self.proj(torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v)
+        h = h + self.mlp(self.norm2(h))
+        return self.head(h.mean(1))
+
+
+def small(kind):
+    """A float64 model (eval mode) and one batch."""
+    g = torch.Generator().manual_seed(3)
+    if kind == "smooth":   # no kinks: the rho -> 0 limits hold
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+        return model.eval(), [(torch.randn(16, 4, generator=g, dtype=torch.float64),
+                               torch.randint(0, 3, (16,), generator=g))]
+    if kind == "mlp":
+        return mlp(d_in=4, width=5, n_cls=3).double().eval(), [(torch.randn(16, 4, generator=g, dtype=torch.float64),
+                                                                 torch.randint(0, 3, (16,), generator=g))]
+    if kind == "cnn":   # BatchNorm in eval mode: running statistics
+        model = SmallCNN().double()
+        model.train()
+        with torch.no_grad():
+            model(torch.randn(32, 1, 6, 6, dtype=torch.float64))   # non-trivial running statistics
+        return model.eval(), [(torch.randn(8, 1, 6, 6, generator=g, dtype=torch.float64),
+                               torch.randint(0, 3, (8,), generator=g))]
+    if kind == "transformer":
+        return AttentionBlock().double().eval(), [(torch.randn(6, 5, 4, generator=g, dtype=torch.float64),
+                                                   torch.randint(0, 3, (6,), generator=g))]
+    raise ValueError(kind)
+
+
+def dense(model, batch, curvature_kind="hessian", adaptive=True):
+    """The dense ``C M C`` of the batch loss, float64."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    shapes, numels = [p.shape for p in params], [p.numel() for p in params]
+    w0 = torch.cat([p.detach().reshape(-1) for p in params])
+    x, y = batch
+
+    def logits(w):
+        return functional_call(model, {n: t.view(s) for n, t, s in zip(names, w.split(numels), shapes)}, (x,))
+
+    # torch.autograd.functional, not torch.func: on torch 2.13 torch.func.hessian of these flat-vector
+    # losses is not even symmetric for the attention block (4% off; the operator and classic
+    # autograd agree with finite differences to 5e-9), so the reference takes the other machinery.
+    with sdpa_kernel([SDPBackend.MATH]):   # the fused attention kernels have no double backward
+        if curvature_kind == "hessian":
+            M = torch.autograd.functional.hessian(lambda w: F.cross_entropy(logits(w), y), w0)
+        else:
+            out = logits(w0).detach()
+            J = torch.autograd.functional.jacobian(logits, w0).reshape(-1, w0.numel())
+            H_out = torch.autograd.functional.hessian(lambda o: F.cross_entropy(o.view_as(out), y), out.reshape(-1))
+            M = J.T @ H_out @ J
+    c = w0.abs() if adaptive else torch.ones_like(w0)
+    return c[:, None] * M * c[None, :]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "transformer"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_eigenvalues_and_diagonal_match_the_dense_hessian(kind, adaptive):
+    model, data = small(kind)
+    A = dense(model, data[0], adaptive=adaptive)
+    want = torch.linalg.eigvalsh(A).flip(0)
+    r = curvature.hessian_eigenvalues(model, data, adaptive=adaptive, k=3, tol=1e-10)
+    assert all(r.converged)
+    assert r.values == pytest.approx(want[:3].tolist(), rel=1e-6, abs=1e-10)
+    d = curvature.hessian_diagonal(model, data, adaptive=adaptive)
+    got = torch.cat([v.reshape(-1) for v in d.values()])
+    torch.testing.assert_close(got, torch.diagonal(A), rtol=0, atol=1e-10)
+
+
+def test_the_gauss_newton_matrix_matches_its_dense_form():
+    model, data = small("mlp")
+    G = dense(model, data[0], "ggn", adaptive=False)
+    assert torch.linalg.eigvalsh(G).min() > -1e-10   # PSD for cross-entropy
+    r = curvature.hessian_eigenvalues(model, data, adaptive=False, curvature="ggn", k=2, tol=1e-10)
+    assert r.values == pytest.approx(torch.linalg.eigvalsh(G).flip(0)[:2].tolist(), rel=1e-6)
+    d = curvature.hessian_diagonal(model, data, adaptive=False, curvature="ggn")
+    torch.testing.assert_close(torch.cat([v.reshape(-1) for v in d.values()]), torch.diagonal(G), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("estimator", ["hutchinson", "hutch++"])
+def test_trace_estimates_within_their_stderr_and_converge(estimator):
+    model, data = small("mlp")
+    exact = float(dense(model, data[0]).trace())
+    errors = []
+    for n_probes in (30, 120, 480):
+        r = curvature.hessian_trace(model, data, n_probes=n_probes, estimator=estimator, seed=1)
+        assert abs(r.value - exact) <= 4 * r.stderr + 1e-12
+        errors.append(abs(r.value - exact))
+        assert r.per_batch == [r.value] and r.n_probes == n_probes
+    assert errors[-1] < errors[0]
+
+
+def test_hutch_plus_plus_is_exact_once_its_sketch_spans_the_space():
+    model, data = small("mlp")
+    n = sum(p.numel() for p in model.parameters())
+    r = curvature.hessian_trace(model, data, n_probes=3 * n + 3, estimator="hutch++")
+    assert r.value == pytest.approx(float(dense(model, data[0]).trace()), rel=1e-9)
+
+
+def test_estimated_diagonal_converges_to_the_exact_one():
+    model, data = small("mlp")
+    exact = torch.diagonal(dense(model, data[0]))
+    errs = [float((torch.cat([v.reshape(-1) for v in curvature.hessian_diagonal(model, data, n_probes=k).values()])
+                   - exact).norm()) for k in (8, 512)]
+    assert errs[1] < 0.25 * errs[0]
+
+
+def test_quadratic_loss_closed_form():
+    """L(w) = 1/2 ||X w - y||^2 / B: H = X^T X / B exactly, whatever the point."""
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Linear(5, 1, bias=False).double()
+    x = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(20, 1, generator=g, dtype=torch.float64)
+    loss = lambda out, t: 0.5 * ((out - t) ** 2).sum(1).mean()
+    H = x.T @ x / 20
+    kw = dict(adaptive=False, loss_fn=loss)
+    assert curvature.hessian_eigenvalues(model, [(x, y)], k=5, **kw).values == \
+        pytest.approx(torch.linalg.eigvalsh(H).flip(0).tolist(), rel=1e-9)
+    assert curvature.hessian_trace(model, [(x, y)], n_probes=18, **kw).value == pytest.approx(float(H.trace()), rel=1e-9)
+    # the GGN of a squared loss on a linear model is the Hessian
+    assert curvature.hessian_eigenvalues(model, [(x, y)], k=1, curvature="ggn", **kw).values[0] == \
+        pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-9)
+
+
+def test_diagonal_linear_network_at_zero_loss():
+    """beta = u * v, L = 1/2 ||X beta - y||^2 with X^T X = I at a zero-loss point: the Hessian is
+    block-diagonal with 2x2 blocks [[v^2, uv], [uv, u^2]] (eigenvalues u^2 + v^2 and 0)."""
+    g = torch.Generator().manual_seed(0)
+    d = 4
+    u, v = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    model = DiagonalLinearNetwork(u, v)
+    X = torch.eye(d, dtype=torch.float64)
+    y = X @ (u * v)
+    data = [(X, y)]
+    kw = dict(adaptive=False, loss_fn=half_squared_error)
+    top = (u ** 2 + v ** 2).sort(descending=True).values
+    r = curvature.hessian_eigenvalues(model, data, k=d, tol=1e-12, **kw)
+    assert r.values == pytest.approx(top.tolist(), rel=1e-9)
+    diag = curvature.hessian_diagonal(model, data, **kw)
+    torch.testing.assert_close(diag["u"], v ** 2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(diag["v"], u ** 2, rtol=0, atol=1e-12)
+    # with c = |w|: C H C has blocks [[u^2 v^2, |u v| u v], ...]: trace 2 sum u^2 v^2
+    assert curvature.hessian_trace(model, data, n_probes=30, adaptive=True, loss_fn=half_squared_error).value == \
+        pytest.approx(float(2 * (u ** 2 * v ** 2).sum()), rel=1e-9)
+
+
+def test_average_sharpness_tends_to_half_the_trace():
+    """S_avg(rho) / rho^2 -> tr(C H C) / 2 as rho -> 0 (antithetic pairs cancel the gradient term)
+    for a smooth network (a ReLU network's kinks add a term linear in rho)."""
+    model, data = small("smooth")
+    A = dense(model, data[0])
+    exact = curvature.hessian_trace(model, data, n_probes=3 * sum(p.numel() for p in model.parameters()) + 3).value
+    assert exact == pytest.approx(float(A.trace()), rel=1e-9)
+    n_pairs = 1000   # the Monte Carlo error of (1/n) sum xi^T A xi / 2 over Gaussian xi: sqrt(2) ||A||_F / 2 sqrt(n)
+    stderr = math.sqrt(2) * float(torch.linalg.norm(A)) / 2 / math.sqrt(n_pairs)
+    for rho in (1e-2, 1e-3):
+        ratio = sharpfast.average_sharpness(model, data, rho=rho, n_samples=2 * n_pairs, antithetic=True, seed=2,
+                                            backend="reference").sharpness / rho ** 2
+        assert abs(ratio - exact / 2) <= 4 * stderr
+
+
+def test_the_operator_through_nn_transformer_encoder_layer_matches_finite_differences():
+    """nn.TransformerEncoderLayer (fused attention, fast paths): the products against central
+    differences of the gradient, and symmetric."""
+    from sharpfast.curvature.operator import CurvatureOperator
+    from sharpfast.objective import Objective
+    from sharpfast.params import ModelGuard, ParamSet, ScaleSpec
+    model = TinyTransformer().double().eval()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, 11, (6, 5), generator=g), torch.randint(0, 3, (6,), generator=g)
+    params = ParamSet(model, ScaleSpec(adaptive=False))
+    with ModelGuard(model):
+        A = CurvatureOperator(model, params, Objective(), x, y)
+        u, v = (torch.randn(A.n, generator=g, dtype=torch.float64) for _ in range(2))
+        Av = A.matvec(v)
+        assert float(u @ Av) == pytest.approx(float(v @ A.matvec(u)), rel=1e-9)
+        names, numels, shapes = params.names, params.numels, [p.shape for p in params.tensors]
+        loss = lambda w: F.cross_entropy(functional_call(
+            model, {n: t.view(s) for n, t, s in zip(names, w.split(numels), shapes)}, (x,)), y)
+        eps = 1e-5
+        fd = (torch.func.grad(loss)(A.w + eps * v) - torch.func.grad(loss)(A.w - eps * v)) / (2 * eps)
+        assert float((fd - Av).norm() / fd.norm()) < 1e-7
+        torch.testing.assert_close(A.matvec(torch.stack([u, v], 1))[:, 1], Av, rtol=1e-10, atol=1e-12)
+
+
+def test_m_batches_are_measured_one_by_one_and_averaged():
+    model, data = small("mlp")
+    g = torch.Generator().manual_seed(9)
+    data = data + [(torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g))]
+    per = [curvature.hessian_eigenvalues(model, [b], tol=1e-10).values[0] for b in data]
+    both = curvature.hessian_eigenvalues(model, data, tol=1e-10)
+    assert [b[0] for b in both.per_batch] == pytest.approx(per, rel=1e-9)
+    assert both.values[0] == pytest.approx(sum(per) / 2, rel=1e-9)
+    exact = [float(dense(model, b).trace()) for b in data]
+    n = sum(p.numel() for p in model.parameters())
+    assert curvature.hessian_trace(model, data, n_probes=3 * n + 3).value == pytest.approx(sum(exact) / 2, rel=1e-9)
+
+
+def test_model_restored_and_probes_reproducible():
+    model, data = small("cnn")
+    model.train()
+    snapshot = copy.deepcopy(model.state_dict())
+    a = curvature.hessian_trace(model, data, n_probes=12, seed=5, estimator="hutchinson")
+    b = curvature.hessian_trace(model, data, n_probes=12, seed=5, estimator="hutchinson")
+    assert a.value == b.value and a.value != curvature.hessian_trace(model, data, n_probes=12, seed=6,
+                                                                     estimator="hutchinson").value
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in snapshot.items())
+
+
+def test_eigenvectors_have_the_parameters_shapes():
+    model, data = small("mlp")
+    r = curvature.hessian_eigenvalues(model, data, k=2, tol=1e-10, return_vectors=True)
+    vecs = r.vectors[0]
+    assert [tuple(v.shape[1:]) for v in vecs.values()] == [tuple(p.shape) for p in model.parameters()]
+    flat = torch.cat([v.reshape(2, -1) for v in vecs.values()], dim=1)
+    A = dense(model, data[0])
+    torch.testing.assert_close(flat @ A @ flat.T, torch.diag(torch.tensor(r.values, dtype=torch.float64)),
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_bad_input_is_refused_by_name():
+    model, data = small("mlp")
+    with pytest.raises(ValueError, match="unknown curvature"):
+        curvature.hessian_trace(model, data, curvature="fisher")
+    with pytest.raises(ValueError, match="unknown estimator"):
+        curvature.hessian_trace(model, data, estimator="slq")
+    with pytest.raises(ValueError, match="n_probes must be a positive integer"):
+        curvature.hessian_trace(model, data, n_probes=0)
+    with pytest.raises(ValueError, match="tol must be a positive number"):
+        curvature.hessian_eigenvalues(model, data, tol=0)
+    with pytest.raises(ValueError, match="data is empty"):
+        curvature.hessian_trace(model, [])
+    big = torch.nn.Linear(300, 200)
+    with pytest.raises(ValueError, match="pass n_probes= for an estimate"):
+        curvature.hessian_diagonal(big, [(torch.randn(2, 300), torch.randint(0, 200, (2,)))])
+    assert not math.isnan(curvature.hessian_trace(model, data, n_probes=3).value)
