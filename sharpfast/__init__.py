@@ -4,7 +4,8 @@
 >>> r.sharpness, r.err_sharpness, r.per_batch, r.delta_norm
 """
 from .api import average_sharpness, evaluate_sharpness, worst_case_sharpness
-from .curvature import hessian_diagonal, hessian_eigenvalues, hessian_trace
+from .curvature import (adam_sharpness, hessian_diagonal, hessian_eigenvalues, hessian_spectrum, hessian_trace,
+                        renyi_sharpness)
 from .kernel_check import SelfTestReport, selftest
 from .objective import LOGIT_NORMALIZATIONS
 from .result import SharpnessResult
@@ -12,6 +13,6 @@ from .settings import NORMS, AverageCaseSettings, WorstCaseSettings
 
 __version__ = "0.1.0"
 __all__ = ["worst_case_sharpness", "average_sharpness", "evaluate_sharpness", "hessian_trace", "hessian_eigenvalues",
-           "hessian_diagonal", "WorstCaseSettings",
+           "hessian_diagonal", "hessian_spectrum", "adam_sharpness", "renyi_sharpness", "WorstCaseSettings",
            "AverageCaseSettings", "SharpnessResult", "selftest", "SelfTestReport", "NORMS", "LOGIT_NORMALIZATIONS",
            "__version__"]

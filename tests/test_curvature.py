@@ -264,3 +264,93 @@ def test_bad_input_is_refused_by_name():
     with pytest.raises(ValueError, match="pass n_probes= for an estimate"):
         curvature.hessian_diagonal(big, [(torch.randn(2, 300), torch.randint(0, 200, (2,)))])
     assert not math.isnan(curvature.hessian_trace(model, data, n_probes=3).value)
+
+
+def linear_quadratic(eigenvalues):
+    """A bias-free linear model under 1/2 ||X w - y||^2 / B whose Hessian X^T X / B has the given
+    eigenvalues (X = sqrt(B) Q diag(sqrt(lambda)) with Q orthogonal)."""
+    n = len(eigenvalues)
+    g = torch.Generator().manual_seed(4)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    B = n
+    x = math.sqrt(B) * Q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64).sqrt())
+    y = torch.randn(B, 1, generator=g, dtype=torch.float64)
+    model = torch.nn.Linear(n, 1, bias=False).double()
+    loss = lambda out, t: 0.5 * ((out - t) ** 2).sum(1).mean()
+    return model, [(x, y)], dict(adaptive=False, loss_fn=loss)
+
+
+def test_spectrum_quadrature_is_exact_for_polynomials_and_integrates_to_one():
+    lam = [0.5, 1.0, 2.0, 4.0, 7.0]
+    model, data, kw = linear_quadratic(lam)
+    spec = curvature.hessian_spectrum(model, data, n_vectors=3, n_iter=10, **kw)
+    nodes = torch.cat(spec.nodes[0])
+    for x in lam:   # each probe's Krylov space is the whole space: the nodes are the eigenvalues
+        assert float((nodes - x).abs().min()) < 1e-9
+    # (1/n) tr f(A) per probe is q^T f(A) q / |q|^2; averaged over probes it estimates the mean of f(lambda)
+    assert all(float(w.sum()) == pytest.approx(1.0, abs=1e-12) for w in spec.weights[0])
+    grid, dens = spec.density(sigma=0.05)
+    assert float(torch.trapezoid(dens, grid)) == pytest.approx(1.0, rel=1e-3)
+    many = curvature.hessian_spectrum(model, data, n_vectors=400, n_iter=10, **kw)
+    assert many.trace_of(lambda x: x) == pytest.approx(sum(lam), rel=0.05)
+    assert many.trace_of(lambda x: x ** 2) == pytest.approx(sum(v * v for v in lam), rel=0.08)
+
+
+def test_spectrum_plot(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    model, data, kw = linear_quadratic([1.0, 2.0, 3.0])
+    ax = curvature.hessian_spectrum(model, data, n_vectors=2, n_iter=5, **kw).plot()
+    ax.figure.savefig(tmp_path / "esd.png")
+    assert (tmp_path / "esd.png").stat().st_size > 0
+
+
+def test_renyi_sharpness_closed_forms():
+    # a flat spectrum: P is uniform, log tr(P^alpha) / (alpha - 1) = -log n for every probe and alpha
+    model, data, kw = linear_quadratic([2.0] * 6)
+    for alpha in (2.0, 0.5, 3.0):
+        r = curvature.renyi_sharpness(model, data, alpha=alpha, n_vectors=2, n_iter=10, **kw)
+        assert r.value == pytest.approx(-math.log(6), rel=1e-9) and r.negative_mass == [0.0]
+    # a spread spectrum, alpha = 2: log sum p_i^2, estimated from the quadrature
+    lam = [0.5, 1.0, 2.0, 4.0, 8.0]
+    p = torch.tensor(lam) / sum(lam)
+    model, data, kw = linear_quadratic(lam)
+    r = curvature.renyi_sharpness(model, data, alpha=2.0, n_vectors=400, n_iter=10, **kw)
+    assert r.value == pytest.approx(float(torch.log((p ** 2).sum())), abs=0.1)
+    with pytest.raises(ValueError, match="alpha must be a positive number other than 1"):
+        curvature.renyi_sharpness(model, data, alpha=1.0, **kw)
+
+
+def test_renyi_reports_the_negative_part_of_an_indefinite_hessian():
+    model, data = small("mlp")
+    A = dense(model, data[0], adaptive=False)
+    assert torch.linalg.eigvalsh(A).min() < 0   # a random point: indefinite
+    r = curvature.renyi_sharpness(model, data, adaptive=False, n_vectors=4, n_iter=40)
+    assert 0 < r.negative_mass[0] < 1 and math.isfinite(r.value)
+    g = curvature.renyi_sharpness(model, data, adaptive=False, curvature="ggn", n_vectors=4, n_iter=40)
+    assert g.negative_mass[0] < 1e-9
+
+
+def test_adam_sharpness_closed_forms():
+    """The DLN at zero loss: diag H = (v^2, u^2), so tr(diag(H)^{1/2}) = sum |u| + |v|; with c = |w|
+    it is sum 2 |u v|."""
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    model = DiagonalLinearNetwork(u, v)
+    data = [(torch.eye(5, dtype=torch.float64), u * v)]
+    r = curvature.adam_sharpness(model, data, adaptive=False, loss_fn=half_squared_error)
+    assert r.exact and r.value == pytest.approx(float(u.abs().sum() + v.abs().sum()), rel=1e-12)
+    assert r.negative == [0.0]
+    r = curvature.adam_sharpness(model, data, adaptive=True, loss_fn=half_squared_error)
+    assert r.value == pytest.approx(float(2 * (u * v).abs().sum()), rel=1e-12)
+    # estimated: converges to the exact value from below-ish as probes grow (the square root is biased)
+    est = curvature.adam_sharpness(model, data, adaptive=False, loss_fn=half_squared_error, n_probes=2000)
+    assert not est.exact and est.value == pytest.approx(float(u.abs().sum() + v.abs().sum()), rel=0.05)
+
+
+def test_adam_sharpness_counts_negative_diagonal_entries():
+    model, data = small("mlp")
+    d = torch.diagonal(dense(model, data[0], adaptive=False))
+    r = curvature.adam_sharpness(model, data, adaptive=False)
+    assert r.value == pytest.approx(float(d.clamp(min=0).sqrt().sum()), rel=1e-9)
+    assert r.negative[0] == pytest.approx(float((d < 0).double().mean()))

@@ -137,3 +137,45 @@ def lanczos(A, k: int, tol: float, max_iter: int, seed: int, stream: int) -> Rit
 def _stderr(samples: torch.Tensor) -> float:
     n = samples.numel()
     return float(samples.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.inf
+
+
+@dataclass
+class Quadrature:
+    """Stochastic Lanczos quadrature of one probe: ``tr f(A) ~ N sum_j weights_j f(nodes_j)``."""
+    nodes: torch.Tensor     # [m] Ritz values
+    weights: torch.Tensor   # [m], summing to 1
+
+
+def slq(A, n_vectors: int, n_iter: int, seed: int, stream: int) -> list[Quadrature]:
+    """Stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; the spectral density of Ghorbani,
+    Krishnan & Xiao 2019): ``n_iter`` Lanczos steps (fully reorthogonalized) from each of
+    ``n_vectors`` Gaussian probes; nodes are the Ritz values, weights the squared first components
+    of their eigenvectors."""
+    out = []
+    for j in range(n_vectors):
+        T = _tridiagonal(A, min(n_iter, A.n), seed, stream, first=1 + j)
+        theta, S = torch.linalg.eigh(T)
+        out.append(Quadrature(theta, S[0] ** 2))
+    return out
+
+
+def _tridiagonal(A, m: int, seed: int, stream: int, first: int) -> torch.Tensor:
+    """The Lanczos tridiagonal matrix of ``m`` steps from probe ``first`` (float64)."""
+    q = probes("normal", seed, stream, first, 1, A.n, A.w.dtype, A.w.device)[:, 0]
+    Q, alphas, betas = [q / q.norm()], [], []
+    for i in range(m):
+        w = A.matvec(Q[-1])
+        alphas.append(float(torch.dot(w, Q[-1])))
+        basis = torch.stack(Q, dim=1)
+        w = w - basis @ (basis.T @ w)
+        w = w - basis @ (basis.T @ w)
+        beta = float(w.norm())
+        if i == m - 1 or beta <= 1e-12 * max(1.0, max(abs(a) for a in alphas)):
+            break   # the Krylov space is exhausted: the quadrature is exact for this probe
+        betas.append(beta)
+        Q.append(w / beta)
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        off = torch.tensor(betas, dtype=torch.float64)
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    return T
