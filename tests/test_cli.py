@@ -96,7 +96,7 @@ def test_subcommands_in_process(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["sweep", "--zoo", "{tmp}/nowhere"], "does not exist"),
     (["sweep", "--zoo", "{zoo}", "--config", "{tmp}/bad.yaml"], "rho must be a positive"),
-    (["sweep", "--zoo", "{zoo}", "--kind", "max"], "--kind needs --rho"),
+    (["sweep", "--zoo", "{zoo}", "--kind", "max"], "--kind avg/max needs --rho"),
     (["sweep", "--zoo", "{zoo}", "--preset", "nope"], "unknown preset"),
     (["sweep", "--zoo", "{tmp}/badmanifest"], "not valid JSON"),
     (["report", "--store", "{tmp}/none.db"], "does not exist"),
@@ -148,3 +148,11 @@ def test_doctor(capsys, monkeypatch):
     captured = capsys.readouterr()
     assert "FAILED: copy_if_" in captured.out and "invalid device function" in captured.out
     assert "uses the pure-PyTorch reference" in captured.err
+
+
+def test_curvature_kinds_from_flags(capsys):
+    assert main(["definitions", "--kind", "trace", "lambda_max", "--adaptive", "both"]) == 0
+    out = capsys.readouterr().out
+    assert "4 definition(s)" in out and "trace-hessian-standard" in out and "lambda_max-hessian-adaptive" in out
+    assert main(["definitions", "--preset", "curvature"]) == 0
+    assert "renyi-ggn-standard" in capsys.readouterr().out

@@ -291,3 +291,36 @@ def test_config_file_problems(tmp_path):
     (tmp_path / "x.ini").write_text("a=1")
     with pytest.raises(ConfigError, match="unknown extension"):
         D.load_config(str(tmp_path / "x.ini"))
+
+
+def test_curvature_definitions_sweep_and_report(tiny_zoo, tmp_path):
+    """The curvature kinds are definitions like the others: stable keys, rows equal to the public
+    API, a resumable store, rows in the report."""
+    defs = [Definition.from_dict(dict(kind="trace", n_probes=6, m=64, n_examples=128)),
+            Definition.from_dict(dict(kind="lambda_max", adaptive=False, m=64, n_examples=128)),
+            Definition.from_dict(dict(kind="adam", n_probes=6, m=64, n_examples=128)),
+            Definition.from_dict(dict(kind="renyi", curvature="ggn", n_vectors=2, n_lanczos=8, m=64, n_examples=128))]
+    assert len({d.key for d in defs}) == 4 and all(d.rho is None for d in defs)
+    assert Definition("trace", n_probes=6, m=64, n_examples=128, n_samples=99, rho=3.0).key == defs[0].key
+    assert defs[0].name == "trace-hessian-adaptive m=64 n_examples=128 n_probes=6"
+    store = str(tmp_path / "r.db")
+    m = Manifest.load(tiny_zoo)
+    s = run_sweep(m, defs, store, progress=False)
+    assert (s.ok, s.errors) == (32, 0)
+    rows = _values(store)
+    entry = m.models[0]
+    model = load_model(m, entry)
+    x, y = m.sharpness_data(128)
+    batches = [(x[:64], y[:64]), (x[64:], y[64:])]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = sharpfast.hessian_trace(model, batches, n_probes=6).value
+    finally:
+        torch.set_num_threads(before)
+    status, value, err, per_batch = rows[(entry.id, defs[0].key)]
+    assert status == "ok" and err is None and value == pytest.approx(want, rel=1e-6) and len(per_batch) == 2
+    assert run_sweep(m, defs, store, progress=False).skipped == 32
+    from sharpfast.study.report import build_report
+    text = build_report(store, None, plots=False).markdown()
+    assert "trace-hessian-adaptive" in text and "renyi-ggn-adaptive" in text and "lambda_max-hessian-standard" in text

@@ -73,8 +73,8 @@ def _definitions(args: argparse.Namespace, default_preset: str | None = "default
     for name in args.preset or []:
         out += defs_mod.preset(name)
     if args.kind:
-        if not args.rho:
-            raise ConfigError("--kind needs --rho (one or more radii)")
+        if not args.rho and any(k in defs_mod.SHARPNESS_KINDS for k in args.kind):
+            raise ConfigError("--kind avg/max needs --rho (one or more radii)")
         common: dict[str, Any] = {}
         for flag, field_name in (("m", "m"), ("n_iters", "n_iters"), ("n_samples", "n_samples"),
                                  ("def_seed", "seed"), ("n_restarts", "n_restarts")):
@@ -83,9 +83,15 @@ def _definitions(args: argparse.Namespace, default_preset: str | None = "default
         if args.rand_init:
             common["rand_init"] = True
         nl = {"none": False, "norm": "norm", "std": "std"}[args.normalize_logits]
+        adaptives = [True, False] if args.adaptive == "both" else [args.adaptive == "true"]
         for kind in args.kind:
+            if kind in defs_mod.CURVATURE_KINDS:
+                curv = {k: v for k, v in common.items() if k in ("m", "seed")}
+                out += [Definition.from_dict(dict(kind=kind, adaptive=a, normalize_logits=nl, **curv), "flags")
+                        for a in adaptives]
+                continue
             for norm in args.norm or ["linf"]:
-                for adaptive in ([True, False] if args.adaptive == "both" else [args.adaptive == "true"]):
+                for adaptive in adaptives:
                     for rho in args.rho:
                         out.append(Definition.from_dict(dict(kind=kind, norm=norm, rho=rho, adaptive=adaptive,
                                                              normalize_logits=nl, **common), "flags"))
@@ -105,7 +111,7 @@ def _add_definition_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", action="append", metavar="NAME",
                    help=f"definition preset, repeatable: {', '.join(sorted(defs_mod.PRESETS))} "
                         "(default: 'default' when nothing else is given)")
-    g.add_argument("--kind", nargs="+", choices=defs_mod.KINDS, help="avg (average-case) and/or max (worst-case)")
+    g.add_argument("--kind", nargs="+", choices=defs_mod.KINDS, help="avg (average-case), max (worst-case), and/or the curvature measures trace, lambda_max, adam, renyi")
     g.add_argument("--norm", nargs="+", choices=defs_mod.NORMS, help="with --kind (default linf)")
     g.add_argument("--rho", nargs="+", type=float, help="with --kind: one or more radii")
     g.add_argument("--adaptive", choices=["true", "false", "both"], default="true", help="with --kind")

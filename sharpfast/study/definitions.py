@@ -29,8 +29,18 @@ from sharpfast import LOGIT_NORMALIZATIONS, NORMS
 
 # The kinds the core calls average- and worst-case, named as the paper and the published code
 # name them; definition names and keys of existing stores carry these spellings (DESIGN.md §7).
-KINDS = ("avg", "max")
+SHARPNESS_KINDS = ("avg", "max")
+# Curvature measures (sharpfast.curvature): tr(C H C), lambda_max(C H C), Adam's and Renyi sharpness.
+CURVATURE_KINDS = ("trace", "lambda_max", "adam", "renyi")
+KINDS = SHARPNESS_KINDS + CURVATURE_KINDS
 LOGIT_NORMS = (False, *LOGIT_NORMALIZATIONS)
+SHARPNESS_FIELDS = ("norm", "rho")
+WORST_FIELDS = ("n_iters", "n_restarts", "rand_init", "step_size_mult")
+AVERAGE_FIELDS = ("n_samples",)
+CURVATURE_FIELDS = ("curvature", "n_probes", "alpha", "n_vectors", "n_lanczos")
+# the curvature fields each curvature kind uses
+CURVATURE_USES = {"trace": ("curvature", "n_probes"), "lambda_max": ("curvature",),
+                  "adam": ("curvature", "n_probes"), "renyi": ("curvature", "alpha", "n_vectors", "n_lanczos")}
 
 
 class ConfigError(ValueError):
@@ -39,9 +49,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Definition:
-    kind: str                      # "avg" (average-case) or "max" (worst-case, APGD)
-    norm: str                      # "l2" or "linf"
-    rho: float
+    kind: str                      # "avg" (average-case), "max" (worst-case, APGD), or a curvature kind
+    norm: str = "l2"               # sharpness: "l2" or "linf"
+    rho: float | None = None       # sharpness: the radius
     adaptive: bool = True
     normalize_logits: Any = False  # False | "norm" (published code) | "std" (slides)
     m: int = 128                   # examples per m-sharpness batch
@@ -54,10 +64,34 @@ class Definition:
     seed: int = 0
     adaptive_eta: float = 0.0
     adaptive_weights_only: bool = False
+    curvature: str = "hessian"     # curvature kinds: "hessian" or "ggn"
+    n_probes: int = 100            # trace, adam: Hessian-vector products per batch (adam: the diagonal's estimate)
+    alpha: float = 2.0             # renyi
+    n_vectors: int = 10            # renyi: quadrature probes per batch
+    n_lanczos: int = 50            # renyi: Lanczos steps per probe
+
+    @property
+    def is_curvature(self) -> bool:
+        return self.kind in CURVATURE_KINDS
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.is_curvature:
+            if self.curvature not in ("hessian", "ggn"):
+                raise ConfigError(f"curvature must be 'hessian' or 'ggn', got {self.curvature!r}")
+            for name in ("n_probes", "n_vectors", "n_lanczos"):
+                v = getattr(self, name)
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+            if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0 \
+                    or self.alpha == 1:
+                raise ConfigError(f"alpha must be a positive number other than 1, got {self.alpha!r}")
+            object.__setattr__(self, "alpha", float(self.alpha))
+            object.__setattr__(self, "rho", None)   # radius and norm mean nothing for curvature
+            object.__setattr__(self, "norm", "l2")
+        elif self.rho is None:
+            raise ConfigError(f"kind {self.kind!r} needs a radius rho")
         if self.norm not in NORMS:
             raise ConfigError(f"norm must be one of {NORMS}, got {self.norm!r}")
         nl = self.normalize_logits
@@ -76,12 +110,12 @@ class Definition:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
-        for name in ("rho", "step_size_mult", "adaptive_eta"):
+        for name in ("step_size_mult", "adaptive_eta") + (() if self.is_curvature else ("rho",)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ConfigError(f"{name} must be a number, got {v!r}")
             object.__setattr__(self, name, float(v))
-        if not self.rho > 0 or self.rho == float("inf"):
+        if not self.is_curvature and (not self.rho > 0 or self.rho == float("inf")):
             raise ConfigError(f"rho must be a positive finite number, got {self.rho!r}")
         if not self.step_size_mult > 0:
             raise ConfigError(f"step_size_mult must be positive, got {self.step_size_mult!r}")
@@ -94,13 +128,17 @@ class Definition:
     # -- identity -------------------------------------------------------------------------
     def canonical(self) -> dict[str, Any]:
         """The fields that matter for this kind (worst-case settings are dropped for avg and
-        vice versa), so irrelevant settings do not split one definition into several keys."""
+        vice versa, curvature settings for both), so irrelevant settings do not split one
+        definition into several keys, and the keys of definitions that existed before a field
+        was added do not change."""
         d = asdict(self)
-        if self.kind == "avg":
-            for k in ("n_iters", "n_restarts", "rand_init", "step_size_mult"):
-                d.pop(k)
+        if self.is_curvature:
+            drop = SHARPNESS_FIELDS + WORST_FIELDS + AVERAGE_FIELDS + tuple(
+                f for f in CURVATURE_FIELDS if f not in CURVATURE_USES[self.kind])
         else:
-            d.pop("n_samples")
+            drop = CURVATURE_FIELDS + (WORST_FIELDS if self.kind == "avg" else AVERAGE_FIELDS)
+        for k in drop:
+            d.pop(k)
         return d
 
     @property
@@ -111,21 +149,47 @@ class Definition:
     @property
     def family(self) -> str:
         """The definition without its radius, e.g. ``max-linf-adaptive-norm m=128``."""
-        parts = [self.kind, self.norm, "adaptive" if self.adaptive else "standard"]
+        parts = [self.kind, self.curvature if self.is_curvature else self.norm,
+                 "adaptive" if self.adaptive else "standard"]
         if self.normalize_logits:
             parts.append("lognorm" if self.normalize_logits == "norm" else "logstd")
         name = "-".join(parts) + f" m={self.m}"
-        base = Definition(self.kind, self.norm, 1.0, m=self.m)
+        base = Definition(self.kind, self.norm, None if self.is_curvature else 1.0, m=self.m)
         extra = [f"{k}={v}" for k, v in self.canonical().items()
-                 if k not in ("kind", "norm", "rho", "adaptive", "normalize_logits", "m")
+                 if k not in ("kind", "norm", "rho", "adaptive", "normalize_logits", "m", "curvature")
                  and v != base.canonical().get(k)]
         return name + ("" if not extra else " " + " ".join(extra))
 
     @property
     def name(self) -> str:
-        return f"{self.family} rho={self.rho:g}"
+        return self.family if self.is_curvature else f"{self.family} rho={self.rho:g}"
 
     # -- evaluation -----------------------------------------------------------------------
+    def measure(self, model, batches, backend: str = "auto") -> dict[str, Any]:
+        """This definition's value on ``batches``: ``value``, ``err_value``, ``per_batch``,
+        ``delta_norm``, ``backend`` (the store's columns), through the core's public API."""
+        import sharpfast
+
+        if not self.is_curvature:
+            r = sharpfast.evaluate_sharpness(model, batches, self.settings(backend))
+            return dict(value=float(r.sharpness), err_value=None if r.err_sharpness is None else float(r.err_sharpness),
+                        per_batch=[float(v) for v in r.per_batch], delta_norm=float(r.delta_norm), backend=r.backend)
+        common = dict(adaptive=self.adaptive, normalize_logits=self.normalize_logits, curvature=self.curvature,
+                      seed=self.seed, adaptive_eta=self.adaptive_eta, adaptive_weights_only=self.adaptive_weights_only)
+        if self.kind == "trace":
+            r = sharpfast.hessian_trace(model, batches, n_probes=self.n_probes, **common)
+            per_batch = r.per_batch
+        elif self.kind == "lambda_max":
+            r = sharpfast.hessian_eigenvalues(model, batches, k=1, **common)
+            per_batch = [v[0] for v in r.per_batch]
+        elif self.kind == "adam":
+            per_batch = sharpfast.adam_sharpness(model, batches, n_probes=self.n_probes, **common).per_batch
+        else:
+            per_batch = sharpfast.renyi_sharpness(model, batches, alpha=self.alpha, n_vectors=self.n_vectors,
+                                                  n_iter=self.n_lanczos, **common).per_batch
+        return dict(value=sum(per_batch) / len(per_batch), err_value=None, per_batch=[float(v) for v in per_batch],
+                    delta_norm=0.0, backend="curvature")
+
     def settings(self, backend: str = "auto"):
         """The core's settings object for this definition (``sharpfast.WorstCaseSettings`` for
         ``max``, ``AverageCaseSettings`` for ``avg``), evaluated by ``sharpfast.evaluate_sharpness``."""
@@ -148,7 +212,7 @@ class Definition:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
-        missing = {"kind", "norm", "rho"} - set(d)
+        missing = ({"kind"} if d.get("kind") in CURVATURE_KINDS else {"kind", "norm", "rho"}) - set(d)
         if missing:
             raise ConfigError(f"{where}: missing field(s) {sorted(missing)}")
         try:
@@ -193,6 +257,12 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
         dict(kind="max", norm="l2", adaptive=False, rho=0.1),
         dict(kind="avg", norm="l2", adaptive=True, rho=0.1),
         dict(kind="avg", norm="linf", adaptive=True, normalize_logits="norm", rho=0.2),
+    ],
+    # the curvature the sharpness definitions tend to as rho -> 0, and the measures beside it
+    "curvature": [
+        dict(kind="trace", adaptive=True), dict(kind="trace", adaptive=False),
+        dict(kind="lambda_max", adaptive=True), dict(kind="lambda_max", adaptive=False),
+        dict(kind="adam", adaptive=False), dict(kind="renyi", adaptive=False, curvature="ggn"),
     ],
     # smoke tests: two cheap definitions
     "quick": [

@@ -146,9 +146,9 @@ class Store:
 
     def put_definitions(self, defs: Iterable[Any]) -> None:
         with self.transaction() as db:
-            for d in defs:
+            for d in defs:   # curvature measures are the rho -> 0 limits: stored with rho 0
                 db.execute("INSERT OR IGNORE INTO definitions VALUES (?, ?, ?, ?, ?)",
-                           (d.key, d.name, d.family, d.rho, d.to_json()))
+                           (d.key, d.name, d.family, 0.0 if d.rho is None else d.rho, d.to_json()))
 
     def put_results(self, checkpoint: dict[str, Any] | None, rows: Iterable[dict[str, Any]]) -> int:
         """Upsert one checkpoint's rows (and its metadata) atomically; returns the row count."""

@@ -85,13 +85,10 @@ def evaluate_checkpoint(data_spec: dict[str, Any], root: str, entry: dict[str, A
                 raise ValueError(f"the definition needs {d.n_examples} examples, the data has {len(y)}")
             x, y = x[:d.n_examples].to(dev), y[:d.n_examples].to(dev)
             batches = [(x[i:i + d.m], y[i:i + d.m]) for i in range(0, d.n_examples, d.m)]
-            r = sharpfast.evaluate_sharpness(model, batches, d.settings(backend))
+            measured = d.measure(model, batches, backend)
             if dev.startswith("cuda"):
                 torch.cuda.synchronize()
-            rows.append(dict(base, definition_key=d.key, status="ok", value=float(r.sharpness),
-                             err_value=None if r.err_sharpness is None else float(r.err_sharpness),
-                             per_batch=[float(v) for v in r.per_batch], delta_norm=float(r.delta_norm),
-                             backend=getattr(r, "backend", None), time_s=time.perf_counter() - t0))
+            rows.append(dict(base, definition_key=d.key, status="ok", time_s=time.perf_counter() - t0, **measured))
         except Exception as e:
             rows.append(dict(base, definition_key=d.key, status="error", error=_short_error(e),
                              time_s=time.perf_counter() - t0))
