@@ -19,3 +19,6 @@ def test_the_readme_usage_example_runs():
     namespace = {}
     exec(compile(usage, "README.md", "exec"), namespace)
     assert namespace["worst"].sharpness > 0 and len(namespace["avg"].per_batch) == 4
+    curvature = next(b for b in blocks if "hessian_trace(" in b)
+    exec(compile(curvature, "README.md", "exec"), namespace)
+    assert len(namespace["top"].values) == 3 and namespace["tr"].stderr > 0
