@@ -373,3 +373,19 @@ def test_the_graph_products_and_forward_over_reverse_agree(kind):
         A._graph = False
         torch.testing.assert_close(A.matvec(V), through_graph, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(A.matvec(V[:, 2]), through_graph[:, 2], rtol=1e-10, atol=1e-12)
+
+
+def test_half_precision_models_are_measured_on_a_float32_copy():
+    """The precision policy holds here too: a bf16 model's curvature is its float32 copy's, and
+    the model is left in bf16, untouched."""
+    torch.manual_seed(0)
+    model = mlp(d_in=4, width=5, n_cls=3).to(torch.bfloat16)
+    data = [(torch.randn(16, 4).to(torch.bfloat16), torch.randint(0, 3, (16,)))]
+    before = [p.detach().clone() for p in model.parameters()]
+    r = curvature.hessian_eigenvalues(model, data, k=2, tol=1e-6)
+    as_float = copy.deepcopy(model).float()
+    want = curvature.hessian_eigenvalues(as_float, [(x.float(), y) for x, y in data], k=2, tol=1e-6)
+    assert r.values == pytest.approx(want.values, rel=1e-6)
+    assert all(p.dtype == torch.bfloat16 and torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with pytest.raises(ValueError, match="bfloat16"):
+        curvature.hessian_trace(model, data, low_precision="error")
