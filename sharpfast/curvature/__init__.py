@@ -158,13 +158,7 @@ def hessian_diagonal(model: nn.Module, data: Iterable, adaptive: bool = True, sc
     if n_probes is not None:
         n_probes = _positive_int("n_probes", n_probes)
 
-    def diagonal(b, A):
-        if n_probes is None:
-            _check_exact_affordable(A)
-            return estimators.exact_diagonal(A)
-        return estimators.estimated_diagonal(A, n_probes, s.seed, b)
-
-    diags, names = _per_batch(model, data, s, diagonal, with_params=True)
+    diags, names = _per_batch(model, data, s, lambda b, A: _diagonal(A, n_probes, s.seed, b), with_params=True)
     mean = torch.stack(diags).mean(0)
     return {name: mean[off:off + num].reshape(shape).detach().cpu() for name, off, num, shape in names}
 
@@ -267,11 +261,7 @@ def adam_sharpness(model: nn.Module, data: Iterable, adaptive: bool = True, scal
         n_probes = _positive_int("n_probes", n_probes)
 
     def one(b, A):
-        if n_probes is None:
-            _check_exact_affordable(A)
-            d = estimators.exact_diagonal(A)
-        else:
-            d = estimators.estimated_diagonal(A, n_probes, s.seed, b)
+        d = _diagonal(A, n_probes, s.seed, b)
         return float(d.clamp(min=0).sqrt().sum()), float((d < 0).double().mean())
 
     values = _per_batch(model, data, s, one)
@@ -309,10 +299,14 @@ def renyi_sharpness(model: nn.Module, data: Iterable, adaptive: bool = True, sca
     return RenyiResult(sum(per_batch) / len(per_batch), per_batch, negative, float(alpha))
 
 
-def _check_exact_affordable(A) -> None:
+def _diagonal(A, n_probes: int | None, seed: int, stream: int) -> torch.Tensor:
+    """The exact diagonal (``n_probes=None``; refused above ``MAX_EXACT_DIAGONAL`` parameters) or its estimate."""
+    if n_probes is not None:
+        return estimators.estimated_diagonal(A, n_probes, seed, stream)
     if A.n > MAX_EXACT_DIAGONAL:
         raise ValueError(f"the exact diagonal costs one Hessian-vector product per parameter, and the model "
                          f"has {A.n} (more than {MAX_EXACT_DIAGONAL}); pass n_probes= for an estimate")
+    return estimators.exact_diagonal(A)
 
 
 def _per_batch(model, data, s: CurvatureSettings, fn, with_params: bool = False):
