@@ -324,3 +324,14 @@ def test_curvature_definitions_sweep_and_report(tiny_zoo, tmp_path):
     from sharpfast.study.report import build_report
     text = build_report(store, None, plots=False).markdown()
     assert "trace-hessian-adaptive" in text and "renyi-ggn-adaptive" in text and "lambda_max-hessian-standard" in text
+
+
+def test_esd_figure_for_chosen_checkpoints(tiny_zoo, tmp_path, capsys):
+    from sharpfast.study.cli import main
+    from sharpfast.study.esd import chosen
+    m = Manifest.load(tiny_zoo)
+    best, worst = chosen(m, None)
+    assert best.metrics["test_error"] <= worst.metrics["test_error"]
+    assert main(["esd", "--zoo", tiny_zoo, "--out", str(tmp_path), "--n-examples", "128", "--m", "64"]) == 0
+    assert (tmp_path / "esd.png").stat().st_size > 1000 and "esd: wrote" in capsys.readouterr().out
+    assert main(["esd", "--zoo", tiny_zoo, "--out", str(tmp_path), "--ids", "nope", "--n-examples", "128"]) == 2

@@ -6,6 +6,7 @@
     sharpfast sweep --zoo zoo --store results.db --preset default [--config defs.yaml] [--executor ray]
     sharpfast report --store results.db --out report
     sharpfast definitions --preset paper          # list a preset's definitions
+    sharpfast esd --zoo zoo --out report          # spectral densities of the best and worst checkpoints
     sharpfast doctor [--device cuda]              # build, devices and the fused ops' self-test
 """
 from __future__ import annotations
@@ -207,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_definition_flags(q)
     q.add_argument("--yaml", action="store_true", help="print them as an editable YAML config")
 
+    q = sub.add_parser("esd", help="eigenvalue spectral densities of chosen checkpoints on one figure")
+    q.add_argument("--zoo", required=True, help="zoo folder or manifest.json")
+    q.add_argument("--out", required=True, help="folder for esd.png")
+    q.add_argument("--ids", nargs="+", help="checkpoint ids (default: the best and the worst by test error)")
+    q.add_argument("--adaptive", action="store_true", help="the density of C H C with c = |w| (default: H)")
+    q.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
+    q.add_argument("--n-examples", type=int, default=512)
+    q.add_argument("--m", type=int, default=128, help="examples per m-batch")
+
     q = sub.add_parser("doctor", help="the build, the devices and the self-test of every fused op")
     q.add_argument("--device", help="self-test only this device (default: every device)")
     return p
@@ -287,6 +297,12 @@ def cmd_definitions(args: argparse.Namespace) -> None:
         print(f"  {d.key}  {d.name}")
 
 
+def cmd_esd(args: argparse.Namespace) -> None:
+    from .esd import plot_esd
+
+    print(f"esd: wrote {plot_esd(args.zoo, args.out, args.ids, args.n_examples, args.m, args.adaptive, args.curvature)}")
+
+
 def cmd_doctor(args: argparse.Namespace) -> None:
     from ..doctor import run
 
@@ -296,7 +312,7 @@ def cmd_doctor(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"zoo": cmd_zoo, "sweep": cmd_sweep, "report": cmd_report, "run": cmd_run,
-            "definitions": cmd_definitions, "doctor": cmd_doctor}
+            "definitions": cmd_definitions, "esd": cmd_esd, "doctor": cmd_doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
