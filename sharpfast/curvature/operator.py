@@ -3,11 +3,11 @@
 weights and ``C = diag(c)`` the sharpness scale (DESIGN.md §1: sharpness tends to these
 quantities as rho -> 0).
 
-Hessian products differentiate the gradient's graph, built once per batch (``create_graph``),
-for a whole block of vectors in one batched backward (``is_grads_batched``): measured on a 13K
-CNN (benchmarks/CURVATURE_RESULTS.md) this costs 2.2 gradients per product, where
-forward-over-reverse (``torch.func.jvp`` of ``grad``), which recomputes the forward and backward
-for every block, costs 2.9. A model whose ops lack a double backward falls back to
+Hessian products differentiate the gradient's graph, built once per batch (``create_graph``):
+one backward per vector on a CPU, one batched backward (``is_grads_batched``) per block on a GPU.
+Measured on a 13K-parameter CNN on the CPU (benchmarks/CURVATURE_RESULTS.md) a product costs
+about one gradient there, where forward-over-reverse (``torch.func.jvp`` of ``grad``), which
+recomputes the forward and backward for every block, costs 2.9. A model whose ops lack a double backward falls back to
 forward-over-reverse, vmapped over the block (or one vector at a time where vmap cannot trace
 it). The GGN ``J^T H_L J`` pushes ``v`` forward through the model (``jvp``), applies the loss's
 Hessian in output space and pulls back (``vjp``). Attention runs on the math backend inside the
@@ -89,14 +89,21 @@ class CurvatureOperator:
         return torch.stack([self._product(v[:, j]) for j in range(v.shape[1])], dim=1)
 
     def _through_graph(self, v: torch.Tensor) -> torch.Tensor:
-        """``C H C v`` by a batched backward through the gradient's graph (built on first use)."""
+        """``C H C v`` by backward passes through the gradient's graph (built on first use): one per
+        vector on a CPU (measured faster there than one batched backward, 11 vs 19 ms per product on
+        the benchmark CNN), one batched backward for a block elsewhere."""
         with sdpa_kernel([SDPBackend.MATH]), torch.enable_grad():
             if self._graph is None:
                 w = self.w.clone().requires_grad_(True)
                 self._graph = (w, torch.autograd.grad(self._loss(w), w, create_graph=True)[0])
             w, g = self._graph
-            c = self.c if v.dim() == 1 else self.c[:, None]
-            cols = c * v
-            hv = torch.autograd.grad(g, w, grad_outputs=cols.T.contiguous() if v.dim() == 2 else cols,
-                                     retain_graph=True, is_grads_batched=v.dim() == 2)[0]
-        return c * (hv.T if v.dim() == 2 else hv)
+            back = lambda cols, batched: torch.autograd.grad(g, w, grad_outputs=cols, retain_graph=True,
+                                                             is_grads_batched=batched)[0]
+            if v.dim() == 1:
+                return self.c * back(self.c * v, False)
+            cols = self.c[:, None] * v
+            if w.device.type == "cpu":
+                hv = torch.stack([back(cols[:, j], False) for j in range(cols.shape[1])], dim=1)
+            else:
+                hv = back(cols.T.contiguous(), True).T
+        return self.c[:, None] * hv
