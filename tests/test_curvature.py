@@ -263,7 +263,8 @@ def test_bad_input_is_refused_by_name():
     big = torch.nn.Linear(300, 200)
     with pytest.raises(ValueError, match="pass n_probes= for an estimate"):
         curvature.hessian_diagonal(big, [(torch.randn(2, 300), torch.randint(0, 200, (2,)))])
-    assert not math.isnan(curvature.hessian_trace(model, data, n_probes=3).value)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'n_iters'"):
+        curvature.hessian_trace(model, data, n_iters=3)
 
 
 def linear_quadratic(eigenvalues):
@@ -302,7 +303,7 @@ def test_spectrum_plot(tmp_path):
     model, data, kw = linear_quadratic([1.0, 2.0, 3.0])
     ax = curvature.hessian_spectrum(model, data, n_vectors=2, n_iter=5, **kw).plot()
     ax.figure.savefig(tmp_path / "esd.png")
-    assert (tmp_path / "esd.png").stat().st_size > 0
+    assert (tmp_path / "esd.png").stat().st_size > 1000
 
 
 def test_renyi_sharpness_closed_forms():

@@ -1,6 +1,5 @@
 """Every extension op against a plain torch expression (CPU always; CUDA when built and a GPU
 is present), masks with c = 0, errors on bad inputs, opcheck and torch.compile."""
-import math
 import sys
 
 import pytest

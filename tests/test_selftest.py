@@ -1,7 +1,6 @@
 """sharpfast.selftest: every op checked on the device, once per process, and what happens when
 one is wrong (auto falls back with a warning naming it, fused raises)."""
 import pytest
-import torch
 
 import sharpfast
 from sharpfast import _ops, kernel_check

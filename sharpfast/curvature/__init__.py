@@ -95,8 +95,7 @@ def hessian_trace(model: nn.Module, data: Iterable, adaptive: bool = True, scale
     Returns:
         A :class:`TraceResult`.
     """
-    s = CurvatureSettings(adaptive=adaptive, scale=scale, loss_fn=loss_fn, normalize_logits=normalize_logits,
-                          curvature=curvature, seed=seed, eval_mode=eval_mode, **options)
+    s = CurvatureSettings(**_measurement(locals()))
     n_probes = _positive_int("n_probes", n_probes)
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
@@ -125,8 +124,7 @@ def hessian_eigenvalues(model: nn.Module, data: Iterable, adaptive: bool = True,
     Returns:
         An :class:`EigenResult`.
     """
-    s = CurvatureSettings(adaptive=adaptive, scale=scale, loss_fn=loss_fn, normalize_logits=normalize_logits,
-                          curvature=curvature, seed=seed, eval_mode=eval_mode, **options)
+    s = CurvatureSettings(**_measurement(locals()))
     k, max_iter = _positive_int("k", k), _positive_int("max_iter", max_iter)
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0:
         raise ValueError(f"tol must be a positive number, got {tol!r}")
@@ -153,8 +151,7 @@ def hessian_diagonal(model: nn.Module, data: Iterable, adaptive: bool = True, sc
             ``MAX_EXACT_DIAGONAL`` parameters), else the Rademacher estimate from that many products.
         Others: as :func:`hessian_trace`.
     """
-    s = CurvatureSettings(adaptive=adaptive, scale=scale, loss_fn=loss_fn, normalize_logits=normalize_logits,
-                          curvature=curvature, seed=seed, eval_mode=eval_mode, **options)
+    s = CurvatureSettings(**_measurement(locals()))
     if n_probes is not None:
         n_probes = _positive_int("n_probes", n_probes)
 
@@ -237,8 +234,7 @@ def hessian_spectrum(model: nn.Module, data: Iterable, adaptive: bool = True, sc
                      n_iter: int = 100, **options) -> SpectrumResult:
     """The eigenvalue density of ``C H C`` by stochastic Lanczos quadrature: ``n_iter`` Lanczos
     steps from each of ``n_vectors`` Gaussian probes per batch. Others as :func:`hessian_trace`."""
-    s = CurvatureSettings(adaptive=adaptive, scale=scale, loss_fn=loss_fn, normalize_logits=normalize_logits,
-                          curvature=curvature, seed=seed, eval_mode=eval_mode, **options)
+    s = CurvatureSettings(**_measurement(locals()))
     n_vectors, n_iter = _positive_int("n_vectors", n_vectors), _positive_int("n_iter", n_iter)
     quads, names = _per_batch(model, data, s, lambda b, A: estimators.slq(A, n_vectors, n_iter, s.seed, b),
                               with_params=True)
@@ -255,8 +251,7 @@ def adam_sharpness(model: nn.Module, data: Iterable, adaptive: bool = True, scal
     ``negative``. ``n_probes=None`` uses the exact diagonal (see :func:`hessian_diagonal`); with an
     estimated diagonal the square root is biased low (Jensen: ``E sqrt(d_est) <= sqrt(d)``), by
     less as ``n_probes`` grows. Others as :func:`hessian_trace`."""
-    s = CurvatureSettings(adaptive=adaptive, scale=scale, loss_fn=loss_fn, normalize_logits=normalize_logits,
-                          curvature=curvature, seed=seed, eval_mode=eval_mode, **options)
+    s = CurvatureSettings(**_measurement(locals()))
     if n_probes is not None:
         n_probes = _positive_int("n_probes", n_probes)
 
@@ -307,6 +302,12 @@ def _diagonal(A, n_probes: int | None, seed: int, stream: int) -> torch.Tensor:
         raise ValueError(f"the exact diagonal costs one Hessian-vector product per parameter, and the model "
                          f"has {A.n} (more than {MAX_EXACT_DIAGONAL}); pass n_probes= for an estimate")
     return estimators.exact_diagonal(A)
+
+
+def _measurement(args: dict) -> dict:
+    """The :class:`CurvatureSettings` arguments among a public function's arguments."""
+    names = ("adaptive", "scale", "loss_fn", "normalize_logits", "curvature", "seed", "eval_mode")
+    return {**{k: args[k] for k in names}, **args["options"]}
 
 
 def _per_batch(model, data, s: CurvatureSettings, fn, with_params: bool = False):

@@ -174,8 +174,7 @@ class Definition:
             r = sharpfast.evaluate_sharpness(model, batches, self.settings(backend))
             return dict(value=float(r.sharpness), err_value=None if r.err_sharpness is None else float(r.err_sharpness),
                         per_batch=[float(v) for v in r.per_batch], delta_norm=float(r.delta_norm), backend=r.backend)
-        common = dict(adaptive=self.adaptive, normalize_logits=self.normalize_logits, curvature=self.curvature,
-                      seed=self.seed, adaptive_eta=self.adaptive_eta, adaptive_weights_only=self.adaptive_weights_only)
+        common = dict(self._model_side(), curvature=self.curvature)
         if self.kind == "trace":
             r = sharpfast.hessian_trace(model, batches, n_probes=self.n_probes, **common)
             per_batch = r.per_batch
@@ -195,13 +194,16 @@ class Definition:
         ``max``, ``AverageCaseSettings`` for ``avg``), evaluated by ``sharpfast.evaluate_sharpness``."""
         import sharpfast
 
-        common = dict(rho=self.rho, norm=self.norm, adaptive=self.adaptive, normalize_logits=self.normalize_logits,
-                      seed=self.seed, adaptive_eta=self.adaptive_eta,
-                      adaptive_weights_only=self.adaptive_weights_only, backend=backend)
+        common = dict(self._model_side(), rho=self.rho, norm=self.norm, backend=backend)
         if self.kind == "max":
             return sharpfast.WorstCaseSettings(n_iters=self.n_iters, n_restarts=self.n_restarts,
                                                rand_init=self.rand_init, step_size_mult=self.step_size_mult, **common)
         return sharpfast.AverageCaseSettings(n_samples=self.n_samples, **common)
+
+    def _model_side(self) -> dict[str, Any]:
+        """The arguments every measure takes alike (``sharpfast.settings.Measurement``'s fields)."""
+        return dict(adaptive=self.adaptive, normalize_logits=self.normalize_logits, seed=self.seed,
+                    adaptive_eta=self.adaptive_eta, adaptive_weights_only=self.adaptive_weights_only)
 
     def to_json(self) -> str:
         return json.dumps(self.canonical(), sort_keys=True)

@@ -55,7 +55,6 @@ def evaluate_checkpoint(data_spec: dict[str, Any], root: str, entry: dict[str, A
     Runs in the driver (local executor) or in a worker (Ray): it touches no store and never
     raises for a bad checkpoint or a failing definition; those become ``error`` rows.
     """
-    import sharpfast
 
     if threads:
         torch.set_num_threads(threads)
