@@ -11,6 +11,7 @@ backpack-for-pytorch einops einconv linear_operator jaxtyping wadler_lindig``.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
@@ -23,10 +24,29 @@ from benchmarks.bench_ops import device_name
 
 
 def cnn() -> nn.Module:
-    """A ~12.7K-parameter CNN for 8x8 digits (the size PyHessian's trace timing is quoted for)."""
+    """A ~13K-parameter CNN for 8x8 digits (the size PyHessian's trace timing is quoted for)."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def trained_cnn(x, y, steps: int = 300) -> dict:
+    """The CNN's weights after ``steps`` of full-batch Adam on ``(x, y)``: curvature is measured
+    where people measure it, near a minimum (a trained network's Hessian has the few large
+    outliers Hutch++ and Lanczos exploit; a fresh one's has not)."""
+    model = cnn().to(x.device)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fresh(state: dict, device) -> nn.Module:
+    model = cnn().to(device).eval()
+    model.load_state_dict(state)
+    return model
 
 
 def digits_batch(n: int, device):
@@ -36,18 +56,20 @@ def digits_batch(n: int, device):
     return x.to(device), torch.tensor(y[:n]).to(device)
 
 
-def timed(fn, repeats: int = 3):
-    """(best wall time of ``repeats`` runs, the last result)."""
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+def interleaved(fns: dict, rounds: int):
+    """Each round runs every measure once, in turn, so that a slow spell of a shared machine falls on
+    all of them alike: ``{name: (median seconds, min seconds, last result)}``."""
+    times, out = {k: [] for k in fns}, {}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            out[name] = fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    return {k: (statistics.median(v), min(v), out[k]) for k, v in times.items()}
 
 
 def main(argv=None) -> int:
@@ -55,65 +77,83 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--hvps", type=int, default=100)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reference-probes", type=int, default=2000)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    model = cnn().to(device).eval()
     x, y = digits_batch(args.batch, device)
+    state = trained_cnn(x, y)
+    model = fresh(state, device)
     n_params = sum(p.numel() for p in model.parameters())
-    rows = []
+    data, plain = [(x, y)], dict(adaptive=False)   # the plain Hessian, as the peers compute it
+    fns, hvps = {}, {}
 
     def gradient():
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
-    t_grad, _ = timed(gradient, args.repeats)
-    model.zero_grad(set_to_none=True)
-    rows.append(("one gradient (forward + backward)", t_grad, None, "-"))
-
-    # sharpfast: the plain Hessian (adaptive=False), as the peers compute it
-    kw = dict(adaptive=False)
-    t, r = timed(lambda: sharpfast.hessian_trace(model, [(x, y)], n_probes=args.hvps, estimator="hutchinson", **kw),
-                 args.repeats)
-    rows.append((f"sharpfast hessian_trace, Hutchinson, {args.hvps} HVPs", t, f"{r.value:.5g} +- {r.stderr:.2g}",
-                 f"{t / args.hvps / t_grad:.2f}"))
-    t, r = timed(lambda: sharpfast.hessian_trace(model, [(x, y)], n_probes=args.hvps, estimator="hutch++", **kw),
-                 args.repeats)
-    rows.append((f"sharpfast hessian_trace, Hutch++, {args.hvps} HVPs", t, f"{r.value:.5g} +- {r.stderr:.2g}",
-                 f"{t / args.hvps / t_grad:.2f}"))
-    t, e = timed(lambda: sharpfast.hessian_eigenvalues(model, [(x, y)], k=1, tol=1e-4, **kw), args.repeats)
-    rows.append((f"sharpfast hessian_eigenvalues, k=1, tol 1e-4 ({e.iterations[0]} HVPs)", t, f"{e.values[0]:.6g}",
-                 f"{t / e.iterations[0] / t_grad:.2f}"))
-
+        model.zero_grad(set_to_none=True)
+    fns["one gradient (forward + backward)"] = gradient
+    for est in ("hutchinson", "hutch++"):
+        name = f"sharpfast hessian_trace, {est}"
+        fns[name] = lambda est=est: sharpfast.hessian_trace(model, data, n_probes=args.hvps, estimator=est, **plain)
+        hvps[name] = args.hvps
+    for k in (1, 5):
+        fns[f"sharpfast hessian_eigenvalues, k={k}, tol 1e-4"] = \
+            lambda k=k: sharpfast.hessian_eigenvalues(model, data, k=k, tol=1e-4, **plain)
     try:
         from pyhessian import hessian as PyHessian
-        # a fresh object on a freshly built model (same weights) per run: on a model another
-        # PyHessian object has used, trace() stops after two products
-        hess = lambda: PyHessian(cnn().to(device).eval(), nn.CrossEntropyLoss(), data=(x, y),
-                                 cuda=device.type == "cuda")
-        t, tr = timed(lambda: hess().trace(maxIter=args.hvps, tol=0.0), args.repeats)
-        assert len(tr) == args.hvps, f"PyHessian's trace stopped after {len(tr)} products"
-        rows.append((f"PyHessian trace, {args.hvps} HVPs", t, f"{sum(tr) / len(tr):.5g}", f"{t / args.hvps / t_grad:.2f}"))
-        t, (vals, _) = timed(lambda: hess().eigenvalues(maxIter=100, tol=1e-4, top_n=1), args.repeats)
-        rows.append(("PyHessian eigenvalues, top_n=1, tol 1e-4", t, f"{vals[0]:.6g}", "-"))
-        model.zero_grad(set_to_none=True)
+        # a fresh object on a fresh model per call: on a model another PyHessian object has used,
+        # trace() stops after two products
+        hess = lambda: PyHessian(fresh(state, device), nn.CrossEntropyLoss(), data=(x, y), cuda=device.type == "cuda")
+        fns["PyHessian trace"] = lambda: hess().trace(maxIter=args.hvps, tol=0.0)
+        hvps["PyHessian trace"] = args.hvps
+        for k in (1, 5):
+            fns[f"PyHessian eigenvalues, top_n={k}, tol 1e-4"] = \
+                lambda k=k: hess().eigenvalues(maxIter=100, tol=1e-4, top_n=k)[0]
     except ImportError:
         print("PyHessian not installed: left out", file=sys.stderr)
     try:
-        from curvlinops import HessianLinearOperator, hutchinson_trace
+        from curvlinops import HessianLinearOperator, hutchinson_trace, hutchpp_trace
         params = [p for p in model.parameters() if p.requires_grad]
-        H = HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [(x, y)], check_deterministic=False)
-        t, tr = timed(lambda: float(hutchinson_trace(H, args.hvps)), args.repeats)
-        rows.append((f"curvlinops hutchinson_trace, {args.hvps} HVPs", t, f"{tr:.5g}", f"{t / args.hvps / t_grad:.2f}"))
+        H = HessianLinearOperator(model, nn.CrossEntropyLoss(), params, data, check_deterministic=False)
+        fns["curvlinops hutchinson_trace"] = lambda: float(hutchinson_trace(H, args.hvps))
+        hvps["curvlinops hutchinson_trace"] = args.hvps
+        thirds = 3 * (args.hvps // 3)   # curvlinops' Hutch++ takes a multiple of 3
+        fns["curvlinops hutchpp_trace"] = lambda: float(hutchpp_trace(H, thirds))
+        hvps["curvlinops hutchpp_trace"] = thirds
     except ImportError:
         print("curvlinops not installed: left out", file=sys.stderr)
 
-    head = (f"Device: {device_name(device)}. Model: a CNN with {n_params} parameters on a batch of {args.batch} "
-            f"8x8 digits, cross-entropy, eval mode. Best of {args.repeats} runs each; `HVP / grad` is the time "
-            f"of one Hessian-vector product over one forward+backward.\n\n"
+    results = interleaved(fns, args.rounds)
+    reference = sharpfast.hessian_trace(model, data, n_probes=args.reference_probes, estimator="hutchinson",
+                                        seed=1, **plain)
+    t_grad = results["one gradient (forward + backward)"][0]
+    table = ["| measure | HVPs | median (s) | min (s) | value | per HVP / gradient |", "|---|---|---|---|---|---|"]
+    for name, (med, best, out) in results.items():
+        n = hvps.get(name)
+        if isinstance(out, sharpfast.curvature.EigenResult):
+            n, value = out.iterations[0], ", ".join(f"{v:.6g}" for v in out.values)
+        elif isinstance(out, sharpfast.curvature.TraceResult):
+            value = f"{out.value:.4g} ± {out.stderr:.2g}"
+        elif isinstance(out, list) and name.startswith("PyHessian trace"):
+            value = f"{sum(out) / len(out):.4g}"
+        elif isinstance(out, list):
+            value = ", ".join(f"{v:.6g}" for v in out)
+        elif out is None:
+            value = "-"
+        else:
+            value = f"{out:.4g}"
+        ratio = f"{med / n / t_grad:.2f}" if n else "-"
+        table.append(f"| {name} | {n or '-'} | {med:.3f} | {best:.3f} | {value} | {ratio} |")
+    head = (f"Device: {device_name(device)}. Model: a CNN with {n_params} parameters after 300 full-batch Adam "
+            f"steps on a batch of {args.batch} 8x8 digits, cross-entropy, eval mode; the plain Hessian "
+            f"(`adaptive=False`). {args.rounds} interleaved rounds (each round runs every measure once, so a "
+            f"slow spell of the machine falls on all alike). `per HVP / gradient` is a measure's median time "
+            f"per Hessian-vector product over the median forward+backward. Reference trace: sharpfast "
+            f"Hutchinson with {args.reference_probes} probes (another seed), {reference.value:.4g} ± "
+            f"{reference.stderr:.2g}.\n\n"
             f"Command: `python -m benchmarks.bench_curvature {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
-    table = ["| measure | time (s) | value | HVP / grad |", "|---|---|---|---|"]
-    table += [f"| {name} | {t:.3f} | {v if v is not None else '-'} | {ratio} |" for name, t, v, ratio in rows]
     text = "# sharpfast curvature vs PyHessian and curvlinops\n\n" + head + "\n" + "\n".join(table) + "\n"
     print(text)
     if args.out:

@@ -6,7 +6,7 @@ quantities as rho -> 0).
 Hessian products differentiate the gradient's graph, built once per batch (``create_graph``):
 one backward per vector on a CPU, one batched backward (``is_grads_batched``) per block on a GPU.
 Measured on a 13K-parameter CNN on the CPU (benchmarks/CURVATURE_RESULTS.md) a product costs
-about one gradient there, where forward-over-reverse (``torch.func.jvp`` of ``grad``), which
+about one gradient there (as PyHessian's, which differentiates the same graph), where forward-over-reverse (``torch.func.jvp`` of ``grad``), which
 recomputes the forward and backward for every block, costs 2.9. A model whose ops lack a double backward falls back to
 forward-over-reverse, vmapped over the block (or one vector at a time where vmap cannot trace
 it). The GGN ``J^T H_L J`` pushes ``v`` forward through the model (``jvp``), applies the loss's
