@@ -39,6 +39,12 @@ constexpr OpSchema kOps[] = {
                            "Tensor grad_scale, Tensor lambdas) -> Tensor"},
     {"apgd_step_l2_", "(Tensor(a!) params, Tensor(b!) delta, Tensor(c!) delta_prev, Tensor grad, Tensor w0, "
                       "Tensor? c, bool adaptive, float eta, Tensor grad_scale, Tensor lam, float momentum) -> ()"},
+    // the scaled solver (APGD in u = delta / c): params = w0 + c u
+    {"scaled_step_linf_", "(Tensor(a!) params, Tensor(b!) u, Tensor(c!) u_prev, Tensor grad, Tensor w0, "
+                          "Tensor? c, bool adaptive, float eta, Tensor step_size, float rho, float momentum) -> ()"},
+    {"scaled_step_l2_", "(Tensor(a!) params, Tensor(b!) u, Tensor(c!) u_prev, Tensor grad, Tensor w0, "
+                        "Tensor? c, bool adaptive, float eta, Tensor coefficients) -> ()"},
+    {"scaled_gram", "(Tensor u, Tensor u_prev, Tensor grad, Tensor w0, Tensor? c, bool adaptive, float eta) -> Tensor"},
     {"copy_if_", "(Tensor(a!) dst, Tensor src, Tensor cond) -> ()"},
     {"sum_squares", "(Tensor x) -> Tensor"},
 };

@@ -326,10 +326,12 @@ inline StepCall check_apgd_step(const char* op, const at::Tensor& params, const 
   return {cc, ScaleRule{adaptive, eta}};
 }
 
-inline StepCall check_apgd_linf(const at::Tensor& params, const at::Tensor& delta, const at::Tensor& delta_prev,
-                                const at::Tensor& grad, const at::Tensor& w0, const std::optional<at::Tensor>& c,
-                                bool adaptive, double eta, const at::Tensor& step_size) {
-  const StepCall call = check_apgd_step("apgd_step_linf_", params, delta, delta_prev, grad, w0, c, adaptive, eta);
+// apgd_step_linf_ and scaled_step_linf_ (one schema; `op` names the one called).
+inline StepCall check_apgd_linf(const char* op, const at::Tensor& params, const at::Tensor& delta,
+                                const at::Tensor& delta_prev, const at::Tensor& grad, const at::Tensor& w0,
+                                const std::optional<at::Tensor>& c, bool adaptive, double eta,
+                                const at::Tensor& step_size) {
+  const StepCall call = check_apgd_step(op, params, delta, delta_prev, grad, w0, c, adaptive, eta);
   check_scalar(step_size, "step_size", params.device(), true);
   return call;
 }
@@ -341,6 +343,31 @@ inline StepCall check_apgd_l2(const at::Tensor& params, const at::Tensor& delta,
   check_scalar(grad_scale, "grad_scale", params.device(), true);
   check_scalar(lam, "lam", params.device(), false);
   return call;
+}
+
+// The scaled l2 step's coefficients (a, b, e): a float64 [3] tensor on the buffers' device.
+inline StepCall check_scaled_l2(const at::Tensor& params, const at::Tensor& u, const at::Tensor& u_prev,
+                                const at::Tensor& grad, const at::Tensor& w0, const std::optional<at::Tensor>& c,
+                                bool adaptive, double eta, const at::Tensor& coefficients) {
+  const StepCall call = check_apgd_step("scaled_step_l2_", params, u, u_prev, grad, w0, c, adaptive, eta);
+  TORCH_CHECK(coefficients.dim() == 1 && coefficients.numel() == 3 && coefficients.is_contiguous(),
+              "sharpfast: argument 'coefficients' must be a contiguous [3] tensor (a, b, e), got shape ",
+              coefficients.sizes());
+  TORCH_CHECK(coefficients.scalar_type() == at::kDouble, "sharpfast: argument 'coefficients' must be float64, got ",
+              coefficients.scalar_type());
+  TORCH_CHECK(coefficients.device() == params.device(), "sharpfast: argument 'coefficients' is on ",
+              coefficients.device(), " but the buffers are on ", params.device());
+  return call;
+}
+
+inline StepCall check_scaled_gram(const at::Tensor& u, const at::Tensor& u_prev, const at::Tensor& grad,
+                                  const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive,
+                                  double eta) {
+  check_flat(u, "u");
+  check_like(u_prev, "u_prev", u, "u");
+  check_like(grad, "grad", u, "u");
+  check_like(w0, "w0", u, "u");
+  return {check_scale(c, u, "u", adaptive, eta), ScaleRule{adaptive, eta}};
 }
 
 inline StepCall check_ellipsoid_sq_norms(const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& w0,

@@ -33,8 +33,8 @@ except Exception as exc:  # pragma: no cover - depends on the build
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 __all__ = ["available", "build_info", "IMPORT_ERROR", "DerivedScale", "draw_", "perturb_", "perturb_batched_",
-           "perturb_tensors_", "apgd_step_linf_", "apgd_step_l2_", "ellipsoid_sq_norms", "copy_if_", "sum_squares",
-           "seed_to_int64"]
+           "perturb_tensors_", "apgd_step_linf_", "apgd_step_l2_", "ellipsoid_sq_norms", "scaled_step_linf_",
+           "scaled_step_l2_", "scaled_gram", "GRAM_ENTRIES", "copy_if_", "sum_squares", "seed_to_int64"]
 
 _U64 = 1 << 64
 _I63 = 1 << 63
@@ -187,6 +187,34 @@ def apgd_step_l2_(params: torch.Tensor, delta: torch.Tensor, delta_prev: torch.T
     _ops().apgd_step_l2_(params, delta, delta_prev, grad, w0, *_scale_args(c), grad_scale, lam, float(momentum))
 
 
+def scaled_step_linf_(params: torch.Tensor, u: torch.Tensor, u_prev: torch.Tensor, grad: torch.Tensor,
+                      w0: torch.Tensor, c: Scale, step_size: torch.Tensor, rho: float, momentum: float) -> None:
+    """One linf step of the scaled solver in ``u = delta / c`` (one pass over memory):
+    ``z = clamp(u + step * sign(c grad), -rho, rho)``,
+    ``new = clamp(u + momentum (z - u) + (1 - momentum)(u - u_prev), -rho, rho)``, ``u_prev = u`` (old
+    value), ``u = new``, ``params = w0 + c new``. ``step_size``: 0-dim float64/float32 device tensor."""
+    _ops().scaled_step_linf_(params, u, u_prev, grad, w0, *_scale_args(c), step_size, float(rho), float(momentum))
+
+
+def scaled_step_l2_(params: torch.Tensor, u: torch.Tensor, u_prev: torch.Tensor, grad: torch.Tensor,
+                    w0: torch.Tensor, c: Scale, coefficients: torch.Tensor) -> None:
+    """One l2 step of the scaled solver: ``new = a u + b (c grad) + e u_prev`` for the float64
+    device tensor ``coefficients = (a, b, e)`` (both of the step's projections are rescalings, so
+    the step is linear; ``fused.scaled`` computes them from :func:`scaled_gram`), then the history
+    shift and ``params = w0 + c new``."""
+    _ops().scaled_step_l2_(params, u, u_prev, grad, w0, *_scale_args(c), coefficients)
+
+
+GRAM_ENTRIES = ("uu", "up", "pp", "ug", "pg", "gg", "dd")
+
+
+def scaled_gram(u: torch.Tensor, u_prev: torch.Tensor, grad: torch.Tensor, w0: torch.Tensor, c: Scale) -> torch.Tensor:
+    """The scaled solver's inner products in one pass, float64 ``[7]`` in :data:`GRAM_ENTRIES` order:
+    ``u.u, u.u_prev, u_prev.u_prev, u.cg, u_prev.cg, cg.cg`` for ``cg = c grad``, and
+    ``||c u||^2 = ||delta||^2``. Deterministic."""
+    return _ops().scaled_gram(u, u_prev, grad, w0, *_scale_args(c))
+
+
 def copy_if_(dst: torch.Tensor, src: torch.Tensor, cond: torch.Tensor) -> None:
     """``dst = src`` iff the 0-dim bool tensor ``cond`` is true (read on the device, no host sync)."""
     _ops().copy_if_(dst, src, cond)
@@ -271,6 +299,26 @@ if _C is not None:
         torch._check(grad_scale.dim() == 0, lambda: "sharpfast: argument 'grad_scale' must be a 0-dim tensor")
         torch._check(lam.dim() == 0, lambda: "sharpfast: argument 'lam' must be a 0-dim tensor")
         return None
+
+    @torch.library.register_fake("sharpfast::scaled_step_linf_")
+    def _scaled_linf_fake(params, u, u_prev, grad, w0, c, adaptive, eta, step_size, rho, momentum):
+        _fake_check_step(params, u, u_prev, grad, w0, c)
+        torch._check(step_size.dim() == 0, lambda: "sharpfast: argument 'step_size' must be a 0-dim tensor")
+        return None
+
+    @torch.library.register_fake("sharpfast::scaled_step_l2_")
+    def _scaled_l2_fake(params, u, u_prev, grad, w0, c, adaptive, eta, coefficients):
+        _fake_check_step(params, u, u_prev, grad, w0, c)
+        torch._check(coefficients.shape == (3,), lambda: "sharpfast: argument 'coefficients' must be a [3] tensor")
+        return None
+
+    @torch.library.register_fake("sharpfast::scaled_gram")
+    def _gram_fake(u, u_prev, grad, w0, c, adaptive, eta):
+        _fake_check_flat(u, "u")
+        for t, name in ((u_prev, "u_prev"), (grad, "grad"), (w0, "w0")):
+            _fake_check_like(t, name, u, "u")
+        _fake_check_scale(c, u, "u")
+        return u.new_empty((len(GRAM_ENTRIES),), dtype=torch.float64)
 
     @torch.library.register_fake("sharpfast::ellipsoid_sq_norms")
     def _norms_fake(delta, grad, w0, c, adaptive, eta, grad_scale, lambdas):

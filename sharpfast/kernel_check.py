@@ -29,6 +29,7 @@ OFFSET = 5         # global element index of the first element: a block's draws 
 DTYPES = (torch.float32, torch.float64)
 RHO, ETA, STEP, MOMENTUM, GRAD_SCALE = 0.05, 0.01, 0.37, 0.75, 0.02
 LAMBDAS = (0.0, 0.013, 3.5)
+SCALED_L2_COEFFICIENTS = (0.9, 0.02, -0.25)   # (a, b, e) of a scaled l2 step
 
 
 @dataclass
@@ -202,6 +203,24 @@ def _check_steps(chk: _Checker, t: _Inputs) -> None:
                     chk.compare("apgd_step_l2_", f"{case} lambda={lam}", got, exp)
             chk.run("apgd_step_l2_", f"{case} lambda={lam}", l2)
 
+        def scaled_linf():   # u, u_prev: the delta buffers (the math is checked whatever they hold)
+            bufs = [w0 + delta, delta.clone(), delta_prev.clone()]
+            _ops.scaled_step_linf_(*bufs, grad, w0, c_op, t.scalar(STEP), RHO, MOMENTUM)
+            z = (delta + STEP * (c * grad).sign()).clamp(-RHO, RHO)
+            new = (delta + MOMENTUM * (z - delta) + (1 - MOMENTUM) * (delta - delta_prev)).clamp(-RHO, RHO)
+            for got, exp in zip(bufs, (w0 + c * new, new, delta)):
+                chk.compare("scaled_step_linf_", case, got, exp)
+        chk.run("scaled_step_linf_", case, scaled_linf)
+
+        def scaled_l2():
+            bufs = [w0 + delta, delta.clone(), delta_prev.clone()]
+            a, b, e = SCALED_L2_COEFFICIENTS
+            _ops.scaled_step_l2_(*bufs, grad, w0, c_op, torch.tensor([a, b, e], dtype=torch.float64, device=t.device))
+            new = (a * delta + b * (c * grad)) + e * delta_prev
+            for got, exp in zip(bufs, (w0 + c * new, new, delta)):
+                chk.compare("scaled_step_l2_", case, got, exp)
+        chk.run("scaled_step_l2_", case, scaled_l2)
+
     def copy_if():
         for cond in (True, False):
             dst = delta.clone()
@@ -222,6 +241,12 @@ def _check_reductions(chk: _Checker, t: _Inputs) -> None:
                                 for lam in LAMBDAS])
             chk.compare("ellipsoid_sq_norms", case, got, want, reduction=True)
         chk.run("ellipsoid_sq_norms", case, norms)
+        def gram():
+            u, p, cg, cu = (v.double() for v in (t.delta, t.delta_prev, c * t.grad, c * t.delta))
+            want = torch.stack([u @ u, u @ p, p @ p, u @ cg, p @ cg, cg @ cg, cu @ cu])
+            chk.compare("scaled_gram", case, _ops.scaled_gram(t.delta, t.delta_prev, t.grad, t.w0, c_op), want,
+                        reduction=True)
+        chk.run("scaled_gram", case, gram)
     chk.run("sum_squares", t.name, lambda: chk.compare("sum_squares", t.name, _ops.sum_squares(t.grad),
                                                        t.grad.double().pow(2).sum(), reduction=True))
 

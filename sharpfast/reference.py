@@ -5,8 +5,9 @@ For weights ``w``, a batch ``S``, radius ``rho`` and per-coordinate scale ``c``:
 * average-case  ``S_avg = E_S E_xi [L_S(w + rho * c * xi) - L_S(w)]``, ``xi ~ N(0, I)`` (l2)
   or ``U(-1, 1)`` (linf), estimated with ``n_samples`` draws per batch;
 * worst-case    ``S_max = E_S max_{||delta / c||_p <= rho} L_S(w + delta) - L_S(w)``, the inner
-  max found by APGD in weight space (momentum 0.75, step halving at fixed checkpoints, the
-  iterate moved back to the best point found when the step is halved).
+  max found by APGD in weight space: the published variant (momentum 0.75, step halving at fixed
+  checkpoints, the gradient taken at the best point found when the step is halved), or the
+  scaled solver, Croce & Hein's APGD in ``u = delta / c`` (see :func:`scaled_apgd_restart`).
 
 Every batch is one m-sharpness batch with a perturbation of its own. The noise comes from the
 counter-based sampler (``sharpfast.philox``), so the fused backend draws the same numbers.
@@ -19,7 +20,7 @@ import math
 
 import torch
 
-from . import apgd
+from . import apgd, starts
 from .result import SharpnessResult, check_finite_loss
 from .settings import Settings
 from .objective import Objective, batches_on_device
@@ -128,20 +129,24 @@ def project(z: Tensors, c: Tensors, rho: float, norm: str, c_is_one: bool, tol: 
     return z if lam == 0.0 else shrink(z, c, lam)
 
 
+def published_start(params: ParamSet, s: Settings, c: Tensors, stream: int, restart: int) -> Tensors:
+    """``delta`` where a published restart begins: 0, or the random start."""
+    if not s.rand_init:
+        return [torch.zeros_like(ci) for ci in c]
+    xi = draw_noise(params, s, stream=stream, sample=RAND_INIT_SAMPLE_BASE + restart)
+    if s.norm == "l2":
+        # A Gaussian direction on the ellipsoid's surface, ||delta / c||_2 = rho: the raw
+        # rho * c * xi has ||xi||_2 ~ sqrt(N) times the radius, far outside the ball.
+        xi_norm = weighted_norm([x_ * ci for x_, ci in zip(xi, c)], c)
+        xi = [x_ / xi_norm for x_ in xi]
+    return [s.rho * ci * x_ for ci, x_ in zip(c, xi)]  # linf: uniform(-1, 1), inside the box
+
+
 def apgd_restart(model, params: ParamSet, s: Settings, x, y, w0: Tensors, c: Tensors,
-                 L0: float, E0, stream: int, restart: int, on_iterate=None):
-    """One APGD run on one batch; returns ``(best loss, its error, ||delta||_2 there)``."""
+                 L0: float, E0, stream: int, delta: Tensors, on_iterate=None):
+    """One run of the published APGD on one batch from ``delta``; returns ``(best loss, its error,
+    ||delta||_2 there)``. The best starts at ``L0`` (the start's own loss is never taken)."""
     c_is_one = params.unit_scale
-    if s.rand_init:
-        xi = draw_noise(params, s, stream=stream, sample=RAND_INIT_SAMPLE_BASE + restart)
-        if s.norm == "l2":
-            # A Gaussian direction on the ellipsoid's surface, ||delta / c||_2 = rho: the raw
-            # rho * c * xi has ||xi||_2 ~ sqrt(N) times the radius, far outside the ball.
-            xi_norm = weighted_norm([x_ * ci for x_, ci in zip(xi, c)], c)
-            xi = [x_ / xi_norm for x_ in xi]
-        delta = [s.rho * ci * x_ for ci, x_ in zip(c, xi)]  # linf: uniform(-1, 1), inside the box
-    else:
-        delta = [torch.zeros_like(w) for w in w0]
     set_weights(params, [w + d for w, d in zip(w0, delta)])
     delta_prev = [d.clone() for d in delta]
 
@@ -176,27 +181,114 @@ def apgd_restart(model, params: ParamSet, s: Settings, x, y, w0: Tensors, c: Ten
     return best_loss, best_err, best_norm
 
 
+def scaled_direction(g_u: Tensors, norm: str) -> Tensors:
+    """Steepest ascent in ``u`` for the constraint's norm: ``sign(g_u)`` (linf), ``g_u / ||g_u||`` (l2)."""
+    if norm == "linf":
+        return [gi.sign() for gi in g_u]
+    g_norm = l2_norm(g_u)
+    return [gi / (g_norm + 1e-12) for gi in g_u]
+
+
+def project_ball(u: Tensors, rho: float, norm: str) -> Tensors:
+    """Onto ``{||u||_p <= rho}``: a clamp (linf) or a rescaling (l2)."""
+    if norm == "linf":
+        return [ui.clamp(-rho, rho) for ui in u]
+    u_norm = l2_norm(u)
+    return [ui * (rho / u_norm) for ui in u] if u_norm > rho else u
+
+
+def scaled_apgd_restart(model, params: ParamSet, s: Settings, x, y, w0: Tensors, c: Tensors,
+                        stream: int, u: Tensors, on_iterate=None):
+    """APGD of Croce & Hein (2020) on ``f(u) = L(w0 + c u)`` over ``||u||_p <= rho``, from ``u``.
+
+    In ``u`` the constraint is a plain ball (l2) or box (linf), the ascent direction is the one the
+    norm makes steepest for ``grad_u f = c g``, and projection is a rescale or a clamp. Each step
+    ``z = P(u + eta d)``, ``u' = P(u + alpha (z - u) + (1 - alpha)(u - u_prev))`` (``alpha = 1`` at
+    the first step, 0.75 after). At the checkpoints of ``apgd.checkpoint_schedule`` the step size
+    halves where fewer than ``min_update_ratio`` of the steps since the last one increased the loss
+    over the iterate before, or where neither the step nor the best loss changed; ``u`` then moves
+    back to the best point found. The start point is the first candidate for the best.
+    Returns ``(best loss, its error, ||c u||_2 there)``."""
+    def move_to(u):
+        set_weights(params, [w + ci * ui for w, ci, ui in zip(w0, c, u)])
+
+    def loss_at(u, i):
+        move_to(u)
+        L, E = evaluate(model, s.objective, x, y)
+        check_finite_loss(L, f"at an APGD iterate (batch {stream}, iteration {i})")
+        return L, E
+
+    L, E = loss_at(u, "start")
+    best_loss, best_err, best_u = L, E, u
+    prev_loss, n_increases = L, 0
+    step = 2 * s.rho * s.step_size_mult
+    checkpoints = set(apgd.checkpoint_schedule(s.n_iters))
+    prev_step, prev_best, prev_checkpoint = step, best_loss, 0
+    u_prev = u
+    for i in range(s.n_iters):
+        g_u = [ci * gi for ci, gi in zip(c, gradient(model, s.objective, params, x, y))]   # at u
+        alpha = 1.0 if i == 0 else apgd.MOMENTUM
+        with torch.no_grad():
+            z = project_ball([ui + step * di for ui, di in zip(u, scaled_direction(g_u, s.norm))], s.rho, s.norm)
+            u, u_prev = project_ball([ui + alpha * (zi - ui) + (1 - alpha) * (ui - pi)
+                                      for ui, zi, pi in zip(u, z, u_prev)], s.rho, s.norm), u
+        if on_iterate is not None:
+            on_iterate([ci * ui for ci, ui in zip(c, u)], c)
+        L, E = loss_at(u, i)
+        n_increases += L > prev_loss
+        prev_loss = L
+        if L > best_loss:
+            best_loss, best_err, best_u = L, E, u
+        if i in checkpoints:
+            too_few = apgd.too_few_updates(n_increases, s.min_update_ratio, i - prev_checkpoint)
+            stalled = prev_step == step and prev_best == best_loss
+            prev_step, prev_best, prev_checkpoint, n_increases = step, best_loss, i, 0
+            if too_few or stalled:
+                step *= apgd.STEP_SIZE_SCALER
+                u = best_u   # back to the best point (u_prev stays: the momentum continues from it)
+                move_to(u)
+    return best_loss, best_err, l2_norm([ci * ui for ci, ui in zip(c, best_u)])
+
+
 def worst_case_sharpness(model, batches, params: ParamSet, s: Settings, on_iterate=None) -> SharpnessResult:
     w0 = [p.data for p in params.tensors]
     c = params.scales()
-    per_batch, per_batch_err, init_losses, init_errs, delta_norm = [], [], [], [], 0.0
+    c_flat = torch.cat([ci.reshape(-1) for ci in c])
+    local = starts.for_call(model, params, s, batches)
+    per_batch, per_batch_err, init_losses, init_errs, delta_norm, improved = [], [], [], [], 0.0, []
     for b, x, y in batches_on_device(batches, params.device):
         set_weights(params, w0)
         L0, E0 = evaluate(model, s.objective, x, y)
         check_finite_loss(L0, f"at the unperturbed weights (batch {b})")
-        worst_loss, worst_err, worst_norm = L0, E0, 0.0
-        for restart in range(s.n_restarts):
-            L, E, norm = apgd_restart(model, params, s, x, y, w0, c, L0, E0, b, restart, on_iterate)
+        worst_loss, worst_err, worst_norm, n_improved = L0, E0, 0.0, 0
+        for start in range(s.n_starts):
+            if s.init == "eigen":
+                u = params.split(starts.eigen_start(local[b], start, s, c_flat))
+            elif s.solver == "scaled" and s.init == "random":
+                u = params.split(starts.random_start(
+                    torch.cat([t.reshape(-1) for t in draw_noise(params, s, b, RAND_INIT_SAMPLE_BASE + start)]),
+                    s, c_flat))
+            if s.solver == "published":
+                delta = published_start(params, s, c, b, start) if s.init != "eigen" else \
+                    [ci * ui for ci, ui in zip(c, u)]
+                L, E, norm = apgd_restart(model, params, s, x, y, w0, c, L0, E0, b, delta, on_iterate)
+            else:
+                if s.init == "zero":
+                    u = [torch.zeros_like(ci) for ci in c]
+                L, E, norm = scaled_apgd_restart(model, params, s, x, y, w0, c, b, u, on_iterate)
             if L > worst_loss:
+                n_improved += start > 0
                 worst_loss, worst_err, worst_norm = L, E, norm
             set_weights(params, w0)
         per_batch.append(worst_loss - L0)
+        improved.append(n_improved)
         init_losses.append(L0)
         if E0 is not None:
             per_batch_err.append(worst_err - E0)
             init_errs.append(E0)
         delta_norm = max(delta_norm, worst_norm)
-    return _result(s, "reference", per_batch, per_batch_err, init_losses, init_errs, delta_norm)
+    result = _result(s, "reference", per_batch, per_batch_err, init_losses, init_errs, delta_norm)
+    return starts.with_diagnostics(result, s, improved, local)
 
 
 def _result(s: Settings, backend: str, per_batch, per_batch_err, init_losses, init_errs, delta_norm):

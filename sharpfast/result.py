@@ -16,6 +16,14 @@ class SharpnessResult:
     error (None without class labels); ``per_batch`` / ``per_batch_err``: one value per batch;
     ``delta_norm``: worst-case, the largest ``||delta||_2`` over batches at the best point found
     (0.0 for average-case); ``init_loss`` / ``init_err``: mean loss / error at ``w``.
+
+    Worst-case diagnostics: ``solver``; ``restarts_improved``, per batch, how many starts after the
+    first found a higher loss than every start before them (0 everywhere: more restarts would
+    likely not help); ``quadratic_model`` (l2, when computed: ``init="eigen"`` or
+    ``quadratic_model=True``), the mean over batches of ``rho ||c g|| + rho^2/2 max(lambda_max, 0)``
+    with ``g`` the gradient and ``lambda_max`` the top eigenvalue of ``C H C`` at ``w``: the
+    second-order model's bound on the maximum, which the found value approaches as rho -> 0 when
+    the solver finds the local maximum (``per_batch_quadratic_model``: one per batch).
     """
 
     sharpness: float
@@ -28,6 +36,10 @@ class SharpnessResult:
     backend: str
     kind: str
     settings: dict = field(default_factory=dict, repr=False)
+    solver: str | None = None
+    restarts_improved: list[int] | None = None
+    quadratic_model: float | None = None
+    per_batch_quadratic_model: list[float] | None = field(default=None, repr=False)
 
 
 def check_finite_loss(loss: float, where: str) -> None:

@@ -24,6 +24,8 @@ from .precision import check_policy
 
 NORMS = ("l2", "linf")
 BACKENDS = ("auto", "reference", "fused")
+SOLVERS = ("published", "scaled")
+INITS = ("zero", "random", "eigen")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,7 +114,12 @@ class Settings(Measurement):
 
 @dataclass(frozen=True, kw_only=True)
 class WorstCaseSettings(Settings):
-    """Worst-case sharpness by the published APGD (DESIGN.md §2)."""
+    """Worst-case sharpness by APGD in weight space: the published variant (DESIGN.md §2) or the
+    scaled solver (``solver="scaled"``, :mod:`sharpfast.scaled`), from the start ``init``.
+
+    ``init=None`` follows ``rand_init`` (``"random"`` where it is set, else ``"zero"``), and
+    ``rand_init`` is normalized to ``init == "random"``. ``init="eigen"`` runs two starts per restart,
+    ``+-rho`` times the restart's eigenvector of ``C H C`` (the top ``n_restarts`` by Lanczos)."""
 
     kind: ClassVar[str] = "worst"
     norm: str = "linf"
@@ -123,28 +130,61 @@ class WorstCaseSettings(Settings):
     min_update_ratio: float = apgd.MIN_UPDATE_RATIO
     projection_tol: float | None = None   # None: apgd.bisection_tolerance(rho)
     solve_batches_together: bool | None = None
+    solver: str = "published"
+    init: str | None = None
+    quadratic_model: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._set("n_iters", _positive_int("n_iters", self.n_iters))
         self._set("n_restarts", _positive_int("n_restarts", self.n_restarts))
-        self._set("rand_init", bool(self.rand_init))
-        if self.n_restarts > 1 and not self.rand_init:
-            raise ValueError("n_restarts > 1 needs rand_init=True (restarts from delta = 0 are identical)")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}; expected one of {SOLVERS}")
+        if self.init is None:
+            self._set("init", "random" if self.rand_init else "zero")
+        elif self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; expected one of {INITS}")
+        elif self.rand_init and self.init != "random":
+            raise ValueError(f"rand_init=True means init='random'; it contradicts init={self.init!r}")
+        self._set("rand_init", self.init == "random")
+        if self.n_restarts > 1 and self.init == "zero":
+            raise ValueError("n_restarts > 1 needs init='random' or 'eigen' (rand_init=True): restarts from "
+                             "delta = 0 are identical")
         if self.solve_batches_together is not None and not isinstance(self.solve_batches_together, bool):
             raise TypeError(f"solve_batches_together must be True, False or None, got {self.solve_batches_together!r}")
         self._set("step_size_mult", _positive_float("step_size_mult", self.step_size_mult))
         self._set("min_update_ratio", _positive_float("min_update_ratio", self.min_update_ratio, allow_zero=True))
         if self.projection_tol is not None:
             self._set("projection_tol", _positive_float("projection_tol", self.projection_tol))
+        self._set("quadratic_model", bool(self.quadratic_model))
+        if self.quadratic_model and self.norm != "l2":
+            raise ValueError("quadratic_model=True is the l2 model rho ||c g|| + rho^2/2 lambda_max(C H C); "
+                             "it needs norm='l2'")
 
     @property
     def bisection_tol(self) -> float:
         """The absolute tolerance the l2 ellipsoid bisection stops at."""
         return apgd.bisection_tolerance(self.rho, self.projection_tol)
 
+    @property
+    def with_quadratic_model(self) -> bool:
+        """Whether the result carries the l2 quadratic model: asked for, or free (the eigen start's
+        Lanczos run has computed everything it needs)."""
+        return self.norm == "l2" and (self.quadratic_model or self.init == "eigen")
+
+    @property
+    def n_starts(self) -> int:
+        """APGD runs per m-batch: one per restart, two (both signs) with the eigen start."""
+        return 2 * self.n_restarts if self.init == "eigen" else self.n_restarts
+
     def describe(self) -> dict:
-        return dict(super().describe(), projection_tol=self.bisection_tol)
+        d = super().describe()
+        d.pop("quadratic_model")   # a diagnostic: it does not change the value
+        if self.solver == "published":
+            d["projection_tol"] = self.bisection_tol
+        else:
+            d.pop("projection_tol")   # no bisection: the scaled solver projects by a rescale or a clamp
+        return d
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -44,6 +44,10 @@ WORST = [
     dict(norm="linf", adaptive=True, rho=0.05, rand_init=True, n_restarts=3),
     dict(norm="l2", adaptive=True, rho=0.1, rand_init=True, n_restarts=2, adaptive_weights_only=True),
     dict(norm="l2", adaptive=True, rho=0.1, step_size_mult=0.5, n_iters=13),
+    dict(norm="l2", adaptive=True, rho=0.1, solver="scaled"),
+    dict(norm="linf", adaptive=True, rho=0.05, solver="scaled", init="random", n_restarts=2),
+    dict(norm="l2", adaptive=False, rho=0.3, solver="scaled", init="eigen", adaptive_weights_only=True),
+    dict(norm="l2", adaptive=True, rho=0.1, init="eigen"),
 ]
 
 

@@ -165,6 +165,69 @@ def test_apgd_step_l2(device, dtype, n, lam):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES + [100_003])
+@pytest.mark.parametrize("alpha", [1.0, 0.75])
+def test_scaled_step_linf(device, dtype, n, alpha):
+    """u in the box [-rho, rho]: the step clamps twice and writes w0 + c u; frozen (c = 0) stays."""
+    rho, step = 0.1, 0.37
+    params, u, u_prev, grad, w0, c = step_inputs(n, dtype, device, rho=rho)
+    u[c == 0] = 0
+    u_prev[c == 0] = 0
+    ct = compute_dtype(dtype)
+    x, xp, gr, w, cc = (t.to(ct) for t in (u, u_prev, grad, w0, c))
+    z = (x + step * (cc * gr).sign()).clamp(-rho, rho)
+    new = (x + alpha * (z - x) + (1 - alpha) * (x - xp)).clamp(-rho, rho)
+    old_u = u.clone()
+    _ops.scaled_step_linf_(params, u, u_prev, grad, w0, c, scalar(step, device), rho, alpha)
+    assert torch.equal(u_prev, old_u)
+    torch.testing.assert_close(u, new.to(dtype), **tol(dtype, device))
+    torch.testing.assert_close(params, (w + cc * new).to(dtype), **tol(dtype, device))
+    bound = torch.tensor(rho, dtype=ct).to(dtype).to(ct)   # rho as the storage dtype rounds it
+    assert (u.to(ct).abs() <= bound).all() and not u[c == 0].any()
+    assert torch.equal(params[c == 0], w0[c == 0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES + [100_003])
+def test_scaled_step_l2_and_gram(device, dtype, n):
+    params, u, u_prev, grad, w0, c = step_inputs(n, dtype, device)
+    ct = compute_dtype(dtype)
+    x, xp, gr, w, cc = (t.to(ct) for t in (u, u_prev, grad, w0, c))
+    gram = _ops.scaled_gram(u, u_prev, grad, w0, c)
+    xd, pd, cg, cu = x.double(), xp.double(), (cc * gr).double(), (cc * x).double()
+    want = torch.stack([xd @ xd, xd @ pd, pd @ pd, xd @ cg, pd @ cg, cg @ cg, cu @ cu]).cpu()
+    torch.testing.assert_close(gram.cpu(), want, rtol=1e-12, atol=1e-300)
+    a, b, e = 0.9, 0.02, -0.25
+    new = (a * x + b * (cc * gr)) + e * xp
+    old_u = u.clone()
+    _ops.scaled_step_l2_(params, u, u_prev, grad, w0, c, torch.tensor([a, b, e], dtype=torch.float64, device=device))
+    assert torch.equal(u_prev, old_u)
+    torch.testing.assert_close(u, new.to(dtype), **tol(dtype, device))
+    torch.testing.assert_close(params, (w + cc * new).to(dtype), **tol(dtype, device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scaled_l2_coefficients_are_the_two_rescalings(device):
+    """``fused.scaled.l2_coefficients`` from the Gram entries = the step written with norms."""
+    from sharpfast.fused.scaled import l2_coefficients
+    g = torch.Generator().manual_seed(3)
+    n, rho = 4000, 0.05
+    for scale in (0.001, 0.03, 1.0):   # inside the ball, near it, far out
+        u, up, cg = (scale * torch.randn(n, generator=g, dtype=torch.float64) for _ in range(3))
+        for step, alpha in ((0.1, 1.0), (0.1, 0.75), (1e-4, 0.75)):
+            d = cg / (cg.norm() + 1e-12)
+            z = u + step * d
+            z = z * min(1.0, rho / float(z.norm()))
+            v = u + alpha * (z - u) + (1 - alpha) * (u - up)
+            v = v * min(1.0, rho / float(v.norm()))
+            gram = torch.stack([u @ u, u @ up, up @ up, u @ cg, up @ cg, cg @ cg, u @ u]).to(device)
+            a, b, e = l2_coefficients(gram, torch.tensor(step, dtype=torch.float64, device=device), rho, alpha).cpu()
+            torch.testing.assert_close(a * u + b * cg + e * up, v, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_apgd_step_l2_nonadaptive_rescale(device):
     """c = 1 and lam = (||z|| / rho - 1) / 2 rescales z to norm rho (the published l2 projection)."""
     n, rho = 5000, 0.05
@@ -490,11 +553,16 @@ def _opcheck_cases(device):
         (OPS.ellipsoid_sq_norms, (f(), f(), f(), None, False, 0.0, s, lam)),
         (OPS.perturb_tensors_, ([f()[:30], f()[:7]], [f()[:30], f()[:7]], [], True, 0.0, 0.1, 1, 2, 3, [0, 30],
                                 "uniform")),
+        # the scaled solver
+        (OPS.scaled_step_linf_, (f(), f(), f(), f(), f(), c, False, 0.0, s, 0.1, 0.75)),
+        (OPS.scaled_step_l2_, (f(), f(), f(), f(), f(), None, True, 0.0,
+                               torch.tensor([0.9, 0.1, -0.2], dtype=torch.float64, device=device))),
+        (OPS.scaled_gram, (f(), f(), f(), f(), c, False, 0.0)),
     ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", range(15))
+@pytest.mark.parametrize("case", range(18))
 def test_opcheck(device, case):
     op, args = _opcheck_cases(device)[case]
     torch.library.opcheck(op, args)
@@ -555,14 +623,19 @@ def test_cpu_cuda_agree(dtype):
         rows_b = _ops.perturb_batched_(torch.empty(4, n, dtype=dtype, device="cuda"), gpu[4], c_gpu, 0.05, 3, 1, 2, 7,
                                        "normal", True)
         assert torch.equal(rows_a, rows_b.cpu())
-        for step in ("linf", "l2"):
+        for step in ("linf", "l2", "scaled_linf", "scaled_l2"):
             bufs_a = [t.clone() for t in cpu[:5]]
             bufs_b = [t.clone() for t in gpu[:5]]
             for bufs, c, dev in ((bufs_a, c_cpu, "cpu"), (bufs_b, c_gpu, "cuda")):
                 if step == "linf":
                     _ops.apgd_step_linf_(*bufs, c, scalar(0.2, dev), 0.1, 0.75)
-                else:
+                elif step == "l2":
                     _ops.apgd_step_l2_(*bufs, c, scalar(0.37, dev), scalar(0.3, dev), 0.75)
+                elif step == "scaled_linf":
+                    _ops.scaled_step_linf_(*bufs, c, scalar(0.2, dev), 0.1, 0.75)
+                else:
+                    coefficients = torch.tensor([0.9, 0.37, -0.25], dtype=torch.float64, device=dev)
+                    _ops.scaled_step_l2_(*bufs, c, coefficients)
             for x, y in zip(bufs_a, bufs_b):
                 assert torch.equal(x, y.cpu()), step
     # the multi-tensor perturbation: many pieces of odd sizes (empty ones too), odd offsets, one launch on CUDA
@@ -582,3 +655,6 @@ def test_cpu_cuda_agree(dtype):
     nb = _ops.ellipsoid_sq_norms(gpu[1], gpu[3], gpu[4], gpu[5], scalar(0.1, "cuda"), lam.cuda())
     torch.testing.assert_close(nb.cpu(), na, rtol=1e-12, atol=0)
     torch.testing.assert_close(_ops.sum_squares(gpu[3]).cpu(), _ops.sum_squares(cpu[3]), rtol=1e-12, atol=0)
+    ga = _ops.scaled_gram(cpu[1], cpu[2], cpu[3], cpu[4], cpu[5])
+    gb = _ops.scaled_gram(gpu[1], gpu[2], gpu[3], gpu[4], gpu[5])
+    torch.testing.assert_close(gb.cpu(), ga, rtol=1e-12, atol=1e-300)

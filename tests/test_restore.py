@@ -58,6 +58,11 @@ def calls(backend):
         lambda m, d, **kw: sharpfast.worst_case_sharpness(m, d, rho=0.05, norm="l2", n_iters=4, rand_init=True,
                                                           backend=backend, **together, **kw),
         lambda m, d, **kw: sharpfast.average_sharpness(m, d, rho=0.05, n_samples=3, backend=backend, **average, **kw),
+        lambda m, d, **kw: sharpfast.worst_case_sharpness(m, d, rho=0.05, norm="l2", n_iters=4, solver="scaled",
+                                                          init="eigen", backend=backend, **together, **kw),
+        lambda m, d, **kw: sharpfast.worst_case_sharpness(m, d, rho=0.05, norm="linf", n_iters=4, solver="scaled",
+                                                          init="random", n_restarts=2, backend=backend, **together,
+                                                          **kw),
     ]
 
 

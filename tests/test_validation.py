@@ -129,6 +129,16 @@ def test_bad_worst_case_options(setup):
         call("worst", *setup, step_size_mult=0.0)
     with pytest.raises(ValueError, match="projection_tol"):
         call("worst", *setup, projection_tol=-1.0)
+    with pytest.raises(ValueError, match="unknown solver"):
+        call("worst", *setup, solver="sam")
+    with pytest.raises(ValueError, match="unknown init"):
+        call("worst", *setup, init="ones")
+    with pytest.raises(ValueError, match="contradicts init='eigen'"):
+        call("worst", *setup, rand_init=True, init="eigen")
+    with pytest.raises(ValueError, match="init='random' or 'eigen'"):
+        call("worst", *setup, init="zero", n_restarts=2)
+    with pytest.raises(ValueError, match="needs norm='l2'"):
+        call("worst", *setup, norm="linf", quadratic_model=True)
 
 
 def test_bad_average_case_options(setup):

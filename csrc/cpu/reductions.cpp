@@ -166,6 +166,51 @@ at::Tensor ellipsoid_sq_norms_cpu(const at::Tensor& delta, const at::Tensor& gra
   return out;
 }
 
+// The scaled solver's inner products (elementwise.h GramEntry) of u, u_prev and c g, and
+// ||c u||^2, with c g and c u rounded to the compute type as the step computes them, summed in
+// double. One pass over memory.
+at::Tensor scaled_gram_cpu(const at::Tensor& u, const at::Tensor& u_prev, const at::Tensor& grad, const at::Tensor& w0,
+                           const std::optional<at::Tensor>& c, bool adaptive, double eta) {
+  const StepCall call = check_scaled_gram(u, u_prev, grad, w0, c, adaptive, eta);
+  at::Tensor out = at::zeros({kGramEntries}, u.options().dtype(at::kDouble));
+  const int64_t n = u.numel();
+  if (n == 0) return out;
+  const ScaleRule rule = call.rule;
+  SF_DISPATCH(u.scalar_type(), "sharpfast::scaled_gram", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* __restrict__ x = u.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ xp = u_prev.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ g = grad.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ w = w0.data_ptr<scalar_t>();
+    const scalar_t* cc = scale_data<scalar_t>(call.c);
+    constexpr int64_t kSub = 256;
+    chunked_sums(n, kGramEntries, out.data_ptr<double>(), [&](int64_t b, int64_t m, double* res) {
+      acc_t cs[kSub];
+      double acc[kGramEntries] = {0, 0, 0, 0, 0, 0, 0};
+      for (int64_t t = 0; t < m; t += kSub) {
+        const int64_t q = std::min(kSub, m - t);
+        const int64_t i = b + t;
+        fill_scales<scalar_t>(cc ? cc + i : nullptr, w + i, rule, q, cs);
+        for (int64_t j = 0; j < q; ++j) {
+          const acc_t ci = cs[j], ua = static_cast<acc_t>(x[i + j]);
+          const double uj = static_cast<double>(ua), pj = static_cast<double>(static_cast<acc_t>(xp[i + j]));
+          const double gj = static_cast<double>(ci * static_cast<acc_t>(g[i + j]));
+          const double dj = static_cast<double>(ci * ua);
+          acc[kUU] += uj * uj;
+          acc[kUP] += uj * pj;
+          acc[kPP] += pj * pj;
+          acc[kUG] += uj * gj;
+          acc[kPG] += pj * gj;
+          acc[kGG] += gj * gj;
+          acc[kDD] += dj * dj;
+        }
+      }
+      for (int e = 0; e < kGramEntries; ++e) res[e] = acc[e];
+    });
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace sharpfast
@@ -173,5 +218,6 @@ at::Tensor ellipsoid_sq_norms_cpu(const at::Tensor& delta, const at::Tensor& gra
 TORCH_LIBRARY_IMPL(sharpfast, CPU, m) {
   using namespace sharpfast::cpu;
   m.impl("sum_squares", &sum_squares_cpu);
+  m.impl("scaled_gram", &scaled_gram_cpu);
   m.impl("ellipsoid_sq_norms", &ellipsoid_sq_norms_cpu);
 }

@@ -1,4 +1,4 @@
-// CUDA APGD steps (the shared element update in one pass) and copy_if_.
+// CUDA APGD steps, published and scaled (the shared element update in one pass), and copy_if_.
 #include "common.cuh"
 
 namespace sharpfast {
@@ -6,16 +6,17 @@ namespace cuda {
 
 namespace {
 
-// One fused pass: the shared element update (elementwise.h apgd_update), history shift,
-// parameter write. s1 = step size (linf) or gradient scale (l2); s2 = lambda (l2).
-template <typename S, int V, bool L2>
+// One fused pass: the shared element update (elementwise.h step_update), history shift,
+// parameter write (w0 + the perturbation the new value stands for).
+template <typename S, int V, Step K>
 __global__ void apgd_kernel(S* __restrict__ params, S* __restrict__ delta, S* __restrict__ delta_prev,
                             const S* __restrict__ grad, const S* __restrict__ w0, const S* __restrict__ c,
                             ScaleRule rule, int64_t n, const double* __restrict__ s1p, const double* __restrict__ s2p,
-                            double rho, double momentum) {
+                            const double* __restrict__ s3p, double rho, double momentum) {
   using A = typename AccOf<S>::type;
   const A s1 = static_cast<A>(*s1p);
-  const A s2 = L2 ? static_cast<A>(*s2p) : A(0);
+  const A s2 = s2p != nullptr ? static_cast<A>(*s2p) : A(0);
+  const A s3 = s3p != nullptr ? static_cast<A>(*s3p) : A(0);
   const A r = static_cast<A>(rho), alpha = static_cast<A>(momentum);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -29,9 +30,9 @@ __global__ void apgd_kernel(S* __restrict__ params, S* __restrict__ delta, S* __
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const A ck = c != nullptr ? to_acc(C.v[k]) : derived_scale_of<S>(W.v[k], rule);
-      const A nd = apgd_update<A, L2>(to_acc(D.v[k]), to_acc(DP.v[k]), to_acc(G.v[k]), ck, s1, s2, r, alpha);
+      const A nd = step_update<A, K>(to_acc(D.v[k]), to_acc(DP.v[k]), to_acc(G.v[k]), ck, s1, s2, s3, r, alpha);
       ND.v[k] = from_acc<S>(nd);
-      P.v[k] = from_acc<S>(to_acc(W.v[k]) + nd);
+      P.v[k] = from_acc<S>(to_acc(W.v[k]) + perturbation_of<A, K>(nd, ck));
     }
     store_vec<S, V>(delta_prev, v, D);
     store_vec<S, V>(delta, v, ND);
@@ -40,15 +41,15 @@ __global__ void apgd_kernel(S* __restrict__ params, S* __restrict__ delta, S* __
   for (int64_t i = nv * V + tid; i < n; i += stride) {
     const S d = delta[i];
     const S w = w0[i];
-    const A nd = apgd_update<A, L2>(to_acc(d), to_acc(delta_prev[i]), to_acc(grad[i]), scale_at<S>(c, i, w, rule), s1,
-                                    s2, r, alpha);
+    const A ci = scale_at<S>(c, i, w, rule);
+    const A nd = step_update<A, K>(to_acc(d), to_acc(delta_prev[i]), to_acc(grad[i]), ci, s1, s2, s3, r, alpha);
     delta_prev[i] = d;
     delta[i] = from_acc<S>(nd);
-    params[i] = from_acc<S>(to_acc(w) + nd);
+    params[i] = from_acc<S>(to_acc(w) + perturbation_of<A, K>(nd, ci));
   }
 }
 
-template <typename S, bool L2>
+template <typename S, Step K>
 cudaError_t launch_apgd(const ApgdArgs& a, cudaStream_t stream) {
   if (a.n == 0) return cudaSuccess;
   constexpr int V = 16 / sizeof(S);
@@ -60,13 +61,12 @@ cudaError_t launch_apgd(const ApgdArgs& a, cudaStream_t stream) {
   auto G = static_cast<const S*>(a.grad);
   auto W = static_cast<const S*>(a.w0);
   auto C = static_cast<const S*>(a.c);
-  const double rho = L2 ? 0.0 : a.rho;
   if (vec)
-    apgd_kernel<S, V, L2><<<grid_for(a.n / V + 1), kThreads, 0, stream>>>(P, D, DP, G, W, C, a.rule, a.n, a.s1, a.lam,
-                                                                           rho, a.momentum);
+    apgd_kernel<S, V, K><<<grid_for(a.n / V + 1), kThreads, 0, stream>>>(P, D, DP, G, W, C, a.rule, a.n, a.s1, a.s2,
+                                                                          a.s3, a.rho, a.momentum);
   else
-    apgd_kernel<S, 1, L2><<<grid_for(a.n), kThreads, 0, stream>>>(P, D, DP, G, W, C, a.rule, a.n, a.s1, a.lam, rho,
-                                                                   a.momentum);
+    apgd_kernel<S, 1, K><<<grid_for(a.n), kThreads, 0, stream>>>(P, D, DP, G, W, C, a.rule, a.n, a.s1, a.s2, a.s3,
+                                                                  a.rho, a.momentum);
   return cudaGetLastError();
 }
 
@@ -84,18 +84,23 @@ __global__ void copy_if_kernel(uint8_t* __restrict__ dst, const uint8_t* __restr
   for (int64_t i = done + tid; i < nbytes; i += stride) dst[i] = src[i];
 }
 
-template <typename S> struct LinfF {
-  static cudaError_t run(const ApgdArgs& a, cudaStream_t st) { return launch_apgd<S, false>(a, st); }
-};
-template <typename S> struct L2F {
-  static cudaError_t run(const ApgdArgs& a, cudaStream_t st) { return launch_apgd<S, true>(a, st); }
+template <typename S> struct StepF {
+  static cudaError_t run(Step kind, const ApgdArgs& a, cudaStream_t st) {
+    switch (kind) {
+      case Step::linf: return launch_apgd<S, Step::linf>(a, st);
+      case Step::l2: return launch_apgd<S, Step::l2>(a, st);
+      case Step::scaled_linf: return launch_apgd<S, Step::scaled_linf>(a, st);
+      case Step::scaled_l2: return launch_apgd<S, Step::scaled_l2>(a, st);
+    }
+    return cudaErrorInvalidValue;
+  }
 };
 
 }  // namespace
 
-cudaError_t apgd_step_linf(const ApgdArgs& a, cudaStream_t stream) { return dispatch<LinfF>(a.dtype, a, stream); }
-
-cudaError_t apgd_step_l2(const ApgdArgs& a, cudaStream_t stream) { return dispatch<L2F>(a.dtype, a, stream); }
+cudaError_t apgd_step(Step kind, const ApgdArgs& a, cudaStream_t stream) {
+  return dispatch<StepF>(a.dtype, kind, a, stream);
+}
 
 cudaError_t copy_if(void* dst, const void* src, int64_t nbytes, const bool* cond, cudaStream_t stream) {
   if (nbytes == 0) return cudaSuccess;

@@ -70,8 +70,10 @@ cudaError_t perturb_pieces(const Piece* pieces, int64_t n_pieces, int64_t total_
                            double rho, uint64_t seed, uint32_t rng_stream, uint32_t sample, Dist dist,
                            cudaStream_t stream);
 
-// An APGD step's buffers and scalars. s1: the step size (linf) or the gradient scale (l2), lam
-// the ellipsoid multiplier (l2 only), both device scalars.
+// An APGD step's buffers and scalars (elementwise.h step_update): `delta` is delta (published) or
+// u (scaled); s1, s2, s3 device scalars (nullptr where the step has fewer): published linf the
+// step size; published l2 the gradient scale and the ellipsoid multiplier; scaled linf the step
+// size; scaled l2 the coefficients (a, b, e).
 struct ApgdArgs {
   void* params;
   void* delta;
@@ -83,13 +85,13 @@ struct ApgdArgs {
   DType dtype;
   int64_t n;
   const double* s1;
-  const double* lam;
+  const double* s2;
+  const double* s3;
   double rho;
   double momentum;
 };
 
-cudaError_t apgd_step_linf(const ApgdArgs& a, cudaStream_t stream);
-cudaError_t apgd_step_l2(const ApgdArgs& a, cudaStream_t stream);
+cudaError_t apgd_step(Step kind, const ApgdArgs& a, cudaStream_t stream);
 
 // out[0] = sum x^2 (float64). partials: reduce_partials(n) doubles of scratch.
 cudaError_t sum_squares(const void* x, DType dtype, int64_t n, double* partials, double* out, cudaStream_t stream);
@@ -112,6 +114,23 @@ struct EllipsoidArgs {
 };
 
 cudaError_t ellipsoid_sq_norms(const EllipsoidArgs& a, cudaStream_t stream);
+
+// out[e] = the scaled solver's inner products (elementwise.h GramEntry) of u, u_prev and c g, and
+// ||c u||^2. partials: reduce_partials(n) * kGramEntries doubles of scratch.
+struct GramArgs {
+  const void* u;
+  const void* u_prev;
+  const void* grad;
+  const void* w0;
+  const void* c;  // nullptr: derived from w0 by rule
+  ScaleRule rule;
+  DType dtype;
+  int64_t n;
+  double* partials;
+  double* out;
+};
+
+cudaError_t scaled_gram(const GramArgs& a, cudaStream_t stream);
 
 // dst = src (nbytes) iff *cond; the kernel reads cond and returns early when it is false.
 cudaError_t copy_if(void* dst, const void* src, int64_t nbytes, const bool* cond, cudaStream_t stream);

@@ -109,25 +109,26 @@ void perturb_tensors_cuda(at::TensorList out, at::TensorList w0, at::TensorList 
                                 k.seed, k.rng_stream, k.sample, pieces.dist, c10::cuda::getCurrentCUDAStream()));
 }
 
-// One APGD step of a checked call; s1 / lam: the device scalars as float64.
-ApgdArgs apgd_args(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
-                   const at::Tensor& w0, const StepCall& call, const at::Tensor& s1, const double* lam, double rho,
-                   double momentum) {
-  return ApgdArgs{params.data_ptr(), delta.data_ptr(), delta_prev.data_ptr(), grad.data_ptr(), w0.data_ptr(),
-                  scale_ptr(call.c), call.rule, dtype_of(params), params.numel(), s1.data_ptr<double>(), lam, rho,
-                  momentum};
+// One APGD step of a checked call; s1, s2, s3: its device scalars as float64 (nullptr where unused).
+void launch_step(Step kind, at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
+                 const at::Tensor& w0, const StepCall& call, const double* s1, const double* s2, const double* s3,
+                 double rho, double momentum) {
+  const ApgdArgs a{params.data_ptr(), delta.data_ptr(), delta_prev.data_ptr(), grad.data_ptr(), w0.data_ptr(),
+                   scale_ptr(call.c), call.rule, dtype_of(params), params.numel(), s1, s2, s3, rho, momentum};
+  C10_CUDA_CHECK(apgd_step(kind, a, c10::cuda::getCurrentCUDAStream()));
 }
 
 void apgd_step_linf_cuda(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
                          const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive, double eta,
                          const at::Tensor& step_size, double rho, double momentum) {
-  const StepCall call = check_apgd_linf(params, delta, delta_prev, grad, w0, c, adaptive, eta, step_size);
+  const StepCall call = check_apgd_linf("apgd_step_linf_", params, delta, delta_prev, grad, w0, c, adaptive, eta,
+                                        step_size);
   check_cuda(params, "params");
   if (params.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(params.device());
   const at::Tensor step = as_double(step_size);
-  C10_CUDA_CHECK(apgd_step_linf(apgd_args(params, delta, delta_prev, grad, w0, call, step, nullptr, rho, momentum),
-                                c10::cuda::getCurrentCUDAStream()));
+  launch_step(Step::linf, params, delta, delta_prev, grad, w0, call, step.data_ptr<double>(), nullptr, nullptr, rho,
+              momentum);
 }
 
 void apgd_step_l2_cuda(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_prev, const at::Tensor& grad,
@@ -138,9 +139,45 @@ void apgd_step_l2_cuda(at::Tensor& params, at::Tensor& delta, at::Tensor& delta_
   if (params.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(params.device());
   const at::Tensor gs = as_double(grad_scale);
-  C10_CUDA_CHECK(apgd_step_l2(apgd_args(params, delta, delta_prev, grad, w0, call, gs, lam.data_ptr<double>(), 0.0,
-                                        momentum),
-                              c10::cuda::getCurrentCUDAStream()));
+  launch_step(Step::l2, params, delta, delta_prev, grad, w0, call, gs.data_ptr<double>(), lam.data_ptr<double>(),
+              nullptr, 0.0, momentum);
+}
+
+void scaled_step_linf_cuda(at::Tensor& params, at::Tensor& u, at::Tensor& u_prev, const at::Tensor& grad,
+                           const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive, double eta,
+                           const at::Tensor& step_size, double rho, double momentum) {
+  const StepCall call = check_apgd_linf("scaled_step_linf_", params, u, u_prev, grad, w0, c, adaptive, eta, step_size);
+  check_cuda(params, "params");
+  if (params.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(params.device());
+  const at::Tensor step = as_double(step_size);
+  launch_step(Step::scaled_linf, params, u, u_prev, grad, w0, call, step.data_ptr<double>(), nullptr, nullptr, rho,
+              momentum);
+}
+
+void scaled_step_l2_cuda(at::Tensor& params, at::Tensor& u, at::Tensor& u_prev, const at::Tensor& grad,
+                         const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive, double eta,
+                         const at::Tensor& coefficients) {
+  const StepCall call = check_scaled_l2(params, u, u_prev, grad, w0, c, adaptive, eta, coefficients);
+  check_cuda(params, "params");
+  if (params.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(params.device());
+  const double* k = coefficients.data_ptr<double>();
+  launch_step(Step::scaled_l2, params, u, u_prev, grad, w0, call, k, k + 1, k + 2, 0.0, 0.0);
+}
+
+at::Tensor scaled_gram_cuda(const at::Tensor& u, const at::Tensor& u_prev, const at::Tensor& grad, const at::Tensor& w0,
+                            const std::optional<at::Tensor>& c, bool adaptive, double eta) {
+  const StepCall call = check_scaled_gram(u, u_prev, grad, w0, c, adaptive, eta);
+  check_cuda(u, "u");
+  const c10::cuda::CUDAGuard guard(u.device());
+  at::Tensor out = at::zeros({kGramEntries}, u.options().dtype(at::kDouble));
+  if (u.numel() == 0) return out;
+  at::Tensor partials = at::empty({reduce_partials(u.numel()) * kGramEntries}, u.options().dtype(at::kDouble));
+  const GramArgs a{u.data_ptr(), u_prev.data_ptr(), grad.data_ptr(), w0.data_ptr(), scale_ptr(call.c), call.rule,
+                   dtype_of(u), u.numel(), partials.data_ptr<double>(), out.data_ptr<double>()};
+  C10_CUDA_CHECK(sharpfast::cuda::scaled_gram(a, c10::cuda::getCurrentCUDAStream()));
+  return out;
 }
 
 at::Tensor sum_squares_cuda(const at::Tensor& x) {
@@ -198,6 +235,9 @@ TORCH_LIBRARY_IMPL(sharpfast, CUDA, m) {
   m.impl("apgd_step_linf_", &apgd_step_linf_cuda);
   m.impl("ellipsoid_sq_norms", &ellipsoid_sq_norms_cuda);
   m.impl("apgd_step_l2_", &apgd_step_l2_cuda);
+  m.impl("scaled_step_linf_", &scaled_step_linf_cuda);
+  m.impl("scaled_step_l2_", &scaled_step_l2_cuda);
+  m.impl("scaled_gram", &scaled_gram_cuda);
   m.impl("copy_if_", &copy_if_cuda);
   m.impl("sum_squares", &sum_squares_cuda);
 }

@@ -1,5 +1,5 @@
-// CUDA reductions: sum of squares and the ellipsoid projection's squared norms, two-stage and
-// deterministic. Also how the kernels were built.
+// CUDA reductions: sum of squares, the ellipsoid projection's squared norms and the scaled
+// solver's inner products, two-stage and deterministic. Also how the kernels were built.
 #include "common.cuh"
 
 namespace sharpfast {
@@ -103,6 +103,55 @@ __global__ void ellipsoid_kernel(const S* __restrict__ delta, const S* __restric
   }
 }
 
+// Per-block partial sums of the scaled solver's inner products (elementwise.h GramEntry).
+template <typename S>
+__global__ void gram_kernel(const S* __restrict__ u, const S* __restrict__ u_prev, const S* __restrict__ grad,
+                            const S* __restrict__ w0, const S* __restrict__ c, ScaleRule rule, int64_t n,
+                            double* __restrict__ partials) {
+  using A = typename AccOf<S>::type;
+  __shared__ double smem[kReduceThreads / 32][kGramEntries];
+  double acc[kGramEntries] = {0, 0, 0, 0, 0, 0, 0};
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const A ci = scale_at<S>(c, i, w0[i], rule), ua = to_acc(u[i]);
+    const double uj = static_cast<double>(ua), pj = static_cast<double>(to_acc(u_prev[i]));
+    const double gj = static_cast<double>(ci * to_acc(grad[i]));
+    const double dj = static_cast<double>(ci * ua);
+    acc[kUU] += uj * uj;
+    acc[kUP] += uj * pj;
+    acc[kPP] += pj * pj;
+    acc[kUG] += uj * gj;
+    acc[kPG] += pj * gj;
+    acc[kGG] += gj * gj;
+    acc[kDD] += dj * dj;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int e = 0; e < kGramEntries; ++e) {
+    const double t = warp_sum(acc[e]);
+    if (lane == 0) smem[warp][e] = t;
+  }
+  __syncthreads();
+  if (threadIdx.x < kGramEntries) {
+    double t = 0.0;
+    for (int w = 0; w < kReduceThreads / 32; ++w) t += smem[w][threadIdx.x];
+    partials[static_cast<int64_t>(blockIdx.x) * kGramEntries + threadIdx.x] = t;
+  }
+}
+
+template <typename S> struct GramF {
+  static cudaError_t run(const GramArgs& a, cudaStream_t st) {
+    const int64_t nb = reduce_partials(a.n);
+    gram_kernel<S><<<static_cast<unsigned>(nb), kReduceThreads, 0, st>>>(
+        static_cast<const S*>(a.u), static_cast<const S*>(a.u_prev), static_cast<const S*>(a.grad),
+        static_cast<const S*>(a.w0), static_cast<const S*>(a.c), a.rule, a.n, a.partials);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    finish_kernel<<<kGramEntries, kReduceThreads, 0, st>>>(a.partials, nb, kGramEntries, a.out);
+    return cudaGetLastError();
+  }
+};
+
 template <typename S> struct SumSqF {
   static cudaError_t run(const void* x, int64_t n, double* partials, double* out, cudaStream_t st) {
     const int64_t nb = reduce_partials(n);
@@ -155,6 +204,11 @@ int64_t reduce_partials(int64_t n) {
 
 cudaError_t sum_squares(const void* x, DType dtype, int64_t n, double* partials, double* out, cudaStream_t stream) {
   return dispatch<SumSqF>(dtype, x, n, partials, out, stream);
+}
+
+cudaError_t scaled_gram(const GramArgs& a, cudaStream_t stream) {
+  if (a.n == 0) return cudaSuccess;
+  return dispatch<GramF>(a.dtype, a, stream);
 }
 
 cudaError_t ellipsoid_sq_norms(const EllipsoidArgs& a, cudaStream_t stream) {

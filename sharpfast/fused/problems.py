@@ -28,7 +28,9 @@ log = logging.getLogger("sharpfast.fused")
 
 TOGETHER_DEVICES = ("cuda",)   # where m-batches are solved together by default ...
 TOGETHER_BUFFER_BYTES = 2**30  # ... when their [B, N] buffers fit in this much memory
-TOGETHER_BUFFERS = 6           # current, grad, delta, delta_prev, best_grad, the vmapped gradient
+# [B, N] buffers by solver: current, grad, the vmapped gradient, best_grad, and delta, delta_prev
+# (published) or u, u_prev, u_best (scaled)
+TOGETHER_BUFFERS = {"published": 6, "scaled": 7}
 
 
 class OneBatch:
@@ -138,7 +140,7 @@ def plan(model, batches, params: ParamSet, s: Settings, flat: FlatState) -> list
 
 def _together_by_default(s: Settings, flat: FlatState, n_batches: int, stackable: bool) -> bool:
     """On a GPU, in eval mode, for several batches of one shape whose [B, N] buffers fit."""
-    memory = TOGETHER_BUFFERS * n_batches * flat.w0.numel() * flat.w0.element_size()
+    memory = TOGETHER_BUFFERS[s.solver] * n_batches * flat.w0.numel() * flat.w0.element_size()
     return (flat.w0.device.type in TOGETHER_DEVICES and s.eval_mode and n_batches > 1 and stackable
             and memory <= TOGETHER_BUFFER_BYTES)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ops, apgd
+from .. import _ops, apgd, starts
 from ..result import SharpnessResult
 from ..settings import Settings
 from ..params import ParamSet
@@ -19,6 +19,7 @@ from ..philox import RAND_INIT_SAMPLE_BASE, noise_distribution
 from . import problems
 from .bookkeeping import Bookkeeping
 from .flat import FlatState, finish
+from .scaled import ScaledRun
 
 # bisection steps speculated per pass over memory: each costs an fp64 division per coordinate
 # on a CPU (~15% of a pass), next to nothing on a GPU
@@ -26,43 +27,35 @@ BISECTION_LEVELS = {"cpu": 1, "cuda": 4}
 
 
 def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
+    # the eigen start's vectors, computed at w0 before anything is attached (both backends alike)
+    local = starts.for_call(model, params, s, batches)
     flat = FlatState(params, s)
     checkpoints = set(apgd.checkpoint_schedule(s.n_iters))
     results, pool = _Results(), {}
+    Run = ScaledRun if s.solver == "scaled" else _Run
     for group in problems.plan(model, batches, params, s, flat):   # the m-batch problems solved together
-        run = _Run(group, flat, s, params, pool)
-        L0 = E0 = worst = None
-        if s.rand_init:   # the first gradient is taken at the random start: L0 needs its own forward
+        run = Run(group, flat, s, params, pool, local)
+        L0 = E0 = None
+        if s.init != "zero":   # the first gradient is taken at the start: L0 needs its own forward
             L0, E0, results.labelled = group.evaluate(with_grad=False)
-        for restart in range(s.n_restarts):
-            run.start(restart)
-            loss, err, results.labelled = group.evaluate(with_grad=True)   # at the start point: the first "best"
+        worst = None
+        for start in range(s.n_starts):
+            run.start(start)
+            loss, err, results.labelled = group.evaluate(with_grad=True)   # at the start point
             if L0 is None:   # delta = 0: this forward was at w0
                 L0, E0 = loss, err
-            book = Bookkeeping(s, L0, E0)
-            run.keep_best_grad(None)
-            for i in range(s.n_iters):
-                run.step(book.step)
-                final = i == s.n_iters - 1
-                loss, err, results.labelled = group.evaluate(with_grad=not final)   # final: its loss only
-                run.loss_sum += loss
-                improved = book.record(loss, err, run.delta_sq_norms())
-                if final:
-                    break
-                run.keep_best_grad(improved)
-                if i in checkpoints:
-                    run.back_to_best(book.checkpoint(i))
-            worst = _best_of(worst, (book.best_loss, book.best_err, book.delta_norm(L0)), L0, E0)
+            book = run.solve(loss, err, L0, E0, checkpoints, results)
+            worst = _best_of(worst, (book.best_loss, book.best_err, book.delta_norm(L0)), L0, E0, start)
         results.add(L0, E0, worst, run.loss_sum)
-    return results.finish(s)
+    return starts.with_diagnostics(results.finish(s), s, [int(n) for n in results.improved], local)
 
 
 class _Run:
     """A group's APGD buffers (one row per problem) and its fused step. ``pool`` keeps the buffers
     for the next group of the same size (one batch at a time: every batch reuses them)."""
 
-    def __init__(self, group, flat: FlatState, s: Settings, params: ParamSet, pool: dict):
-        self.group, self.flat, self.s = group, flat, s
+    def __init__(self, group, flat: FlatState, s: Settings, params: ParamSet, pool: dict, local=None):
+        self.group, self.flat, self.s, self.local = group, flat, s, local
         current = group.current
         if current.shape[0] not in pool:
             pool[current.shape[0]] = [torch.empty_like(current) for _ in range(3)]
@@ -77,10 +70,34 @@ class _Run:
         self.c_is_one = params.unit_scale
         current.copy_(flat.w0.expand_as(current))
 
+    def solve(self, loss, err, L0, E0, checkpoints, results) -> Bookkeeping:
+        """One published APGD run from the start just evaluated (``loss``, ``err``: its forward);
+        returns its record."""
+        s = self.s
+        book = Bookkeeping(s, L0, E0)
+        self.keep_best_grad(None)
+        for i in range(s.n_iters):
+            self.step(book.step)
+            final = i == s.n_iters - 1
+            loss, err, results.labelled = self.group.evaluate(with_grad=not final)   # final: its loss only
+            self.loss_sum += loss
+            improved = book.record(loss, err, self.delta_sq_norms())
+            if final:
+                break
+            self.keep_best_grad(improved)
+            if i in checkpoints:
+                self.back_to_best(book.checkpoint(i))
+        return book
+
     def start(self, restart: int) -> None:
-        """delta = 0, or the random start of this restart; the weights to w0 + delta."""
+        """delta = 0, the random start of this restart, or the eigen start; the weights to w0 + delta."""
         s, w0 = self.s, self.flat.w0
-        if s.rand_init:
+        if s.init == "eigen":
+            for r, stream in zip(self.rows, self.group.streams):
+                c = self.flat.scale_values(self.best_grad[r])   # best_grad is free until the first gradient
+                torch.mul(starts.eigen_start(self.local[stream], restart, s, c), c, out=self.delta[r])
+            torch.add(w0, self.delta, out=self.group.current)
+        elif s.rand_init:
             dist = noise_distribution(s.norm)
             for r, stream in zip(self.rows, self.group.streams):
                 delta = self.delta[r]
@@ -157,12 +174,15 @@ class _Projection:
         return torch.tensor(lam, dtype=torch.float64, device=self.device)
 
 
-def _best_of(worst, restart, L0, E0):
-    """(loss, error, ||delta||) of the best restart so far, per problem."""
+def _best_of(worst, restart, L0, E0, start: int):
+    """(loss, error, ||delta||, starts that improved after the first) of the best start so far,
+    per problem; the unperturbed point (``L0``, ``delta = 0``) is the first candidate."""
     if worst is None:
-        worst = (L0.clone(), E0.clone(), torch.zeros(L0.shape, dtype=torch.float64, device=L0.device))
+        worst = (L0.clone(), E0.clone(), torch.zeros(L0.shape, dtype=torch.float64, device=L0.device),
+                 torch.zeros(L0.shape, dtype=torch.int64, device=L0.device))
     better = restart[0] > worst[0]
-    return tuple(torch.where(better, new, old) for new, old in zip(restart, worst))
+    best = tuple(torch.where(better, new, old) for new, old in zip(restart, worst[:3]))
+    return best + (worst[3] + (better & (start > 0)),)
 
 
 class _Results:
@@ -170,11 +190,12 @@ class _Results:
 
     def __init__(self):
         self.per_batch, self.per_batch_err, self.init_losses, self.init_errs = [], [], [], []
-        self.delta_norms, self.nonfinite = [], []
+        self.delta_norms, self.nonfinite, self.improved = [], [], []
         self.labelled = True
 
     def add(self, L0, E0, worst, loss_sum) -> None:
-        worst_loss, worst_err, worst_norm = worst
+        worst_loss, worst_err, worst_norm, improved = worst
+        self.improved += list(improved.reshape(-1))
         self.per_batch += list((worst_loss - L0).reshape(-1))
         self.per_batch_err += list((worst_err - E0).reshape(-1))
         self.init_losses += list(L0.reshape(-1))
@@ -183,5 +204,6 @@ class _Results:
         self.nonfinite += list((~torch.isfinite(loss_sum)).reshape(-1))
 
     def finish(self, s: Settings) -> SharpnessResult:
+        self.improved = torch.stack(self.improved).tolist()
         return finish(s, self.per_batch, self.per_batch_err, self.init_losses, self.init_errs, self.delta_norms,
                       self.labelled, self.nonfinite)

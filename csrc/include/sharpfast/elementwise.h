@@ -89,19 +89,63 @@ SF_HOST_DEVICE T momentum_mix(T z, T delta_prev, T alpha) {
   return alpha * z + (T(1) - alpha) * delta_prev;
 }
 
-// One APGD element update, as both backends apply it: z = the ascent projected onto the
-// constraint (linf: clamp to the box; l2: the ellipsoid shrink with multiplier s2), then the
-// momentum mix with delta_prev. s1 is the step size (linf) or the gradient scale
-// step / ||g|| (l2). Returns delta's new value; the parameter becomes w0 + that.
-template <typename T, bool L2>
-SF_HOST_DEVICE T apgd_update(T delta, T delta_prev, T g, T c, T s1, T s2, T rho, T alpha) {
-  T z;
-  if (L2) {
-    z = ellipsoid_shrink<T>(l2_ascent<T>(delta, g, c, s1), c, s2);
-  } else {
-    z = linf_ascent_clamp<T>(delta, g, c, s1, rho);
-  }
-  return momentum_mix<T>(z, delta_prev, alpha);
+// ---- The scaled solver: APGD in u = delta / c, where the constraint is a plain ball (l2) or
+// box (linf). A frozen coordinate (c = 0) has c g = 0 and u = u_prev = 0, so it stays at 0.
+
+// clamp(x, -rho, rho), min then max as linf_ascent_clamp writes it.
+template <typename T>
+SF_HOST_DEVICE T clamp_to_box(T x, T rho) {
+  const T hi = x < rho ? x : rho;
+  return hi > -rho ? hi : -rho;
 }
+
+// linf: z = clamp(u + step * sign(c g)), u' = clamp(u + alpha (z - u) + (1 - alpha) (u - u_prev))
+// (the reference's association: ((u + alpha (z - u)) + (1 - alpha) (u - u_prev))).
+template <typename T>
+SF_HOST_DEVICE T scaled_linf_update(T u, T u_prev, T g, T c, T step, T rho, T alpha) {
+  const T z = clamp_to_box<T>(u + step * sign_of<T>(c * g), rho);
+  return clamp_to_box<T>(u + alpha * (z - u) + (T(1) - alpha) * (u - u_prev), rho);
+}
+
+// l2: both of the step's projections are rescalings, so the step is linear in u, c g and u_prev,
+// with coefficients computed on the device from their inner products (scaled_gram):
+// u' = a u + b (c g) + e u_prev.
+template <typename T>
+SF_HOST_DEVICE T scaled_l2_update(T u, T u_prev, T g, T c, T a, T b, T e) {
+  return (a * u + b * (c * g)) + e * u_prev;
+}
+
+// The four APGD steps. The published ones update delta; the scaled ones update u.
+enum class Step : int { linf, l2, scaled_linf, scaled_l2 };
+
+// One APGD element update, as every backend applies it. x / x_prev: delta (published) or u
+// (scaled). Scalars: published linf s1 = step; published l2 s1 = step / ||g||, s2 = the ellipsoid
+// multiplier (z = the ascent projected onto the ellipsoid, then the momentum mix with delta_prev);
+// scaled linf s1 = step; scaled l2 (s1, s2, s3) = (a, b, e). Returns x's new value.
+template <typename T, Step K>
+SF_HOST_DEVICE T step_update(T x, T x_prev, T g, T c, T s1, T s2, T s3, T rho, T alpha) {
+  if constexpr (K == Step::linf) {
+    return momentum_mix<T>(linf_ascent_clamp<T>(x, g, c, s1, rho), x_prev, alpha);
+  } else if constexpr (K == Step::l2) {
+    return momentum_mix<T>(ellipsoid_shrink<T>(l2_ascent<T>(x, g, c, s1), c, s2), x_prev, alpha);
+  } else if constexpr (K == Step::scaled_linf) {
+    return scaled_linf_update<T>(x, x_prev, g, c, s1, rho, alpha);
+  } else {
+    return scaled_l2_update<T>(x, x_prev, g, c, s1, s2, s3);
+  }
+}
+
+// The perturbation a state value stands for: delta itself, or c u. The parameter is w0 + that.
+template <typename T, Step K>
+SF_HOST_DEVICE T perturbation_of(T x, T c) {
+  if constexpr (K == Step::scaled_linf || K == Step::scaled_l2) {
+    return c * x;
+  } else {
+    return x;
+  }
+}
+
+// The inner products the scaled l2 step needs, and ||delta||^2 (scaled_gram's entries, in order).
+enum GramEntry : int { kUU, kUP, kPP, kUG, kPG, kGG, kDD, kGramEntries };
 
 }  // namespace sharpfast
