@@ -43,7 +43,8 @@ constexpr OpSchema kOps[] = {
     {"scaled_step_linf_", "(Tensor(a!) params, Tensor(b!) u, Tensor(c!) u_prev, Tensor grad, Tensor w0, "
                           "Tensor? c, bool adaptive, float eta, Tensor step_size, float rho, float momentum) -> ()"},
     {"scaled_step_l2_", "(Tensor(a!) params, Tensor(b!) u, Tensor(c!) u_prev, Tensor grad, Tensor w0, "
-                        "Tensor? c, bool adaptive, float eta, Tensor coefficients) -> ()"},
+                        "Tensor? c, bool adaptive, float eta, Tensor gram, Tensor step_size, float rho, "
+                        "float momentum) -> ()"},
     {"scaled_gram", "(Tensor u, Tensor u_prev, Tensor grad, Tensor w0, Tensor? c, bool adaptive, float eta) -> Tensor"},
     {"copy_if_", "(Tensor(a!) dst, Tensor src, Tensor cond) -> ()"},
     {"sum_squares", "(Tensor x) -> Tensor"},

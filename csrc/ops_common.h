@@ -345,18 +345,20 @@ inline StepCall check_apgd_l2(const at::Tensor& params, const at::Tensor& delta,
   return call;
 }
 
-// The scaled l2 step's coefficients (a, b, e): a float64 [3] tensor on the buffers' device.
+// The scaled l2 step: `gram` is scaled_gram's float64 [7] result for (u, u_prev, grad), on the
+// buffers' device; the step size a device scalar.
 inline StepCall check_scaled_l2(const at::Tensor& params, const at::Tensor& u, const at::Tensor& u_prev,
                                 const at::Tensor& grad, const at::Tensor& w0, const std::optional<at::Tensor>& c,
-                                bool adaptive, double eta, const at::Tensor& coefficients) {
+                                bool adaptive, double eta, const at::Tensor& gram, const at::Tensor& step_size) {
   const StepCall call = check_apgd_step("scaled_step_l2_", params, u, u_prev, grad, w0, c, adaptive, eta);
-  TORCH_CHECK(coefficients.dim() == 1 && coefficients.numel() == 3 && coefficients.is_contiguous(),
-              "sharpfast: argument 'coefficients' must be a contiguous [3] tensor (a, b, e), got shape ",
-              coefficients.sizes());
-  TORCH_CHECK(coefficients.scalar_type() == at::kDouble, "sharpfast: argument 'coefficients' must be float64, got ",
-              coefficients.scalar_type());
-  TORCH_CHECK(coefficients.device() == params.device(), "sharpfast: argument 'coefficients' is on ",
-              coefficients.device(), " but the buffers are on ", params.device());
+  TORCH_CHECK(gram.dim() == 1 && gram.numel() == kGramEntries && gram.is_contiguous(),
+              "sharpfast: argument 'gram' must be a contiguous [", static_cast<int>(kGramEntries),
+              "] tensor (scaled_gram's result), got shape ", gram.sizes());
+  TORCH_CHECK(gram.scalar_type() == at::kDouble, "sharpfast: argument 'gram' must be float64, got ",
+              gram.scalar_type());
+  TORCH_CHECK(gram.device() == params.device(), "sharpfast: argument 'gram' is on ", gram.device(),
+              " but the buffers are on ", params.device());
+  check_scalar(step_size, "step_size", params.device(), true);
   return call;
 }
 

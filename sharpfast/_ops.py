@@ -197,12 +197,14 @@ def scaled_step_linf_(params: torch.Tensor, u: torch.Tensor, u_prev: torch.Tenso
 
 
 def scaled_step_l2_(params: torch.Tensor, u: torch.Tensor, u_prev: torch.Tensor, grad: torch.Tensor,
-                    w0: torch.Tensor, c: Scale, coefficients: torch.Tensor) -> None:
-    """One l2 step of the scaled solver: ``new = a u + b (c grad) + e u_prev`` for the float64
-    device tensor ``coefficients = (a, b, e)`` (both of the step's projections are rescalings, so
-    the step is linear; ``fused.scaled`` computes them from :func:`scaled_gram`), then the history
-    shift and ``params = w0 + c new``."""
-    _ops().scaled_step_l2_(params, u, u_prev, grad, w0, *_scale_args(c), coefficients)
+                    w0: torch.Tensor, c: Scale, gram: torch.Tensor, step_size: torch.Tensor, rho: float,
+                    momentum: float) -> None:
+    """One l2 step of the scaled solver in ``u = delta / c``: with ``d = c grad / (||c grad|| + 1e-12)``,
+    ``z = P(u + step d)``, ``new = P(u + momentum (z - u) + (1 - momentum)(u - u_prev))``, ``P`` the
+    rescaling onto the ball ``||u|| <= rho``; ``u_prev = u`` (old value), ``u = new``,
+    ``params = w0 + c new``. Both rescalings are computed from ``gram`` (:func:`scaled_gram` of
+    ``u, u_prev, grad``), so the step is one pass; ``step_size``: 0-dim device tensor."""
+    _ops().scaled_step_l2_(params, u, u_prev, grad, w0, *_scale_args(c), gram, step_size, float(rho), float(momentum))
 
 
 GRAM_ENTRIES = ("uu", "up", "pp", "ug", "pg", "gg", "dd")
@@ -307,9 +309,10 @@ if _C is not None:
         return None
 
     @torch.library.register_fake("sharpfast::scaled_step_l2_")
-    def _scaled_l2_fake(params, u, u_prev, grad, w0, c, adaptive, eta, coefficients):
+    def _scaled_l2_fake(params, u, u_prev, grad, w0, c, adaptive, eta, gram, step_size, rho, momentum):
         _fake_check_step(params, u, u_prev, grad, w0, c)
-        torch._check(coefficients.shape == (3,), lambda: "sharpfast: argument 'coefficients' must be a [3] tensor")
+        torch._check(gram.shape == (len(GRAM_ENTRIES),), lambda: "sharpfast: argument 'gram' must be a [7] tensor")
+        torch._check(step_size.dim() == 0, lambda: "sharpfast: argument 'step_size' must be a 0-dim tensor")
         return None
 
     @torch.library.register_fake("sharpfast::scaled_gram")

@@ -29,7 +29,6 @@ OFFSET = 5         # global element index of the first element: a block's draws 
 DTYPES = (torch.float32, torch.float64)
 RHO, ETA, STEP, MOMENTUM, GRAD_SCALE = 0.05, 0.01, 0.37, 0.75, 0.02
 LAMBDAS = (0.0, 0.013, 3.5)
-SCALED_L2_COEFFICIENTS = (0.9, 0.02, -0.25)   # (a, b, e) of a scaled l2 step
 
 
 @dataclass
@@ -212,13 +211,18 @@ def _check_steps(chk: _Checker, t: _Inputs) -> None:
                 chk.compare("scaled_step_linf_", case, got, exp)
         chk.run("scaled_step_linf_", case, scaled_linf)
 
-        def scaled_l2():
-            bufs = [w0 + delta, delta.clone(), delta_prev.clone()]
-            a, b, e = SCALED_L2_COEFFICIENTS
-            _ops.scaled_step_l2_(*bufs, grad, w0, c_op, torch.tensor([a, b, e], dtype=torch.float64, device=t.device))
-            new = (a * delta + b * (c * grad)) + e * delta_prev
-            for got, exp in zip(bufs, (w0 + c * new, new, delta)):
-                chk.compare("scaled_step_l2_", case, got, exp)
+        def scaled_l2():   # the two rescalings, written with norms; u just outside the ball
+            u, u_prev = 3 * delta, delta_prev
+            bufs = [w0 + u, u.clone(), u_prev.clone()]
+            gram = _ops.scaled_gram(u, u_prev, grad, w0, c_op)
+            _ops.scaled_step_l2_(*bufs, grad, w0, c_op, gram, t.scalar(STEP), RHO, MOMENTUM)
+            x, p, cg = u.double(), u_prev.double(), (c * grad).double()
+            z = x + STEP * cg / (cg.norm() + 1e-12)
+            z = z * min(1.0, RHO / float(z.norm()))
+            v = x + MOMENTUM * (z - x) + (1 - MOMENTUM) * (x - p)
+            new = v * min(1.0, RHO / float(v.norm()))
+            for got, exp in zip(bufs, (w0.double() + c.double() * new, new, u)):
+                chk.compare("scaled_step_l2_", case, got, exp.to(t.dtype))
         chk.run("scaled_step_l2_", case, scaled_l2)
 
     def copy_if():

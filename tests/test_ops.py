@@ -188,43 +188,49 @@ def test_scaled_step_linf(device, dtype, n, alpha):
     assert torch.equal(params[c == 0], w0[c == 0])
 
 
+def scaled_l2_expected(u, u_prev, cg, step, rho, alpha):
+    """The scaled l2 step written with norms (float64): the reference's two rescalings."""
+    d = cg / (cg.norm() + 1e-12)
+    z = u + step * d
+    z = z * min(1.0, rho / float(z.norm()))
+    v = u + alpha * (z - u) + (1 - alpha) * (u - u_prev)
+    return v * min(1.0, rho / float(v.norm()))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES + [100_003])
-def test_scaled_step_l2_and_gram(device, dtype, n):
+def test_scaled_gram(device, dtype, n):
     params, u, u_prev, grad, w0, c = step_inputs(n, dtype, device)
     ct = compute_dtype(dtype)
-    x, xp, gr, w, cc = (t.to(ct) for t in (u, u_prev, grad, w0, c))
+    x, xp, gr, cc = (t.to(ct) for t in (u, u_prev, grad, c))
     gram = _ops.scaled_gram(u, u_prev, grad, w0, c)
     xd, pd, cg, cu = x.double(), xp.double(), (cc * gr).double(), (cc * x).double()
     want = torch.stack([xd @ xd, xd @ pd, pd @ pd, xd @ cg, pd @ cg, cg @ cg, cu @ cu]).cpu()
     torch.testing.assert_close(gram.cpu(), want, rtol=1e-12, atol=1e-300)
-    a, b, e = 0.9, 0.02, -0.25
-    new = (a * x + b * (cc * gr)) + e * xp
-    old_u = u.clone()
-    _ops.scaled_step_l2_(params, u, u_prev, grad, w0, c, torch.tensor([a, b, e], dtype=torch.float64, device=device))
-    assert torch.equal(u_prev, old_u)
-    torch.testing.assert_close(u, new.to(dtype), **tol(dtype, device))
-    torch.testing.assert_close(params, (w + cc * new).to(dtype), **tol(dtype, device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_scaled_l2_coefficients_are_the_two_rescalings(device):
-    """``fused.scaled.l2_coefficients`` from the Gram entries = the step written with norms."""
-    from sharpfast.fused.scaled import l2_coefficients
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("scale", [0.001, 0.03, 1.0])          # u inside the ball, near it, far out
+@pytest.mark.parametrize("step, alpha", [(0.1, 1.0), (0.1, 0.75), (1e-4, 0.75)])
+def test_scaled_step_l2_is_the_two_rescalings(device, dtype, scale, step, alpha):
+    n, rho = 4003, 0.05
     g = torch.Generator().manual_seed(3)
-    n, rho = 4000, 0.05
-    for scale in (0.001, 0.03, 1.0):   # inside the ball, near it, far out
-        u, up, cg = (scale * torch.randn(n, generator=g, dtype=torch.float64) for _ in range(3))
-        for step, alpha in ((0.1, 1.0), (0.1, 0.75), (1e-4, 0.75)):
-            d = cg / (cg.norm() + 1e-12)
-            z = u + step * d
-            z = z * min(1.0, rho / float(z.norm()))
-            v = u + alpha * (z - u) + (1 - alpha) * (u - up)
-            v = v * min(1.0, rho / float(v.norm()))
-            gram = torch.stack([u @ u, u @ up, up @ up, u @ cg, up @ cg, cg @ cg, u @ u]).to(device)
-            a, b, e = l2_coefficients(gram, torch.tensor(step, dtype=torch.float64, device=device), rho, alpha).cpu()
-            torch.testing.assert_close(a * u + b * cg + e * up, v, rtol=1e-10, atol=1e-14)
+    params, _, _, grad, w0, c = step_inputs(n, dtype, device)
+    u, u_prev = ((scale * torch.randn(n, generator=g, dtype=torch.float64)).to(dtype).to(device) for _ in range(2))
+    u[c == 0] = 0
+    u_prev[c == 0] = 0
+    cg = (c * grad).double()
+    want = scaled_l2_expected(u.double(), u_prev.double(), cg, step, rho, alpha)
+    old_u = u.clone()
+    gram = _ops.scaled_gram(u, u_prev, grad, w0, c)
+    _ops.scaled_step_l2_(params, u, u_prev, grad, w0, c, gram, scalar(step, device), rho, alpha)
+    assert torch.equal(u_prev, old_u)
+    rtol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(u.double(), want, rtol=rtol, atol=rtol * float(want.abs().max()))
+    torch.testing.assert_close(params.double(), (w0.double() + c.double() * u.double()), rtol=rtol, atol=1e-7)
+    assert float(u.double().norm()) <= rho * (1 + 1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -556,7 +562,8 @@ def _opcheck_cases(device):
         # the scaled solver
         (OPS.scaled_step_linf_, (f(), f(), f(), f(), f(), c, False, 0.0, s, 0.1, 0.75)),
         (OPS.scaled_step_l2_, (f(), f(), f(), f(), f(), None, True, 0.0,
-                               torch.tensor([0.9, 0.1, -0.2], dtype=torch.float64, device=device))),
+                               torch.tensor([0.9, 0.1, 1.0, 0.2, -0.1, 2.0, 0.5], dtype=torch.float64, device=device),
+                               s, 0.1, 0.75)),
         (OPS.scaled_gram, (f(), f(), f(), f(), c, False, 0.0)),
     ]
 
@@ -634,8 +641,8 @@ def test_cpu_cuda_agree(dtype):
                 elif step == "scaled_linf":
                     _ops.scaled_step_linf_(*bufs, c, scalar(0.2, dev), 0.1, 0.75)
                 else:
-                    coefficients = torch.tensor([0.9, 0.37, -0.25], dtype=torch.float64, device=dev)
-                    _ops.scaled_step_l2_(*bufs, c, coefficients)
+                    gram = torch.tensor([0.9, 0.1, 1.0, 0.2, -0.1, 2.0, 0.5], dtype=torch.float64, device=dev)
+                    _ops.scaled_step_l2_(*bufs, c, gram, scalar(0.2, dev), 0.1, 0.75)
             for x, y in zip(bufs_a, bufs_b):
                 assert torch.equal(x, y.cpu()), step
     # the multi-tensor perturbation: many pieces of odd sizes (empty ones too), odd offsets, one launch on CUDA

@@ -335,3 +335,38 @@ def test_esd_figure_for_chosen_checkpoints(tiny_zoo, tmp_path, capsys):
     assert main(["esd", "--zoo", tiny_zoo, "--out", str(tmp_path), "--n-examples", "128", "--m", "64"]) == 0
     assert (tmp_path / "esd.png").stat().st_size > 1000 and "esd: wrote" in capsys.readouterr().out
     assert main(["esd", "--zoo", tiny_zoo, "--out", str(tmp_path), "--ids", "nope", "--n-examples", "128"]) == 2
+
+
+def test_both_solvers_sweep_side_by_side(tiny_zoo, tmp_path):
+    """Definitions name the solver: published definitions keep the keys they had before solvers
+    existed, the scaled ones are new definitions with their own rows and report lines."""
+    assert Definition("max", "l2", 0.5).key == Definition("max", "l2", 0.5, solver="published", init="zero").key
+    assert Definition("max", "l2", 0.5, rand_init=True).key == Definition("max", "l2", 0.5, init="random").key
+    pub = Definition.from_dict(dict(kind="max", norm="l2", rho=0.5, n_iters=6, m=64, n_examples=128))
+    new = Definition.from_dict(dict(kind="max", norm="l2", rho=0.5, n_iters=6, m=64, n_examples=128,
+                                    solver="scaled"))
+    eig = Definition.from_dict(dict(kind="max", norm="l2", rho=0.5, n_iters=6, m=64, n_examples=128,
+                                    solver="scaled", init="eigen"))
+    assert len({pub.key, new.key, eig.key}) == 3
+    assert "solver=scaled" in new.name and "init=eigen" in eig.name and "solver" not in pub.name
+    assert eig.settings().solver == "scaled" and eig.settings().init == "eigen"
+    with pytest.raises(ConfigError, match="solver must be one of"):
+        Definition("max", "l2", 0.5, solver="sam")
+    with pytest.raises(ConfigError, match="contradicts"):
+        Definition("max", "l2", 0.5, rand_init=True, init="eigen")
+    store = str(tmp_path / "r.db")
+    m = Manifest.load(tiny_zoo)
+    s = run_sweep(m, [pub, new, eig], store, progress=False)
+    assert (s.ok, s.errors) == (24, 0)
+    rows = _values(store)
+    for entry in m.models:
+        assert rows[(entry.id, new.key)][1] >= rows[(entry.id, pub.key)][1] * (1 - 1e-6)
+    from sharpfast.study.report import build_report
+    text = build_report(store, None, plots=False).markdown()
+    assert "max-l2-adaptive m=64 n_examples=128 n_iters=6 solver=scaled" in text
+    assert "solver=scaled init=eigen" in text
+    from sharpfast.study.cli import _definitions, build_parser
+    flags = build_parser().parse_args(["sweep", "--zoo", "z", "--kind", "max", "avg", "--norm", "l2", "--rho", "0.5",
+                                       "--solver", "published", "scaled"])
+    assert [d.name for d in _definitions(flags)] == [
+        "max-l2-adaptive m=128 rho=0.5", "max-l2-adaptive m=128 solver=scaled rho=0.5", "avg-l2-adaptive m=128 rho=0.5"]

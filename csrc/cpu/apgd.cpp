@@ -91,10 +91,11 @@ void scaled_step_linf_cpu(at::Tensor& params, at::Tensor& u, at::Tensor& u_prev,
 
 void scaled_step_l2_cpu(at::Tensor& params, at::Tensor& u, at::Tensor& u_prev, const at::Tensor& grad,
                         const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive, double eta,
-                        const at::Tensor& coefficients) {
-  const StepCall call = check_scaled_l2(params, u, u_prev, grad, w0, c, adaptive, eta, coefficients);
-  const double* k = coefficients.data_ptr<double>();
-  run_step<Step::scaled_l2>(params, u, u_prev, grad, w0, call, k[0], k[1], k[2], 0.0, 0.0);
+                        const at::Tensor& gram, const at::Tensor& step_size, double rho, double momentum) {
+  const StepCall call = check_scaled_l2(params, u, u_prev, grad, w0, c, adaptive, eta, gram, step_size);
+  const ScaledL2Coefficients k = scaled_l2_coefficients(gram.data_ptr<double>(), read_scalar(step_size), rho,
+                                                        momentum);
+  run_step<Step::scaled_l2>(params, u, u_prev, grad, w0, call, k.a, k.b, k.e, 0.0, 0.0);
 }
 
 void copy_if_cpu(at::Tensor& dst, const at::Tensor& src, const at::Tensor& cond) {

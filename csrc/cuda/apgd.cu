@@ -14,9 +14,15 @@ __global__ void apgd_kernel(S* __restrict__ params, S* __restrict__ delta, S* __
                             ScaleRule rule, int64_t n, const double* __restrict__ s1p, const double* __restrict__ s2p,
                             const double* __restrict__ s3p, double rho, double momentum) {
   using A = typename AccOf<S>::type;
-  const A s1 = static_cast<A>(*s1p);
-  const A s2 = s2p != nullptr ? static_cast<A>(*s2p) : A(0);
-  const A s3 = s3p != nullptr ? static_cast<A>(*s3p) : A(0);
+  A s1, s2, s3;
+  if constexpr (K == Step::scaled_l2) {   // s1p: the Gram entries, s2p: the step size
+    const ScaledL2Coefficients k = scaled_l2_coefficients(s1p, *s2p, rho, momentum);
+    s1 = static_cast<A>(k.a), s2 = static_cast<A>(k.b), s3 = static_cast<A>(k.e);
+  } else {
+    s1 = static_cast<A>(*s1p);
+    s2 = s2p != nullptr ? static_cast<A>(*s2p) : A(0);
+    s3 = s3p != nullptr ? static_cast<A>(*s3p) : A(0);
+  }
   const A r = static_cast<A>(rho), alpha = static_cast<A>(momentum);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;

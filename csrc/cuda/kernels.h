@@ -73,7 +73,8 @@ cudaError_t perturb_pieces(const Piece* pieces, int64_t n_pieces, int64_t total_
 // An APGD step's buffers and scalars (elementwise.h step_update): `delta` is delta (published) or
 // u (scaled); s1, s2, s3 device scalars (nullptr where the step has fewer): published linf the
 // step size; published l2 the gradient scale and the ellipsoid multiplier; scaled linf the step
-// size; scaled l2 the coefficients (a, b, e).
+// size; scaled l2 s1 = scaled_gram's 7 entries and s2 = the step size (each thread computes the
+// step's coefficients from them: elementwise.h scaled_l2_coefficients).
 struct ApgdArgs {
   void* params;
   void* delta;

@@ -157,13 +157,14 @@ void scaled_step_linf_cuda(at::Tensor& params, at::Tensor& u, at::Tensor& u_prev
 
 void scaled_step_l2_cuda(at::Tensor& params, at::Tensor& u, at::Tensor& u_prev, const at::Tensor& grad,
                          const at::Tensor& w0, const std::optional<at::Tensor>& c, bool adaptive, double eta,
-                         const at::Tensor& coefficients) {
-  const StepCall call = check_scaled_l2(params, u, u_prev, grad, w0, c, adaptive, eta, coefficients);
+                         const at::Tensor& gram, const at::Tensor& step_size, double rho, double momentum) {
+  const StepCall call = check_scaled_l2(params, u, u_prev, grad, w0, c, adaptive, eta, gram, step_size);
   check_cuda(params, "params");
   if (params.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(params.device());
-  const double* k = coefficients.data_ptr<double>();
-  launch_step(Step::scaled_l2, params, u, u_prev, grad, w0, call, k, k + 1, k + 2, 0.0, 0.0);
+  const at::Tensor step = as_double(step_size);
+  launch_step(Step::scaled_l2, params, u, u_prev, grad, w0, call, gram.data_ptr<double>(), step.data_ptr<double>(),
+              nullptr, rho, momentum);
 }
 
 at::Tensor scaled_gram_cuda(const at::Tensor& u, const at::Tensor& u_prev, const at::Tensor& grad, const at::Tensor& w0,

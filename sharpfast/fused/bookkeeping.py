@@ -16,28 +16,28 @@ from ..settings import Settings
 class Bookkeeping:
     """The published solver starts its best at ``(L0, E0)`` with ``||delta|| = 0`` and counts the
     steps that improved the best; the scaled solver (``count_increases``) starts it at the start
-    point (``start_sq = ||delta||^2`` there) and counts the steps whose loss exceeded the previous
-    iterate's, as Croce & Hein's APGD does."""
+    point and counts the steps whose loss exceeded the previous iterate's, as Croce & Hein's APGD
+    does (it keeps the best point itself, and sets ``best_sq`` from it at the end)."""
 
-    def __init__(self, s: Settings, L0: torch.Tensor, E0: torch.Tensor, start_sq: torch.Tensor | None = None,
-                 count_increases: bool = False):
+    def __init__(self, s: Settings, L0: torch.Tensor, E0: torch.Tensor, count_increases: bool = False):
         f64 = dict(dtype=torch.float64, device=L0.device)
         self.ratio = s.min_update_ratio
         self.step = torch.full(L0.shape, 2 * s.rho * s.step_size_mult, **f64)
         self.n_updates = torch.zeros(L0.shape, dtype=torch.int64, device=L0.device)
         self.prev_checkpoint = 0
         self.best_loss, self.best_err = L0.clone(), E0.clone()
-        # ||delta||^2 at the best point
-        self.best_sq = torch.zeros(L0.shape, **f64) if start_sq is None else start_sq.clone()
+        self.best_sq = torch.zeros(L0.shape, **f64)   # ||delta||^2 at the best point (0 at the start)
         self.prev_step, self.prev_best = self.step.clone(), self.best_loss.clone()
         self.count_increases, self.prev_loss = count_increases, L0
 
-    def record(self, loss: torch.Tensor, err: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
-        """A new point's loss, error and ``||delta||^2``; returns where it improved on the best."""
+    def record(self, loss: torch.Tensor, err: torch.Tensor, sq: torch.Tensor | None = None) -> torch.Tensor:
+        """A new point's loss, error and ``||delta||^2`` (None: not tracked); returns where it
+        improved on the best."""
         improved = loss > self.best_loss
         self.best_loss = torch.where(improved, loss, self.best_loss)
         self.best_err = torch.where(improved, err, self.best_err)
-        self.best_sq = torch.where(improved, sq, self.best_sq)
+        if sq is not None:
+            self.best_sq = torch.where(improved, sq, self.best_sq)
         self.n_updates += (loss > self.prev_loss) if self.count_increases else improved
         self.prev_loss = loss
         return improved

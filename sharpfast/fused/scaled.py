@@ -3,10 +3,10 @@
 ``u = delta / c``, every step one fused op over flat buffers and the bookkeeping on the device.
 
 linf: the step clamps twice per element, one pass. l2: both of a step's projections are
-rescalings, so the new ``u`` is ``a u + b (c g) + e u_prev``; :func:`l2_coefficients` computes
-``a, b, e`` on the device from the inner products of ``u``, ``u_prev`` and ``c g`` (one reduction
-pass, ``_ops.scaled_gram``, which also gives ``||delta||^2`` for the record). No bisection, no
-host sync: l2 costs what linf costs.
+rescalings, so the new ``u`` is ``a u + b (c g) + e u_prev``, with ``a, b, e`` computed inside the
+step op from the inner products of ``u``, ``u_prev`` and ``c g`` (``_ops.scaled_gram``: one
+reduction pass). No bisection, no host sync: l2 costs one reduction more than linf. The solver
+keeps its best point, so ``||delta||`` is taken there once at the end, not at every step.
 
 Memory: the perturbed weights and their gradient (which the model views), ``w0``, ``u``,
 ``u_prev``, the best point ``u_best`` (the step size's halving moves ``u`` back to it) and its
@@ -23,24 +23,7 @@ from ..settings import Settings
 from .bookkeeping import Bookkeeping
 from .flat import FlatState
 
-UU, UP, PP, UG, PG, GG, DD = range(len(_ops.GRAM_ENTRIES))
-
-
-def l2_coefficients(gram: torch.Tensor, step: torch.Tensor, rho: float, alpha: float) -> torch.Tensor:
-    """``(a, b, e)`` with ``a u + b (c g) + e u_prev`` the scaled l2 step (float64, ``[..., 3]``).
-
-    With ``d = c g / (||c g|| + 1e-12)``: ``z = f1 (u + step d)``, ``f1 = min(1, rho / ||u + step d||)``;
-    ``v = u + alpha (z - u) + (1 - alpha)(u - u_prev) = A u + B d - E u_prev``; ``u' = f2 v``,
-    ``f2 = min(1, rho / ||v||)``. Both norms follow from the inner products in ``gram``."""
-    uu, up, pp, ug, pg, gg = (gram[..., k] for k in (UU, UP, PP, UG, PG, GG))
-    gn = gg.sqrt() + 1e-12
-    ud, pd, dd = ug / gn, pg / gn, gg / gn**2
-    zz = (uu + 2 * step * ud + step**2 * dd).clamp(min=0)
-    f1 = torch.where(zz > rho**2, rho / zz.sqrt(), torch.ones_like(zz))
-    A, B, E = 2 * (1 - alpha) + alpha * f1, alpha * f1 * step, torch.full_like(zz, 1 - alpha)
-    vv = (A**2 * uu + B**2 * dd + E**2 * pp + 2 * A * B * ud - 2 * A * E * up - 2 * B * E * pd).clamp(min=0)
-    f2 = torch.where(vv > rho**2, rho / vv.sqrt(), torch.ones_like(vv))
-    return torch.stack([f2 * A, f2 * B / gn, -f2 * E], dim=-1)
+DD = _ops.GRAM_ENTRIES.index("dd")
 
 
 class ScaledRun:
@@ -80,36 +63,36 @@ class ScaledRun:
     def solve(self, loss, err, L0, E0, checkpoints, results) -> Bookkeeping:
         """One scaled-APGD run from the start just evaluated (``loss``, ``err``: its forward)."""
         s = self.s
-        gram = self.gram()
-        book = Bookkeeping(s, loss, err, start_sq=gram[..., DD], count_increases=True)
+        book = Bookkeeping(s, loss, err, count_increases=True)
         self.u_best.copy_(self.u)
         self.best_grad.copy_(self.group.grad)
         for i in range(s.n_iters):
-            self.step(book.step, 1.0 if i == 0 else apgd.MOMENTUM, gram)
+            self.step(book.step, 1.0 if i == 0 else apgd.MOMENTUM)
             final = i == s.n_iters - 1
             loss, err, results.labelled = self.group.evaluate(with_grad=not final)   # final: its loss only
             self.loss_sum += loss
-            gram = self.gram()   # at the final point the gradient is stale: only ||delta||^2 is used
-            improved = book.record(loss, err, gram[..., DD])
+            improved = book.record(loss, err)
+            self.keep_best(improved, final)
             if final:
                 break
-            self.keep_best(improved)
             if i in checkpoints:
                 self.back_to_best(book.checkpoint(i))
-                gram = self.gram()
+        book.best_sq = self.best_sq()
         return book
 
-    def gram(self) -> torch.Tensor:
-        """``_ops.scaled_gram`` of every row: ``[7]`` for one problem, ``[B, 7]`` for B."""
+    def best_sq(self) -> torch.Tensor:
+        """``||delta||^2 = ||c u_best||^2`` of every problem (0-dim for one)."""
         w0, c = self.flat.w0, self.flat.c
-        g = [_ops.scaled_gram(u, u_prev, grad, w0, c) for _, grad, u, u_prev in self.views]
-        return g[0] if len(g) == 1 else torch.stack(g)
+        sq = [_ops.scaled_gram(best, best, grad, w0, c)[DD] for best, (_, grad, _, _) in zip(self.u_best, self.views)]
+        return sq[0] if len(sq) == 1 else torch.stack(sq)
 
-    def keep_best(self, where) -> None:
-        """The new point and its gradient become the best where the loss improved."""
+    def keep_best(self, where, final: bool) -> None:
+        """The new point (and, but at the final point, its gradient) becomes the best where the loss
+        improved."""
         for r, (_, grad, u, _) in zip(self.rows, self.views):
             _ops.copy_if_(self.u_best[r], u, self.at(where, r))
-            _ops.copy_if_(self.best_grad[r], grad, self.at(where, r))
+            if not final:
+                _ops.copy_if_(self.best_grad[r], grad, self.at(where, r))
 
     def back_to_best(self, where) -> None:
         """Where the step was halved, ``u`` (and its gradient) move back to the best point; ``u_prev``
@@ -120,12 +103,11 @@ class ScaledRun:
             _ops.copy_if_(grad, self.best_grad[r], self.at(where, r))
 
     @torch.no_grad()
-    def step(self, step_size: torch.Tensor, alpha: float, gram: torch.Tensor) -> None:
+    def step(self, step_size: torch.Tensor, alpha: float) -> None:
         s, w0, c = self.s, self.flat.w0, self.flat.c
-        if s.norm == "l2":
-            coefficients = l2_coefficients(gram, step_size, s.rho, alpha)
         for r, (current, grad, u, u_prev) in enumerate(self.views):
             if s.norm == "linf":
                 _ops.scaled_step_linf_(current, u, u_prev, grad, w0, c, self.at(step_size, r), s.rho, alpha)
-            else:
-                _ops.scaled_step_l2_(current, u, u_prev, grad, w0, c, self.at(coefficients, r))
+            else:   # the step's two rescalings follow from these inner products (inside the op)
+                gram = _ops.scaled_gram(u, u_prev, grad, w0, c)
+                _ops.scaled_step_l2_(current, u, u_prev, grad, w0, c, gram, self.at(step_size, r), s.rho, alpha)

@@ -83,6 +83,8 @@ def _definitions(args: argparse.Namespace, default_preset: str | None = "default
                 common[field_name] = getattr(args, flag)
         if args.rand_init:
             common["rand_init"] = True
+        if args.init is not None:
+            common["init"] = args.init
         nl = {"none": False, "norm": "norm", "std": "std"}[args.normalize_logits]
         adaptives = [True, False] if args.adaptive == "both" else [args.adaptive == "true"]
         for kind in args.kind:
@@ -91,11 +93,14 @@ def _definitions(args: argparse.Namespace, default_preset: str | None = "default
                 out += [Definition.from_dict(dict(kind=kind, adaptive=a, normalize_logits=nl, **curv), "flags")
                         for a in adaptives]
                 continue
+            solvers = (args.solver or ["published"]) if kind == "max" else [None]
             for norm in args.norm or ["linf"]:
                 for adaptive in adaptives:
                     for rho in args.rho:
-                        out.append(Definition.from_dict(dict(kind=kind, norm=norm, rho=rho, adaptive=adaptive,
-                                                             normalize_logits=nl, **common), "flags"))
+                        for solver in solvers:
+                            extra = dict(solver=solver) if solver else {}
+                            out.append(Definition.from_dict(dict(kind=kind, norm=norm, rho=rho, adaptive=adaptive,
+                                                                 normalize_logits=nl, **common, **extra), "flags"))
     elif args.rho:
         raise ConfigError("--rho is only used with --kind (to change a preset's radii, write a config)")
     if not out:
@@ -122,6 +127,9 @@ def _add_definition_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-samples", type=int, help="with --kind: noise draws per batch (default 20)")
     g.add_argument("--n-restarts", type=int, help="with --kind: APGD restarts (default 1)")
     g.add_argument("--rand-init", action="store_true", help="with --kind: APGD random start")
+    g.add_argument("--solver", nargs="+", choices=defs_mod.SOLVERS,
+                   help="with --kind max: the worst-case solver(s), published APGD and/or scaled (default published)")
+    g.add_argument("--init", choices=defs_mod.INITS, help="with --kind max: where APGD starts (default zero)")
     g.add_argument("--def-seed", type=int, help="with --kind: the definitions' seed (default 0)")
     g.add_argument("--n-examples", type=int,
                    help="override every definition's number of examples (a multiple of its m)")

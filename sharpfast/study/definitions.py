@@ -35,7 +35,9 @@ CURVATURE_KINDS = ("trace", "lambda_max", "adam", "renyi")
 KINDS = SHARPNESS_KINDS + CURVATURE_KINDS
 LOGIT_NORMS = (False, *LOGIT_NORMALIZATIONS)
 SHARPNESS_FIELDS = ("norm", "rho")
-WORST_FIELDS = ("n_iters", "n_restarts", "rand_init", "step_size_mult")
+WORST_FIELDS = ("n_iters", "n_restarts", "rand_init", "step_size_mult", "solver", "init")
+SOLVERS = ("published", "scaled")
+INITS = ("zero", "random", "eigen")
 AVERAGE_FIELDS = ("n_samples",)
 CURVATURE_FIELDS = ("curvature", "n_probes", "alpha", "n_vectors", "n_lanczos")
 # the curvature fields each curvature kind uses
@@ -60,6 +62,8 @@ class Definition:
     n_restarts: int = 1            # worst-case
     rand_init: bool = False        # worst-case
     step_size_mult: float = 1.0    # worst-case
+    solver: str = "published"      # worst-case: "published" APGD or "scaled" (sharpfast.worst_case_sharpness)
+    init: str | None = None        # worst-case: "zero" | "random" | "eigen"; None: follows rand_init
     n_samples: int = 20            # average-case: noise draws per batch
     seed: int = 0
     adaptive_eta: float = 0.0
@@ -104,6 +108,15 @@ class Definition:
         for name in ("adaptive", "rand_init", "adaptive_weights_only"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        init = self.init if self.init is not None else ("random" if self.rand_init else "zero")
+        if init not in INITS:
+            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.rand_init and init != "random":
+            raise ConfigError(f"rand_init=true means init='random'; it contradicts init={init!r}")
+        object.__setattr__(self, "init", init)
+        object.__setattr__(self, "rand_init", init == "random")
         for name in ("m", "n_examples", "n_iters", "n_restarts", "n_samples"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -139,6 +152,12 @@ class Definition:
             drop = CURVATURE_FIELDS + (WORST_FIELDS if self.kind == "avg" else AVERAGE_FIELDS)
         for k in drop:
             d.pop(k)
+        # the solver fields at their published meaning (rand_init says zero or random) are left
+        # out, so the definitions of stores written before they existed keep their keys
+        if d.get("solver") == "published":
+            d.pop("solver")
+        if d.get("init") in ("zero", "random"):
+            d.pop("init")
         return d
 
     @property
@@ -196,8 +215,8 @@ class Definition:
 
         common = dict(self._model_side(), rho=self.rho, norm=self.norm, backend=backend)
         if self.kind == "max":
-            return sharpfast.WorstCaseSettings(n_iters=self.n_iters, n_restarts=self.n_restarts,
-                                               rand_init=self.rand_init, step_size_mult=self.step_size_mult, **common)
+            return sharpfast.WorstCaseSettings(n_iters=self.n_iters, n_restarts=self.n_restarts, init=self.init,
+                                               step_size_mult=self.step_size_mult, solver=self.solver, **common)
         return sharpfast.AverageCaseSettings(n_samples=self.n_samples, **common)
 
     def _model_side(self) -> dict[str, Any]:
@@ -265,6 +284,13 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
         dict(kind="trace", adaptive=True), dict(kind="trace", adaptive=False),
         dict(kind="lambda_max", adaptive=True), dict(kind="lambda_max", adaptive=False),
         dict(kind="adam", adaptive=False), dict(kind="renyi", adaptive=False, curvature="ggn"),
+    ],
+    # the worst-case solvers side by side: the published APGD and the scaled solver (from delta = 0
+    # and from the top eigenvector of C H C) on the default's worst-case families
+    "solvers": [
+        dict(kind="max", norm=norm, adaptive=True, rho=rho, solver=solver, **start)
+        for norm, rho in (("l2", 0.5), ("linf", 0.002))
+        for solver, start in (("published", {}), ("scaled", {}), ("scaled", dict(init="eigen")))
     ],
     # smoke tests: two cheap definitions
     "quick": [

@@ -2,6 +2,8 @@
 // kernels. `T` is the compute type: float for fp32/fp16/bf16 buffers, double for fp64.
 // A coordinate with scale c = 0 is frozen: never perturbed, never divided by.
 #pragma once
+#include <math.h>
+
 #include "sharpfast/philox.h"
 
 namespace sharpfast {
@@ -107,9 +109,8 @@ SF_HOST_DEVICE T scaled_linf_update(T u, T u_prev, T g, T c, T step, T rho, T al
   return clamp_to_box<T>(u + alpha * (z - u) + (T(1) - alpha) * (u - u_prev), rho);
 }
 
-// l2: both of the step's projections are rescalings, so the step is linear in u, c g and u_prev,
-// with coefficients computed on the device from their inner products (scaled_gram):
-// u' = a u + b (c g) + e u_prev.
+// l2: both of the step's projections are rescalings, so the step is linear in u, c g and u_prev:
+// u' = a u + b (c g) + e u_prev, with (a, b, e) from their inner products (scaled_l2_coefficients).
 template <typename T>
 SF_HOST_DEVICE T scaled_l2_update(T u, T u_prev, T g, T c, T a, T b, T e) {
   return (a * u + b * (c * g)) + e * u_prev;
@@ -147,5 +148,28 @@ SF_HOST_DEVICE T perturbation_of(T x, T c) {
 
 // The inner products the scaled l2 step needs, and ||delta||^2 (scaled_gram's entries, in order).
 enum GramEntry : int { kUU, kUP, kPP, kUG, kPG, kGG, kDD, kGramEntries };
+
+struct ScaledL2Coefficients {
+  double a, b, e;
+};
+
+// The scaled l2 step from the inner products of u, u_prev and c g (double, GramEntry order).
+// With d = c g / (||c g|| + 1e-12): z = f1 (u + step d), f1 = min(1, rho / ||u + step d||);
+// v = u + alpha (z - u) + (1 - alpha) (u - u_prev) = A u + B d - E u_prev; u' = f2 v,
+// f2 = min(1, rho / ||v||). Both norms follow from the inner products, so u' = a u + b (c g) + e u_prev.
+SF_HOST_DEVICE ScaledL2Coefficients scaled_l2_coefficients(const double* gram, double step, double rho,
+                                                            double alpha) {
+  const double gn = sqrt(gram[kGG]) + 1e-12;
+  const double ud = gram[kUG] / gn, pd = gram[kPG] / gn, dd = gram[kGG] / (gn * gn);
+  double zz = gram[kUU] + 2.0 * step * ud + step * step * dd;
+  zz = zz > 0.0 ? zz : 0.0;   // rounding can take a sum of squares below 0
+  const double f1 = zz > rho * rho ? rho / sqrt(zz) : 1.0;
+  const double A = 2.0 * (1.0 - alpha) + alpha * f1, B = alpha * f1 * step, E = 1.0 - alpha;
+  double vv = A * A * gram[kUU] + B * B * dd + E * E * gram[kPP] + 2.0 * A * B * ud - 2.0 * A * E * gram[kUP] -
+              2.0 * B * E * pd;
+  vv = vv > 0.0 ? vv : 0.0;
+  const double f2 = vv > rho * rho ? rho / sqrt(vv) : 1.0;
+  return {f2 * A, f2 * B / gn, -f2 * E};
+}
 
 }  // namespace sharpfast
