@@ -3,6 +3,8 @@
 #include "cpu_common.h"
 #include <ATen/ops/zeros.h>
 
+#include <cstring>
+
 namespace sharpfast {
 namespace cpu {
 namespace {
@@ -166,9 +168,83 @@ at::Tensor ellipsoid_sq_norms_cpu(const at::Tensor& delta, const at::Tensor& gra
   return out;
 }
 
+// One sub-tile of scaled_gram (q4 a multiple of 4, operands in double): every entry summed in 4
+// lanes, acc[e * 4 + lane]. Written with GCC/Clang vector types (one register per entry): the
+// auto-vectorizer interleaves seven accumulators badly (permutes and spills, 4 ns per element).
+#if defined(__GNUC__)
+typedef double Lanes4 __attribute__((vector_size(32)));
+SF_CPU_CLONES void gram_tile(const double* __restrict__ x, const double* __restrict__ p, const double* __restrict__ g,
+                             const double* __restrict__ d, int64_t q4, double* __restrict__ acc) {
+  Lanes4 uu = {0, 0, 0, 0}, up = uu, pp = uu, ug = uu, pg = uu, gg = uu, dd = uu;
+  for (int64_t j = 0; j < q4; j += 4) {
+    Lanes4 xj, pj, gj, dj;
+    std::memcpy(&xj, x + j, sizeof xj);
+    std::memcpy(&pj, p + j, sizeof pj);
+    std::memcpy(&gj, g + j, sizeof gj);
+    std::memcpy(&dj, d + j, sizeof dj);
+    uu += xj * xj;
+    up += xj * pj;
+    pp += pj * pj;
+    ug += xj * gj;
+    pg += pj * gj;
+    gg += gj * gj;
+    dd += dj * dj;
+  }
+  const Lanes4 sums[kGramEntries] = {uu, up, pp, ug, pg, gg, dd};
+  for (int e = 0; e < kGramEntries; ++e)
+    for (int l = 0; l < 4; ++l) acc[e * 4 + l] += sums[e][l];
+}
+#else
+void gram_tile(const double* x, const double* p, const double* g, const double* d, int64_t q4, double* acc) {
+  for (int64_t j = 0; j < q4; j += 4)
+    for (int l = 0; l < 4; ++l) {
+      const double xj = x[j + l], pj = p[j + l], gj = g[j + l], dj = d[j + l];
+      const double terms[kGramEntries] = {xj * xj, xj * pj, pj * pj, xj * gj, pj * gj, gj * gj, dj * dj};
+      for (int e = 0; e < kGramEntries; ++e) acc[e * 4 + l] += terms[e];
+    }
+}
+#endif
+
+// The operands of gram_tile for one sub-tile, widened to double: u, u_prev, c g and c u (the
+// products in the compute type, as the step computes them). A function of restrict pointers,
+// cloned for AVX2 for float and double buffers (as ellipsoid_prep: inside the op's lambdas the
+// loop does not vectorize).
+template <typename S, typename A>
+__attribute__((always_inline)) inline void gram_prep_body(const S* __restrict__ xs, const S* __restrict__ ps,
+                                                          const S* __restrict__ gs, const A* __restrict__ c, int64_t q,
+                                                          double* __restrict__ x, double* __restrict__ p,
+                                                          double* __restrict__ g, double* __restrict__ d) {
+  for (int64_t j = 0; j < q; ++j) {
+    const A ua = static_cast<A>(xs[j]);
+    x[j] = static_cast<double>(ua);
+    p[j] = static_cast<double>(static_cast<A>(ps[j]));
+    g[j] = static_cast<double>(c[j] * static_cast<A>(gs[j]));
+    d[j] = static_cast<double>(c[j] * ua);
+  }
+}
+
+template <typename S, typename A>
+void gram_prep(const S* xs, const S* ps, const S* gs, const A* c, int64_t q, double* x, double* p, double* g,
+               double* d) {
+  gram_prep_body<S, A>(xs, ps, gs, c, q, x, p, g, d);
+}
+
+SF_CPU_CLONES void gram_prep(const float* __restrict__ xs, const float* __restrict__ ps, const float* __restrict__ gs,
+                             const float* __restrict__ c, int64_t q, double* __restrict__ x, double* __restrict__ p,
+                             double* __restrict__ g, double* __restrict__ d) {
+  gram_prep_body<float, float>(xs, ps, gs, c, q, x, p, g, d);
+}
+
+SF_CPU_CLONES void gram_prep(const double* __restrict__ xs, const double* __restrict__ ps,
+                             const double* __restrict__ gs, const double* __restrict__ c, int64_t q,
+                             double* __restrict__ x, double* __restrict__ p, double* __restrict__ g,
+                             double* __restrict__ d) {
+  gram_prep_body<double, double>(xs, ps, gs, c, q, x, p, g, d);
+}
+
 // The scaled solver's inner products (elementwise.h GramEntry) of u, u_prev and c g, and
 // ||c u||^2, with c g and c u rounded to the compute type as the step computes them, summed in
-// double. One pass over memory.
+// double. One pass over memory: per sub-tile the operands are widened to double, then summed.
 at::Tensor scaled_gram_cpu(const at::Tensor& u, const at::Tensor& u_prev, const at::Tensor& grad, const at::Tensor& w0,
                            const std::optional<at::Tensor>& c, bool adaptive, double eta) {
   const StepCall call = check_scaled_gram(u, u_prev, grad, w0, c, adaptive, eta);
@@ -178,34 +254,29 @@ at::Tensor scaled_gram_cpu(const at::Tensor& u, const at::Tensor& u_prev, const 
   const ScaleRule rule = call.rule;
   SF_DISPATCH(u.scalar_type(), "sharpfast::scaled_gram", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* __restrict__ x = u.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ xp = u_prev.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ g = grad.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ xs = u.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ ps = u_prev.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ gs = grad.data_ptr<scalar_t>();
     const scalar_t* __restrict__ w = w0.data_ptr<scalar_t>();
     const scalar_t* cc = scale_data<scalar_t>(call.c);
     constexpr int64_t kSub = 256;
     chunked_sums(n, kGramEntries, out.data_ptr<double>(), [&](int64_t b, int64_t m, double* res) {
       acc_t cs[kSub];
-      double acc[kGramEntries] = {0, 0, 0, 0, 0, 0, 0};
+      double x[kSub], p[kSub], g[kSub], d[kSub];
+      double acc[kGramEntries * 4] = {};
       for (int64_t t = 0; t < m; t += kSub) {
         const int64_t q = std::min(kSub, m - t);
         const int64_t i = b + t;
         fill_scales<scalar_t>(cc ? cc + i : nullptr, w + i, rule, q, cs);
-        for (int64_t j = 0; j < q; ++j) {
-          const acc_t ci = cs[j], ua = static_cast<acc_t>(x[i + j]);
-          const double uj = static_cast<double>(ua), pj = static_cast<double>(static_cast<acc_t>(xp[i + j]));
-          const double gj = static_cast<double>(ci * static_cast<acc_t>(g[i + j]));
-          const double dj = static_cast<double>(ci * ua);
-          acc[kUU] += uj * uj;
-          acc[kUP] += uj * pj;
-          acc[kPP] += pj * pj;
-          acc[kUG] += uj * gj;
-          acc[kPG] += pj * gj;
-          acc[kGG] += gj * gj;
-          acc[kDD] += dj * dj;
-        }
+        gram_prep(xs + i, ps + i, gs + i, static_cast<const acc_t*>(cs), q, x, p, g, d);
+        const int64_t q4 = (q + 3) / 4 * 4;
+        for (int64_t j = q; j < q4; ++j) x[j] = p[j] = g[j] = d[j] = 0.0;
+        gram_tile(x, p, g, d, q4, acc);
       }
-      for (int e = 0; e < kGramEntries; ++e) res[e] = acc[e];
+      for (int e = 0; e < kGramEntries; ++e) {
+        const double* a = acc + e * 4;
+        res[e] = (a[0] + a[1]) + (a[2] + a[3]);
+      }
     });
   });
   return out;
