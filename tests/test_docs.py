@@ -19,6 +19,10 @@ def test_the_readme_usage_example_runs():
     namespace = {}
     exec(compile(usage, "README.md", "exec"), namespace)
     assert namespace["worst"].sharpness > 0 and len(namespace["avg"].per_batch) == 4
+    solvers = next(b for b in blocks if 'solver="scaled"' in b)
+    exec(compile(solvers, "README.md", "exec"), namespace)
+    r = namespace["r"]
+    assert r.solver == "scaled" and r.quadratic_model > 0 and len(r.restarts_improved) == 4
     curvature = next(b for b in blocks if "hessian_trace(" in b)
     exec(compile(curvature, "README.md", "exec"), namespace)
     assert len(namespace["top"].values) == 3 and namespace["tr"].stderr > 0

@@ -259,6 +259,8 @@ def test_solving_batches_together_needs_one_shape_and_eval_mode():
     # two batches together: 5 [B, N] buffers, the vmapped gradient before its copy, and w0
     # (vmapped per-layer transients are twice as large)
     (dict(norm="linf", solve_batches_together=True), 13, 0.7),
+    # the scaled solver keeps its best point: u, u_prev, u_best in place of delta, delta_prev
+    (dict(norm="l2", solver="scaled"), 7, 0.35), (dict(norm="linf", solver="scaled", init="random"), 7, 0.35),
 ])
 def test_worst_case_parameter_sized_buffers(definition, buffers, slack):
     """DESIGN.md §5: at most 4 parameter-sized buffers beyond the weights and gradient of a training
