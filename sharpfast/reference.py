@@ -263,7 +263,7 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings, on_itera
         worst_loss, worst_err, worst_norm, n_improved = L0, E0, 0.0, 0
         for start in range(s.n_starts):
             if s.init == "eigen":
-                u = params.split(starts.eigen_start(local[b], start, s, c_flat))
+                u = params.split(starts.eigen_start(local[b], start, s, c_flat, torch.empty_like(c_flat)))
             elif s.solver == "scaled" and s.init == "random":
                 u = params.split(starts.random_start(
                     torch.cat([t.reshape(-1) for t in draw_noise(params, s, b, RAND_INIT_SAMPLE_BASE + start)]),

@@ -82,18 +82,19 @@ def local_models(model, params: ParamSet, s: WorstCaseSettings, batches, k: int)
     return out
 
 
-def eigen_start(local: LocalModel, start: int, s: WorstCaseSettings, c: torch.Tensor) -> torch.Tensor:
-    """``u`` of start ``start``: eigenvector ``start // 2``, sign ``+`` for even starts, ``-`` for odd."""
-    v = local.vectors[:, start // 2]
-    sign = 1.0 if start % 2 == 0 else -1.0
+def eigen_start(local: LocalModel, start: int, s: WorstCaseSettings, c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``u`` of start ``start``, written into ``out``: eigenvector ``start // 2``, sign ``+`` for even
+    starts, ``-`` for odd."""
+    out.copy_(local.vectors[:, start // 2])
     if s.norm == "linf":
-        v = torch.sign(v) * (c != 0).to(v.dtype)
-    return (sign * s.rho) * v
+        out.sign_().masked_fill_(c == 0, 0)
+    return out.mul_(s.rho if start % 2 == 0 else -s.rho)
 
 
 def random_start(xi: torch.Tensor, s: WorstCaseSettings, c: torch.Tensor) -> torch.Tensor:
-    """``u`` of the published random start from its draw ``xi`` (Gaussian for l2, uniform for linf)."""
-    xi = xi * (c != 0).to(xi.dtype)
+    """``u`` of the published random start from its draw ``xi`` (Gaussian for l2, uniform for linf),
+    in place."""
+    xi.masked_fill_(c == 0, 0)
     if s.norm == "l2":
-        xi = xi / xi.double().norm().to(xi.dtype)
-    return s.rho * xi
+        xi.div_(xi.double().norm().to(xi.dtype))
+    return xi.mul_(s.rho)

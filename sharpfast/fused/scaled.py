@@ -51,10 +51,10 @@ class ScaledRun:
             u = self.u[r]
             c = self.flat.scale_values(self.best_grad[r])   # best_grad is free until the first gradient
             if s.init == "eigen":
-                u.copy_(starts.eigen_start(self.local[stream], start, s, c))
+                starts.eigen_start(self.local[stream], start, s, c, out=u)
             elif s.init == "random":
                 _ops.draw_(u, s.seed, stream, RAND_INIT_SAMPLE_BASE + start, 0, noise_distribution(s.norm))
-                u.copy_(starts.random_start(u, s, c))
+                starts.random_start(u, s, c)
             else:
                 u.zero_()
             torch.addcmul(self.flat.w0, c, u, out=self.group.current[r])

@@ -95,7 +95,7 @@ class _Run:
         if s.init == "eigen":
             for r, stream in zip(self.rows, self.group.streams):
                 c = self.flat.scale_values(self.best_grad[r])   # best_grad is free until the first gradient
-                torch.mul(starts.eigen_start(self.local[stream], restart, s, c), c, out=self.delta[r])
+                starts.eigen_start(self.local[stream], restart, s, c, out=self.delta[r]).mul_(c)
             torch.add(w0, self.delta, out=self.group.current)
         elif s.rand_init:
             dist = noise_distribution(s.norm)
