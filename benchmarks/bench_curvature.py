@@ -154,12 +154,16 @@ def main(argv=None) -> int:
             f"Hutchinson with {args.reference_probes} probes (another seed), {reference.value:.4g} ± "
             f"{reference.stderr:.2g}.\n\n"
             f"Command: `python -m benchmarks.bench_curvature {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
-    text = "# sharpfast curvature vs PyHessian and curvlinops\n\n" + head + "\n" + "\n".join(table) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit("# sharpfast curvature vs PyHessian and curvlinops\n\n" + head + "\n" + "\n".join(table) + "\n", args.out)
     return 0
+
+
+def emit(text: str, out: str | None) -> None:
+    """Print a results table and, with ``--out``, write it there."""
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":

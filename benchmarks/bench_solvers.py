@@ -20,6 +20,7 @@ import sys
 import torch
 
 import sharpfast
+from benchmarks.bench_curvature import emit
 from benchmarks.bench_ops import device_name
 from benchmarks.bench_sharpness import DigitsCNN, bare_worst, clock, digits_batches, mlp25, small_model, trained
 from sharpfast import reference
@@ -150,11 +151,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dln = dln_rows()
     quality, cost = quality_and_cost(device, args.repeats)
-    text = markdown(device, dln, quality, cost, sys.argv[1:] if argv is None else argv)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(markdown(device, dln, quality, cost, sys.argv[1:] if argv is None else argv), args.out)
     return 0
 
 

@@ -56,6 +56,35 @@ def too_few_updates(n_updates, ratio: float, gap: int):
     return n_updates < threshold
 
 
+class StepSchedule:
+    """APGD's step size and its halving rule on host scalars, as the reference runs it (the fused
+    backend's device twin is ``fused.bookkeeping.Bookkeeping``). ``count`` records whether a step
+    counts toward the first condition (published: it improved the best; scaled: it raised the loss
+    over the previous iterate); :meth:`halves_at` applies both conditions at the checkpoints."""
+
+    def __init__(self, s, best_loss: float):
+        self.step = 2 * s.rho * s.step_size_mult
+        self.ratio = s.min_update_ratio
+        self.checkpoints = set(checkpoint_schedule(s.n_iters))
+        self.prev_step, self.prev_best, self.prev_checkpoint, self.n_updates = self.step, best_loss, 0, 0
+
+    def count(self, counted: bool) -> None:
+        self.n_updates += counted
+
+    def halves_at(self, i: int, best_loss: float) -> bool:
+        """At iteration ``i``: halve the step where fewer than ``ratio`` of the steps since the last
+        checkpoint counted, or where neither the step nor the best loss changed; True if it did."""
+        if i not in self.checkpoints:
+            return False
+        too_few = too_few_updates(self.n_updates, self.ratio, i - self.prev_checkpoint)
+        stalled = self.prev_step == self.step and self.prev_best == best_loss
+        self.prev_step, self.prev_best, self.prev_checkpoint, self.n_updates = self.step, best_loss, i, 0
+        if too_few or stalled:
+            self.step *= STEP_SIZE_SCALER
+            return True
+        return False
+
+
 class BisectionState:
     """The published bisection for ``lambda >= 0`` with ``||z / (1 + 2 lambda / c^2) / c||_2 = rho``.
 

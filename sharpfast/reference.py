@@ -152,14 +152,12 @@ def apgd_restart(model, params: ParamSet, s: Settings, x, y, w0: Tensors, c: Ten
 
     best_loss, best_err, best_norm = L0, E0, 0.0
     best_weights = [p.data for p in params.tensors]
-    step = 2 * s.rho * s.step_size_mult
-    checkpoints = set(apgd.checkpoint_schedule(s.n_iters))
-    prev_step, prev_best, prev_checkpoint, n_updates = step, L0, 0, 0
+    schedule = apgd.StepSchedule(s, L0)
 
     for i in range(s.n_iters):
         g = gradient(model, s.objective, params, x, y)               # at the current weights
         with torch.no_grad():
-            z = project(ascent(delta, g, c, step, s.norm), c, s.rho, s.norm, c_is_one, s.bisection_tol)
+            z = project(ascent(delta, g, c, schedule.step, s.norm), c, s.rho, s.norm, c_is_one, s.bisection_tol)
             delta, delta_prev = [apgd.MOMENTUM * zi + (1 - apgd.MOMENTUM) * dp
                                  for zi, dp in zip(z, delta_prev)], delta
             set_weights(params, [w + d for w, d in zip(w0, delta)])
@@ -167,17 +165,12 @@ def apgd_restart(model, params: ParamSet, s: Settings, x, y, w0: Tensors, c: Ten
             on_iterate(delta, c)
         L, E = evaluate(model, s.objective, x, y)
         check_finite_loss(L, f"at an APGD iterate (batch {stream}, iteration {i})")
+        schedule.count(L > best_loss)   # the steps that improved the best
         if L > best_loss:
             best_loss, best_err, best_norm = L, E, l2_norm(delta)
             best_weights = [p.data for p in params.tensors]
-            n_updates += 1
-        if i in checkpoints:
-            too_few_updates = apgd.too_few_updates(n_updates, s.min_update_ratio, i - prev_checkpoint)
-            stalled = prev_step == step and prev_best == best_loss
-            prev_step, prev_best, prev_checkpoint, n_updates = step, best_loss, i, 0
-            if too_few_updates or stalled:
-                step *= apgd.STEP_SIZE_SCALER
-                set_weights(params, best_weights)   # continue from the best point; delta unchanged
+        if schedule.halves_at(i, best_loss):
+            set_weights(params, best_weights)   # continue from the best point; delta unchanged
     return best_loss, best_err, best_norm
 
 
@@ -220,33 +213,27 @@ def scaled_apgd_restart(model, params: ParamSet, s: Settings, x, y, w0: Tensors,
 
     L, E = loss_at(u, "start")
     best_loss, best_err, best_u = L, E, u
-    prev_loss, n_increases = L, 0
-    step = 2 * s.rho * s.step_size_mult
-    checkpoints = set(apgd.checkpoint_schedule(s.n_iters))
-    prev_step, prev_best, prev_checkpoint = step, best_loss, 0
+    prev_loss = L
+    schedule = apgd.StepSchedule(s, best_loss)
     u_prev = u
     for i in range(s.n_iters):
         g_u = [ci * gi for ci, gi in zip(c, gradient(model, s.objective, params, x, y))]   # at u
         alpha = 1.0 if i == 0 else apgd.MOMENTUM
         with torch.no_grad():
-            z = project_ball([ui + step * di for ui, di in zip(u, scaled_direction(g_u, s.norm))], s.rho, s.norm)
+            z = project_ball([ui + schedule.step * di for ui, di in zip(u, scaled_direction(g_u, s.norm))],
+                             s.rho, s.norm)
             u, u_prev = project_ball([ui + alpha * (zi - ui) + (1 - alpha) * (ui - pi)
                                       for ui, zi, pi in zip(u, z, u_prev)], s.rho, s.norm), u
         if on_iterate is not None:
             on_iterate([ci * ui for ci, ui in zip(c, u)], c)
         L, E = loss_at(u, i)
-        n_increases += L > prev_loss
+        schedule.count(L > prev_loss)   # the steps that raised the loss over the previous iterate
         prev_loss = L
         if L > best_loss:
             best_loss, best_err, best_u = L, E, u
-        if i in checkpoints:
-            too_few = apgd.too_few_updates(n_increases, s.min_update_ratio, i - prev_checkpoint)
-            stalled = prev_step == step and prev_best == best_loss
-            prev_step, prev_best, prev_checkpoint, n_increases = step, best_loss, i, 0
-            if too_few or stalled:
-                step *= apgd.STEP_SIZE_SCALER
-                u = best_u   # back to the best point (u_prev stays: the momentum continues from it)
-                move_to(u)
+        if schedule.halves_at(i, best_loss):
+            u = best_u   # back to the best point (u_prev stays: the momentum continues from it)
+            move_to(u)
     return best_loss, best_err, l2_norm([ci * ui for ci, ui in zip(c, best_u)])
 
 
