@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import kendalltau
 
+from sharpfast.study import stats
 from sharpfast.study.stats import bootstrap_tau, granulated_tau, kendall_tau_b, varying_factors
 
 
@@ -108,3 +109,55 @@ def test_bootstrap_ci():
     x2 = rng.normal(size=400)
     ci2 = bootstrap_tau(x2, x2 + rng.normal(size=400), n_boot=300)
     assert ci2.high - ci2.low < ci.high - ci.low
+
+
+# ----------------------------------------------------------------------------- CMI and robust sign-error
+
+def test_conditional_mutual_information_by_hand():
+    """Three models, target order 0 < 1 < 2, measure order 0 < 2 < 1: over the 6 ordered pairs the
+    joint of (V_mu, V_g) is (-,-) 2, (+,-) 1, (+,+) 2, (-,+) 1, both marginals uniform, so
+    I = 2/3 log(4/3) + 1/3 log(2/3) and H(V_g) = log 2."""
+    r = stats.conditional_mutual_information([0, 2, 1], [0, 1, 2], [{}, {}, {}])
+    want = (2 / 3 * math.log(4 / 3) + 1 / 3 * math.log(2 / 3)) / math.log(2)
+    assert r.score == pytest.approx(want, rel=1e-12) and r.argmin == ()
+    assert stats.conditional_mutual_information([5, 5, 5], [0, 1, 2], [{}, {}, {}]).score == 0.0
+
+
+def test_conditional_mutual_information_discounts_a_measure_that_mirrors_a_hyperparameter():
+    hp = [dict(lr=lr, width=w) for lr in (1, 2) for w in (1, 2, 3)]
+    target = [h["lr"] + 0.1 * h["width"] for h in hp]
+    mirror = stats.conditional_mutual_information([h["lr"] for h in hp], target, hp)
+    assert mirror.by_subset[()] > 0.3                    # informative on its own ...
+    assert mirror.score == 0.0 and "lr" in mirror.argmin  # ... and nothing once lr is known
+    exact = stats.conditional_mutual_information(target, target, hp)
+    assert exact.score == pytest.approx(1.0)
+    # conditioning on both factors decides every pair here: left out of the minimum
+    assert math.isnan(exact.by_subset[("lr", "width")])
+
+
+def coupled(rows):
+    """(measure, target, hparams) from rows (lr, width, seed, measure, target)."""
+    return ([r[3] for r in rows], [r[4] for r in rows], [dict(lr=r[0], width=r[1], seed=r[2]) for r in rows])
+
+
+def test_robust_sign_error_by_hand():
+    """Coupled pairs change one hyperparameter with the seed fixed. Environment lr 1 -> 2 at width 1:
+    seed 0 ordered right (target gap 0.1), seed 1 wrong (gap 0.02); environment width 1 -> 2 at
+    lr 1: seed 0 a measure tie (half an error), seed 1 right."""
+    m, t, hp = coupled([
+        (1, 1, 0, 1.0, 0.10), (2, 1, 0, 2.0, 0.20), (1, 2, 0, 1.0, 0.30),
+        (1, 1, 1, 3.0, 0.10), (2, 1, 1, 2.0, 0.12), (1, 2, 1, 4.0, 0.40),
+    ])
+    r = stats.robust_sign_error(m, t, hp)
+    assert r.n_environments == 2
+    assert r.by_factor == {"lr": 0.5, "width": 0.25}
+    assert r.robust == 0.5 and r.mean == pytest.approx(0.375)
+    # Hoeffding weights with 1000 test examples: 1 - 2 exp(-1000 d^2 / 2) is 0.987 for d = 0.1 and
+    # 0 for d = 0.02 (the wrong order is within the noise); width's gaps 0.2 and 0.3 weigh ~1
+    w = stats.robust_sign_error(m, t, hp, n_test=1000)
+    w_tie, w_right = 1 - 2 * math.exp(-1000 * 0.2**2 / 2), 1 - 2 * math.exp(-1000 * 0.3**2 / 2)
+    assert w.by_factor["lr"] == 0.0
+    assert w.by_factor["width"] == pytest.approx(0.5 * w_tie / (w_tie + w_right))
+    assert math.isnan(stats.robust_sign_error(m, t, hp, n_test=10).robust)   # nothing significant
+    with pytest.raises(ValueError, match="n_test"):
+        stats.robust_sign_error(m, t, hp, n_test=0)

@@ -3,7 +3,9 @@
 For every definition in the store (``ok`` rows only) and every target — test error,
 generalization gap (test error - train error) and out-of-distribution error (mean over
 digits-C) — it computes Kendall's tau-b with a bootstrap confidence interval, plus the
-granulated tau per hyperparameter and Psi (Jiang et al. 2020) against one target.
+granulated tau per hyperparameter and Psi (Jiang et al. 2020), the conditional mutual information
+score (Jiang et al.'s conditional-independence test, PGDL's metric) and the robust sign-error
+(Dziugaite et al. 2020, Hoeffding-weighted with the models' test-set size) against one target.
 A positive tau means "sharper models generalize worse", the hypothesis under test.
 
 Writes ``report.md``, ``report.html``, ``results.csv`` and one PNG scatter plot per definition
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .stats import bootstrap_tau, granulated_tau, varying_factors
+from .stats import bootstrap_tau, conditional_mutual_information, granulated_tau, robust_sign_error, varying_factors
 from .store import Store
 
 TARGETS = {"test_error": "test error", "gap": "gen. gap", "ood_error": "OOD error"}
@@ -35,6 +37,8 @@ class Line:
     n: int
     taus: dict[str, Any]       # target -> BootstrapCI
     granulated: Any            # Granulated
+    cmi: Any = None            # ConditionalMI vs the target
+    sign_error: Any = None     # SignError vs the target
     values: list[float] = field(repr=False, default_factory=list)
     ids: list[str] = field(repr=False, default_factory=list)
 
@@ -47,6 +51,7 @@ class Report:
     n_checkpoints: int
     n_errors: int
     max_train_error: float | None = None
+    n_test: int | None = None
     files: list[str] = field(default_factory=list)
 
     def markdown(self, ci: bool = True) -> str:
@@ -55,6 +60,11 @@ class Report:
 
 def _fmt(x: float, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.{digits}f}"
+
+
+def _plain(x: float) -> str:
+    """A score in [0, 1], no sign."""
+    return "n/a" if x is None or math.isnan(x) else f"{x:.2f}"
 
 
 def _cell(c: Any, ci: bool) -> str:
@@ -75,11 +85,17 @@ def _markdown(r: Report, ci: bool) -> str:
         cells = [ln.name, str(ln.n)] + [_cell(ln.taus[t], ci) for t in TARGETS] + [_fmt(ln.granulated.Psi, 2)]
         out.append("| " + " | ".join(cells) + " |")
     if r.factors:
-        out += ["", f"Granulated tau per hyperparameter (vs {TARGETS[r.target]}; Jiang et al. 2020):", "",
-                "| definition | " + " | ".join(r.factors) + " | Psi |", "|" + "---|" * (len(r.factors) + 2)]
+        weighting = (f"Hoeffding-weighted, {r.n_test} test examples" if r.n_test else "unweighted: test-set size unknown")
+        out += ["", f"Granulated tau per hyperparameter (vs {TARGETS[r.target]}; Jiang et al. 2020), overall tau, "
+                f"Psi, the conditional mutual information score (CMI, min over conditioning on <= 2 "
+                f"hyperparameters) and the robust sign-error (Dziugaite et al. 2020; worst environment of coupled "
+                f"pairs, {weighting}; 0.5 is a coin flip):", "",
+                "| definition | " + " | ".join(r.factors) + " | tau | Psi | CMI | sign-err |",
+                "|" + "---|" * (len(r.factors) + 5)]
         for ln in r.lines:
-            out.append("| " + ln.name + " | " + " | ".join(_fmt(ln.granulated.psi.get(f, float("nan")), 2)
-                                                         for f in r.factors) + f" | {_fmt(ln.granulated.Psi, 2)} |")
+            psi = " | ".join(_fmt(ln.granulated.psi.get(f, float("nan")), 2) for f in r.factors)
+            out.append(f"| {ln.name} | {psi} | {_fmt(ln.taus[r.target].tau, 2)} | {_fmt(ln.granulated.Psi, 2)} | "
+                       f"{_plain(ln.cmi.score)} | {_plain(ln.sign_error.robust)} |")
     return "\n".join(out)
 
 
@@ -148,11 +164,13 @@ def _plot(path: str, name: str, values: list[float], metrics: list[dict], hparam
 
 def build_report(store_path: str, out_dir: str | None = None, target: str = "test_error",
                  color_by: str | None = "lr", n_boot: int = 1000, seed: int = 0, plots: bool = True,
-                 baselines: bool = True, max_train_error: float | None = None) -> Report:
+                 baselines: bool = True, max_train_error: float | None = None, n_test: int | None = None) -> Report:
     """Compute the report from a store; write files into ``out_dir`` when given.
 
     ``max_train_error`` keeps only the models whose train error is at most that (the paper
-    studies models close to a minimum, e.g. <= 1% train error)."""
+    studies models close to a minimum, e.g. <= 1% train error). ``n_test``, the test examples behind
+    each model's error (the sign-error's Hoeffding weights), defaults to the models' common
+    ``n_test`` hyperparameter where they record one."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
     with Store(store_path, readonly=True) as st:
@@ -167,6 +185,9 @@ def build_report(store_path: str, out_dir: str | None = None, target: str = "tes
     ids_all = sorted(ckpts)
     hp_all = [ckpts[c]["hparams"] for c in ids_all]
     factors = varying_factors(hp_all)
+    if n_test is None:
+        recorded = {h.get("n_test") for h in hp_all}
+        n_test = recorded.pop() if len(recorded) == 1 and isinstance(next(iter(recorded)), int) else None
     if color_by and color_by not in factors:
         color_by = factors[0] if factors else None
 
@@ -177,9 +198,11 @@ def build_report(store_path: str, out_dir: str | None = None, target: str = "tes
         for t in TARGETS:
             e = [ckpts[c]["metrics"].get(t, float("nan")) for c in ids]
             taus[t] = bootstrap_tau(values, e, n_boot=n_boot, seed=seed)
-        g = granulated_tau(values, [ckpts[c]["metrics"].get(target, float("nan")) for c in ids],
-                           [ckpts[c]["hparams"] for c in ids], factors)
-        return Line(name, key, len(ids), taus, g, values, ids)
+        e, hp = [ckpts[c]["metrics"].get(target, float("nan")) for c in ids], [ckpts[c]["hparams"] for c in ids]
+        return Line(name, key, len(ids), taus, granulated_tau(values, e, hp, factors),
+                    conditional_mutual_information(values, e, hp, factors),
+                    robust_sign_error(values, e, hp, n_test=n_test, factors=[f for f in factors if f != "seed"]),
+                    values, ids)
 
     lines = []
     by_def: dict[str, dict[str, float]] = {}
@@ -194,7 +217,7 @@ def build_report(store_path: str, out_dir: str | None = None, target: str = "tes
             vals = {c: ckpts[c]["metrics"][metric] for c in ids_all if metric in ckpts[c]["metrics"]}
             if vals:
                 lines.append(line(name, None, vals))
-    report = Report(lines, factors, target, len(ids_all), n_err, max_train_error)
+    report = Report(lines, factors, target, len(ids_all), n_err, max_train_error, n_test)
     if out_dir is None:
         return report
     os.makedirs(out_dir, exist_ok=True)

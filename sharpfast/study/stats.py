@@ -12,11 +12,17 @@
   measure or the target is constant contributes 0 (tau-b is undefined there, tau-a is 0), and
   groups with a single model are not groups (nothing varies).
 * :func:`bootstrap_tau` — percentile bootstrap confidence interval of tau-b over models.
+* :func:`conditional_mutual_information` — Jiang et al.'s conditional-independence score (the PGDL
+  competition's metric): the normalized mutual information between the measure's and the
+  target's orderings of model pairs, minimized over conditioning on up to two hyperparameters.
+* :func:`robust_sign_error` — Dziugaite et al. (2020): how often the measure orders a coupled
+  pair (one hyperparameter changed) against the target, Hoeffding-weighted, worst environment.
 """
 from __future__ import annotations
 
 import json
 import math
+from itertools import combinations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -164,3 +170,137 @@ def granulated_tau(measure: Sequence[float], target: Sequence[float], hparams: S
         n_groups[f] = len(taus)
         n_undef[f] = undefined
     return Granulated(psi, n_groups, n_undef)
+
+
+# ----------------------------------------------------------------------------- conditional mutual information
+
+@dataclass
+class ConditionalMI:
+    """Jiang et al.'s conditional-independence score ``K``: ``by_subset[S] = I(V_mu; V_g | U_S) /
+    H(V_g | U_S)`` for every hyperparameter subset ``S`` of at most ``max_conditioned`` factors, and
+    ``score`` their minimum (``argmin`` the subset). Subsets that decide ``V_g`` alone
+    (``H(V_g | U_S) = 0``: nothing left to explain) are left out of the minimum."""
+
+    score: float
+    argmin: tuple[str, ...] | None
+    by_subset: dict[tuple[str, ...], float]
+
+
+def conditional_mutual_information(measure: Sequence[float], target: Sequence[float],
+                                   hparams: Sequence[dict[str, Any]], factors: Sequence[str] | None = None,
+                                   max_conditioned: int = 2) -> ConditionalMI:
+    """The PGDL conditional mutual information score (Jiang et al. 2020, "Fantastic generalization
+    measures", §6; the NeurIPS 2020 PGDL competition's metric).
+
+    Over ordered pairs of distinct models ``(a, b)`` drawn uniformly, ``V_g = sign(g_a - g_b)`` and
+    ``V_mu = sign(mu_a - mu_b)``; ``U_S`` is the pair's values of the hyperparameters in ``S``. A
+    measure that only mirrors a hyperparameter carries no information once that hyperparameter is
+    conditioned on, so the score is the minimum over ``S`` with ``|S| <= max_conditioned`` of the
+    normalized conditional mutual information. Pairs tied in the target are left out (no order to
+    predict); ties in the measure are a third value of ``V_mu``. Models with a nan are left out."""
+    m, t = _as_1d(measure, "measure"), _as_1d(target, "target")
+    if not (len(m) == len(t) == len(hparams)):
+        raise ValueError("measure, target and hparams must have the same length")
+    keep = [i for i in range(len(m)) if not (math.isnan(m[i]) or math.isnan(t[i]))]
+    hp, m, t = [hparams[i] for i in keep], m[keep], t[keep]
+    if factors is None:
+        factors = varying_factors(hp)
+    a, b = np.nonzero(~np.eye(len(m), dtype=bool))
+    vg = np.sign(t[a] - t[b])
+    a, b, vg = a[vg != 0], b[vg != 0], vg[vg != 0]
+    vm = np.sign(m[a] - m[b])
+    codes = {f: np.unique([_key(h.get(f)) for h in hp], return_inverse=True)[1] for f in factors}
+    by_subset: dict[tuple[str, ...], float] = {}
+    for k in range(max_conditioned + 1):
+        for subset in combinations(factors, k):
+            groups = np.zeros(len(a), dtype=np.int64)
+            for f in subset:   # the pair's values of f, mixed-radix into one group id
+                n_values = int(codes[f].max()) + 1
+                groups = (groups * n_values + codes[f][a]) * n_values + codes[f][b]
+            by_subset[subset] = _normalized_cmi(vm, vg, groups)
+    defined = {s: v for s, v in by_subset.items() if not math.isnan(v)}
+    if not defined:
+        return ConditionalMI(float("nan"), None, by_subset)
+    argmin = min(defined, key=defined.get)
+    return ConditionalMI(defined[argmin], argmin, by_subset)
+
+
+def _normalized_cmi(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:
+    """``I(X; Y | G) / H(Y | G)`` from samples (natural logs; nan where ``H(Y | G) = 0``)."""
+    if len(y) == 0:
+        return float("nan")
+    _, g = np.unique(groups, return_inverse=True)
+    _, xi = np.unique(x, return_inverse=True)
+    _, yi = np.unique(y, return_inverse=True)
+    counts = np.zeros((g.max() + 1, xi.max() + 1, yi.max() + 1))
+    np.add.at(counts, (g, xi, yi), 1.0)
+    p = counts / counts.sum()
+    pg = p.sum(axis=(1, 2), keepdims=True)
+    pxg, pyg = p.sum(axis=2, keepdims=True), p.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mi = np.where(p > 0, p * np.log(p * pg / (pxg * pyg)), 0.0).sum()
+        h = -np.where(pyg > 0, pyg * np.log(pyg / pg), 0.0).sum()
+    return float(mi / h) if h > 1e-12 else float("nan")
+
+
+# ----------------------------------------------------------------------------- robust sign-error
+
+@dataclass
+class SignError:
+    """Dziugaite et al.'s robust sign-error: ``robust``, the largest sign-error over environments
+    (pairs of settings that differ in one hyperparameter); ``mean`` over environments; ``by_factor``
+    the largest per varied hyperparameter; ``n_environments`` with a nonzero weight."""
+
+    robust: float
+    mean: float
+    by_factor: dict[str, float]
+    n_environments: int
+
+
+def robust_sign_error(measure: Sequence[float], target: Sequence[float], hparams: Sequence[dict[str, Any]],
+                      n_test: int | None = None, factors: Sequence[str] | None = None,
+                      seed_factors: Sequence[str] = ("seed",)) -> SignError:
+    """The robust sign-error of Dziugaite et al. (NeurIPS 2020, "In search of robust measures of
+    generalization"), over coupled pairs of models.
+
+    A pair is two models whose hyperparameters differ in exactly one factor that is not a seed
+    (the seed included in "the others": coupled networks share their randomness). An environment
+    is the varied factor, its two values and the other settings; its sign-error is the weighted
+    mean over its pairs of ``|sign(mu_a - mu_b) - sign(g_a - g_b)| / 2`` (a tie in the measure is half
+    an error). Each pair is weighted by Hoeffding's lower bound on the probability that the sign of
+    the observed target difference ``d`` is right, with ``n_test`` examples behind each model's
+    error: ``max(0, 1 - 2 exp(-n_test d^2 / 2))`` (unweighted where ``n_test`` is None). Pairs tied in
+    the target are left out. The robust sign-error is the largest over the environments."""
+    m, t = _as_1d(measure, "measure"), _as_1d(target, "target")
+    if not (len(m) == len(t) == len(hparams)):
+        raise ValueError("measure, target and hparams must have the same length")
+    if n_test is not None and (isinstance(n_test, bool) or not isinstance(n_test, int) or n_test < 1):
+        raise ValueError(f"n_test must be a positive integer or None, got {n_test!r}")
+    keep = [i for i in range(len(m)) if not (math.isnan(m[i]) or math.isnan(t[i]))]
+    hp, m, t = [hparams[i] for i in keep], m[keep], t[keep]
+    if factors is None:
+        factors = [f for f in varying_factors(hp) if f not in seed_factors]
+    names = sorted({k for h in hp for k in h})
+    environments: dict[str, tuple[str, list[tuple[float, float]]]] = {}
+    for i, j in combinations(range(len(m)), 2):
+        differ = [k for k in names if _key(hp[i].get(k)) != _key(hp[j].get(k))]
+        d = t[i] - t[j]
+        if len(differ) != 1 or differ[0] not in factors or d == 0:
+            continue
+        f = differ[0]
+        weight = 1.0 if n_test is None else max(0.0, 1.0 - 2.0 * math.exp(-n_test * d * d / 2.0))
+        error = abs(np.sign(m[i] - m[j]) - np.sign(d)) / 2.0
+        lo, hi = sorted((_key(hp[i].get(f)), _key(hp[j].get(f))))
+        others = _key({k: hp[i].get(k) for k in names if k != f and k not in seed_factors})
+        environments.setdefault(f"{f}|{lo}|{hi}|{others}", (f, []))[1].append((weight, float(error)))
+    errors: list[tuple[str, float]] = []
+    for f, pairs in environments.values():
+        total = sum(w for w, _ in pairs)
+        if total > 0:
+            errors.append((f, sum(w * e for w, e in pairs) / total))
+    if not errors:
+        return SignError(float("nan"), float("nan"), {}, 0)
+    by_factor: dict[str, float] = {}
+    for f, e in errors:
+        by_factor[f] = max(by_factor.get(f, 0.0), e)
+    return SignError(max(e for _, e in errors), float(np.mean([e for _, e in errors])), by_factor, len(errors))
