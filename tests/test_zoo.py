@@ -50,6 +50,48 @@ def test_factories_shapes():
     x = torch.rand(5, 1, 8, 8)
     assert zoo.mlp(width=8)(x).shape == (5, 10)
     assert zoo.cnn(width=4)(x).shape == (5, 10)
+    vit = zoo.vit(width=16)
+    assert vit(x).shape == (5, 10)
+    # 2x2 patches: 16 tokens; the classifier depends on every patch, not on the pixel order within one
+    assert vit.pos.shape == (1, 16, 16)
+    with pytest.raises(ValueError, match="multiple of patch"):
+        zoo.ViT(dim=16, patch=3)
+
+
+def test_vit_sharpness_and_curvature_on_both_backends():
+    """The zoo's ViT through the measures: fused = reference (float64) and a finite Hessian trace."""
+    import sharpfast
+    torch.manual_seed(0)
+    model = zoo.vit(width=16).double().eval()
+    x, y = torch.rand(32, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (32,))
+    for kw in (dict(norm="linf", rho=0.002), dict(norm="l2", rho=0.1, solver="scaled")):
+        ref = sharpfast.worst_case_sharpness(model, [(x, y)], n_iters=5, backend="reference", **kw)
+        fused = sharpfast.worst_case_sharpness(model, [(x, y)], n_iters=5, backend="fused", **kw)
+        assert fused.sharpness == pytest.approx(ref.sharpness, rel=1e-9) and ref.sharpness > 0
+    tr = sharpfast.hessian_trace(model, [(x, y)], n_probes=6)
+    assert torch.isfinite(torch.tensor(tr.value)) and tr.stderr >= 0
+
+
+def test_initial_weights_and_trajectory_facts_are_recorded(tmp_path, one_thread):
+    cfg = dict(zoo.DEFAULT_TRAIN, arch="vit", width=32, epochs=2, n_train=128, batch_size=64)
+    m = zoo.build_zoo(str(tmp_path), zoo.ZooSpec({"lr": [2.0]}, {k: v for k, v in cfg.items() if k != "lr"}),
+                      progress=False, log=lambda s: None)
+    entry = m.models[0]
+    assert entry.factory == "sharpfast.study.zoo:vit" and entry.init_checkpoint.endswith(".init.safetensors")
+    initial, trained = load_model(m, entry, initial=True), load_model(m, entry)
+    want = zoo.initialized(dict(cfg, lr=2.0))
+    for a, b in zip(initial.state_dict().values(), want.state_dict().values()):
+        assert torch.equal(a, b)                                          # the weights training started from
+    assert any(not torch.equal(a, b) for a, b in zip(initial.state_dict().values(), trained.state_dict().values()))
+    assert entry.metrics["train_steps"] == 2 * 2                          # 2 epochs of 128 / 64 steps
+    assert "steps_to_loss_0.1" not in entry.metrics                       # 4 steps do not get there
+    # a longer run gets there, at an epoch's end, counted in steps
+    _, met = zoo.train(dict(zoo.DEFAULT_TRAIN, width=64, epochs=40, n_train=128, batch_size=32))
+    assert met["train_steps"] == 160 and met["steps_to_loss_0.1"] % 4 == 0 and met["steps_to_loss_0.1"] <= 160
+    # a zoo trained before init checkpoints existed says so by name
+    old = Manifest.load(os.path.join(os.path.dirname(__file__), "data", "zoo_v0_1"))
+    with pytest.raises(Exception, match="no init_checkpoint"):
+        load_model(old, old.models[0], initial=True)
 
 
 def test_training_is_deterministic_and_learns(one_thread):

@@ -161,6 +161,8 @@ class ModelEntry:
     hparams: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     train_time_s: float | None = None
+    init_checkpoint: str | None = None   # the weights before training (distance-to-initialization measures)
+    init_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -184,8 +186,12 @@ class ModelEntry:
         for k, v in d.get("metrics", {}).items():
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise ManifestError(f"{where} ({d['id']}): metric {k!r} must be a finite number, got {v!r}")
-        if d.get("sha256") is not None and not re.fullmatch(r"[0-9a-f]{64}", str(d["sha256"])):
-            raise ManifestError(f"{where} ({d['id']}): sha256 must be 64 lowercase hex digits")
+        for name in ("sha256", "init_sha256"):
+            if d.get(name) is not None and not re.fullmatch(r"[0-9a-f]{64}", str(d[name])):
+                raise ManifestError(f"{where} ({d['id']}): {name} must be 64 lowercase hex digits")
+        if d.get("init_checkpoint") is not None and (not isinstance(d["init_checkpoint"], str)
+                                                     or not d["init_checkpoint"]):
+            raise ManifestError(f"{where} ({d['id']}): init_checkpoint must be a non-empty string")
         return cls(**d)
 
 
@@ -244,18 +250,25 @@ class Manifest:
 
         _atomic_write(path, write)
 
-    def checkpoint_path(self, entry: ModelEntry) -> str:
-        return entry.checkpoint if os.path.isabs(entry.checkpoint) else os.path.join(self.root, entry.checkpoint)
+    def checkpoint_path(self, entry: ModelEntry, initial: bool = False) -> str:
+        rel = entry.init_checkpoint if initial else entry.checkpoint
+        return rel if os.path.isabs(rel) else os.path.join(self.root, rel)
 
     def sharpness_data(self, n_examples: int) -> tuple[torch.Tensor, torch.Tensor]:
         fn = import_factory(self.data["factory"])
         return fn(n_examples=n_examples, **self.data.get("kwargs", {}))
 
 
-def load_model(manifest: Manifest, entry: ModelEntry) -> torch.nn.Module:
-    """Rebuild one model of the manifest (eval mode, CPU). Raises ``CheckpointError`` / ``ManifestError``."""
+def load_model(manifest: Manifest, entry: ModelEntry, initial: bool = False) -> torch.nn.Module:
+    """Rebuild one model of the manifest (eval mode, CPU), with its trained weights or, with
+    ``initial``, the weights it started training from. Raises ``CheckpointError`` /
+    ``ManifestError``."""
+    if initial and entry.init_checkpoint is None:
+        raise ManifestError(f"model {entry.id!r} has no init_checkpoint: its zoo did not save the initial "
+                            "weights (zoos trained by sharpfast >= 0.2 do)")
     factory = import_factory(entry.factory)
-    state = load_state_dict(manifest.checkpoint_path(entry), entry.sha256, entry.state_dict_key)
+    state = load_state_dict(manifest.checkpoint_path(entry, initial), entry.init_sha256 if initial else entry.sha256,
+                            entry.state_dict_key)
     try:
         model = factory(**entry.kwargs)
     except TypeError as e:

@@ -88,14 +88,15 @@ def _markdown(r: Report, ci: bool) -> str:
         weighting = (f"Hoeffding-weighted, {r.n_test} test examples" if r.n_test else "unweighted: test-set size unknown")
         out += ["", f"Granulated tau per hyperparameter (vs {TARGETS[r.target]}; Jiang et al. 2020), overall tau, "
                 f"Psi, the conditional mutual information score (CMI, min over conditioning on <= 2 "
-                f"hyperparameters) and the robust sign-error (Dziugaite et al. 2020; worst environment of coupled "
-                f"pairs, {weighting}; 0.5 is a coin flip):", "",
-                "| definition | " + " | ".join(r.factors) + " | tau | Psi | CMI | sign-err |",
+                f"hyperparameters) and the sign-error over coupled pairs (Dziugaite et al. 2020: pairs that differ in "
+                f"one hyperparameter, {weighting}; robust = the worst environment, and the mean over them; 0.5 is a "
+                f"coin flip):", "",
+                "| definition | " + " | ".join(r.factors) + " | tau | Psi | CMI | sign-err robust / mean |",
                 "|" + "---|" * (len(r.factors) + 5)]
         for ln in r.lines:
             psi = " | ".join(_fmt(ln.granulated.psi.get(f, float("nan")), 2) for f in r.factors)
             out.append(f"| {ln.name} | {psi} | {_fmt(ln.taus[r.target].tau, 2)} | {_fmt(ln.granulated.Psi, 2)} | "
-                       f"{_plain(ln.cmi.score)} | {_plain(ln.sign_error.robust)} |")
+                       f"{_plain(ln.cmi.score)} | {_plain(ln.sign_error.robust)} / {_plain(ln.sign_error.mean)} |")
     return "\n".join(out)
 
 

@@ -1,8 +1,12 @@
-"""The built-in model zoo: small MLPs and CNNs trained on scikit-learn digits over a grid of
-hyperparameters (learning rate, batch size, width, weight decay, augmentation, optimizer).
+"""The built-in model zoo: small MLPs, CNNs and ViTs trained on scikit-learn digits over a grid of
+hyperparameters (architecture, learning rate, batch size, width, weight decay, augmentation,
+optimizer).
 
-Every model is saved as safetensors with a manifest entry (``sharpfast.study.checkpoints``) holding
-its factory, hyperparameters, train/test error and loss, and its error on digits-C.
+Every model is saved as safetensors, with its initial weights beside it (``init_checkpoint``, for
+distance-to-initialization measures), and a manifest entry (``sharpfast.study.checkpoints``)
+holding its factory, hyperparameters, train/test error and loss, its error on digits-C and facts
+of its training trajectory (``train_steps``; ``steps_to_loss_0.1``, the first epoch end at which
+the full training loss was <= 0.1, counted in steps; absent where it never was).
 Training is deterministic: the seed fixes the initialization and the batch order, and each
 model is trained with one intra-op thread.
 """
@@ -47,7 +51,50 @@ def cnn(width: int = 16, n_classes: int = digits.N_CLASSES) -> nn.Module:
     )
 
 
-ARCHS: dict[str, str] = {"mlp": "sharpfast.study.zoo:mlp", "cnn": "sharpfast.study.zoo:cnn"}
+class ViT(nn.Module):
+    """A small vision transformer for 8x8 images: ``patch x patch`` patches embedded to ``dim``,
+    learned position embeddings, ``depth`` pre-norm blocks (``heads``-head self-attention by
+    ``F.scaled_dot_product_attention``, a GELU MLP of ``mlp_ratio * dim``), mean-pooled tokens and a
+    linear head. Written out rather than ``nn.TransformerEncoderLayer``, whose inference fast path
+    computes other bits than its autograd path."""
+
+    def __init__(self, dim: int = 32, depth: int = 2, heads: int = 2, patch: int = 2, mlp_ratio: int = 2,
+                 n_classes: int = digits.N_CLASSES, image: int = 8):
+        super().__init__()
+        if image % patch or dim % heads:
+            raise ValueError(f"the image side ({image}) must be a multiple of patch ({patch}) and dim ({dim}) "
+                             f"of heads ({heads})")
+        self.patch, self.heads = patch, heads
+        self.embed = nn.Linear(patch * patch, dim)
+        self.pos = nn.Parameter(torch.zeros(1, (image // patch) ** 2, dim))
+        nn.init.normal_(self.pos, std=0.02)
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "norm1": nn.LayerNorm(dim), "qkv": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim),
+            "norm2": nn.LayerNorm(dim), "fc1": nn.Linear(dim, mlp_ratio * dim), "fc2": nn.Linear(mlp_ratio * dim, dim),
+        }) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, p = x.shape[0], self.patch
+        x = x.reshape(b, 1, x.shape[-2] // p, p, x.shape[-1] // p, p).permute(0, 2, 4, 1, 3, 5)
+        h = self.embed(x.reshape(b, -1, p * p)) + self.pos
+        for blk in self.blocks:
+            q, k, v = blk["qkv"](blk["norm1"](h)).chunk(3, dim=-1)
+            split = lambda t: t.reshape(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
+            a = F.scaled_dot_product_attention(split(q), split(k), split(v))
+            h = h + blk["proj"](a.transpose(1, 2).reshape(b, -1, h.shape[-1]))
+            h = h + blk["fc2"](F.gelu(blk["fc1"](blk["norm2"](h))))
+        return self.head(self.norm(h).mean(dim=1))
+
+
+def vit(width: int = 32, depth: int = 2, heads: int = 2, patch: int = 2, n_classes: int = digits.N_CLASSES) -> nn.Module:
+    """:class:`ViT` with ``dim = width`` on 2x2 patches of the 8x8 digits."""
+    return ViT(dim=width, depth=depth, heads=heads, patch=patch, n_classes=n_classes)
+
+
+ARCHS: dict[str, str] = {"mlp": "sharpfast.study.zoo:mlp", "cnn": "sharpfast.study.zoo:cnn",
+                         "vit": "sharpfast.study.zoo:vit"}
 
 # ----------------------------------------------------------------------------- grids
 
@@ -81,17 +128,17 @@ DEFAULT_TRAIN: dict[str, Any] = {
 }
 
 ZOO_PRESETS: dict[str, ZooSpec] = {
-    # the README's main job: 2^6 = 64 models (both architectures, five training knobs)
-    "default": ZooSpec({"arch": ["mlp", "cnn"], "lr": [0.5, 2.0], "batch_size": [16, 128],
+    # the README's main job: 3 x 2^5 = 96 models (three architectures, five training knobs)
+    "default": ZooSpec({"arch": ["mlp", "cnn", "vit"], "lr": [0.5, 2.0], "batch_size": [16, 128],
                         "width": [16, 64], "weight_decay": [0.0, 5e-3], "augment": [False, True]},
                        {"optimizer": "sgd", "epochs": 60}),
-    # every factor the zoo knows, 2^7 = 128 models
-    "full": ZooSpec({"arch": ["mlp", "cnn"], "optimizer": ["sgd", "adam"], "lr": [0.5, 2.0],
+    # every factor the zoo knows, 3 x 2^6 = 192 models
+    "full": ZooSpec({"arch": ["mlp", "cnn", "vit"], "optimizer": ["sgd", "adam"], "lr": [0.5, 2.0],
                      "batch_size": [16, 128], "width": [16, 64], "weight_decay": [0.0, 5e-3],
                      "augment": [False, True]}, {"epochs": 60}),
-    # for tests and smoke runs: 8 tiny MLPs
-    "tiny": ZooSpec({"lr": [0.5, 2.0], "batch_size": [32, 128], "width": [8, 16]},
-                    {"arch": "mlp", "epochs": 3, "n_train": 256}),
+    # for tests and smoke runs: 8 tiny models, MLPs and ViTs
+    "tiny": ZooSpec({"arch": ["mlp", "vit"], "lr": [0.5, 2.0], "batch_size": [32, 128]},
+                    {"width": 8, "epochs": 3, "n_train": 256}),
 }
 
 
@@ -114,12 +161,14 @@ def model_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
         return {"width": int(cfg["width"])}
     if cfg["arch"] == "cnn":  # the CNN's first layer has width/2 channels (its cost grows as width^2)
         return {"width": max(1, int(cfg["width"]) // 2)}
+    if cfg["arch"] == "vit":  # dim = width/2, at least 16 (narrower ones do not learn digits), 2 blocks of 2 heads
+        return {"width": max(16, int(cfg["width"]) // 4 * 2)}
     raise ValueError(f"unknown arch {cfg['arch']!r}; expected one of {sorted(ARCHS)}")
 
 
 def build(cfg: dict[str, Any]) -> nn.Module:
     module, fn = ARCHS[cfg["arch"]].split(":")
-    return {"mlp": mlp, "cnn": cnn}[fn](**model_kwargs(cfg))
+    return {"mlp": mlp, "cnn": cnn, "vit": vit}[fn](**model_kwargs(cfg))
 
 
 # ----------------------------------------------------------------------------- training
@@ -138,11 +187,19 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return wrong / len(y), loss / len(y)
 
 
+SMALL_LOSS = 0.1   # Jiang et al.'s num-step-to-0.1-loss: steps until the training cross-entropy is this small
+
+
+def initialized(cfg: dict[str, Any]) -> nn.Module:
+    """The model of ``cfg`` as training starts: the seed fixes the initialization."""
+    torch.manual_seed(cfg["seed"])
+    return build(cfg)
+
+
 def train(cfg: dict[str, Any]) -> tuple[nn.Module, dict[str, float]]:
     """Train one model of the grid; return it (eval mode) and its metrics."""
     x, y, xt, yt = digits.split(cfg["n_train"], cfg["n_test"], cfg["split_seed"])
-    torch.manual_seed(cfg["seed"])
-    model = build(cfg)
+    model = initialized(cfg)
     opt_name = cfg["optimizer"]
     if opt_name not in BASE_LR:
         raise ValueError(f"unknown optimizer {opt_name!r}; expected one of {sorted(BASE_LR)}")
@@ -158,6 +215,7 @@ def train(cfg: dict[str, Any]) -> tuple[nn.Module, dict[str, float]]:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))  # cosine decay
     model.train()
+    steps, steps_to_small_loss = 0, None
     for _ in range(cfg["epochs"]):
         perm = torch.randperm(len(y), generator=g)
         for i in range(0, len(y), bs):
@@ -170,6 +228,9 @@ def train(cfg: dict[str, Any]) -> tuple[nn.Module, dict[str, float]]:
             loss.backward()
             opt.step()
             sched.step()
+            steps += 1
+        if steps_to_small_loss is None and evaluate(model, x, y)[1] <= SMALL_LOSS:
+            steps_to_small_loss = steps
     model.eval()
     train_err, train_loss = evaluate(model, x, y)
     test_err, test_loss = evaluate(model, xt, yt)
@@ -182,6 +243,9 @@ def train(cfg: dict[str, Any]) -> tuple[nn.Module, dict[str, float]]:
         m[f"ood_loss_{kind}"] = l
         ood.append(e)
     m["ood_error"] = sum(ood) / len(ood)
+    m["train_steps"] = steps
+    if steps_to_small_loss is not None:
+        m[f"steps_to_loss_{SMALL_LOSS:g}"] = steps_to_small_loss
     return model, m
 
 
@@ -191,12 +255,14 @@ def _train_one(cfg: dict[str, Any], ckpt_dir: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, metrics = train(cfg)
     mid = config_id(cfg)
-    rel = os.path.join("checkpoints", mid + ".safetensors")
-    path = os.path.join(ckpt_dir, mid + ".safetensors")
+    rel, init_rel = (os.path.join("checkpoints", mid + suffix) for suffix in (".safetensors", ".init.safetensors"))
+    path, init_path = (os.path.join(ckpt_dir, mid + suffix) for suffix in (".safetensors", ".init.safetensors"))
+    save_state_dict(initialized(cfg).state_dict(), init_path)
     save_state_dict(model.state_dict(), path)
     return ModelEntry(id=mid, factory=ARCHS[cfg["arch"]], kwargs=model_kwargs(cfg), checkpoint=rel,
                       sha256=file_sha256(path), hparams=dict(cfg), metrics=metrics,
-                      train_time_s=time.perf_counter() - t0).to_dict()
+                      train_time_s=time.perf_counter() - t0, init_checkpoint=init_rel,
+                      init_sha256=file_sha256(init_path)).to_dict()
 
 
 def data_spec(cfgs: Iterable[dict[str, Any]]) -> dict[str, Any]:
