@@ -88,6 +88,9 @@ def _definitions(args: argparse.Namespace, default_preset: str | None = "default
         nl = {"none": False, "norm": "norm", "std": "std"}[args.normalize_logits]
         adaptives = [True, False] if args.adaptive == "both" else [args.adaptive == "true"]
         for kind in args.kind:
+            if kind == defs_mod.MEASURE_KIND:
+                raise ConfigError("the Jiang et al. measures are definitions of their own: use --preset jiang, "
+                                  "or a config with {kind: measure, measure: NAME}")
             if kind in defs_mod.CURVATURE_KINDS:
                 curv = {k: v for k, v in common.items() if k in ("m", "seed")}
                 out += [Definition.from_dict(dict(kind=kind, adaptive=a, normalize_logits=nl, **curv), "flags")

@@ -32,7 +32,9 @@ from sharpfast import LOGIT_NORMALIZATIONS, NORMS
 SHARPNESS_KINDS = ("avg", "max")
 # Curvature measures (sharpfast.curvature): tr(C H C), lambda_max(C H C), Adam's and Renyi sharpness.
 CURVATURE_KINDS = ("trace", "lambda_max", "adam", "renyi")
-KINDS = SHARPNESS_KINDS + CURVATURE_KINDS
+# The generalization measures of Jiang et al. (2020), named as in their table (sharpfast.study.measures).
+MEASURE_KIND = "measure"
+KINDS = SHARPNESS_KINDS + CURVATURE_KINDS + (MEASURE_KIND,)
 LOGIT_NORMS = (False, *LOGIT_NORMALIZATIONS)
 SHARPNESS_FIELDS = ("norm", "rho")
 WORST_FIELDS = ("n_iters", "n_restarts", "rand_init", "step_size_mult", "solver", "init")
@@ -73,14 +75,31 @@ class Definition:
     alpha: float = 2.0             # renyi
     n_vectors: int = 10            # renyi: quadrature probes per batch
     n_lanczos: int = 50            # renyi: Lanczos steps per probe
+    measure: str | None = None     # kind "measure": the Jiang et al. measure's name, e.g. "prod-of-spec"
 
     @property
     def is_curvature(self) -> bool:
         return self.kind in CURVATURE_KINDS
 
+    @property
+    def is_measure(self) -> bool:
+        return self.kind == MEASURE_KIND
+
+    @property
+    def needs_rho(self) -> bool:
+        return self.kind in SHARPNESS_KINDS
+
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.is_measure:
+            from .measures import MEASURES
+            if self.measure not in MEASURES:
+                raise ConfigError(f"measure must be one of {sorted(MEASURES)}, got {self.measure!r}")
+            object.__setattr__(self, "rho", None)
+            object.__setattr__(self, "norm", "l2")
+        elif self.measure is not None:
+            raise ConfigError(f"'measure' is for kind {MEASURE_KIND!r}; kind {self.kind!r} does not take it")
         if self.is_curvature:
             if self.curvature not in ("hessian", "ggn"):
                 raise ConfigError(f"curvature must be 'hessian' or 'ggn', got {self.curvature!r}")
@@ -94,7 +113,7 @@ class Definition:
             object.__setattr__(self, "alpha", float(self.alpha))
             object.__setattr__(self, "rho", None)   # radius and norm mean nothing for curvature
             object.__setattr__(self, "norm", "l2")
-        elif self.rho is None:
+        elif self.rho is None and self.needs_rho:
             raise ConfigError(f"kind {self.kind!r} needs a radius rho")
         if self.norm not in NORMS:
             raise ConfigError(f"norm must be one of {NORMS}, got {self.norm!r}")
@@ -123,12 +142,12 @@ class Definition:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
-        for name in ("step_size_mult", "adaptive_eta") + (() if self.is_curvature else ("rho",)):
+        for name in ("step_size_mult", "adaptive_eta") + (("rho",) if self.needs_rho else ()):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ConfigError(f"{name} must be a number, got {v!r}")
             object.__setattr__(self, name, float(v))
-        if not self.is_curvature and (not self.rho > 0 or self.rho == float("inf")):
+        if self.needs_rho and (not self.rho > 0 or self.rho == float("inf")):
             raise ConfigError(f"rho must be a positive finite number, got {self.rho!r}")
         if not self.step_size_mult > 0:
             raise ConfigError(f"step_size_mult must be positive, got {self.step_size_mult!r}")
@@ -145,6 +164,10 @@ class Definition:
         definition into several keys, and the keys of definitions that existed before a field
         was added do not change."""
         d = asdict(self)
+        if d["measure"] is None:
+            d.pop("measure")   # keys of the definitions that existed before measures did stay the same
+        if self.is_measure:   # a function of the weights and the data: nothing else matters
+            return {k: d[k] for k in ("kind", "measure", "n_examples")}
         if self.is_curvature:
             drop = SHARPNESS_FIELDS + WORST_FIELDS + AVERAGE_FIELDS + tuple(
                 f for f in CURVATURE_FIELDS if f not in CURVATURE_USES[self.kind])
@@ -168,6 +191,8 @@ class Definition:
     @property
     def family(self) -> str:
         """The definition without its radius, e.g. ``max-linf-adaptive-norm m=128``."""
+        if self.is_measure:
+            return self.measure + ("" if self.n_examples == 512 else f" n_examples={self.n_examples}")
         parts = [self.kind, self.curvature if self.is_curvature else self.norm,
                  "adaptive" if self.adaptive else "standard"]
         if self.normalize_logits:
@@ -181,13 +206,23 @@ class Definition:
 
     @property
     def name(self) -> str:
-        return self.family if self.is_curvature else f"{self.family} rho={self.rho:g}"
+        return f"{self.family} rho={self.rho:g}" if self.needs_rho else self.family
 
     # -- evaluation -----------------------------------------------------------------------
-    def measure(self, model, batches, backend: str = "auto") -> dict[str, Any]:
+    def evaluate(self, model, batches, backend: str = "auto", init=None, metrics: dict | None = None) -> dict[str, Any]:
         """This definition's value on ``batches``: ``value``, ``err_value``, ``per_batch``,
-        ``delta_norm``, ``backend`` (the store's columns), through the core's public API."""
+        ``delta_norm``, ``backend`` (the store's columns), through the core's public API (the
+        Jiang et al. measures: ``sharpfast.study.measures``, with the initial weights ``init`` and
+        the zoo's recorded ``metrics``)."""
         import sharpfast
+
+        if self.is_measure:
+            import torch
+
+            from . import measures
+            x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+            value = measures.measure(self.measure, model, x, y, init=init, metrics=metrics)
+            return dict(value=value, err_value=None, per_batch=[value], delta_norm=0.0, backend="measure")
 
         if not self.is_curvature:
             r = sharpfast.evaluate_sharpness(model, batches, self.settings(backend))
@@ -233,7 +268,8 @@ class Definition:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
-        missing = ({"kind"} if d.get("kind") in CURVATURE_KINDS else {"kind", "norm", "rho"}) - set(d)
+        missing = ({"kind", "norm", "rho"} if d.get("kind") in SHARPNESS_KINDS else
+                   {"kind", "measure"} if d.get("kind") == MEASURE_KIND else {"kind"}) - set(d)
         if missing:
             raise ConfigError(f"{where}: missing field(s) {sorted(missing)}")
         try:
@@ -292,6 +328,12 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
         for norm, rho in (("l2", 0.5), ("linf", 0.002))
         for solver, start in (("published", {}), ("scaled", {}), ("scaled", dict(init="eigen")))
     ],
+    # the generalization measures of Jiang et al. (2020) that sharpness is compared with
+    "jiang": [dict(kind=MEASURE_KIND, measure=name) for name in (
+        "param-norm", "frob-distance", "spec-dist", "fro/spec", "prod-of-spec", "prod-of-spec/margin", "sum-of-spec",
+        "sum-of-spec/margin", "prod-of-fro", "prod-of-fro/margin", "sum-of-fro", "sum-of-fro/margin",
+        "spectral-init", "spectral-orig", "path-norm", "path-norm/margin", "1/margin", "cross-entropy",
+        "neg-entropy", "fisher-rao", "num-step-to-0.1-loss")],
     # smoke tests: two cheap definitions
     "quick": [
         dict(kind="max", norm="linf", adaptive=True, rho=0.002, n_iters=5, m=64, n_examples=128),

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from .checkpoints import Manifest, ManifestError, ModelEntry, load_model
+from .measures import NEEDS_INIT
 from .definitions import ConfigError, Definition
 from .store import Store
 
@@ -84,7 +85,10 @@ def evaluate_checkpoint(data_spec: dict[str, Any], root: str, entry: dict[str, A
                 raise ValueError(f"the definition needs {d.n_examples} examples, the data has {len(y)}")
             x, y = x[:d.n_examples].to(dev), y[:d.n_examples].to(dev)
             batches = [(x[i:i + d.m], y[i:i + d.m]) for i in range(0, d.n_examples, d.m)]
-            measured = d.measure(model, batches, backend)
+            init = None
+            if d.is_measure and d.measure in NEEDS_INIT:   # loaded when a definition asks for it
+                init = load_model(manifest, ModelEntry.from_dict(entry), initial=True).to(dev)
+            measured = d.evaluate(model, batches, backend, init=init, metrics=entry.get("metrics"))
             if dev.startswith("cuda"):
                 torch.cuda.synchronize()
             rows.append(dict(base, definition_key=d.key, status="ok", time_s=time.perf_counter() - t0, **measured))
