@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -228,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n-examples", type=int, default=512)
     q.add_argument("--m", type=int, default=128, help="examples per m-batch")
 
+    q = sub.add_parser("manifest", help="a zoo manifest from a table of your own models (CSV, one row per model)")
+    q.add_argument("--table", required=True, metavar="FILE.csv",
+                   help="columns: id, checkpoint (safetensors), factory, factory_kwargs (JSON), init_checkpoint, "
+                        "hp_* (hyperparameters), metrics (test_error, train_error, ood_error*, ...)")
+    q.add_argument("--data", required=True, metavar="MODULE:FUNCTION",
+                   help="the data factory: FUNCTION(n_examples=N, **kwargs) -> (x, y), x a tensor or a dict")
+    q.add_argument("--data-kwargs", default="{}", metavar="JSON", help="keyword arguments of the data factory")
+    q.add_argument("--out", required=True, help="folder for manifest.json (then: sharpfast sweep --zoo DIR)")
+
     q = sub.add_parser("doctor", help="the build, the devices and the self-test of every fused op")
     q.add_argument("--device", help="self-test only this device (default: every device)")
     return p
@@ -322,8 +332,20 @@ def cmd_doctor(args: argparse.Namespace) -> None:
                        "uses the pure-PyTorch reference there")
 
 
+def cmd_manifest(args: argparse.Namespace) -> None:
+    from .table import write_manifest
+
+    try:
+        kwargs = json.loads(args.data_kwargs)
+    except json.JSONDecodeError as e:
+        raise CLIError(f"--data-kwargs is not JSON: {e}") from None
+    path = write_manifest(args.table, args.data, args.out, kwargs)
+    print(f"manifest: wrote {path} ({len(Manifest.load(path).models)} models); sweep it with "
+          f"`sharpfast sweep --zoo {args.out}`")
+
+
 COMMANDS = {"zoo": cmd_zoo, "sweep": cmd_sweep, "report": cmd_report, "run": cmd_run,
-            "definitions": cmd_definitions, "esd": cmd_esd, "doctor": cmd_doctor}
+            "definitions": cmd_definitions, "esd": cmd_esd, "manifest": cmd_manifest, "doctor": cmd_doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

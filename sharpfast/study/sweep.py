@@ -21,12 +21,20 @@ from typing import Any, Callable
 
 import torch
 
+from sharpfast import map_tensors
+
 from .checkpoints import Manifest, ManifestError, ModelEntry, load_model
 from .measures import NEEDS_INIT
 from .definitions import ConfigError, Definition
 from .store import Store
 
-_DATA_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_DATA_CACHE: dict[tuple, tuple[Any, torch.Tensor]] = {}
+
+
+def rows_of(x: Any, start: int, stop: int) -> Any:
+    """Examples ``start:stop`` of inputs that are a tensor, or a dict / tuple of them (the keyword
+    inputs a Hugging Face model takes: ``{"input_ids": ..., "attention_mask": ...}``)."""
+    return map_tensors(lambda t: t[start:stop], x)
 
 
 def _versions() -> tuple[str, str]:
@@ -83,8 +91,8 @@ def evaluate_checkpoint(data_spec: dict[str, Any], root: str, entry: dict[str, A
             x, y = _DATA_CACHE[ck]
             if len(y) < d.n_examples:
                 raise ValueError(f"the definition needs {d.n_examples} examples, the data has {len(y)}")
-            x, y = x[:d.n_examples].to(dev), y[:d.n_examples].to(dev)
-            batches = [(x[i:i + d.m], y[i:i + d.m]) for i in range(0, d.n_examples, d.m)]
+            x, y = map_tensors(lambda t: t[:d.n_examples].to(dev), x), y[:d.n_examples].to(dev)
+            batches = [(rows_of(x, i, i + d.m), y[i:i + d.m]) for i in range(0, d.n_examples, d.m)]
             init = None
             if d.is_measure and d.measure in NEEDS_INIT:   # loaded when a definition asks for it
                 init = load_model(manifest, ModelEntry.from_dict(entry), initial=True).to(dev)

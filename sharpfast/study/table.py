@@ -1,0 +1,127 @@
+"""A zoo manifest from a table of the user's own models (``sharpfast manifest --table``).
+
+One row per model. Columns:
+
+* ``id`` (required, unique);
+* ``checkpoint``: a safetensors file (relative to the table's folder, or absolute), with
+  ``factory`` (``package.module:function`` building the model) and optionally ``factory_kwargs``
+  (a JSON object);
+* ``init_checkpoint``: optionally, the weights the model started training from (safetensors);
+* ``hp_<name>``: hyperparameter ``<name>`` (JSON values are parsed: ``0.1``, ``true``, ``"sgd"``;
+  anything else is kept as a string);
+* every other column: a metric, which must be a finite number where given (``test_error``,
+  ``train_error``, ``ood_error*``, ...; an empty cell is a missing metric).
+
+The data factory (``--data MODULE:FUNCTION``, kwargs ``--data-kwargs JSON``) is called as
+``factory(n_examples=N, **kwargs)`` by the sweep and returns ``(x, y)``: ``x`` a tensor or a dict
+of tensors (keyword inputs, as Hugging Face models take), ``y`` the labels. Every problem is
+reported with its row and column; nothing is unpickled.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Any
+
+from .checkpoints import (MANIFEST_NAME, Manifest, ManifestError, ModelEntry, SAFE_SUFFIXES, _FACTORY_RE,
+                          file_sha256, import_factory)
+
+STRUCTURE = ("id", "checkpoint", "factory", "factory_kwargs", "init_checkpoint")
+
+
+class TableError(ManifestError):
+    """A table row or column that cannot become a manifest entry."""
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _safetensors(path: str, base: str, where: str) -> str:
+    full = path if os.path.isabs(path) else os.path.join(base, path)
+    if not path.endswith(SAFE_SUFFIXES):
+        raise TableError(f"{where}: {path!r} is not a .safetensors file (checkpoints are never unpickled; convert "
+                         "a torch.save file with safetensors.torch.save_file(model.state_dict(), path))")
+    if not os.path.isfile(full):
+        raise TableError(f"{where}: {path!r} does not exist (looked for {full})")
+    return os.path.abspath(full)
+
+
+def manifest_from_table(table: str, data: str, data_kwargs: dict | None = None) -> Manifest:
+    """The manifest the rows of the CSV file ``table`` describe, with the data factory ``data``."""
+    if not _FACTORY_RE.match(data or ""):
+        raise TableError(f"--data {data!r} is not of the form 'package.module:function'")
+    if not callable(import_factory(data)):
+        raise TableError(f"--data {data!r} is not callable")
+    if data_kwargs is not None and not isinstance(data_kwargs, dict):
+        raise TableError("--data-kwargs must be a JSON object")
+    base = os.path.dirname(os.path.abspath(table))
+    with open(table, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        rows = list(reader)
+    if "id" not in columns:
+        raise TableError(f"{table}: the table needs an 'id' column (columns: {', '.join(columns)})")
+    if "checkpoint" not in columns:
+        raise TableError(f"{table}: the table needs a 'checkpoint' column (a safetensors file per model)")
+    if not rows:
+        raise TableError(f"{table}: the table has no rows")
+    entries, seen = [], set()
+    for n, row in enumerate(rows, start=2):   # line 1 is the header
+        where = f"{table}, row {n}"
+        mid = (row.get("id") or "").strip()
+        if not mid:
+            raise TableError(f"{where}: column 'id' is empty")
+        if mid in seen:
+            raise TableError(f"{where}: id {mid!r} appears twice")
+        seen.add(mid)
+        where = f"{where} (id {mid!r})"
+        ckpt, factory = (row.get("checkpoint") or "").strip(), (row.get("factory") or "").strip()
+        if not ckpt:
+            raise TableError(f"{where}: column 'checkpoint' is empty")
+        if not _FACTORY_RE.match(factory):
+            raise TableError(f"{where}: column 'factory' must be 'package.module:function', got {factory!r}")
+        try:
+            kwargs = json.loads(row.get("factory_kwargs") or "{}")
+        except json.JSONDecodeError as e:
+            raise TableError(f"{where}: column 'factory_kwargs' is not JSON: {e}") from None
+        if not isinstance(kwargs, dict):
+            raise TableError(f"{where}: column 'factory_kwargs' must be a JSON object")
+        path = _safetensors(ckpt, base, f"{where}, column 'checkpoint'")
+        init = (row.get("init_checkpoint") or "").strip()
+        init_path = _safetensors(init, base, f"{where}, column 'init_checkpoint'") if init else None
+        hparams, metrics = {}, {}
+        for col in columns:
+            cell = (row.get(col) or "").strip()
+            if col in STRUCTURE or cell == "":
+                continue
+            if col.startswith("hp_"):
+                hparams[col[3:]] = _value(cell)
+                continue
+            try:
+                value = float(cell)
+            except ValueError:
+                raise TableError(f"{where}: column {col!r} is a metric (not id/checkpoint/factory/factory_kwargs/"
+                                 f"init_checkpoint or hp_*) and must be a number, got {cell!r}") from None
+            if not math.isfinite(value):
+                raise TableError(f"{where}: metric {col!r} must be finite, got {cell!r}")
+            metrics[col] = value
+        entries.append(ModelEntry(id=mid, factory=factory, checkpoint=path, kwargs=kwargs, sha256=file_sha256(path),
+                                  hparams=hparams, metrics=metrics, init_checkpoint=init_path,
+                                  init_sha256=file_sha256(init_path) if init_path else None))
+    return Manifest(data={"factory": data, "kwargs": data_kwargs or {}}, models=entries, root=base)
+
+
+def write_manifest(table: str, data: str, out_dir: str, data_kwargs: dict | None = None) -> str:
+    """Write ``out_dir/manifest.json`` from the table; returns its path."""
+    manifest = manifest_from_table(table, data, data_kwargs)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, MANIFEST_NAME)
+    manifest.root = out_dir
+    manifest.save(path)
+    return path
