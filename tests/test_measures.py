@@ -136,8 +136,9 @@ def test_every_measure_on_the_zoo_architectures():
     for make in (lambda: zoo.mlp(16), lambda: zoo.cnn(8), lambda: zoo.vit(16)):
         model, init = make(), make()
         for name in M.MEASURES:
-            if name.endswith("margin") or name in ("spectral-init", "spectral-orig", "num-step-to-0.1-loss"):
-                continue   # an untrained model's margin is negative; no recorded trajectory here
+            if name.endswith("margin") or name in ("spectral-init", "spectral-orig", "num-step-to-0.1-loss") or \
+                    "pacbayes" in name or "sharpness" in name:
+                continue   # an untrained model's margin is negative; no recorded trajectory here; searches below
             assert math.isfinite(M.measure(name, model, x, y, init=init)), name
     assert M.measure("num-step-to-0.1-loss", model, x, y, metrics={"steps_to_loss_0.1": 120}) == 120
     with pytest.raises(ValueError, match="did not record"):
@@ -151,7 +152,46 @@ def test_every_measure_on_the_zoo_architectures():
 def test_the_jiang_preset_names_the_table_rows():
     defs = preset("jiang")
     assert [d.name for d in defs][:5] == ["param-norm", "frob-distance", "spec-dist", "fro/spec", "prod-of-spec"]
-    assert len({d.key for d in defs}) == len(defs) == 21 and all(d.rho is None for d in defs)
+    assert len({d.key for d in defs}) == len(defs) == 33 and all(d.rho is None for d in defs)
     assert Definition("measure", measure="path-norm", n_iters=99).key == Definition("measure", measure="path-norm").key
     with pytest.raises(ValueError, match="measure must be one of"):
         Definition("measure", measure="vc-dim")
+
+
+def trained_digits_mlp():
+    from sharpfast.study import digits
+    cfg = dict(zoo.DEFAULT_TRAIN, width=32, epochs=10, n_train=256)
+    x, y, _, _ = digits.split(256)
+    return zoo.train(cfg)[0], zoo.initialized(cfg), x, y
+
+
+def test_pacbayes_and_sharpness_searches_hit_their_target_and_the_bounds_follow():
+    """Each search's radius moves the training error by 0.1 (within the 1e-2 tolerance, or bisection's
+    last step); the bounds are their formulas at that radius."""
+    import sharpfast
+    model, init, x, y = trained_digits_mlp()
+    ctx = M.Context(model, init, x, y)
+    values = {n: M.MEASURES[n](ctx) for n in ("pacbayes-init", "pacbayes-orig", "1/sigma-pacbayes", "sharpness-orig",
+                                             "1/alpha-sharpness", "pacbayes-mag-orig", "1/alpha-sharpness-mag")}
+    sigma, alpha = ctx.cached(("radius", False, False), None), ctx.cached(("radius", True, False), None)
+    assert 0 < alpha < sigma < M.SEARCH_MAX   # the worst case of a box moves the error sooner than noise
+    step = M.SEARCH_MAX / 2**M.SEARCH_STEPS
+    for radius, worst in ((sigma, False), (alpha, True)):
+        d = M._deviation(ctx, radius, worst, magnitude=False)
+        near = abs(d - M.ACCURACY_DEVIATION) < M.DEVIATION_TOLERANCE
+        assert near or (M._deviation(ctx, radius + step, worst, False) > M.ACCURACY_DEVIATION >= d)
+    # a smaller radius moves it less (the searches are monotone where they look)
+    assert M._deviation(ctx, sigma / 4, False, False) < M.ACCURACY_DEVIATION
+    w = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+    w0 = torch.cat([p.detach().double().reshape(-1) for p in init.parameters()])
+    m, omega = len(y), w.numel()
+    assert values["pacbayes-orig"] == pytest.approx(float(w @ w) / (4 * sigma**2) + math.log(m / sigma) + 10, rel=1e-12)
+    assert values["pacbayes-init"] == pytest.approx(float((w - w0) @ (w - w0)) / (4 * sigma**2)
+                                                    + math.log(m / sigma) + 10, rel=1e-12)
+    assert values["1/sigma-pacbayes"] == pytest.approx(1 / sigma**2) and values["1/alpha-sharpness"] == 1 / alpha**2
+    s_alpha = alpha / math.sqrt(2 * math.log(2 * omega))
+    assert values["sharpness-orig"] == pytest.approx(float(w @ w) * math.log(2 * omega) / (4 * alpha**2)
+                                                     + math.log(m / s_alpha) + 10, rel=1e-12)
+    # the sharpness search's deviation is the worst case the sharpness function reports
+    r = sharpfast.worst_case_sharpness(model, [(x, y)], rho=alpha, norm="linf", adaptive=False, n_iters=M.ASCENT_STEPS)
+    assert M._deviation(ctx, alpha, True, False) == abs(r.err_sharpness)

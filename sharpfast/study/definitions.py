@@ -333,7 +333,9 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
         "param-norm", "frob-distance", "spec-dist", "fro/spec", "prod-of-spec", "prod-of-spec/margin", "sum-of-spec",
         "sum-of-spec/margin", "prod-of-fro", "prod-of-fro/margin", "sum-of-fro", "sum-of-fro/margin",
         "spectral-init", "spectral-orig", "path-norm", "path-norm/margin", "1/margin", "cross-entropy",
-        "neg-entropy", "fisher-rao", "num-step-to-0.1-loss")],
+        "neg-entropy", "fisher-rao", "num-step-to-0.1-loss", "pacbayes-init", "pacbayes-orig", "1/sigma-pacbayes",
+        "sharpness-init", "sharpness-orig", "1/alpha-sharpness", "pacbayes-mag-init", "pacbayes-mag-orig",
+        "1/sigma-pacbayes-mag", "pac-sharpness-mag-init", "pac-sharpness-mag-orig", "1/alpha-sharpness-mag")],
     # smoke tests: two cheap definitions
     "quick": [
         dict(kind="max", norm="linf", adaptive=True, rho=0.002, n_iters=5, m=64, n_examples=128),

@@ -24,9 +24,26 @@ forward pass on the data; zero padding and stride included), from the map's dens
 * on the data: ``1/margin = 1 / gamma^2``; ``cross-entropy``, the mean loss; ``neg-entropy``, the
   mean of ``sum_j p_j log p_j`` of the softmax outputs; ``fisher-rao = (d + 1)^2 / m sum_i
   <w, grad_w loss(x_i)>^2`` over all parameters;
-* the trajectory: ``num-step-to-0.1-loss``, recorded by the zoo while training.
+* the trajectory: ``num-step-to-0.1-loss``, recorded by the zoo while training;
+* PAC-Bayes and sharpness, with the searches for their radius: ``sigma``, the largest Gaussian
+  scale whose perturbations ``w + sigma xi`` move the training error by 0.1 on average (10 draws),
+  and ``alpha``, the largest box ``|u_i| <= alpha`` in which APGD (20 steps) finds a point that
+  moves it by 0.1; bisection over ``(0, 2]``, 15 steps, stopping within 1e-2 of the target, both by
+  the sharpness functions themselves. ``pacbayes-init/-orig = ||w_ref||^2 / (4 sigma^2) +
+  log(m / sigma) + 10`` (``w_ref`` the distance to initialization, or ``w``), ``sharpness-init/-orig
+  = ||w_ref||^2 log(2 omega) / (4 alpha^2) + log(m / sigma_alpha) + 10`` with ``sigma_alpha = alpha /
+  sqrt(2 log(2 omega))`` (``omega`` parameters), ``1/sigma-pacbayes = 1 / sigma^2``,
+  ``1/alpha-sharpness = 1 / alpha^2``; the magnitude-aware forms perturb ``N(0, sigma^2 w_i^2 +
+  eps^2)`` and search the box ``|u_i| <= alpha |w_i| + eps`` (``eps = 1e-3``), with
+  ``pacbayes-mag-* = 1/4 sum_i log((eps^2 + (sigma^2 + 1) ||w_ref||^2 / omega) / (eps^2 + sigma^2
+  (w - w0)_i^2)) + log(m / sigma) + 10``, ``pac-sharpness-mag-*`` the same at ``sigma_alpha``, and
+  ``1/sigma-pacbayes-mag``, ``1/alpha-sharpness-mag``. These use all parameters (``omega`` of
+  them).
 
-Departures, each deliberate: ``fisher-rao`` uses all parameters (biases too), as the gradient's
+Departures, each deliberate: the searches' deviation is the training error's (Jiang et al.'s
+"accuracy deviation"), measured on the sweep's examples; the margin is the 10th percentile
+(Dziugaite et al.'s code takes its absolute value where it is negative; here a ``/margin`` measure
+with ``gamma <= 0`` is an error, not a number); ``fisher-rao`` uses all parameters (biases too), as the gradient's
 inner product is taken with everything that was trained; ``path-norm`` squares biases too (Jiang
 et al. do not say) and is what the definition gives for non-homogeneous networks (the ViT's
 attention and LayerNorm); the margin's data is the sweep's training examples, not the full set.
@@ -218,6 +235,119 @@ MEASURES: dict[str, Callable[[Context], float]] = {
     "num-step-to-0.1-loss": lambda c: _recorded(c, "steps_to_loss_0.1"),
 }
 NEEDS_INIT = ("frob-distance", "spec-dist", "spectral-init")
+
+
+# ----------------------------------------------------------------------------- PAC-Bayes and sharpness
+
+ACCURACY_DEVIATION = 0.1     # the searches' target: the perturbation that moves the training error by this much
+DEVIATION_TOLERANCE = 1e-2
+SEARCH_STEPS = 15            # bisection steps over (0, SEARCH_MAX]
+SEARCH_MAX = 2.0
+MC_SAMPLES = 10              # Gaussian draws per PAC-Bayes search step
+ASCENT_STEPS = 20            # APGD iterations per sharpness search step
+MAG_EPS = 1e-3               # the magnitude-aware perturbation's floor
+
+
+def _search(deviation: Callable[[float], float]) -> float:
+    """The largest radius in ``(0, SEARCH_MAX]`` whose training-error deviation is ``0.1`` (within
+    ``1e-2``), by bisection (Jiang et al.'s search; ``SEARCH_MAX`` where even that moves it less)."""
+    lo, hi = 0.0, SEARCH_MAX
+    if deviation(hi) <= ACCURACY_DEVIATION:
+        return hi
+    r = hi
+    for _ in range(SEARCH_STEPS):
+        r = (lo + hi) / 2
+        d = deviation(r)
+        if abs(d - ACCURACY_DEVIATION) < DEVIATION_TOLERANCE:
+            break
+        lo, hi = (lo, r) if d > ACCURACY_DEVIATION else (r, hi)
+    return r
+
+
+def _magnitude_scale(model: nn.Module, radius: float) -> dict:
+    """``c`` with ``radius * c_i = sqrt(radius^2 w_i^2 + eps^2)`` (Gaussian) or ``radius |w_i| + eps`` (box)."""
+    return {n: (p.detach().abs() ** 2 + (MAG_EPS / radius) ** 2).sqrt() for n, p in model.named_parameters()}
+
+
+def _deviation(ctx: Context, radius: float, worst: bool, magnitude: bool) -> float:
+    """The training-error increase at ``radius``: the mean over Gaussian draws ``w + radius c xi``
+    (PAC-Bayes), or the largest APGD finds in the box ``|u_i| <= radius c_i`` (sharpness), by the
+    sharpness functions themselves; ``c = 1``, or magnitude-aware."""
+    import sharpfast
+
+    kw = dict(adaptive=magnitude, adaptive_eta=MAG_EPS / radius) if (magnitude and worst) else (
+        dict(adaptive=False, scale=_magnitude_scale(ctx.model, radius)) if magnitude else dict(adaptive=False))
+    data = [(ctx.x, ctx.y)]
+    if worst:
+        r = sharpfast.worst_case_sharpness(ctx.model, data, rho=radius, norm="linf", n_iters=ASCENT_STEPS, **kw)
+    else:
+        r = sharpfast.average_sharpness(ctx.model, data, rho=radius, norm="l2", n_samples=MC_SAMPLES, **kw)
+    if r.err_sharpness is None:
+        raise ValueError("the PAC-Bayes and sharpness searches need class labels (a training error)")
+    return abs(r.err_sharpness)
+
+
+def _radius(ctx: Context, worst: bool, magnitude: bool) -> float:
+    return ctx.cached(("radius", worst, magnitude),
+                      lambda: _search(lambda r: _deviation(ctx, r, worst, magnitude)))
+
+
+def _weights(ctx: Context, reference: str) -> torch.Tensor:
+    """All parameters as one vector, or their distance to the initial ones."""
+    w = torch.cat([p.detach().double().reshape(-1) for p in ctx.model.parameters()])
+    if reference == "orig":
+        return w
+    if ctx.init is None:
+        raise ValueError("this measure needs the initial weights (the zoo's init_checkpoint)")
+    return w - torch.cat([p.detach().double().reshape(-1) for p in ctx.init.parameters()])
+
+
+def _pacbayes(ctx: Context, reference: str, sigma: float) -> float:
+    """``||w_ref||^2 / (4 sigma^2) + log(m / sigma) + 10`` (Jiang et al. eq. 48-49)."""
+    return float(_weights(ctx, reference).pow(2).sum()) / (4 * sigma**2) + math.log(len(ctx.y) / sigma) + 10
+
+
+def _pacbayes_mag(ctx: Context, reference: str, sigma: float) -> float:
+    """``1/4 sum_i log((eps^2 + (sigma^2 + 1) ||w_ref||^2 / omega) / (eps^2 + sigma^2 (w - w0)_i^2))
+    + log(m / sigma) + 10`` (eq. 56-57; the denominator is the distance to initialization for both
+    references, as Jiang et al. write it; without initial weights, ``w`` itself)."""
+    ref = _weights(ctx, reference)
+    dist = _weights(ctx, "init") if ctx.init is not None else _weights(ctx, "orig")
+    num = MAG_EPS**2 + (sigma**2 + 1) * float(ref.pow(2).sum()) / ref.numel()
+    return float(0.25 * torch.log(num / (MAG_EPS**2 + sigma**2 * dist**2)).sum()) + math.log(len(ctx.y) / sigma) + 10
+
+
+def _sharpness_sigma(ctx: Context, alpha: float) -> float:
+    """The Gaussian scale whose bound a box of half-width ``alpha`` gives: ``alpha / sqrt(2 log(2 omega))``."""
+    omega = sum(p.numel() for p in ctx.model.parameters())
+    return alpha / math.sqrt(2 * math.log(2 * omega))
+
+
+def _sharpness(ctx: Context, reference: str) -> float:
+    """``||w_ref||^2 log(2 omega) / (4 alpha^2) + log(m / sigma) + 10`` (eq. 50-51)."""
+    alpha = _radius(ctx, worst=True, magnitude=False)
+    omega = sum(p.numel() for p in ctx.model.parameters())
+    sigma = _sharpness_sigma(ctx, alpha)
+    return (float(_weights(ctx, reference).pow(2).sum()) * math.log(2 * omega) / (4 * alpha**2)
+            + math.log(len(ctx.y) / sigma) + 10)
+
+
+MEASURES.update({
+    "pacbayes-init": lambda c: _pacbayes(c, "init", _radius(c, worst=False, magnitude=False)),
+    "pacbayes-orig": lambda c: _pacbayes(c, "orig", _radius(c, worst=False, magnitude=False)),
+    "1/sigma-pacbayes": lambda c: 1 / _radius(c, worst=False, magnitude=False) ** 2,
+    "sharpness-init": lambda c: _sharpness(c, "init"),
+    "sharpness-orig": lambda c: _sharpness(c, "orig"),
+    "1/alpha-sharpness": lambda c: 1 / _radius(c, worst=True, magnitude=False) ** 2,
+    "pacbayes-mag-init": lambda c: _pacbayes_mag(c, "init", _radius(c, worst=False, magnitude=True)),
+    "pacbayes-mag-orig": lambda c: _pacbayes_mag(c, "orig", _radius(c, worst=False, magnitude=True)),
+    "1/sigma-pacbayes-mag": lambda c: 1 / _radius(c, worst=False, magnitude=True) ** 2,
+    "pac-sharpness-mag-init": lambda c: _pacbayes_mag(c, "init", _sharpness_sigma(c, _radius(c, True, True))),
+    "pac-sharpness-mag-orig": lambda c: _pacbayes_mag(c, "orig", _sharpness_sigma(c, _radius(c, True, True))),
+    "1/alpha-sharpness-mag": lambda c: 1 / _radius(c, worst=True, magnitude=True) ** 2,
+})
+NEEDS_INIT = NEEDS_INIT + ("pacbayes-init", "sharpness-init", "pacbayes-mag-init", "pac-sharpness-mag-init",
+                           "pacbayes-mag-orig", "pac-sharpness-mag-orig")
 
 
 def _recorded(ctx: Context, metric: str) -> float:
