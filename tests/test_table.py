@@ -61,7 +61,7 @@ def test_a_table_becomes_a_manifest_that_sweeps(tmp_path, capsys):
     assert [e.id for e in m.models] == ["m0", "m1", "m2"]
     e = m.models[1]
     assert e.hparams == {"lr": 0.2, "opt": "sgd"} and e.metrics == {"test_error": 0.3, "train_error": 0.05,
-                                                                    "ood_error": 0.4}
+                                                                    "ood_error": 0.4, "gap": pytest.approx(0.25)}
     assert e.kwargs == {"dim": 8} and len(e.sha256) == 64 and e.init_sha256
     model, init = load_model(m, e), load_model(m, e, initial=True)
     assert torch.allclose(model.head.weight, 2 * init.head.weight)
@@ -104,3 +104,36 @@ def test_bad_data_factory_and_cli_exit_code(tmp_path, capsys):
     assert main(["manifest", "--table", str(table), "--data", "tests.test_table:keyword_data", "--data-kwargs",
                  "[1", "--out", str(tmp_path / "z")]) == 2
     assert "--data-kwargs is not JSON" in capsys.readouterr().err
+
+
+def test_hugging_face_models_from_save_pretrained_folders(tmp_path):
+    """The README's worked example, smaller: tiny BERTs built from a config, fine-tuned, saved with
+    save_pretrained, listed by hf_folder, swept (dict inputs) and reported; no hub is reached."""
+    pytest.importorskip("transformers")
+    import sharpfast
+    from sharpfast.study import bert_example
+    table = bert_example.build(str(tmp_path), epochs=1, grid=bert_example.GRID[:2])
+    m = manifest_from_table(table, "sharpfast.study.bert_example:data")
+    entry = m.models[0]
+    assert entry.factory == "sharpfast.study.hf:from_folder" and entry.checkpoint.endswith("model.safetensors")
+    assert entry.hparams == {"lr": 0.0003, "seed": 0} and {"test_error", "ood_error", "gap"} <= set(entry.metrics)
+    model = load_model(m, entry)
+    x, y = bert_example.data(64)
+    assert bert_example.error(model, x, y) == pytest.approx(entry.metrics["train_error"], abs=0.1)
+    d = Definition.from_dict(dict(kind="max", norm="linf", rho=0.0005, normalize_logits="norm", n_iters=3, m=32,
+                                  n_examples=64))
+    store = str(tmp_path / "r.db")
+    assert run_sweep(m, [d], store, progress=False).ok == 2
+    batches = [({k: v[i:i + 32] for k, v in x.items()}, y[i:i + 32]) for i in (0, 32)]
+    want = sharpfast.evaluate_sharpness(model, batches, d.settings()).sharpness
+    with Store(store, readonly=True) as st:
+        got = {r.checkpoint_id: r.value for r in st.rows()}
+    assert got[entry.id] == pytest.approx(want, rel=1e-6)
+    from sharpfast.study.report import build_report
+    assert "max-linf-adaptive-lognorm m=32 n_examples=64 n_iters=3 rho=0.0005" in build_report(
+        store, None, plots=False).markdown()
+    # a folder without save_pretrained's files is refused by row and column
+    (tmp_path / "models.csv").write_text(open(table).read().replace("bert-lr0.0003-s0,bert-lr0.0003-s0",
+                                                                    "bert-lr0.0003-s0,nowhere"))
+    with pytest.raises(TableError, match="row 2.*hf_folder.*no config.json"):
+        manifest_from_table(str(tmp_path / "models.csv"), "sharpfast.study.bert_example:data")

@@ -5,7 +5,9 @@ One row per model. Columns:
 * ``id`` (required, unique);
 * ``checkpoint``: a safetensors file (relative to the table's folder, or absolute), with
   ``factory`` (``package.module:function`` building the model) and optionally ``factory_kwargs``
-  (a JSON object);
+  (a JSON object); or ``hf_folder``: a folder written by Hugging Face's ``save_pretrained``, with
+  ``hf_class`` (default ``AutoModelForSequenceClassification``), built from its config and loaded
+  from its ``model.safetensors``, never from a hub (``sharpfast.study.hf``);
 * ``init_checkpoint``: optionally, the weights the model started training from (safetensors);
 * ``hp_<name>``: hyperparameter ``<name>`` (JSON values are parsed: ``0.1``, ``true``, ``"sgd"``;
   anything else is kept as a string);
@@ -28,7 +30,7 @@ from typing import Any
 from .checkpoints import (MANIFEST_NAME, Manifest, ManifestError, ModelEntry, SAFE_SUFFIXES, _FACTORY_RE,
                           file_sha256, import_factory)
 
-STRUCTURE = ("id", "checkpoint", "factory", "factory_kwargs", "init_checkpoint")
+STRUCTURE = ("id", "checkpoint", "factory", "factory_kwargs", "init_checkpoint", "hf_folder", "hf_class")
 
 
 class TableError(ManifestError):
@@ -52,6 +54,35 @@ def _safetensors(path: str, base: str, where: str) -> str:
     return os.path.abspath(full)
 
 
+def _checkpoint_row(row: dict, base: str, where: str) -> tuple[str, str, dict]:
+    ckpt, factory = (row.get("checkpoint") or "").strip(), (row.get("factory") or "").strip()
+    if not ckpt:
+        raise TableError(f"{where}: column 'checkpoint' is empty (and there is no hf_folder)")
+    if not _FACTORY_RE.match(factory):
+        raise TableError(f"{where}: column 'factory' must be 'package.module:function', got {factory!r}")
+    try:
+        kwargs = json.loads(row.get("factory_kwargs") or "{}")
+    except json.JSONDecodeError as e:
+        raise TableError(f"{where}: column 'factory_kwargs' is not JSON: {e}") from None
+    if not isinstance(kwargs, dict):
+        raise TableError(f"{where}: column 'factory_kwargs' must be a JSON object")
+    return _safetensors(ckpt, base, f"{where}, column 'checkpoint'"), factory, kwargs
+
+
+def _hf_row(folder: str, hf_class: str, base: str, where: str) -> tuple[str, str, dict]:
+    from . import hf
+
+    full = os.path.abspath(folder if os.path.isabs(folder) else os.path.join(base, folder))
+    if not os.path.isfile(os.path.join(full, "config.json")):
+        raise TableError(f"{where}, column 'hf_folder': {folder!r} has no config.json (looked in {full}); give a "
+                         "folder written by save_pretrained")
+    try:
+        path = hf.weights_path(full)
+    except FileNotFoundError as e:
+        raise TableError(f"{where}, column 'hf_folder': {e}") from None
+    return path, "sharpfast.study.hf:from_folder", {"folder": full, "hf_class": hf_class or hf.DEFAULT_CLASS}
+
+
 def manifest_from_table(table: str, data: str, data_kwargs: dict | None = None) -> Manifest:
     """The manifest the rows of the CSV file ``table`` describe, with the data factory ``data``."""
     if not _FACTORY_RE.match(data or ""):
@@ -67,8 +98,9 @@ def manifest_from_table(table: str, data: str, data_kwargs: dict | None = None) 
         rows = list(reader)
     if "id" not in columns:
         raise TableError(f"{table}: the table needs an 'id' column (columns: {', '.join(columns)})")
-    if "checkpoint" not in columns:
-        raise TableError(f"{table}: the table needs a 'checkpoint' column (a safetensors file per model)")
+    if "checkpoint" not in columns and "hf_folder" not in columns:
+        raise TableError(f"{table}: the table needs a 'checkpoint' column (a safetensors file per model) or an "
+                         "'hf_folder' column (a save_pretrained folder per model)")
     if not rows:
         raise TableError(f"{table}: the table has no rows")
     entries, seen = [], set()
@@ -81,18 +113,11 @@ def manifest_from_table(table: str, data: str, data_kwargs: dict | None = None) 
             raise TableError(f"{where}: id {mid!r} appears twice")
         seen.add(mid)
         where = f"{where} (id {mid!r})"
-        ckpt, factory = (row.get("checkpoint") or "").strip(), (row.get("factory") or "").strip()
-        if not ckpt:
-            raise TableError(f"{where}: column 'checkpoint' is empty")
-        if not _FACTORY_RE.match(factory):
-            raise TableError(f"{where}: column 'factory' must be 'package.module:function', got {factory!r}")
-        try:
-            kwargs = json.loads(row.get("factory_kwargs") or "{}")
-        except json.JSONDecodeError as e:
-            raise TableError(f"{where}: column 'factory_kwargs' is not JSON: {e}") from None
-        if not isinstance(kwargs, dict):
-            raise TableError(f"{where}: column 'factory_kwargs' must be a JSON object")
-        path = _safetensors(ckpt, base, f"{where}, column 'checkpoint'")
+        folder = (row.get("hf_folder") or "").strip()
+        if folder:
+            path, factory, kwargs = _hf_row(folder, (row.get("hf_class") or "").strip(), base, where)
+        else:
+            path, factory, kwargs = _checkpoint_row(row, base, where)
         init = (row.get("init_checkpoint") or "").strip()
         init_path = _safetensors(init, base, f"{where}, column 'init_checkpoint'") if init else None
         hparams, metrics = {}, {}
@@ -111,6 +136,8 @@ def manifest_from_table(table: str, data: str, data_kwargs: dict | None = None) 
             if not math.isfinite(value):
                 raise TableError(f"{where}: metric {col!r} must be finite, got {cell!r}")
             metrics[col] = value
+        if "gap" not in metrics and {"test_error", "train_error"} <= set(metrics):
+            metrics["gap"] = metrics["test_error"] - metrics["train_error"]   # the report's generalization gap
         entries.append(ModelEntry(id=mid, factory=factory, checkpoint=path, kwargs=kwargs, sha256=file_sha256(path),
                                   hparams=hparams, metrics=metrics, init_checkpoint=init_path,
                                   init_sha256=file_sha256(init_path) if init_path else None))
