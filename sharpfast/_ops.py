@@ -289,23 +289,19 @@ if _C is not None:
                 _fake_check_like(c[p], "c", w, "w0")
         return None
 
-    @torch.library.register_fake("sharpfast::apgd_step_linf_")
     def _linf_fake(params, delta, delta_prev, grad, w0, c, adaptive, eta, step_size, rho, momentum):
         _fake_check_step(params, delta, delta_prev, grad, w0, c)
         torch._check(step_size.dim() == 0, lambda: "sharpfast: argument 'step_size' must be a 0-dim tensor")
         return None
+
+    for _name in ("apgd_step_linf_", "scaled_step_linf_"):   # one schema, published and scaled
+        torch.library.register_fake(f"sharpfast::{_name}")(_linf_fake)
 
     @torch.library.register_fake("sharpfast::apgd_step_l2_")
     def _l2_fake(params, delta, delta_prev, grad, w0, c, adaptive, eta, grad_scale, lam, momentum):
         _fake_check_step(params, delta, delta_prev, grad, w0, c)
         torch._check(grad_scale.dim() == 0, lambda: "sharpfast: argument 'grad_scale' must be a 0-dim tensor")
         torch._check(lam.dim() == 0, lambda: "sharpfast: argument 'lam' must be a 0-dim tensor")
-        return None
-
-    @torch.library.register_fake("sharpfast::scaled_step_linf_")
-    def _scaled_linf_fake(params, u, u_prev, grad, w0, c, adaptive, eta, step_size, rho, momentum):
-        _fake_check_step(params, u, u_prev, grad, w0, c)
-        torch._check(step_size.dim() == 0, lambda: "sharpfast: argument 'step_size' must be a 0-dim tensor")
         return None
 
     @torch.library.register_fake("sharpfast::scaled_step_l2_")

@@ -142,6 +142,18 @@ def published_start(params: ParamSet, s: Settings, c: Tensors, stream: int, rest
     return [s.rho * ci * x_ for ci, x_ in zip(c, xi)]  # linf: uniform(-1, 1), inside the box
 
 
+def start_in_u(params: ParamSet, s: Settings, c: torch.Tensor, local, stream: int, start: int) -> Tensors:
+    """``u = delta / c`` where run ``start`` begins (:mod:`sharpfast.starts`; ``c`` flat)."""
+    if s.init == "eigen":
+        u = starts.eigen_start(local[stream], start, s, c, torch.empty_like(c))
+    elif s.init == "random":
+        u = starts.random_start(philox_draw(noise_distribution(s.norm), s.seed, stream, RAND_INIT_SAMPLE_BASE + start,
+                                            0, params.numel, dtype=c.dtype, device=c.device), s, c)
+    else:
+        u = torch.zeros_like(c)
+    return params.split(u)
+
+
 def apgd_restart(model, params: ParamSet, s: Settings, x, y, w0: Tensors, c: Tensors,
                  L0: float, E0, stream: int, delta: Tensors, on_iterate=None):
     """One run of the published APGD on one batch from ``delta``; returns ``(best loss, its error,
@@ -249,20 +261,13 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings, on_itera
         check_finite_loss(L0, f"at the unperturbed weights (batch {b})")
         worst_loss, worst_err, worst_norm, n_improved = L0, E0, 0.0, 0
         for start in range(s.n_starts):
-            if s.init == "eigen":
-                u = params.split(starts.eigen_start(local[b], start, s, c_flat, torch.empty_like(c_flat)))
-            elif s.solver == "scaled" and s.init == "random":
-                u = params.split(starts.random_start(
-                    torch.cat([t.reshape(-1) for t in draw_noise(params, s, b, RAND_INIT_SAMPLE_BASE + start)]),
-                    s, c_flat))
-            if s.solver == "published":
-                delta = published_start(params, s, c, b, start) if s.init != "eigen" else \
-                    [ci * ui for ci, ui in zip(c, u)]
-                L, E, norm = apgd_restart(model, params, s, x, y, w0, c, L0, E0, b, delta, on_iterate)
+            if s.solver == "scaled":
+                L, E, norm = scaled_apgd_restart(model, params, s, x, y, w0, c, b,
+                                                 start_in_u(params, s, c_flat, local, b, start), on_iterate)
             else:
-                if s.init == "zero":
-                    u = [torch.zeros_like(ci) for ci in c]
-                L, E, norm = scaled_apgd_restart(model, params, s, x, y, w0, c, b, u, on_iterate)
+                delta = ([ci * ui for ci, ui in zip(c, start_in_u(params, s, c_flat, local, b, start))]
+                         if s.init == "eigen" else published_start(params, s, c, b, start))
+                L, E, norm = apgd_restart(model, params, s, x, y, w0, c, L0, E0, b, delta, on_iterate)
             if L > worst_loss:
                 n_improved += start > 0
                 worst_loss, worst_err, worst_norm = L, E, norm

@@ -5,7 +5,8 @@
 * :mod:`.problems`: a worst-case call's APGD problems as rows, one at a time through the model
   or all at once in a vmapped forward/backward, chosen once before the loop;
 * :mod:`.bookkeeping`: APGD's best point, step size and halving rule, on the device;
-* :mod:`.worst_case`, :mod:`.average_case`: the two entry points.
+* :mod:`.worst_case`, :mod:`.average_case`: the two entry points; :mod:`.scaled`: the scaled
+  solver's run, which the worst-case entry point uses for ``solver="scaled"``.
 """
 from .average_case import average_sharpness
 from .flat import SUPPORTED_DTYPES, available

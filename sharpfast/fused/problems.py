@@ -93,6 +93,26 @@ class AllBatches:
         return loss.detach(), err, self.labelled
 
 
+class GroupRun:
+    """What a group's APGD run holds whatever the solver: ``n_buffers`` more ``[B, N]`` buffers
+    (``self.buffers``, from ``pool``, which keeps them for the next group of the same size: one
+    batch at a time, every batch reuses them), the per-problem scalar accessor ``at`` (0-dim
+    scalars for one problem), the sum of the iterates' losses (non-finite iff one was), and the
+    rows set to ``w0``, where ``L0`` is evaluated first."""
+
+    def __init__(self, group, flat: FlatState, s: Settings, pool: dict, local, n_buffers: int):
+        self.group, self.flat, self.s, self.local = group, flat, s, local
+        current = group.current
+        if current.shape[0] not in pool:
+            pool[current.shape[0]] = [torch.empty_like(current) for _ in range(n_buffers)]
+        self.buffers = pool[current.shape[0]]
+        self.rows = range(current.shape[0])
+        single = current.shape[0] == 1
+        self.at = (lambda t, r: t) if single else (lambda t, r: t[r])
+        self.loss_sum = torch.zeros(() if single else (len(self.rows),), dtype=torch.float64, device=current.device)
+        current.copy_(flat.w0.expand_as(current))
+
+
 def loss_and_error_at_row(model, s: Settings, params: ParamSet):
     """``(row, x, y) -> (loss, error, labelled)`` with the model's parameters taken from ``row``, a
     flat weight vector (``functional_call``, so it composes with vmap and grad); the error is a

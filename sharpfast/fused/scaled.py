@@ -22,27 +22,18 @@ from ..philox import RAND_INIT_SAMPLE_BASE, noise_distribution
 from ..settings import Settings
 from .bookkeeping import Bookkeeping
 from .flat import FlatState
+from .problems import GroupRun
 
 DD = _ops.GRAM_ENTRIES.index("dd")
 
 
-class ScaledRun:
-    """A group's scaled-APGD buffers (one row per problem) and its fused steps. ``pool`` keeps the
-    buffers for the next group of the same size."""
+class ScaledRun(GroupRun):
+    """A group's scaled-APGD buffers (one row per problem) and its fused steps."""
 
     def __init__(self, group, flat: FlatState, s: Settings, params: ParamSet, pool: dict, local=None):
-        self.group, self.flat, self.s, self.local = group, flat, s, local
-        current = group.current
-        if current.shape[0] not in pool:
-            pool[current.shape[0]] = [torch.empty_like(current) for _ in range(4)]
-        self.u, self.u_prev, self.u_best, self.best_grad = pool[current.shape[0]]
-        self.rows = range(current.shape[0])
-        single = current.shape[0] == 1
-        self.at = (lambda t, r: t) if single else (lambda t, r: t[r])   # per-problem scalars: 0-dim for one
-        self.views = [(current[r], group.grad[r], self.u[r], self.u_prev[r]) for r in self.rows]
-        self.loss_sum = torch.zeros(() if single else (len(self.rows),), dtype=torch.float64,
-                                    device=current.device)   # non-finite iff some iterate's loss was
-        current.copy_(flat.w0.expand_as(current))   # L0 is evaluated here first
+        super().__init__(group, flat, s, pool, local, n_buffers=4)
+        self.u, self.u_prev, self.u_best, self.best_grad = self.buffers
+        self.views = [(group.current[r], group.grad[r], self.u[r], self.u_prev[r]) for r in self.rows]
 
     def start(self, start: int) -> None:
         """``u`` of this start (``sharpfast.starts``); the weights to ``w0 + c u``."""

@@ -50,25 +50,15 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
     return starts.with_diagnostics(results.finish(s), s, [int(n) for n in results.improved], local)
 
 
-class _Run:
-    """A group's APGD buffers (one row per problem) and its fused step. ``pool`` keeps the buffers
-    for the next group of the same size (one batch at a time: every batch reuses them)."""
+class _Run(problems.GroupRun):
+    """A group's published-APGD buffers (one row per problem) and its fused step."""
 
     def __init__(self, group, flat: FlatState, s: Settings, params: ParamSet, pool: dict, local=None):
-        self.group, self.flat, self.s, self.local = group, flat, s, local
-        current = group.current
-        if current.shape[0] not in pool:
-            pool[current.shape[0]] = [torch.empty_like(current) for _ in range(3)]
-        self.delta, self.delta_prev, self.best_grad = pool[current.shape[0]]
-        self.rows = range(current.shape[0])
-        single = current.shape[0] == 1
-        self.at = (lambda t, r: t) if single else (lambda t, r: t[r])   # per-problem scalars: 0-dim for one
-        self.views = [(current[r], group.grad[r], self.delta[r], self.delta_prev[r], self.best_grad[r])
+        super().__init__(group, flat, s, pool, local, n_buffers=3)
+        self.delta, self.delta_prev, self.best_grad = self.buffers
+        self.views = [(group.current[r], group.grad[r], self.delta[r], self.delta_prev[r], self.best_grad[r])
                       for r in self.rows]
-        self.loss_sum = torch.zeros(() if single else (len(self.rows),), dtype=torch.float64,
-                                    device=current.device)   # non-finite iff some iterate's loss was
         self.c_is_one = params.unit_scale
-        current.copy_(flat.w0.expand_as(current))
 
     def solve(self, loss, err, L0, E0, checkpoints, results) -> Bookkeeping:
         """One published APGD run from the start just evaluated (``loss``, ``err``: its forward);

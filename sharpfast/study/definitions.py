@@ -220,6 +220,8 @@ class Definition:
             import torch
 
             from . import measures
+            if not all(isinstance(b[0], torch.Tensor) for b in batches):
+                raise TypeError("the Jiang et al. measures take models with one tensor input, not dict or tuple inputs")
             x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
             value = measures.measure(self.measure, model, x, y, init=init, metrics=metrics)
             return dict(value=value, err_value=None, per_batch=[value], delta_norm=0.0, backend="measure")

@@ -144,6 +144,9 @@ class Context:
     """What the measures of one model share, computed once: layers, norms, the margin."""
 
     def __init__(self, model: nn.Module, init: nn.Module | None, x, y, metrics: dict | None = None):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError("the Jiang et al. measures take models with one tensor input (their layers, margins and "
+                            f"path-norm are defined for classifiers f(x)); got inputs of type {type(x).__name__}")
         self.model, self.init, self.x, self.y, self.metrics = model.eval(), init, x, y, metrics or {}
         self.layers = layers(model)
         self.shapes = input_shapes(model, x)
@@ -310,9 +313,9 @@ def _pacbayes(ctx: Context, reference: str, sigma: float) -> float:
 def _pacbayes_mag(ctx: Context, reference: str, sigma: float) -> float:
     """``1/4 sum_i log((eps^2 + (sigma^2 + 1) ||w_ref||^2 / omega) / (eps^2 + sigma^2 (w - w0)_i^2))
     + log(m / sigma) + 10`` (eq. 56-57; the denominator is the distance to initialization for both
-    references, as Jiang et al. write it; without initial weights, ``w`` itself)."""
+    references, as Jiang et al. write it, so both need the initial weights)."""
     ref = _weights(ctx, reference)
-    dist = _weights(ctx, "init") if ctx.init is not None else _weights(ctx, "orig")
+    dist = _weights(ctx, "init")
     num = MAG_EPS**2 + (sigma**2 + 1) * float(ref.pow(2).sum()) / ref.numel()
     return float(0.25 * torch.log(num / (MAG_EPS**2 + sigma**2 * dist**2)).sum()) + math.log(len(ctx.y) / sigma) + 10
 

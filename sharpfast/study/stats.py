@@ -281,20 +281,24 @@ def robust_sign_error(measure: Sequence[float], target: Sequence[float], hparams
     if factors is None:
         factors = [f for f in varying_factors(hp) if f not in seed_factors]
     names = sorted({k for h in hp for k in h})
-    environments: dict[str, tuple[str, list[tuple[float, float]]]] = {}
-    for i, j in combinations(range(len(m)), 2):
-        differ = [k for k in names if _key(hp[i].get(k)) != _key(hp[j].get(k))]
-        d = t[i] - t[j]
-        if len(differ) != 1 or differ[0] not in factors or d == 0:
-            continue
-        f = differ[0]
-        weight = 1.0 if n_test is None else max(0.0, 1.0 - 2.0 * math.exp(-n_test * d * d / 2.0))
-        error = abs(np.sign(m[i] - m[j]) - np.sign(d)) / 2.0
-        lo, hi = sorted((_key(hp[i].get(f)), _key(hp[j].get(f))))
-        others = _key({k: hp[i].get(k) for k in names if k != f and k not in seed_factors})
-        environments.setdefault(f"{f}|{lo}|{hi}|{others}", (f, []))[1].append((weight, float(error)))
+    keys = [{k: _key(h.get(k)) for k in names} for h in hp]
+    environments: dict[tuple, list[tuple[float, float]]] = {}
+    for f in factors:   # coupled pairs: equal on every other hyperparameter (seed included), f differs
+        groups: dict[tuple, list[int]] = {}
+        for i, k in enumerate(keys):
+            groups.setdefault(tuple(k[n] for n in names if n != f), []).append(i)
+        for idx in groups.values():
+            for i, j in combinations(idx, 2):
+                d = t[i] - t[j]
+                if keys[i][f] == keys[j][f] or d == 0:
+                    continue
+                weight = 1.0 if n_test is None else max(0.0, 1.0 - 2.0 * math.exp(-n_test * d * d / 2.0))
+                error = abs(np.sign(m[i] - m[j]) - np.sign(d)) / 2.0
+                others = tuple(keys[i][n] for n in names if n != f and n not in seed_factors)
+                env = (f, *sorted((keys[i][f], keys[j][f])), others)
+                environments.setdefault(env, []).append((weight, float(error)))
     errors: list[tuple[str, float]] = []
-    for f, pairs in environments.values():
+    for (f, *_), pairs in environments.items():
         total = sum(w for w, _ in pairs)
         if total > 0:
             errors.append((f, sum(w * e for w, e in pairs) / total))
