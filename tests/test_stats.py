@@ -56,7 +56,8 @@ def test_granulated_hand_computed():
     g = granulated_tau(measure, target, hp)
     assert g.psi == pytest.approx({"a": 0.0, "b": 0.5})
     assert g.n_groups == {"a": 2, "b": 2}
-    assert g.n_undefined == {"a": 0, "b": 1}
+    assert g.n_undefined == {"a": 0, "b": 0}      # the sign sum is defined on a tied group ...
+    assert granulated_tau(measure, target, hp, tau="b").n_undefined == {"a": 0, "b": 1}   # ... tau-b is not
     assert g.Psi == pytest.approx(0.25)
 
 
@@ -67,7 +68,7 @@ def test_granulated_matches_brute_force_with_scipy():
     n = len(hp)
     measure = rng.normal(size=n)
     target = np.round(measure + rng.normal(size=n), 1)
-    g = granulated_tau(measure, target, hp)
+    g = granulated_tau(measure, target, hp, tau="b")
     for f in grid:
         others = [k for k in grid if k != f]
         taus = []
@@ -117,19 +118,21 @@ def test_conditional_mutual_information_by_hand():
     """Three models, target order 0 < 1 < 2, measure order 0 < 2 < 1: over the 6 ordered pairs the
     joint of (V_mu, V_g) is (-,-) 2, (+,-) 1, (+,+) 2, (-,+) 1, both marginals uniform, so
     I = 2/3 log(4/3) + 1/3 log(2/3) and H(V_g) = log 2."""
-    r = stats.conditional_mutual_information([0, 2, 1], [0, 1, 2], [{}, {}, {}])
+    r = stats.conditional_mutual_information([0, 2, 1], [0, 1, 2], [{}, {}, {}], convention="distinct-pairs")
     want = (2 / 3 * math.log(4 / 3) + 1 / 3 * math.log(2 / 3)) / math.log(2)
     assert r.score == pytest.approx(want, rel=1e-12) and r.argmin == ()
-    assert stats.conditional_mutual_information([5, 5, 5], [0, 1, 2], [{}, {}, {}]).score == 0.0
+    assert stats.conditional_mutual_information([5, 5, 5], [0, 1, 2], [{}, {}, {}],
+                                                convention="distinct-pairs").score == 0.0
 
 
 def test_conditional_mutual_information_discounts_a_measure_that_mirrors_a_hyperparameter():
     hp = [dict(lr=lr, width=w) for lr in (1, 2) for w in (1, 2, 3)]
     target = [h["lr"] + 0.1 * h["width"] for h in hp]
-    mirror = stats.conditional_mutual_information([h["lr"] for h in hp], target, hp)
+    cmi = lambda m, t, hp: stats.conditional_mutual_information(m, t, hp, convention="distinct-pairs")
+    mirror = cmi([h["lr"] for h in hp], target, hp)
     assert mirror.by_subset[()] > 0.3                    # informative on its own ...
     assert mirror.score == 0.0 and "lr" in mirror.argmin  # ... and nothing once lr is known
-    exact = stats.conditional_mutual_information(target, target, hp)
+    exact = cmi(target, target, hp)
     assert exact.score == pytest.approx(1.0)
     # conditioning on both factors decides every pair here: left out of the minimum
     assert math.isnan(exact.by_subset[("lr", "width")])
@@ -148,16 +151,145 @@ def test_robust_sign_error_by_hand():
         (1, 1, 0, 1.0, 0.10), (2, 1, 0, 2.0, 0.20), (1, 2, 0, 1.0, 0.30),
         (1, 1, 1, 3.0, 0.10), (2, 1, 1, 2.0, 0.12), (1, 2, 1, 4.0, 0.40),
     ])
-    r = stats.robust_sign_error(m, t, hp)
+    same_seed = dict(pairing="same-seed", weighting="hoeffding", min_ess=0)
+    r = stats.robust_sign_error(m, t, hp, **same_seed)
     assert r.n_environments == 2
     assert r.by_factor == {"lr": 0.5, "width": 0.25}
     assert r.robust == 0.5 and r.mean == pytest.approx(0.375)
     # Hoeffding weights with 1000 test examples: 1 - 2 exp(-1000 d^2 / 2) is 0.987 for d = 0.1 and
     # 0 for d = 0.02 (the wrong order is within the noise); width's gaps 0.2 and 0.3 weigh ~1
-    w = stats.robust_sign_error(m, t, hp, n_test=1000)
+    w = stats.robust_sign_error(m, t, hp, n_test=1000, **same_seed)
     w_tie, w_right = 1 - 2 * math.exp(-1000 * 0.2**2 / 2), 1 - 2 * math.exp(-1000 * 0.3**2 / 2)
     assert w.by_factor["lr"] == 0.0
     assert w.by_factor["width"] == pytest.approx(0.5 * w_tie / (w_tie + w_right))
-    assert math.isnan(stats.robust_sign_error(m, t, hp, n_test=10).robust)   # nothing significant
+    assert math.isnan(stats.robust_sign_error(m, t, hp, n_test=10, **same_seed).robust)   # nothing significant
     with pytest.raises(ValueError, match="n_test"):
         stats.robust_sign_error(m, t, hp, n_test=0)
+
+
+# ----------------------------------------------------------------------------- the authors' conventions
+
+def test_granulated_tau_is_jiangs_sign_sum_by_default():
+    """One group of three: measure (1, 1, 2), target (1, 2, 3). Of the 6 ordered pairs, the two tied in
+    the measure count 0 and the other four agree: Jiang et al.'s sign sum gives 4/6; tau-b divides
+    by sqrt((6 - 2)(6 - 0)) instead: 4 / sqrt(24)."""
+    hp = [{"a": 0}, {"a": 1}, {"a": 2}]
+    assert granulated_tau([1, 1, 2], [1, 2, 3], hp).psi["a"] == pytest.approx(2 / 3, abs=1e-15)
+    assert granulated_tau([1, 1, 2], [1, 2, 3], hp, tau="b").psi["a"] == pytest.approx(4 / math.sqrt(24), abs=1e-15)
+    assert stats.kendall_tau_a([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / 3, abs=1e-15)
+    # a group constant in the target is 0 under the sign sum without being "undefined"
+    g = granulated_tau([1, 2, 3], [5, 5, 5], hp)
+    assert g.psi["a"] == 0.0 and g.n_undefined["a"] == 0
+    with pytest.raises(ValueError, match="tau"):
+        granulated_tau([1, 2, 3], [1, 2, 3], hp, tau="c")
+
+
+def test_granulated_tau_a_against_brute_force_sign_sums():
+    rng = np.random.default_rng(5)
+    grid = {"lr": [0.1, 0.2, 0.4], "bs": [16, 128], "aug": [0, 1]}
+    hp = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
+    measure, target = np.round(rng.normal(size=12), 0), np.round(rng.normal(size=12), 0)   # many ties
+    g = granulated_tau(measure, target, hp)
+    for f in grid:
+        others = [k for k in grid if k != f]
+        taus = []
+        for combo in itertools.product(*(grid[k] for k in others)):
+            idx = [i for i, h in enumerate(hp) if all(h[k] == v for k, v in zip(others, combo))]
+            pairs = [(i, j) for i in idx for j in idx if i != j]
+            taus.append(sum(np.sign(measure[i] - measure[j]) * np.sign(target[i] - target[j]) for i, j in pairs)
+                        / len(pairs))
+        assert g.psi[f] == pytest.approx(np.mean(taus), abs=1e-15)
+
+
+# a noisy 3x2x2 grid; the PGDL scoring program (mutual_information.py, conditional_mutual_information)
+# gives 0.14728671303877083 on it
+PGDL_GRID = {"lr": [0.1, 0.2, 0.4], "bs": [16, 128], "aug": [0, 1]}
+PGDL_GAP = [0.0, 0.3, -0.3, -0.9, -0.5, -1.0, 0.1, 1.3, -0.5, -0.6, 0.5, 0.4]
+PGDL_MEASURE = [0.1, -0.6, -0.3, -0.2, -1.8, -1.5, -1.8, 0.0, -2.3, -0.8, -0.8, 0.7]
+
+
+def pgdl_score_by_loops(measure, gap, hp, factors):
+    """The scoring program's recipe, written out pair by pair: every ordered pair (self-pairs too),
+    '+' where a > b strictly, for each pair of hyperparameters a 2 x 2 table per value of their
+    (a, b) values; the mean of the tables' mutual informations over the mean of their gap entropies
+    (bits, 1e-12 in the entropy's log); the minimum over the pairs of hyperparameters."""
+    best = math.inf
+    for h1, h2 in itertools.combinations(factors, 2):
+        tables = {}
+        for a in range(len(gap)):
+            for b in range(len(gap)):
+                key = (hp[a][h1], hp[b][h1], hp[a][h2], hp[b][h2])
+                t = tables.setdefault(key, np.zeros((2, 2)))
+                t[int(gap[a] > gap[b]), int(measure[a] > measure[b])] += 1
+        mis, hs = [], []
+        for t in tables.values():
+            p = t / t.sum()
+            pg, pm = p.sum(1), p.sum(0)
+            mis.append(sum(p[i, j] * math.log2(p[i, j] / (pg[i] * pm[j])) for i in range(2) for j in range(2)
+                           if p[i, j] > 0))
+            hs.append(-sum(q * math.log2(q + 1e-12) for q in pg))
+        best = min(best, np.mean(mis) / np.mean(hs))
+    return best
+
+
+def test_conditional_mutual_information_reproduces_the_pgdl_scoring_program():
+    hp = [dict(zip(PGDL_GRID, v)) for v in itertools.product(*PGDL_GRID.values())]
+    r = stats.conditional_mutual_information(PGDL_MEASURE, PGDL_GAP, hp)
+    assert r.convention == "pgdl" and len(r.argmin) == 2
+    assert r.score == pytest.approx(0.14728671303877083, abs=1e-14)
+    assert set(r.by_subset) == set(itertools.combinations(PGDL_GRID, 2))   # exactly two conditioned on
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        gap, measure = np.round(rng.normal(size=12), 0), np.round(rng.normal(size=12), 1)
+        want = pgdl_score_by_loops(measure, gap, hp, list(PGDL_GRID))
+        assert stats.conditional_mutual_information(measure, gap, hp).score == pytest.approx(want, abs=1e-13)
+    # fewer than two varied hyperparameters: nothing to condition on two of
+    one = stats.conditional_mutual_information([1, 2, 3], [1, 3, 2], [{"a": 0}, {"a": 1}, {"a": 2}])
+    assert math.isnan(one.score) and one.argmin is None
+    with pytest.raises(ValueError, match="convention"):
+        stats.conditional_mutual_information([1, 2], [1, 2], [{}, {}], convention="jiang")
+
+
+# a 2 x 2 grid (lr, depth) of 5 seeds each; Dziugaite et al.'s create_environments.py (n = 1000, noise
+# filter on) and get_all_losses (min_ess = 12) give robust 0.11822146687110084, mean 0.06960795897219031
+DZ_GAPS = [0.221, 0.244, 0.214, 0.231, 0.235, 0.351, 0.334, 0.312, 0.336, 0.317, 0.283, 0.308, 0.262, 0.291, 0.27,
+           0.418, 0.385, 0.414, 0.411, 0.396]
+DZ_MEASURE = [0.33, 0.203, 0.172, 0.227, 0.087, 0.343, 0.323, 0.349, 0.32, 0.372, 0.162, 0.254, 0.197, 0.196, 0.273,
+              0.399, 0.416, 0.39, 0.494, 0.331]
+
+
+def test_robust_sign_error_reproduces_dziugaite_et_al():
+    hp = [dict(lr=lr, depth=depth, seed=seed) for lr in (0.01, 0.05) for depth in (2, 3) for seed in range(5)]
+    r = stats.robust_sign_error(DZ_MEASURE, DZ_GAPS, hp, n_test=1000)
+    assert r.robust == pytest.approx(0.11822146687110084, abs=1e-14)
+    assert r.mean == pytest.approx(0.06960795897219031, abs=1e-14)
+    assert r.n_environments + r.n_dropped == 4 and r.min_ess == 12
+
+
+def test_robust_sign_error_weights_pairs_of_all_runs_and_filters_by_effective_sample_size():
+    """Two settings (lr 1, 2), two runs each: the 4 pairs of runs, with targets 0.1 apart but for one
+    pair 0.02 apart. With n = 1000: p = 1 - 2 exp(-n d^2 / 2), weight (p^2 - 1/2)_+."""
+    hp = [dict(lr=1, seed=0), dict(lr=1, seed=1), dict(lr=2, seed=0), dict(lr=2, seed=1)]
+    target = [0.10, 0.18, 0.20, 0.30]
+    measure = [1.0, 3.0, 2.0, 4.0]      # pairs (a, b): (0, 2) right, (0, 3) right, (1, 2) wrong, (1, 3) right
+    w = lambda d: max(0.0, (1 - 2 * math.exp(-1000 * d * d / 2)) ** 2 - 0.5)
+    weights = [w(0.1), w(0.2), w(0.02), w(0.12)]
+    r = stats.robust_sign_error(measure, target, hp, n_test=1000, min_ess=1)
+    assert r.robust == pytest.approx(weights[2] / sum(weights), abs=1e-15)    # w(0.02) = 0: no error left
+    assert r.robust == 0.0
+    unweighted = stats.robust_sign_error(measure, target, hp, min_ess=1)      # n_test unknown: weight 1
+    assert unweighted.robust == pytest.approx(1 / 4)
+    assert unweighted.max_ess == pytest.approx(4.0)
+    # the effective sample size of 4 equal weights is 4: below Dziugaite et al.'s 12, nothing is kept
+    none = stats.robust_sign_error(measure, target, hp)
+    assert math.isnan(none.robust) and none.n_dropped == 1 and none.n_environments == 0
+    # pairing runs of the same seed only: (0, 2) and (1, 3), both right
+    assert stats.robust_sign_error(measure, target, hp, pairing="same-seed", min_ess=1).robust == 0.0
+    # a tie in the target is half an error (unweighted), and weighs 0 with n_test
+    tied = stats.robust_sign_error([1.0, 2.0], [0.1, 0.1], [dict(lr=1), dict(lr=2)], min_ess=1)
+    assert tied.robust == 0.5
+    assert math.isnan(stats.robust_sign_error([1.0, 2.0], [0.1, 0.1], [dict(lr=1), dict(lr=2)], n_test=100,
+                                              min_ess=1).robust)
+    for bad in (dict(pairing="x"), dict(weighting="x"), dict(min_ess=-1)):
+        with pytest.raises(ValueError):
+            stats.robust_sign_error(measure, target, hp, **bad)

@@ -135,13 +135,32 @@ def varying_factors(hparams: Sequence[dict[str, Any]]) -> list[str]:
     return [k for k in names if len({_key(h.get(k)) for h in hparams}) > 1]
 
 
+def kendall_tau_a(x: Sequence[float], y: Sequence[float]) -> float:
+    """Jiang et al.'s rank correlation (their eq. 4): the mean over ordered pairs ``i != j`` of
+    ``sign(x_i - x_j) sign(y_i - y_j)`` (Kendall's tau-a: a pair tied in either counts 0)."""
+    x, y = _as_1d(x, "x"), _as_1d(y, "y")
+    n = len(x)
+    if n < 2:
+        return float("nan")
+    return float((_signs(x) * _signs(y)).sum()) / (n * (n - 1))
+
+
+TAU_VARIANTS = ("a", "b")
+
+
 def granulated_tau(measure: Sequence[float], target: Sequence[float], hparams: Sequence[dict[str, Any]],
-                   factors: Sequence[str] | None = None) -> Granulated:
+                   factors: Sequence[str] | None = None, tau: str = "a") -> Granulated:
     """Jiang et al.'s granulated Kendall coefficients ``psi_i`` and their mean ``Psi``.
 
     ``hparams[k]`` is model ``k``'s hyperparameter dict; ``factors`` defaults to every
-    hyperparameter that varies. Models with a nan measure or target are left out.
+    hyperparameter that varies. Models with a nan measure or target are left out. ``tau="a"`` (the
+    default) is Jiang et al.'s definition, the sign sum over all pairs of a group (tied pairs count
+    0); ``tau="b"`` takes Kendall's tau-b within each group instead (ties leave the pair count, and
+    a group constant in either is undefined and counts 0, tallied in ``n_undefined``).
     """
+    if tau not in TAU_VARIANTS:
+        raise ValueError(f"tau must be one of {TAU_VARIANTS}, got {tau!r}")
+    correlation = kendall_tau_a if tau == "a" else kendall_tau_b
     m, t = _as_1d(measure, "measure"), _as_1d(target, "target")
     if not (len(m) == len(t) == len(hparams)):
         raise ValueError("measure, target and hparams must have the same length")
@@ -161,11 +180,11 @@ def granulated_tau(measure: Sequence[float], target: Sequence[float], hparams: S
         for idx in groups.values():
             if len({_key(hp[i].get(f)) for i in idx}) < 2:
                 continue  # nothing varies in this group
-            tau = kendall_tau_b(m[idx], t[idx])
-            if math.isnan(tau):
+            value = correlation(m[idx], t[idx])
+            if math.isnan(value):
                 undefined += 1
-                tau = 0.0
-            taus.append(tau)
+                value = 0.0
+            taus.append(value)
         psi[f] = float(np.mean(taus)) if taus else float("nan")
         n_groups[f] = len(taus)
         n_undef[f] = undefined
@@ -176,28 +195,44 @@ def granulated_tau(measure: Sequence[float], target: Sequence[float], hparams: S
 
 @dataclass
 class ConditionalMI:
-    """Jiang et al.'s conditional-independence score ``K``: ``by_subset[S] = I(V_mu; V_g | U_S) /
-    H(V_g | U_S)`` for every hyperparameter subset ``S`` of at most ``max_conditioned`` factors, and
-    ``score`` their minimum (``argmin`` the subset). Subsets that decide ``V_g`` alone
-    (``H(V_g | U_S) = 0``: nothing left to explain) are left out of the minimum."""
+    """Jiang et al.'s conditional-independence score ``K``: ``by_subset[S]``, the normalized
+    conditional mutual information given the hyperparameters in ``S``, for every subset the
+    convention conditions on, and ``score`` their minimum (``argmin`` the subset; nan and None
+    where no subset is defined, e.g. fewer than two varied hyperparameters under ``"pgdl"``)."""
 
     score: float
     argmin: tuple[str, ...] | None
     by_subset: dict[tuple[str, ...], float]
+    convention: str = "pgdl"
+
+
+CMI_CONVENTIONS = ("pgdl", "distinct-pairs")
 
 
 def conditional_mutual_information(measure: Sequence[float], target: Sequence[float],
                                    hparams: Sequence[dict[str, Any]], factors: Sequence[str] | None = None,
-                                   max_conditioned: int = 2) -> ConditionalMI:
-    """The PGDL conditional mutual information score (Jiang et al. 2020, "Fantastic generalization
-    measures", §6; the NeurIPS 2020 PGDL competition's metric).
+                                   convention: str = "pgdl", max_conditioned: int = 2) -> ConditionalMI:
+    """The conditional mutual information score of Jiang et al. (2020, "Fantastic generalization
+    measures", §6), the NeurIPS 2020 PGDL competition's metric.
 
-    Over ordered pairs of distinct models ``(a, b)`` drawn uniformly, ``V_g = sign(g_a - g_b)`` and
-    ``V_mu = sign(mu_a - mu_b)``; ``U_S`` is the pair's values of the hyperparameters in ``S``. A
-    measure that only mirrors a hyperparameter carries no information once that hyperparameter is
-    conditioned on, so the score is the minimum over ``S`` with ``|S| <= max_conditioned`` of the
-    normalized conditional mutual information. Pairs tied in the target are left out (no order to
-    predict); ties in the measure are a third value of ``V_mu``. Models with a nan are left out."""
+    For a pair of models ``(a, b)``, ``V_g`` is the order of their targets and ``V_mu`` that of their
+    measures; ``U_S`` is the pair's values of the hyperparameters in ``S``. A measure that only
+    mirrors a hyperparameter carries no information once that hyperparameter is conditioned on, so
+    the score is the minimum over ``S`` of ``I(V_mu; V_g | U_S) / H(V_g | U_S)``.
+
+    ``convention="pgdl"`` (the default) computes it as the competition's scoring program does
+    (``mutual_information.py``): every ordered pair of models, a model with itself included;
+    ``V = [a > b]``, so a tie (and a self-pair) is "-"; ``S`` every pair of two hyperparameters;
+    for each value of ``U_S`` the mutual information and ``H(V_g)`` in bits, the entropy with
+    ``1e-12`` inside its log, and the score the mean of the former over the values of ``U_S`` over
+    the mean of the latter (the program's grids are complete, where this is the conditional
+    quantity; here values of ``U_S`` no pair takes are left out, and a score whose mean entropy is
+    below 1e-9 is undefined). ``convention="distinct-pairs"``: ordered pairs of distinct models,
+    pairs tied in the target left out, a tie in the measure a third value of ``V_mu``, ``S`` every
+    subset of at most ``max_conditioned`` hyperparameters, the probabilities of ``U_S`` weighting
+    its values. Models with a nan are left out."""
+    if convention not in CMI_CONVENTIONS:
+        raise ValueError(f"convention must be one of {CMI_CONVENTIONS}, got {convention!r}")
     m, t = _as_1d(measure, "measure"), _as_1d(target, "target")
     if not (len(m) == len(t) == len(hparams)):
         raise ValueError("measure, target and hparams must have the same length")
@@ -205,35 +240,60 @@ def conditional_mutual_information(measure: Sequence[float], target: Sequence[fl
     hp, m, t = [hparams[i] for i in keep], m[keep], t[keep]
     if factors is None:
         factors = varying_factors(hp)
-    a, b = np.nonzero(~np.eye(len(m), dtype=bool))
-    vg = np.sign(t[a] - t[b])
-    a, b, vg = a[vg != 0], b[vg != 0], vg[vg != 0]
-    vm = np.sign(m[a] - m[b])
+    if convention == "pgdl":
+        a, b = (ix.reshape(-1) for ix in np.indices((len(m), len(m))))
+        vg, vm = t[a] > t[b], m[a] > m[b]
+        subsets, score = list(combinations(factors, 2)), _pgdl_normalized_cmi
+    else:
+        a, b = np.nonzero(~np.eye(len(m), dtype=bool))
+        vg = np.sign(t[a] - t[b])
+        a, b, vg = a[vg != 0], b[vg != 0], vg[vg != 0]
+        vm = np.sign(m[a] - m[b])
+        subsets = [s for k in range(max_conditioned + 1) for s in combinations(factors, k)]
+        score = _normalized_cmi
     codes = {f: np.unique([_key(h.get(f)) for h in hp], return_inverse=True)[1] for f in factors}
     by_subset: dict[tuple[str, ...], float] = {}
-    for k in range(max_conditioned + 1):
-        for subset in combinations(factors, k):
-            groups = np.zeros(len(a), dtype=np.int64)
-            for f in subset:   # the pair's values of f, mixed-radix into one group id
-                n_values = int(codes[f].max()) + 1
-                groups = (groups * n_values + codes[f][a]) * n_values + codes[f][b]
-            by_subset[subset] = _normalized_cmi(vm, vg, groups)
+    for subset in subsets:
+        groups = np.zeros(len(a), dtype=np.int64)
+        for f in subset:   # the pair's values of f, mixed-radix into one group id
+            n_values = int(codes[f].max()) + 1
+            groups = (groups * n_values + codes[f][a]) * n_values + codes[f][b]
+        by_subset[subset] = score(vm, vg, groups)
     defined = {s: v for s, v in by_subset.items() if not math.isnan(v)}
     if not defined:
-        return ConditionalMI(float("nan"), None, by_subset)
+        return ConditionalMI(float("nan"), None, by_subset, convention)
     argmin = min(defined, key=defined.get)
-    return ConditionalMI(defined[argmin], argmin, by_subset)
+    return ConditionalMI(defined[argmin], argmin, by_subset, convention)
+
+
+def _contingency(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Counts ``[group, value of x, value of y]`` (only the groups that occur)."""
+    _, g = np.unique(groups, return_inverse=True)
+    _, xi = np.unique(x, return_inverse=True)
+    _, yi = np.unique(y, return_inverse=True)
+    counts = np.zeros((g.max() + 1, xi.max() + 1, yi.max() + 1))
+    np.add.at(counts, (g, xi, yi), 1.0)
+    return counts
+
+
+def _pgdl_normalized_cmi(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:
+    """The scoring program's ``mean_g I_g(X; Y) / mean_g H_g(Y)`` (bits; ``1e-12`` in the entropy's log)."""
+    if len(y) == 0:
+        return float("nan")
+    counts = _contingency(x, y, groups)
+    p = counts / counts.sum(axis=(1, 2), keepdims=True)          # within each value of U_S
+    px, py = p.sum(axis=2, keepdims=True), p.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mi = np.where(p > 0, p * np.log2(p / (px * py)), 0.0).sum(axis=(1, 2))
+    h = -(py * np.log2(py + 1e-12)).sum(axis=(1, 2))
+    return float(mi.mean() / h.mean()) if h.mean() > 1e-9 else float("nan")
 
 
 def _normalized_cmi(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:
     """``I(X; Y | G) / H(Y | G)`` from samples (natural logs; nan where ``H(Y | G) = 0``)."""
     if len(y) == 0:
         return float("nan")
-    _, g = np.unique(groups, return_inverse=True)
-    _, xi = np.unique(x, return_inverse=True)
-    _, yi = np.unique(y, return_inverse=True)
-    counts = np.zeros((g.max() + 1, xi.max() + 1, yi.max() + 1))
-    np.add.at(counts, (g, xi, yi), 1.0)
+    counts = _contingency(x, y, groups)
     p = counts / counts.sum()
     pg = p.sum(axis=(1, 2), keepdims=True)
     pxg, pyg = p.sum(axis=2, keepdims=True), p.sum(axis=1, keepdims=True)
@@ -247,30 +307,62 @@ def _normalized_cmi(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:
 
 @dataclass
 class SignError:
-    """Dziugaite et al.'s robust sign-error: ``robust``, the largest sign-error over environments
-    (pairs of settings that differ in one hyperparameter); ``mean`` over environments; ``by_factor``
-    the largest per varied hyperparameter; ``n_environments`` with a nonzero weight."""
+    """Dziugaite et al.'s robust sign-error: ``robust``, the largest sign-error over the environments
+    kept (pairs of settings that differ in one hyperparameter, with an effective sample size of at
+    least ``min_ess``); ``mean`` over them; ``by_factor`` the largest per varied hyperparameter;
+    ``n_environments`` kept and ``n_dropped`` below ``min_ess`` (all dropped: nan, nothing measured);
+    ``max_ess`` the largest effective sample size any environment had."""
 
     robust: float
     mean: float
     by_factor: dict[str, float]
     n_environments: int
+    n_dropped: int = 0
+    max_ess: float = 0.0
+    min_ess: float = 0.0
+
+
+PAIRINGS = ("all-runs", "same-seed")
+SIGN_WEIGHTS = ("dziugaite", "hoeffding")
+MIN_ESS = 12.0   # Dziugaite et al.'s figures keep environments with an effective sample size >= 12
+
+
+def hoeffding_weight(d: float, n_test: int | None, weighting: str = "dziugaite") -> float:
+    """The weight of a pair whose targets differ by ``d``, each measured on ``n_test`` examples.
+
+    ``p = (1 - 2 exp(-n_test d^2 / 2))_+`` bounds by Hoeffding's inequality the probability that the
+    sign of the observed ``d`` is the true one. ``"dziugaite"`` (their code's ``hoeffding_weight``
+    and Monte-Carlo noise filter): ``(p^2 - 1/2)_+``; ``"hoeffding"``: ``p``. 1 without ``n_test``."""
+    if n_test is None:
+        return 1.0
+    p = max(0.0, 1.0 - 2.0 * math.exp(-n_test * d * d / 2.0))
+    return max(0.0, p * p - 0.5) if weighting == "dziugaite" else p
 
 
 def robust_sign_error(measure: Sequence[float], target: Sequence[float], hparams: Sequence[dict[str, Any]],
                       n_test: int | None = None, factors: Sequence[str] | None = None,
-                      seed_factors: Sequence[str] = ("seed",)) -> SignError:
+                      seed_factors: Sequence[str] = ("seed",), pairing: str = "all-runs",
+                      weighting: str = "dziugaite", min_ess: float = MIN_ESS) -> SignError:
     """The robust sign-error of Dziugaite et al. (NeurIPS 2020, "In search of robust measures of
-    generalization"), over coupled pairs of models.
+    generalization"), over coupled pairs of models; the defaults reproduce their code
+    (``experiments/coupled_networks``: ``create_environments.py``, ``get_all_losses``).
 
-    A pair is two models whose hyperparameters differ in exactly one factor that is not a seed
-    (the seed included in "the others": coupled networks share their randomness). An environment
-    is the varied factor, its two values and the other settings; its sign-error is the weighted
-    mean over its pairs of ``|sign(mu_a - mu_b) - sign(g_a - g_b)| / 2`` (a tie in the measure is half
-    an error). Each pair is weighted by Hoeffding's lower bound on the probability that the sign of
-    the observed target difference ``d`` is right, with ``n_test`` examples behind each model's
-    error: ``max(0, 1 - 2 exp(-n_test d^2 / 2))`` (unweighted where ``n_test`` is None). Pairs tied in
-    the target are left out. The robust sign-error is the largest over the environments."""
+    A setting is a model's hyperparameters other than the seeds (``seed_factors``); the runs of a
+    setting are its models. An environment is two settings that differ in exactly one factor; its
+    sign-error is the weighted mean over its pairs of runs of ``(1 - sign(mu_a - mu_b) sign(g_a -
+    g_b)) / 2`` (a tie in either is half an error). ``pairing="all-runs"`` pairs every run of one
+    setting with every run of the other; ``"same-seed"`` only runs of equal seeds (coupled networks
+    sharing their randomness). Each pair is weighted by :func:`hoeffding_weight` of its target
+    difference with ``n_test`` examples behind each model's error (``weighting``; all 1 without
+    ``n_test``). An environment counts where its effective sample size ``(sum w)^2 / sum w^2`` is at
+    least ``min_ess`` (so with one run per setting, one pair, none does unless ``min_ess <= 1``).
+    The robust sign-error is the largest over the environments that count."""
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    if weighting not in SIGN_WEIGHTS:
+        raise ValueError(f"weighting must be one of {SIGN_WEIGHTS}, got {weighting!r}")
+    if isinstance(min_ess, bool) or not isinstance(min_ess, (int, float)) or not min_ess >= 0:
+        raise ValueError(f"min_ess must be a number >= 0, got {min_ess!r}")
     m, t = _as_1d(measure, "measure"), _as_1d(target, "target")
     if not (len(m) == len(t) == len(hparams)):
         raise ValueError("measure, target and hparams must have the same length")
@@ -280,31 +372,40 @@ def robust_sign_error(measure: Sequence[float], target: Sequence[float], hparams
     hp, m, t = [hparams[i] for i in keep], m[keep], t[keep]
     if factors is None:
         factors = [f for f in varying_factors(hp) if f not in seed_factors]
-    names = sorted({k for h in hp for k in h})
-    keys = [{k: _key(h.get(k)) for k in names} for h in hp]
-    environments: dict[tuple, list[tuple[float, float]]] = {}
-    for f in factors:   # coupled pairs: equal on every other hyperparameter (seed included), f differs
-        groups: dict[tuple, list[int]] = {}
-        for i, k in enumerate(keys):
-            groups.setdefault(tuple(k[n] for n in names if n != f), []).append(i)
-        for idx in groups.values():
-            for i, j in combinations(idx, 2):
-                d = t[i] - t[j]
-                if keys[i][f] == keys[j][f] or d == 0:
-                    continue
-                weight = 1.0 if n_test is None else max(0.0, 1.0 - 2.0 * math.exp(-n_test * d * d / 2.0))
-                error = abs(np.sign(m[i] - m[j]) - np.sign(d)) / 2.0
-                others = tuple(keys[i][n] for n in names if n != f and n not in seed_factors)
-                env = (f, *sorted((keys[i][f], keys[j][f])), others)
-                environments.setdefault(env, []).append((weight, float(error)))
-    errors: list[tuple[str, float]] = []
-    for (f, *_), pairs in environments.items():
-        total = sum(w for w, _ in pairs)
-        if total > 0:
-            errors.append((f, sum(w * e for w, e in pairs) / total))
-    if not errors:
-        return SignError(float("nan"), float("nan"), {}, 0)
+    names = sorted({k for h in hp for k in h} - set(seed_factors))
+    seeds = sorted({k for h in hp for k in h} & set(seed_factors))
+    runs: dict[tuple, list[int]] = {}   # setting -> its models
+    for i, h in enumerate(hp):
+        runs.setdefault(tuple(_key(h.get(n)) for n in names), []).append(i)
+    seed_of = [tuple(_key(h.get(n)) for n in seeds) for h in hp]
+    kept: list[tuple[str, float]] = []
+    n_dropped, max_ess = 0, 0.0
+    for f in factors:
+        at = names.index(f)
+        by_rest: dict[tuple, list[tuple]] = {}   # settings equal but in f
+        for setting in runs:
+            by_rest.setdefault(setting[:at] + setting[at + 1:], []).append(setting)
+        for settings in by_rest.values():
+            for s1, s2 in combinations(settings, 2):
+                weights, errors = [], []
+                for i in runs[s1]:
+                    for j in runs[s2]:
+                        if pairing == "same-seed" and seed_of[i] != seed_of[j]:
+                            continue
+                        weights.append(hoeffding_weight(t[i] - t[j], n_test, weighting))
+                        errors.append((1.0 - np.sign(m[i] - m[j]) * np.sign(t[i] - t[j])) / 2.0)
+                w = np.asarray(weights)
+                total = w.sum()
+                ess = total**2 / (w**2).sum() if total > 0 else 0.0
+                max_ess = max(max_ess, ess)
+                if total > 0 and (ess >= min_ess or math.isclose(ess, min_ess)):
+                    kept.append((f, float((w * np.asarray(errors)).sum() / total)))
+                else:
+                    n_dropped += 1
+    if not kept:
+        return SignError(float("nan"), float("nan"), {}, 0, n_dropped, max_ess, min_ess)
     by_factor: dict[str, float] = {}
-    for f, e in errors:
+    for f, e in kept:
         by_factor[f] = max(by_factor.get(f, 0.0), e)
-    return SignError(max(e for _, e in errors), float(np.mean([e for _, e in errors])), by_factor, len(errors))
+    return SignError(max(e for _, e in kept), float(np.mean([e for _, e in kept])), by_factor, len(kept),
+                     n_dropped, max_ess, min_ess)
