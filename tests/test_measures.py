@@ -50,10 +50,10 @@ def test_norm_measures_of_a_two_layer_network_in_closed_form():
     dW = [model[0].weight - init[0].weight, model[2].weight - init[2].weight]
     assert value("frob-distance") == pytest.approx(sum(float(d.norm()) ** 2 for d in dW), rel=1e-12)
     assert value("spec-dist") == pytest.approx(sum(float(torch.linalg.matrix_norm(d, 2)) ** 2 for d in dW), rel=1e-12)
-    # the margin: the 10th percentile of f(x)_y - max_{j != y} f(x)_j, by sorting by hand
+    # the margin: the (m // 10)-th smallest of f(x)_y - max_{j != y} f(x)_j, by sorting by hand
     out = model(x).detach()
     margins = sorted(float(out[i, y[i]] - max(out[i, j] for j in range(4) if j != y[i])) for i in range(40))
-    gamma = float(torch.quantile(torch.tensor(margins, dtype=torch.float64), 0.1))
+    gamma = margins[40 // 10 - 1]
     if gamma > 0:
         assert value("1/margin") == pytest.approx(1 / gamma**2, rel=1e-12)
         assert value("prod-of-spec/margin") == pytest.approx(value("prod-of-spec") - 2 * math.log(gamma), rel=1e-12)
@@ -130,13 +130,176 @@ def test_convolutions_by_their_operator_norm(conv, shape):
     assert M.operator_norm(conv, conv.weight, shape) == pytest.approx(float(torch.linalg.matrix_norm(J, 2)), rel=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["circular", "reflect", "replicate", "zeros"])
+@pytest.mark.parametrize("shape", [(1, 2, 6, 6), (1, 2, 48, 48)])   # dense matrix, and Lanczos above 4096 inputs
+def test_convolutions_by_the_operator_norm_of_their_padding_mode(mode, shape):
+    """The map a convolution applies includes its padding mode: against the Jacobian of the layer
+    itself (bias off), and for circular padding against the closed form of Sedghi et al. (2019): the
+    largest singular value over frequencies of the kernel's 2-D DFT at the input's size."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode=mode, bias=False).double()
+    got = M.operator_norm(conv, conv.weight, shape)
+    if mode == "circular":
+        dft = torch.fft.fft2(conv.weight.detach(), s=shape[2:]).permute(2, 3, 0, 1)   # [h, w, out, in]
+        assert got == pytest.approx(float(torch.linalg.matrix_norm(dft, 2).max()), rel=1e-9)
+        if shape[2] == 6:
+            assert got == pytest.approx(1.24761, abs=1e-5)   # not 1.14599, the zero-padded map's
+    if shape[2] == 6:
+        J = torch.autograd.functional.jacobian(conv, torch.zeros(shape, dtype=torch.float64)).reshape(-1, math.prod(shape))
+        assert got == pytest.approx(float(torch.linalg.matrix_norm(J, 2)), rel=1e-10)
+
+
+def test_the_margin_is_the_kth_smallest_as_the_authors_code_takes_it():
+    """Margins 1..25 (a linear model on one-hot inputs): Jiang et al.'s measures as Dziugaite et al.'s
+    code computes them take the (25 // 10) = 2nd smallest, 2; Neyshabur et al.'s bounds the 5th
+    percentile, 1 + 0.05 * 24 = 2.2 by linear interpolation."""
+    n = 25
+    model = nn.Linear(n, 2, bias=False).double()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.weight[0] = torch.arange(1, n + 1, dtype=torch.float64).flip(0)   # class 0 logit = margin
+    x, y = torch.eye(n, dtype=torch.float64), torch.zeros(n, dtype=torch.long)
+    assert M.margin(model, x, y) == 2.0
+    assert M.margin(model, x, y, "percentile5") == pytest.approx(2.2, abs=1e-12)
+    assert M.measure("1/margin", model, x, y) == pytest.approx(1 / 4, abs=1e-15)
+    small = M.margin(model, x[:7], y[:7])   # fewer than 10 examples: the smallest
+    assert small == float(M.margins(model, x[:7], y[:7]).min())
+    with pytest.raises(ValueError, match="margin convention"):
+        M.margin(model, x, y, "median")
+
+
+def bn_network(bias=True, bn_after_relu=False):
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(1, 4, 3, padding=1, bias=bias), nn.BatchNorm2d(4), nn.ReLU(),
+              nn.Conv2d(4, 6, 3, padding=1, stride=2, bias=bias), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
+              nn.Linear(96, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)]
+    if bn_after_relu:
+        layers[4], layers[5] = layers[5], layers[4]
+    model = nn.Sequential(*layers).double()
+    with torch.no_grad():   # trained-looking statistics and affine parameters
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 2), m.bias.uniform_(-1, 1)
+    return model
+
+
+def by_hand_folded(model):
+    """The same network without BatchNorm, its layers' weights and biases folded by hand."""
+    plain, i = [], 0
+    mods = list(model)
+    while i < len(mods):
+        m = mods[i]
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and i + 1 < len(mods) and isinstance(mods[i + 1], nn.BatchNorm2d
+                                                                                      | nn.BatchNorm1d):
+            bn = mods[i + 1]
+            s = (bn.weight / (bn.running_var + bn.eps).sqrt()).detach()
+            new = type(m)(*( (m.in_channels, m.out_channels, m.kernel_size) if isinstance(m, nn.Conv2d)
+                             else (m.in_features, m.out_features)),
+                          **(dict(stride=m.stride, padding=m.padding) if isinstance(m, nn.Conv2d) else {})).double()
+            with torch.no_grad():
+                new.weight.copy_(m.weight * s.reshape(-1, *[1] * (m.weight.dim() - 1)))
+                b = m.bias if m.bias is not None else torch.zeros_like(s)
+                new.bias.copy_(s * (b - bn.running_mean) + bn.bias)
+            plain.append(new)
+            i += 2
+        else:
+            plain.append(m)
+            i += 1
+    return nn.Sequential(*plain).eval()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_batchnorm_is_folded_into_the_layer_before_it(bias):
+    """Folded, a BatchNorm CNN is the network of its folded layers (built by hand here): every measure
+    equals that network's; the folded copy computes the model's function; the model is untouched."""
+    model = bn_network(bias=bias)
+    x = torch.randn(64, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = M.batchnorm_folded(model, x)
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    model.eval()
+    assert torch.allclose(folded(x), model(x), rtol=1e-12, atol=1e-12)
+    plain = by_hand_folded(model)
+    y = model(x).argmax(1)
+    for name in ("param-norm", "prod-of-spec", "prod-of-fro", "path-norm", "fro/spec", "l1,inf-norm/margin",
+                 "trace-norm/margin", "l1-path-norm/margin", "num-params"):
+        assert M.measure(name, model, x, y) == pytest.approx(M.measure(name, plain, x, y), rel=1e-12), name
+    unfolded = M.measure("param-norm", model, x, y, fold_batchnorm=False)
+    assert unfolded == pytest.approx(sum(float(m.weight.double().norm()) ** 2 for m in model
+                                         if isinstance(m, (nn.Conv2d, nn.Linear))), rel=1e-12)
+    assert abs(unfolded / M.measure("param-norm", model, x, y) - 1) > 0.1
+
+
+def test_a_batchnorm_that_does_not_follow_a_layer_is_left_as_it_is():
+    model = bn_network(bn_after_relu=True).eval()   # Conv -> ReLU -> BN: not a linear map's output
+    x = torch.randn(16, 1, 8, 8, dtype=torch.float64)
+    folded = M.batchnorm_folded(model, x)
+    kinds = [type(m).__name__ for m in folded]
+    assert kinds.count("BatchNorm2d") == 1 and kinds.count("BatchNorm1d") == 0
+    assert torch.allclose(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+# a Hadamard matrix: entries +-1, H H^T = 4 I, so every singular value is 2 and every row's l_p norm 4^(1/p)
+H4 = torch.tensor([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], dtype=torch.float64)
+
+
+def hadamard_net(a, b):
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Identity(), nn.Linear(4, 4, bias=False)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(a * H4)
+        model[2].weight.copy_(b * H4)
+    return model
+
+
+def test_neyshabur_norms_and_bounds_in_closed_form():
+    """A linear network W2 W1, W1 = a H4, W2 = b H4, initialized at a0 H4, b0 H4. Per layer (scale s): ||W||_{1,inf} = 4s,
+    ||W||_{3,1.5} = (4 (4^(1/3) s)^1.5)^(1/1.5) = 4s, ||W||_F = 4s, ||W||_2 = 2s, trace norm 8s,
+    Schatten-1.5 (4 (2s)^1.5)^(1/1.5) = 4^(2/3) 2s; the l1 path-norm of |W| on ones is 1^T |W2| |W1| 1 =
+    64ab; ||W - W0||_{2,1} = 4 * 2|s - s0| and ||W - W0||_F = 4|s - s0| with 4 output units."""
+    a, b, a0, b0 = 1.5, 0.7, 0.4, 0.2
+    model, init = hadamard_net(a, b), hadamard_net(a0, b0)
+    x = torch.randn(200, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = model(x).argmax(1)
+    y[:3] = (y[:3] + 1) % 4
+    margins = (model(x).detach().gather(1, y[:, None]).squeeze(1)
+               - model(x).detach().scatter(1, y[:, None], -math.inf).max(1).values)
+    gamma, m = float(torch.quantile(margins, 0.05)), 200
+    value = lambda name: M.measure(name, model, x, y, init=init)
+    assert value("num-params") == 32
+    assert value("l1,inf-norm/margin") == pytest.approx(16 * a * b / gamma, rel=1e-12)
+    assert value("l3,1.5-norm/margin") == pytest.approx(16 * a * b / gamma, rel=1e-12)
+    assert value("fro-norm/margin") == pytest.approx(16 * a * b / gamma, rel=1e-12)
+    assert value("spec-norm/margin") == pytest.approx(4 * a * b / gamma, rel=1e-12)
+    assert value("trace-norm/margin") == pytest.approx(64 * a * b / gamma, rel=1e-12)
+    assert value("schatten-1.5-norm/margin") == pytest.approx(4 ** (4 / 3) * 4 * a * b / gamma, rel=1e-12)
+    assert value("l1-path-norm/margin") == pytest.approx(64 * a * b / gamma, rel=1e-12)
+    # path-norms of order p: (1^T |W2|^p |W1|^p 1)^(1/p) = (64 a^p b^p)^(1/p)
+    assert value("l2-path-norm/margin") == pytest.approx(8 * a * b / gamma, rel=1e-12)
+    alpha = math.sqrt(2 + math.log(4))
+    assert value("bound-l1,inf-bartlett-mendelson-2002") == pytest.approx(alpha * 16 * a * b / gamma / math.sqrt(m),
+                                                                          rel=1e-12)
+    assert value("bound-fro-neyshabur-2015") == pytest.approx(alpha * 16 * a * b / gamma / math.sqrt(m), rel=1e-12)
+    assert value("bound-l3,1.5-neyshabur-2015") == pytest.approx(alpha * 16 * a * b / gamma / m ** (1 / 3), rel=1e-12)
+    ratio_21 = ((8 * (a - a0) / (2 * a)) ** (2 / 3) + (8 * (b - b0) / (2 * b)) ** (2 / 3)) ** 1.5
+    assert value("bound-spec-l2,1-bartlett-2017") == pytest.approx(
+        math.log(m) * math.log(32) * 4 * a * b / gamma * ratio_21 / math.sqrt(m), rel=1e-12)
+    ratio_fro = ((2 * 4 * (a - a0) / (2 * a)) ** 2 + (2 * 4 * (b - b0) / (2 * b)) ** 2) ** 0.5
+    assert value("bound-spec-fro-neyshabur-2018") == pytest.approx(2 * 4 * a * b / gamma * ratio_fro / math.sqrt(m),
+                                                                   rel=1e-12)
+    with pytest.raises(ValueError, match="initial weights"):
+        M.measure("bound-spec-fro-neyshabur-2018", model, x, y)
+
+
 def test_every_measure_on_the_zoo_architectures():
     torch.manual_seed(0)
     x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
     for make in (lambda: zoo.mlp(16), lambda: zoo.cnn(8), lambda: zoo.vit(16)):
         model, init = make(), make()
         for name in M.MEASURES:
-            if name.endswith("margin") or name in ("spectral-init", "spectral-orig", "num-step-to-0.1-loss") or \
+            if name.endswith("margin") or name.startswith("bound-") or name in ("spectral-init", "spectral-orig", "num-step-to-0.1-loss") or \
                     "pacbayes" in name or "sharpness" in name:
                 continue   # an untrained model's margin is negative; no recorded trajectory here; searches below
             assert math.isfinite(M.measure(name, model, x, y, init=init)), name
@@ -152,7 +315,8 @@ def test_every_measure_on_the_zoo_architectures():
 def test_the_jiang_preset_names_the_table_rows():
     defs = preset("jiang")
     assert [d.name for d in defs][:5] == ["param-norm", "frob-distance", "spec-dist", "fro/spec", "prod-of-spec"]
-    assert len({d.key for d in defs}) == len(defs) == 33 and all(d.rho is None for d in defs)
+    assert len({d.key for d in defs}) == len(defs) == 34 and all(d.rho is None for d in defs)
+    assert [d.measure for d in preset("neyshabur")] == list(M.NEYSHABUR)
     assert Definition("measure", measure="path-norm", n_iters=99).key == Definition("measure", measure="path-norm").key
     with pytest.raises(ValueError, match="measure must be one of"):
         Definition("measure", measure="vc-dim")

@@ -27,6 +27,8 @@ from typing import Any, Iterable
 
 from sharpfast import LOGIT_NORMALIZATIONS, NORMS
 
+from .measures import MEASURES_REVISION, NEYSHABUR as MEASURE_NAMES_NEYSHABUR
+
 # The kinds the core calls average- and worst-case, named as the paper and the published code
 # name them; definition names and keys of existing stores carry these spellings (DESIGN.md §7).
 SHARPNESS_KINDS = ("avg", "max")
@@ -166,8 +168,9 @@ class Definition:
         d = asdict(self)
         if d["measure"] is None:
             d.pop("measure")   # keys of the definitions that existed before measures did stay the same
-        if self.is_measure:   # a function of the weights and the data: nothing else matters
-            return {k: d[k] for k in ("kind", "measure", "n_examples")}
+        if self.is_measure:   # a function of the weights and the data: nothing else matters, but the
+            # conventions the measures follow (their revision: values of an earlier one are not reused)
+            return {**{k: d[k] for k in ("kind", "measure", "n_examples")}, "revision": MEASURES_REVISION}
         if self.is_curvature:
             drop = SHARPNESS_FIELDS + WORST_FIELDS + AVERAGE_FIELDS + tuple(
                 f for f in CURVATURE_FIELDS if f not in CURVATURE_USES[self.kind])
@@ -200,7 +203,7 @@ class Definition:
         name = "-".join(parts) + f" m={self.m}"
         base = Definition(self.kind, self.norm, None if self.is_curvature else 1.0, m=self.m)
         extra = [f"{k}={v}" for k, v in self.canonical().items()
-                 if k not in ("kind", "norm", "rho", "adaptive", "normalize_logits", "m", "curvature")
+                 if k not in ("kind", "norm", "rho", "adaptive", "normalize_logits", "m", "curvature", "revision")
                  and v != base.canonical().get(k)]
         return name + ("" if not extra else " " + " ".join(extra))
 
@@ -266,6 +269,11 @@ class Definition:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "definition") -> "Definition":
+        d = dict(d)
+        revision = d.pop("revision", MEASURES_REVISION)   # canonical() writes it for measures
+        if revision != MEASURES_REVISION:
+            raise ConfigError(f"{where}: measures of revision {revision!r} cannot be computed any more; this "
+                              f"sharpfast computes revision {MEASURES_REVISION} (see sharpfast.study.measures)")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -337,7 +345,10 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
         "spectral-init", "spectral-orig", "path-norm", "path-norm/margin", "1/margin", "cross-entropy",
         "neg-entropy", "fisher-rao", "num-step-to-0.1-loss", "pacbayes-init", "pacbayes-orig", "1/sigma-pacbayes",
         "sharpness-init", "sharpness-orig", "1/alpha-sharpness", "pacbayes-mag-init", "pacbayes-mag-orig",
-        "1/sigma-pacbayes-mag", "pac-sharpness-mag-init", "pac-sharpness-mag-orig", "1/alpha-sharpness-mag")],
+        "1/sigma-pacbayes-mag", "pac-sharpness-mag-init", "pac-sharpness-mag-orig", "1/alpha-sharpness-mag",
+        "num-params")],
+    # the norms over the margin and the generalization bounds of Neyshabur et al.'s generalization-bounds code
+    "neyshabur": [dict(kind=MEASURE_KIND, measure=name) for name in MEASURE_NAMES_NEYSHABUR],
     # smoke tests: two cheap definitions
     "quick": [
         dict(kind="max", norm="linf", adaptive=True, rho=0.002, n_iters=5, m=64, n_examples=128),

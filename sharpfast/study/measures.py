@@ -1,17 +1,24 @@
 """The generalization measures of Jiang et al. (ICLR 2020, "Fantastic generalization measures and
-where to find them", appendix C), named as in their table (the seeds' Table 5), computed from a
-model's weights, its initial weights and training examples.
+where to find them", appendix C), named as in their table (the seeds' Table 5), and the norms and
+bounds of Neyshabur et al.'s generalization-bounds code, computed from a model's weights, its
+initial weights and training examples. Each default follows the authors' code: Jiang et al.'s
+measures as Dziugaite et al.'s robust-generalization-measures computes them, the others as
+Neyshabur et al.'s measures.py does.
 
-Layers are the weight matrices and kernels of ``nn.Linear`` and ``nn.Conv{1,2}d`` modules, in
+Every measure is taken on a copy of the model with its BatchNorm folded into the layer before it
+(:func:`batchnorm_folded`; both codes do so; ``fold_batchnorm=False`` measures the layers as they
+are). Layers are the weight matrices and kernels of ``nn.Linear`` and ``nn.Conv{1,2}d`` modules, in
 module order (biases, normalization parameters and embeddings are not layers); ``d`` is their
 number. ``||W||_2`` is a layer's operator norm: the largest singular value for a linear layer; for
 a convolution the norm of the linear map it applies to its actual input shape (taken from a
-forward pass on the data; zero padding and stride included), from the map's dense matrix up to
-4096 inputs, else by Lanczos on the convolution followed by its transpose. The margin ``gamma`` is the 10th percentile over the examples of
-``f(x)_y - max_{j != y} f(x)_j``; a measure divided by it needs ``gamma > 0``.
+forward pass on the data; its padding mode, padding, stride, dilation and groups included), from
+the map's dense matrix up to 4096 inputs, else by Lanczos on ``A^T A``. The margin ``gamma`` is the
+``(m // 10)``-th smallest over the ``m`` examples of ``f(x)_y - max_{j != y} f(x)_j`` (as
+Dziugaite et al.'s code takes it, ``kthvalue(m // 10)``); a measure divided by it needs ``gamma > 0``.
 
 * norms: ``param-norm = sum ||W||_F^2``; ``frob-distance = sum ||W - W0||_F^2``;
   ``spec-dist = sum ||W - W0||_2^2``; ``fro/spec = sum ||W||_F^2 / ||W||_2^2``;
+  ``num-params``, the layers' weights (biases not counted, as in Dziugaite et al.'s code);
 * products and sums (logs of): ``prod-of-spec = log prod ||W||_2^2``, ``sum-of-spec =
   log(d (prod ||W||_2^2)^(1/d))``, the same ``-of-fro`` with ``||W||_F``, and each ``/margin``
   form dividing the product by ``gamma^2``;
@@ -40,16 +47,35 @@ forward pass on the data; zero padding and stride included), from the map's dens
   ``1/sigma-pacbayes-mag``, ``1/alpha-sharpness-mag``. These use all parameters (``omega`` of
   them).
 
+Neyshabur et al.'s (``NEYSHABUR``, preset ``neyshabur``; their values, not logs), with each layer's
+weight as the matrix ``[out, in * kernel]`` and ``gamma_5`` the 5th percentile of the margins (their
+``validate``): the products over the layers divided by ``gamma_5`` of ``||W||_{1,inf}``,
+``||W||_{3,1.5}``, ``||W||_F`` and of the Schatten norms (spectral, 1.5, trace: the l_p norms of the
+singular values), named ``l1,inf-norm/margin`` etc.; the l_p path-norms ``(sum_i f_{|w|^p}(1)_i)^(1/p)
+/ gamma_5`` for p = 1, 1.5, 2; and the bounds without constants and log factors, with ``alpha =
+sqrt(d + log(input size))`` (Golowich et al.'s depth dependence): ``bound-l1,inf-bartlett-mendelson-
+2002 = alpha l1,inf / sqrt(m)``, ``bound-fro-neyshabur-2015 = alpha fro / sqrt(m)``,
+``bound-l3,1.5-neyshabur-2015 = alpha l3,1.5 / m^(1/3)``, ``bound-spec-l2,1-bartlett-2017 = log(m)
+log(#params) spec (sum_l (||W - W0||_{2,1} / ||W||_2)^(2/3))^(3/2) / sqrt(m)`` (``#params`` with
+biases) and ``bound-spec-fro-neyshabur-2018 = d spec (sum_l h_l ||W - W0||_F^2 / ||W||_2^2)^(1/2) /
+sqrt(m)`` (``h_l`` the layer's output units; spec etc. the products over the margin above).
+
 Departures, each deliberate: the searches' deviation is the training error's (Jiang et al.'s
-"accuracy deviation"), measured on the sweep's examples; the margin is the 10th percentile
-(Dziugaite et al.'s code takes its absolute value where it is negative; here a ``/margin`` measure
-with ``gamma <= 0`` is an error, not a number); ``fisher-rao`` uses all parameters (biases too), as the gradient's
-inner product is taken with everything that was trained; ``path-norm`` squares biases too (Jiang
-et al. do not say) and is what the definition gives for non-homogeneous networks (the ViT's
-attention and LayerNorm); the margin's data is the sweep's training examples, not the full set.
+"accuracy deviation"), measured on the sweep's examples; Dziugaite et al.'s code takes the
+margin's absolute value where it is negative, here a ``/margin`` measure with ``gamma <= 0`` is an
+error, not a number; their spectral measures use a kernel's reshaped matrix (or, ``_fft``, circular
+padding), here a convolution is the map it applies; the folded network is exactly the model's
+function, where both codes keep each folded norm as a division by ``sqrt(1 + eps)``, so path-norms
+of a BatchNorm network differ from theirs by that factor per norm (1e-5 relative with eps = 1e-5,
+the same for every model of one architecture); ``fisher-rao`` uses all parameters (biases too), as
+the gradient's inner product is taken with everything that was trained; ``path-norm`` squares
+biases too (Jiang et al. do not say) and is what the definition gives for non-homogeneous networks
+(the ViT's attention and LayerNorm); the margin's data is the sweep's training examples, not the
+full set.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable
 
@@ -58,7 +84,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-MARGIN_PERCENTILE = 10
+# The conventions' revision, part of every measure definition's key: 2 folds BatchNorm, takes the
+# margin as the authors' code does and a convolution's padding mode (values of revision 1, keyless,
+# are kept in old stores but not reused)
+MEASURES_REVISION = 2
 DENSE_LIMIT = 4096   # a convolution's operator norm from its dense matrix up to this many inputs, Lanczos above
 
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -91,6 +120,15 @@ def input_shapes(model: nn.Module, x) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _linear_map(layer: nn.Module, weight: torch.Tensor):
+    """The linear map a layer applies with ``weight`` in place of its own, bias left out: the
+    convolution's own forward (``_conv_forward``), so its padding mode (zeros, circular, reflect,
+    replicate), padding, stride, dilation and groups are the layer's."""
+    if isinstance(layer, nn.Linear):
+        return lambda t: F.linear(t, weight)
+    return lambda t: layer._conv_forward(t, weight, None)
+
+
 def operator_norm(layer: nn.Module, weight: torch.Tensor, shape: tuple[int, ...] | None) -> float:
     """``||W||_2`` of a layer's weight (or of a weight difference applied the same way)."""
     w = weight.detach().double()
@@ -98,24 +136,22 @@ def operator_norm(layer: nn.Module, weight: torch.Tensor, shape: tuple[int, ...]
         return float(torch.linalg.matrix_norm(w, ord=2))
     if shape is None:
         raise ValueError(f"the convolution {layer} was not reached by the forward pass: no input shape")
-    conv = F.conv1d if isinstance(layer, nn.Conv1d) else F.conv2d
-    kw = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+    apply = _linear_map(layer, w)
     n_in = math.prod(shape[1:])
     if n_in <= DENSE_LIMIT:   # the map's matrix, from the unit inputs: exact
         basis = torch.eye(n_in, dtype=torch.float64).reshape((n_in,) + tuple(shape[1:]))
-        return float(torch.linalg.matrix_norm(conv(basis, w, **kw).reshape(n_in, -1), ord=2))
-    conv_t = F.conv_transpose1d if isinstance(layer, nn.Conv1d) else F.conv_transpose2d
-    # above: Lanczos (scipy's eigsh) on the normal map W^T W, through the convolution and its
-    # adjoint, the transposed convolution with the output padding that restores the input's shape
+        with torch.no_grad():
+            return float(torch.linalg.matrix_norm(apply(basis).reshape(n_in, -1), ord=2))
+    # above: Lanczos (scipy's eigsh) on the normal map A^T A, the adjoint by autograd
+    # (A^T A v is the gradient of ||A v||^2 / 2), which holds for every padding mode
     from scipy.sparse.linalg import LinearOperator, eigsh
 
-    out_shape = conv(torch.zeros(shape, dtype=torch.float64), w, **kw).shape
-    plain = conv_t(torch.zeros(out_shape, dtype=torch.float64), w, **kw).shape
-    kw_t = dict(kw, output_padding=tuple(a - b for a, b in zip(shape[2:], plain[2:])))
-
     def normal(v):
-        t = torch.as_tensor(v, dtype=torch.float64).reshape(shape)
-        return conv_t(conv(t, w, **kw), w, **kw_t).reshape(-1).numpy()
+        t = torch.as_tensor(v, dtype=torch.float64).reshape(shape).requires_grad_(True)
+        with torch.enable_grad():
+            out = apply(t)
+            (g,) = torch.autograd.grad(out, t, grad_outputs=out.detach())
+        return g.reshape(-1).numpy()
 
     v0 = torch.randn(n_in, generator=torch.Generator().manual_seed(0), dtype=torch.float64).numpy()
     top = eigsh(LinearOperator((n_in, n_in), matvec=normal, dtype="float64"), k=1, which="LA", tol=1e-12, v0=v0,
@@ -123,33 +159,130 @@ def operator_norm(layer: nn.Module, weight: torch.Tensor, shape: tuple[int, ...]
     return float(math.sqrt(max(float(top[0]), 0.0)))
 
 
-def margin(model: nn.Module, x, y) -> float:
-    """The 10th percentile of ``f(x)_y - max_{j != y} f(x)_j`` over the examples."""
+def margins(model: nn.Module, x, y) -> torch.Tensor:
+    """``f(x)_y - max_{j != y} f(x)_j`` of every example (float64)."""
     with torch.no_grad():
         out = model(x).double()
     true = out.gather(1, y[:, None]).squeeze(1)
     others = out.scatter(1, y[:, None], float("-inf")).max(dim=1).values
-    return float(torch.quantile(true - others, MARGIN_PERCENTILE / 100))
+    return true - others
 
 
-def _positive_margin(model, x, y) -> float:
-    gamma = margin(model, x, y)
+# How the margin gamma is read off the examples' margins, as each author's code does it:
+# "kth": the (m // 10)-th smallest of m (Jiang et al.'s measures as Dziugaite et al.'s code computes
+#        them, torch.kthvalue(m // 10); the smallest where m < 10);
+# "percentile5": the 5th percentile, linearly interpolated (Neyshabur et al.'s generalization-bounds,
+#        numpy.percentile(margins, 5)), which its norms and bounds divide by.
+MARGIN_CONVENTIONS = ("kth", "percentile5")
+
+
+def margin(model: nn.Module, x, y, convention: str = "kth") -> float:
+    """The margin ``gamma`` of ``model`` on ``(x, y)`` under one of :data:`MARGIN_CONVENTIONS`."""
+    values = margins(model, x, y)
+    if convention == "kth":
+        return float(values.kthvalue(max(1, len(values) // 10)).values)
+    if convention == "percentile5":
+        return float(torch.quantile(values, 0.05))
+    raise ValueError(f"unknown margin convention {convention!r}; expected one of {MARGIN_CONVENTIONS}")
+
+
+def _positive_margin(model, x, y, convention: str) -> float:
+    gamma = margin(model, x, y, convention)
     if not gamma > 0:
-        raise ValueError(f"the margin (10th percentile of f(x)_y - max_j f(x)_j) is {gamma:.3g} <= 0: more than "
-                         "10% of the examples are misclassified, and the /margin measures are undefined")
+        what = "(m // 10)-th smallest" if convention == "kth" else "5th percentile"
+        raise ValueError(f"the margin (the {what} of f(x)_y - max_j f(x)_j) is {gamma:.3g} <= 0: too many examples "
+                         "are misclassified, and the /margin measures are undefined")
     return gamma
+
+
+# ----------------------------------------------------------------------------- BatchNorm folding
+
+FOLDABLE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def batchnorm_folded(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` in eval mode in which every BatchNorm that normalizes a Linear or Conv
+    layer's output is folded into that layer (``W <- s W``, ``b <- s (b - mu) + beta`` with ``s =
+    gamma / sqrt(var + eps)`` per output channel) and replaced by the identity: the same function,
+    with the norm's scale carried by the layer's weights, as both Neyshabur et al.'s and Dziugaite
+    et al.'s code measure a BatchNorm network. A norm is folded where one forward pass on ``x``
+    shows it consuming exactly the output tensor of a layer called once (Conv-BN or Linear-BN, in
+    any module layout); a norm after an activation or a residual sum, or without running
+    statistics, is left as it is. The folded copy is checked to compute what the model does."""
+    model = copy.deepcopy(model).eval()
+    produced: dict[int, tuple[str, torch.Tensor]] = {}
+    calls: dict[str, int] = {}
+    pairs: list[tuple[str, str]] = []
+    modules = dict(model.named_modules())
+
+    def after_layer(name):
+        def hook(module, inputs, output):
+            calls[name] = calls.get(name, 0) + 1
+            produced[id(output)] = (name, output)   # the tensor is held, so its id stays unique
+        return hook
+
+    def before_norm(name):
+        def hook(module, inputs):
+            calls[name] = calls.get(name, 0) + 1
+            source = produced.get(id(inputs[0]))
+            if source is not None and source[1] is inputs[0]:
+                pairs.append((source[0], name))
+        return hook
+
+    hooks = [m.register_forward_hook(after_layer(n)) for n, m in modules.items() if isinstance(m, LAYER_TYPES)]
+    hooks += [m.register_forward_pre_hook(before_norm(n)) for n, m in modules.items()
+              if isinstance(m, FOLDABLE_NORMS)]
+    try:
+        with torch.no_grad():
+            reference = model(x[:8])
+    finally:
+        for h in hooks:
+            h.remove()
+    produced.clear()
+    folded = [(layer, norm) for layer, norm in pairs if calls[layer] == 1 and calls[norm] == 1
+              and modules[norm].running_var is not None]
+    if not folded:
+        return model
+    with torch.no_grad():
+        for layer_name, norm_name in folded:
+            layer, norm = modules[layer_name], modules[norm_name]
+            var, mean = norm.running_var.double(), norm.running_mean.double()
+            gamma = norm.weight.double() if norm.affine else torch.ones_like(var)
+            beta = norm.bias.double() if norm.affine else torch.zeros_like(var)
+            scale = gamma / (var + norm.eps).sqrt()
+            w = layer.weight.double()
+            bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(var)
+            layer.weight.copy_(w * scale.reshape((-1,) + (1,) * (w.dim() - 1)))
+            new_bias = scale * (bias - mean) + beta
+            if layer.bias is None:
+                layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
+            else:
+                layer.bias.copy_(new_bias)
+            parent_name, _, child = norm_name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+        out = model(x[:8])
+    tol = 1e-9 if out.dtype == torch.float64 else 1e-3
+    if not torch.allclose(out.double(), reference.double(), rtol=tol, atol=tol * float(reference.abs().max())):
+        raise ValueError("folding BatchNorm into the layers before it changed what the model computes (a layer's "
+                         "output feeds more than its norm?); measure the model unfolded with fold_batchnorm=False")
+    return model
 
 
 class Context:
     """What the measures of one model share, computed once: layers, norms, the margin."""
 
-    def __init__(self, model: nn.Module, init: nn.Module | None, x, y, metrics: dict | None = None):
+    def __init__(self, model: nn.Module, init: nn.Module | None, x, y, metrics: dict | None = None,
+                 fold_batchnorm: bool = True):
         if not isinstance(x, torch.Tensor):
             raise TypeError("the Jiang et al. measures take models with one tensor input (their layers, margins and "
                             f"path-norm are defined for classifiers f(x)); got inputs of type {type(x).__name__}")
-        self.model, self.init, self.x, self.y, self.metrics = model.eval(), init, x, y, metrics or {}
-        self.layers = layers(model)
-        self.shapes = input_shapes(model, x)
+        # measured on copies (the caller's models keep their mode and weights), BatchNorm folded
+        prepare = (lambda m: batchnorm_folded(m, x)) if fold_batchnorm else (lambda m: copy.deepcopy(m).eval())
+        self.model = prepare(model)
+        self.init = None if init is None else prepare(init)
+        self.x, self.y, self.metrics = x, y, metrics or {}
+        self.layers = layers(self.model)
+        self.shapes = input_shapes(self.model, x)
         self._cache: dict = {}
 
     def cached(self, key, fn):
@@ -175,21 +308,26 @@ class Context:
     def distances(self) -> list[torch.Tensor]:
         return [m.weight.detach() - w0 for (_, m), w0 in zip(self.layers, self.init_layers())]
 
-    def gamma(self) -> float:
-        return self.cached("gamma", lambda: _positive_margin(self.model, self.x, self.y))
+    def gamma(self, convention: str = "kth") -> float:
+        return self.cached(("gamma", convention), lambda: _positive_margin(self.model, self.x, self.y, convention))
 
 
 def _log_prod_sq(norms: list[float]) -> float:
     return sum(2 * math.log(v) for v in norms)
 
 
-def _path_norm(ctx: Context) -> float:
-    model = ctx.model
-    squared = {n: p.detach() ** 2 for n, p in model.named_parameters()}
-    buffers = dict(model.named_buffers())
+def _powered_network(ctx: Context, p: float) -> float:
+    """``sum_i f_{|w|^p}(1)_i``: the network with every parameter's magnitude raised to the p-th
+    power, on an all-ones input (for ReLU networks, the sum over input-output paths of the
+    products of the weights' p-th powers)."""
+    powered = {n: w.detach().abs() ** p for n, w in ctx.model.named_parameters()}
     ones = torch.ones((1,) + tuple(ctx.x.shape[1:]), dtype=ctx.x.dtype, device=ctx.x.device)
     with torch.no_grad():
-        return float(functional_call(model, {**squared, **buffers}, (ones,)).double().sum())
+        return float(functional_call(ctx.model, {**powered, **dict(ctx.model.named_buffers())}, (ones,)).double().sum())
+
+
+def _path_norm(ctx: Context) -> float:
+    return _powered_network(ctx, 2)
 
 
 def _fisher_rao(ctx: Context) -> float:
@@ -238,6 +376,102 @@ MEASURES: dict[str, Callable[[Context], float]] = {
     "num-step-to-0.1-loss": lambda c: _recorded(c, "steps_to_loss_0.1"),
 }
 NEEDS_INIT = ("frob-distance", "spec-dist", "spectral-init")
+
+
+# ----------------------------------------------------------------------------- Neyshabur et al.'s norms and bounds
+
+def _rows(w: torch.Tensor) -> torch.Tensor:
+    """A layer's weight as the matrix Neyshabur et al.'s code measures: one row per output unit
+    (a convolution's kernel reshaped to ``[out, in * kernel]``), in float64."""
+    return w.detach().double().reshape(w.shape[0], -1)
+
+
+def lpq_norm(w: torch.Tensor, p: float, q: float) -> float:
+    """``||W||_{p,q}``: the l_q norm over the output units of the l_p norms of their incoming weights."""
+    return float(torch.linalg.vector_norm(torch.linalg.vector_norm(_rows(w), p, dim=1), q))
+
+
+def schatten_norm(w: torch.Tensor, p: float) -> float:
+    """The l_p norm of the singular values (``p = inf``: the spectral norm; ``p = 1``: the trace norm)."""
+    return float(torch.linalg.vector_norm(torch.linalg.svdvals(_rows(w)), p))
+
+
+def _log_prod(ctx: Context, norm: Callable[[torch.Tensor], float]) -> float:
+    return sum(math.log(norm(m.weight)) for _, m in ctx.layers)
+
+
+def _exp(log_value: float, name: str) -> float:
+    if log_value > 709:   # exp overflows float64 beyond e^709
+        raise ValueError(f"{name} is e^{log_value:.0f}, beyond float64; its log is the measure's rank-equivalent")
+    return math.exp(log_value)
+
+
+def _over_margin(ctx: Context, name: str, norm: Callable[[torch.Tensor], float]) -> float:
+    """``prod_l norm(W_l) / gamma`` (Neyshabur et al.'s ``calc_measure(..., 'product') / margin``)."""
+    return _exp(_log_prod(ctx, norm) - math.log(ctx.gamma("percentile5")), name)
+
+
+def _lp_path_norm(ctx: Context, p: float) -> float:
+    """Neyshabur et al. (2015)'s l_p path-norm ``(sum_i f_{|w|^p}(1)_i)^(1/p)``."""
+    return _powered_network(ctx, p) ** (1 / p)
+
+
+def _layer_params(ctx: Context) -> int:
+    """Weights and biases of the layers (Neyshabur et al.'s ``n_param``, BatchNorm folded away)."""
+    return sum(m.weight.numel() + (0 if m.bias is None else m.bias.numel()) for _, m in ctx.layers)
+
+
+def _input_size(ctx: Context) -> int:
+    return math.prod(ctx.x.shape[1:])
+
+
+def _capacity_alpha(ctx: Context) -> float:
+    """``sqrt(d + log(input size))``: the depth dependence of Golowich et al. (2018) that Neyshabur
+    et al.'s code puts in the norm-based bounds."""
+    return math.sqrt(ctx.d + math.log(_input_size(ctx)))
+
+
+def _spectral_ratio(ctx: Context, q: int, power: float) -> float:
+    """``(sum_l (h_l^(1 - 1/q) ||W_l - W0_l||_{2,q} / ||W_l||_2)^power)^(1/power)``, ``h_l`` the layer's
+    output units (Neyshabur et al.'s ``h_dist_op_norm`` summed under ``calc_measure(..., 'norm')``)."""
+    terms = [(m.weight.shape[0] ** (1 - 1 / q) * lpq_norm(dw, 2, q) / schatten_norm(m.weight, math.inf)) ** power
+             for (_, m), dw in zip(ctx.layers, ctx.distances())]
+    return sum(terms) ** (1 / power)
+
+
+def _spectral_bound(ctx: Context, name: str, factor: float, q: int, power: float) -> float:
+    log_value = (math.log(factor) + _log_prod(ctx, lambda w: schatten_norm(w, math.inf))
+                 - math.log(ctx.gamma("percentile5")) + math.log(_spectral_ratio(ctx, q, power))
+                 - 0.5 * math.log(len(ctx.y)))
+    return _exp(log_value, name)
+
+
+MEASURES.update({
+    "num-params": lambda c: float(sum(m.weight.numel() for _, m in c.layers)),
+    "l1,inf-norm/margin": lambda c: _over_margin(c, "l1,inf-norm/margin", lambda w: lpq_norm(w, 1, math.inf)),
+    "l3,1.5-norm/margin": lambda c: _over_margin(c, "l3,1.5-norm/margin", lambda w: lpq_norm(w, 3, 1.5)),
+    "fro-norm/margin": lambda c: _over_margin(c, "fro-norm/margin", lambda w: lpq_norm(w, 2, 2)),
+    "spec-norm/margin": lambda c: _over_margin(c, "spec-norm/margin", lambda w: schatten_norm(w, math.inf)),
+    "schatten-1.5-norm/margin": lambda c: _over_margin(c, "schatten-1.5-norm/margin", lambda w: schatten_norm(w, 1.5)),
+    "trace-norm/margin": lambda c: _over_margin(c, "trace-norm/margin", lambda w: schatten_norm(w, 1)),
+    "l1-path-norm/margin": lambda c: _lp_path_norm(c, 1) / c.gamma("percentile5"),
+    "l1.5-path-norm/margin": lambda c: _lp_path_norm(c, 1.5) / c.gamma("percentile5"),
+    "l2-path-norm/margin": lambda c: _lp_path_norm(c, 2) / c.gamma("percentile5"),
+    # the bounds, without their constants and additive log factors (as the code reports them)
+    "bound-l1,inf-bartlett-mendelson-2002": lambda c: _capacity_alpha(c) * MEASURES["l1,inf-norm/margin"](c)
+    / math.sqrt(len(c.y)),
+    "bound-fro-neyshabur-2015": lambda c: _capacity_alpha(c) * MEASURES["fro-norm/margin"](c) / math.sqrt(len(c.y)),
+    "bound-l3,1.5-neyshabur-2015": lambda c: _capacity_alpha(c) * MEASURES["l3,1.5-norm/margin"](c)
+    / len(c.y) ** (1 / 3),
+    "bound-spec-l2,1-bartlett-2017": lambda c: _spectral_bound(
+        c, "bound-spec-l2,1-bartlett-2017", math.log(len(c.y)) * math.log(_layer_params(c)), q=1, power=2 / 3),
+    "bound-spec-fro-neyshabur-2018": lambda c: _spectral_bound(c, "bound-spec-fro-neyshabur-2018", c.d, q=2, power=2),
+})
+NEEDS_INIT = NEEDS_INIT + ("bound-spec-l2,1-bartlett-2017", "bound-spec-fro-neyshabur-2018")
+NEYSHABUR = ("l1,inf-norm/margin", "fro-norm/margin", "l3,1.5-norm/margin", "spec-norm/margin",
+             "schatten-1.5-norm/margin", "trace-norm/margin", "l1-path-norm/margin", "l1.5-path-norm/margin",
+             "l2-path-norm/margin", "bound-l1,inf-bartlett-mendelson-2002", "bound-fro-neyshabur-2015",
+             "bound-l3,1.5-neyshabur-2015", "bound-spec-l2,1-bartlett-2017", "bound-spec-fro-neyshabur-2018")
 
 
 # ----------------------------------------------------------------------------- PAC-Bayes and sharpness
@@ -360,8 +594,13 @@ def _recorded(ctx: Context, metric: str) -> float:
     return float(ctx.metrics[metric])
 
 
-def measure(name: str, model: nn.Module, x, y, init: nn.Module | None = None, metrics: dict | None = None) -> float:
-    """The measure ``name`` (a key of :data:`MEASURES`) of ``model`` on the examples ``(x, y)``."""
+def measure(name: str, model: nn.Module, x, y, init: nn.Module | None = None, metrics: dict | None = None,
+            fold_batchnorm: bool = True) -> float:
+    """The measure ``name`` (a key of :data:`MEASURES`) of ``model`` on the examples ``(x, y)``.
+
+    ``fold_batchnorm`` (the default, as the authors' code does) measures the model with every
+    foldable BatchNorm folded into the layer before it (:func:`batchnorm_folded`); ``False``
+    measures the layers' own weights, the norms' scale parameters left out. Neither model is changed."""
     if name not in MEASURES:
         raise ValueError(f"unknown measure {name!r}; known: {', '.join(MEASURES)}")
-    return float(MEASURES[name](Context(model, init, x, y, metrics)))
+    return float(MEASURES[name](Context(model, init, x, y, metrics, fold_batchnorm)))
