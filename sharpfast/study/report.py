@@ -1,15 +1,17 @@
 """The correlation report: how well each sharpness definition ranks the models' generalization.
 
-For every definition in the store (``ok`` rows only) and every target — test error,
-generalization gap (test error - train error) and out-of-distribution error (mean over
-digits-C) — it computes Kendall's tau-b with a bootstrap confidence interval, plus the
-granulated tau per hyperparameter and Psi (Jiang et al. 2020), the conditional mutual information
-score (Jiang et al.'s conditional-independence test, PGDL's metric) and the robust sign-error
-(Dziugaite et al. 2020, Hoeffding-weighted with the models' test-set size) against one target.
-A positive tau means "sharper models generalize worse", the hypothesis under test.
+For every definition in the store (``ok`` rows only) and every target the zoo records — test
+error, generalization gap (test error - train error) and out-of-distribution error (mean over
+digits-C) — it computes Kendall's tau-b with a bootstrap confidence interval, plus the granulated
+tau per hyperparameter and Psi (Jiang et al. 2020's sign sum), the conditional mutual information
+score (as the PGDL scoring program computes it) and the robust sign-error (Dziugaite et al. 2020,
+as their code computes it, Hoeffding-weighted with the models' test-set size) against one target.
+A statistic that cannot be measured on the zoo at hand (a target it does not record; a sign-error
+with one run per setting; a CMI that nothing is left to condition on) is left out, and the report
+says why. A positive tau means "sharper models generalize worse", the hypothesis under test.
 
 Writes ``report.md``, ``report.html``, ``results.csv`` and one PNG scatter plot per definition
-(measure vs each target, colored by a hyperparameter) into the output folder.
+(measure vs each recorded target, colored by a hyperparameter) into the output folder.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .measures import MEASURES_REVISION
 from .stats import bootstrap_tau, conditional_mutual_information, granulated_tau, robust_sign_error, varying_factors
 from .store import Store
 
@@ -53,6 +56,8 @@ class Report:
     max_train_error: float | None = None
     n_test: int | None = None
     files: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))   # the targets the zoo records
+    notes: list[str] = field(default_factory=list)                      # what was left out, and why
 
     def markdown(self, ci: bool = True) -> str:
         return _markdown(self, ci)
@@ -74,30 +79,66 @@ def _cell(c: Any, ci: bool) -> str:
     return s
 
 
+def _sign_error_note(r: Report) -> str | None:
+    """Why no line has a sign-error, where none has (else None)."""
+    errors = [ln.sign_error for ln in r.lines if ln.sign_error is not None]
+    if not errors or any(e.n_environments for e in errors):
+        return None
+    max_ess = max(e.max_ess for e in errors)
+    return (f"The robust sign-error is left out: no environment (two settings that differ in one hyperparameter) "
+            f"reaches the effective sample size of {errors[0].min_ess:g} that Dziugaite et al. require (the largest "
+            f"here is {max_ess:.1f}; with k runs per setting an environment has at most k^2 pairs of runs, so it "
+            "needs several seeds per setting).")
+
+
+def _cmi_note(r: Report) -> str | None:
+    if any(ln.cmi is not None and not math.isnan(ln.cmi.score) for ln in r.lines):
+        return None
+    varied = len([f for f in r.factors if f != "seed"])
+    why = (f"this zoo varies {varied}" if varied < 2 else
+           f"given any two of this zoo's {varied}, the order of the target in every group of pairs is already "
+           "decided (no entropy left to explain), as where each setting has one model and only two hyperparameters vary")
+    return ("The conditional mutual information score is left out: it conditions on two hyperparameters at a time "
+            f"(the PGDL scoring program's rule), and {why}.")
+
+
 def _markdown(r: Report, ci: bool) -> str:
-    head = ["definition", "n"] + [f"tau {v}" for v in TARGETS.values()] + ["Psi"]
+    head = ["definition", "n"] + [f"tau {TARGETS[t]}" for t in r.targets] + ["Psi"]
     sel = "" if r.max_train_error is None else f" with train error <= {r.max_train_error:g}"
     out = [f"Kendall tau-b between each measure and generalization over {r.n_checkpoints} checkpoints{sel}"
            + (f" ({r.n_errors} failed rows left out)" if r.n_errors else "")
            + ("; [95% bootstrap CI]" if ci else "") + f"; Psi = mean granulated tau vs {TARGETS[r.target]}.",
            "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ln in r.lines:
-        cells = [ln.name, str(ln.n)] + [_cell(ln.taus[t], ci) for t in TARGETS] + [_fmt(ln.granulated.Psi, 2)]
+        cells = [ln.name, str(ln.n)] + [_cell(ln.taus[t], ci) for t in r.targets] + [_fmt(ln.granulated.Psi, 2)]
         out.append("| " + " | ".join(cells) + " |")
-    if r.factors:
+    if r.factors and r.targets:
+        sign_note, cmi_note = _sign_error_note(r), _cmi_note(r)
         weighting = (f"Hoeffding-weighted, {r.n_test} test examples" if r.n_test else "unweighted: test-set size unknown")
-        out += ["", f"Granulated tau per hyperparameter (vs {TARGETS[r.target]}; Jiang et al. 2020), overall tau, "
-                f"Psi, the conditional mutual information score (CMI, min over conditioning on <= 2 "
-                f"hyperparameters) and the sign-error over coupled pairs (Dziugaite et al. 2020: pairs that differ in "
-                f"one hyperparameter, {weighting}; robust = the worst environment, and the mean over them; 0.5 is a "
-                f"coin flip):", "",
-                "| definition | " + " | ".join(r.factors) + " | tau | Psi | CMI | sign-err robust / mean |",
-                "|" + "---|" * (len(r.factors) + 5)]
+        columns = ["tau", "Psi"] + ([] if cmi_note else ["CMI"]) + ([] if sign_note else ["sign-err robust / mean"])
+        text = (f"Granulated tau per hyperparameter (vs {TARGETS[r.target]}; Jiang et al. 2020's sign sum within each "
+                "group), overall tau, Psi")
+        if not cmi_note:
+            text += (", the conditional mutual information score (CMI, as the PGDL scoring program computes it: "
+                     "the minimum over pairs of hyperparameters conditioned on)")
+        if not sign_note:
+            text += (f", the sign-error over coupled pairs (Dziugaite et al. 2020: environments of two settings that "
+                     f"differ in one hyperparameter, every run against every run, {weighting}, effective sample size "
+                     ">= 12; robust = the worst environment, and the mean over them; 0.5 is a coin flip)")
+        out += ["", text + ":", "", "| definition | " + " | ".join(r.factors + columns) + " |",
+                "|" + "---|" * (len(r.factors) + len(columns) + 1)]
         for ln in r.lines:
-            psi = " | ".join(_fmt(ln.granulated.psi.get(f, float("nan")), 2) for f in r.factors)
-            out.append(f"| {ln.name} | {psi} | {_fmt(ln.taus[r.target].tau, 2)} | {_fmt(ln.granulated.Psi, 2)} | "
-                       f"{_plain(ln.cmi.score)} | {_plain(ln.sign_error.robust)} / {_plain(ln.sign_error.mean)} |")
-    return "\n".join(out)
+            cells = [_fmt(ln.granulated.psi.get(f, float("nan")), 2) for f in r.factors]
+            cells += [_fmt(ln.taus[r.target].tau, 2), _fmt(ln.granulated.Psi, 2)]
+            if not cmi_note:
+                cells.append(_plain(ln.cmi.score))
+            if not sign_note:
+                cells.append(f"{_plain(ln.sign_error.robust)} / {_plain(ln.sign_error.mean)}")
+            out.append(f"| {ln.name} | " + " | ".join(cells) + " |")
+        out += [""] + [n for n in (cmi_note, sign_note) if n]
+    if r.notes:
+        out += [""] + r.notes
+    return "\n".join(out).rstrip("\n")
 
 
 def _html(r: Report, plots: list[tuple[str, str]]) -> str:
@@ -113,6 +154,7 @@ def _html(r: Report, plots: list[tuple[str, str]]) -> str:
     body = [f"<p>{html.escape(md[0])}</p>", table(md[:split_at])]
     if split_at < len(md):
         body += [f"<p>{html.escape(md[split_at])}</p>", table(md[split_at:])]
+    body += [f"<p>{html.escape(l)}</p>" for l in md[split_at + 1:] if l and not l.startswith("|")]
     for name, rel in plots:
         body.append(f"<h3>{html.escape(name)}</h3><img src='{html.escape(rel)}' width='900'>")
     style = ("body{font-family:sans-serif;margin:2em} table{border-collapse:collapse} "
@@ -127,21 +169,22 @@ def _slug(s: str) -> str:
 
 
 def _plot(path: str, name: str, values: list[float], metrics: list[dict], hparams: list[dict],
-          color_by: str | None, taus: dict[str, Any]) -> None:
+          color_by: str | None, taus: dict[str, Any], targets: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     v = np.asarray(values, dtype=float)
-    fig, axes = plt.subplots(1, len(TARGETS), figsize=(4.2 * len(TARGETS), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.6), squeeze=False)
     labels = [str(h.get(color_by)) for h in hparams] if color_by else ["all"] * len(v)
     levels = sorted(set(labels), key=lambda s: (len(s), s))
     cmap = plt.get_cmap("viridis" if len(levels) > 2 else "coolwarm")
     colors = {lv: cmap(i / max(1, len(levels) - 1)) for i, lv in enumerate(levels)}
     markers = {"mlp": "o", "cnn": "s"}
     log_x = bool(np.all(v > 0) and v.max() / v.min() > 20)
-    for ax, (t, tname) in zip(axes[0], TARGETS.items()):
+    for ax, t in zip(axes[0], targets):
+        tname = TARGETS[t]
         e = np.asarray([m.get(t, np.nan) for m in metrics], dtype=float)
         for lv in levels:
             for arch in sorted({str(h.get("arch", "")) for h in hparams}):
@@ -161,6 +204,15 @@ def _plot(path: str, name: str, values: list[float], metrics: list[dict], hparam
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _label(d: dict[str, Any]) -> str:
+    """A definition's name, marked where it is a measure computed under earlier conventions (an
+    old store's rows, kept beside the current revision's)."""
+    spec = d["spec"]
+    if spec.get("kind") == "measure" and spec.get("revision", 1) != MEASURES_REVISION:
+        return f"{d['name']} [revision {spec.get('revision', 1)}]"
+    return d["name"]
 
 
 def build_report(store_path: str, out_dir: str | None = None, target: str = "test_error",
@@ -191,17 +243,32 @@ def build_report(store_path: str, out_dir: str | None = None, target: str = "tes
         n_test = recorded.pop() if len(recorded) == 1 and isinstance(next(iter(recorded)), int) else None
     if color_by and color_by not in factors:
         color_by = factors[0] if factors else None
+    # the targets this zoo records (a user's table may record the test error only)
+    recorded = lambda t: any(isinstance(c["metrics"].get(t), (int, float)) and math.isfinite(c["metrics"][t])
+                             for c in ckpts.values())
+    targets = [t for t in TARGETS if recorded(t)]
+    notes = []
+    if len(targets) < len(TARGETS):
+        notes.append("Not recorded by this zoo, so left out: " + ", ".join(TARGETS[t] for t in TARGETS
+                                                                          if t not in targets) + ".")
+    if targets and target not in targets:
+        notes.append(f"The zoo does not record the {TARGETS[target]}: the per-hyperparameter statistics are "
+                     f"against the {TARGETS[targets[0]]}.")
+        target = targets[0]
+    elif not targets:
+        notes.append("The zoo records no target (test error, generalization gap or OOD error): there is nothing to "
+                     "correlate the measures with.")
 
     def line(name: str, key: str | None, vals: dict[str, float]) -> Line:
         ids = [c for c in ids_all if c in vals]
         values = [vals[c] for c in ids]
         taus = {}
-        for t in TARGETS:
+        for t in targets:
             e = [ckpts[c]["metrics"].get(t, float("nan")) for c in ids]
             taus[t] = bootstrap_tau(values, e, n_boot=n_boot, seed=seed)
         e, hp = [ckpts[c]["metrics"].get(target, float("nan")) for c in ids], [ckpts[c]["hparams"] for c in ids]
         return Line(name, key, len(ids), taus, granulated_tau(values, e, hp, factors),
-                    conditional_mutual_information(values, e, hp, factors),
+                    conditional_mutual_information(values, e, hp, [f for f in factors if f != "seed"]),
                     robust_sign_error(values, e, hp, n_test=n_test, factors=[f for f in factors if f != "seed"]),
                     values, ids)
 
@@ -212,13 +279,14 @@ def build_report(store_path: str, out_dir: str | None = None, target: str = "tes
             by_def.setdefault(r.definition_key, {})[r.checkpoint_id] = r.value
     for key, d in defs.items():  # sorted by family, rho
         if key in by_def:
-            lines.append(line(d["name"], key, by_def[key]))
+            lines.append(line(_label(d), key, by_def[key]))
     if baselines:
         for metric, name in BASELINES.items():
             vals = {c: ckpts[c]["metrics"][metric] for c in ids_all if metric in ckpts[c]["metrics"]}
             if vals:
                 lines.append(line(name, None, vals))
-    report = Report(lines, factors, target, len(ids_all), n_err, max_train_error, n_test)
+    report = Report(lines, factors, target, len(ids_all), n_err, max_train_error, n_test, targets=targets,
+                    notes=notes)
     if out_dir is None:
         return report
     os.makedirs(out_dir, exist_ok=True)
@@ -227,11 +295,11 @@ def build_report(store_path: str, out_dir: str | None = None, target: str = "tes
         pdir = os.path.join(out_dir, "plots")
         os.makedirs(pdir, exist_ok=True)
         for ln in lines:
-            if ln.key is None or ln.n < 2:
+            if ln.key is None or ln.n < 2 or not targets:
                 continue
             fname = _slug(ln.name) + ".png"
             _plot(os.path.join(pdir, fname), ln.name, ln.values, [ckpts[c]["metrics"] for c in ln.ids],
-                  [ckpts[c]["hparams"] for c in ln.ids], color_by, ln.taus)
+                  [ckpts[c]["hparams"] for c in ln.ids], color_by, ln.taus, targets)
             plot_files.append((ln.name, os.path.join("plots", fname)))
     md_path = os.path.join(out_dir, "report.md")
     with open(md_path, "w", encoding="utf-8") as f:

@@ -1,0 +1,89 @@
+"""The report on stores a user's zoo gives: targets the zoo does not record, statistics that cannot
+be informative on it (one run per setting), and the numbers it shows beside the stats module's."""
+import math
+
+import numpy as np
+import pytest
+
+from sharpfast.study import stats
+from sharpfast.study.definitions import Definition
+from sharpfast.study.report import build_report
+from sharpfast.study.store import Store
+
+PNG = b"\x89PNG\r\n\x1a\n"
+DEFINITION = Definition.from_dict(dict(kind="max", norm="linf", rho=0.0005, n_iters=3, m=32, n_examples=64))
+
+
+def write_store(path, models, values):
+    """A store of one definition: ``models`` are (id, hparams, metrics), ``values`` its sharpness."""
+    with Store(str(path)) as st:
+        st.put_definitions([DEFINITION])
+        for (cid, hparams, metrics), v in zip(models, values):
+            st.put_results(dict(checkpoint_id=cid, sha256=None, factory="f", hparams=hparams, metrics=metrics),
+                           [dict(checkpoint_id=cid, definition_key=DEFINITION.key, status="ok", value=v,
+                                 per_batch=[v], time_s=0.0)])
+    return str(path)
+
+
+def test_a_zoo_that_records_only_the_test_error_gets_a_report(tmp_path):
+    """Four BERTs of a user's table with test_error only: no gap or OOD columns or panels (which had
+    no points and crashed matplotlib's log axis), and the report says what it left out."""
+    models = [(f"bert-{i}", {"lr": lr, "seed": s}, {"test_error": e})
+              for i, (lr, s, e) in enumerate([(1e-4, 0, 0.2), (3e-4, 0, 0.25), (1e-4, 1, 0.22), (3e-4, 1, 0.3)])]
+    store = write_store(tmp_path / "r.db", models, [0.01, 0.5, 0.02, 2.0])   # spread > 20x: a log axis
+    r = build_report(store, str(tmp_path / "out"), n_boot=20)
+    text = r.markdown()
+    assert r.targets == ["test_error"]
+    assert "| definition | n | tau test error | Psi |" in text
+    assert "gen. gap" not in text.split("\n")[2] and "Not recorded by this zoo, so left out: gen. gap, OOD error." in text
+    png = [f for f in r.files if f.endswith(".png")]
+    assert len(png) == 1 and open(png[0], "rb").read(8) == PNG
+    assert "Not recorded by this zoo" in open(tmp_path / "out" / "report.html").read()
+
+
+def test_a_target_the_zoo_does_not_record_falls_back_and_says_so(tmp_path):
+    models = [(f"m{i}", {"lr": i % 2, "width": i // 2}, {"test_error": 0.1 * i}) for i in range(4)]
+    store = write_store(tmp_path / "r.db", models, [1.0, 2.0, 3.0, 5.0])
+    r = build_report(store, None, target="ood_error", n_boot=0)
+    assert r.target == "test_error" and "does not record the OOD error" in r.markdown()
+    none = write_store(tmp_path / "none.db", [(m[0], m[1], {}) for m in models], [1.0, 2.0, 3.0, 5.0])
+    assert "records no target" in build_report(none, str(tmp_path / "none"), n_boot=0).markdown()
+
+
+def test_sign_error_left_out_with_its_reason_where_each_setting_has_one_run(tmp_path):
+    """One seed per configuration: every environment has one pair of runs, an effective sample size
+    of 1 < 12, so no sign-error can be measured; the report says why instead of a column of 1.00."""
+    grid = [(lr, w, d) for lr in (1, 2, 3) for w in (1, 2) for d in (1, 2)]
+    models = [(f"m{i:02d}", {"lr": lr, "width": w, "depth": d, "seed": 0}, {"test_error": 0.1 * lr + 0.01 * w + 0.03 * d})
+              for i, (lr, w, d) in enumerate(grid)]
+    store = write_store(tmp_path / "r.db", models, [lr + 0.5 * w - 0.2 * d for lr, w, d in grid])
+    text = build_report(store, None, n_boot=0).markdown()
+    assert "sign-err robust" not in text and "The robust sign-error is left out" in text
+    assert "effective sample size of 12" in text and "the largest here is 1.0" in text
+    assert "| Psi | CMI |" in text    # three hyperparameters vary: conditioned on two, the third is left
+    # two hyperparameters and one model per setting: conditioned on both, nothing is left to explain
+    two = write_store(tmp_path / "two.db", [(c, {k: h[k] for k in ("lr", "width")}, m) for c, h, m in models
+                                            if h["depth"] == 1], [1.0, 3.0, 2.0, 4.0, 6.0, 5.0])
+    text = build_report(two, None, n_boot=0).markdown()
+    assert "CMI" not in text and "The conditional mutual information score is left out" in text
+
+
+def test_report_statistics_are_the_stats_modules(tmp_path):
+    """Five seeds per setting: the sign-error is measured and shown, equal to robust_sign_error's."""
+    rng = np.random.default_rng(0)
+    hp = [{"lr": lr, "width": w, "seed": s} for lr in (1, 2) for w in (1, 2) for s in range(5)]
+    target = [0.05 * h["lr"] + 0.03 * h["width"] + 0.002 * rng.normal() for h in hp]
+    values = [t + 0.01 * rng.normal() for t in target]
+    models = [(f"m{i}", h, {"test_error": t, "n_test": 10000}) for i, (h, t) in enumerate(zip(hp, target))]
+    store = write_store(tmp_path / "r.db", models, values)
+    r = build_report(store, None, n_boot=0, n_test=10000)
+    line = r.lines[0]
+    ids = sorted(m[0] for m in models)
+    order = [int(c[1:]) for c in ids]
+    want = stats.robust_sign_error([values[i] for i in order], [target[i] for i in order], [hp[i] for i in order],
+                                   n_test=10000)
+    assert line.sign_error.robust == want.robust and want.n_environments > 0 and not math.isnan(want.robust)
+    assert f"{want.robust:.2f} / {want.mean:.2f}" in r.markdown()
+    assert line.granulated.psi == pytest.approx(stats.granulated_tau([values[i] for i in order],
+                                                                     [target[i] for i in order],
+                                                                     [hp[i] for i in order]).psi)
