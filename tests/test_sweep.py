@@ -12,6 +12,7 @@ import torch
 
 import sharpfast
 from sharpfast.study import definitions as D
+from sharpfast.study import sweep as sweep_mod
 from sharpfast.study import zoo
 from sharpfast.study.checkpoints import Manifest, load_model
 from sharpfast.study.definitions import ConfigError, Definition
@@ -395,3 +396,60 @@ def test_jiang_measures_sweep_and_report(tiny_zoo, tmp_path):
     from sharpfast.study.report import build_report
     text = build_report(store, None, plots=False).markdown()
     assert "| param-norm n_examples=128 |" in text and "| frob-distance n_examples=128 |" in text
+
+
+def test_measures_of_an_earlier_revision_are_not_reused(tiny_zoo, tmp_path):
+    """A store whose measure rows were computed under the conventions before revision 2 (their keys
+    hash {kind, measure, n_examples}): a sweep recomputes them under the current key, and the report
+    keeps the old rows apart, marked."""
+    import hashlib
+    import json as json_
+    from sharpfast.study.report import build_report
+    from sharpfast.study.store import Store
+    d = Definition.from_dict(dict(kind="measure", measure="1/margin", n_examples=128))
+    old_spec = {"kind": "measure", "measure": "1/margin", "n_examples": 128}
+    old_key = hashlib.sha256(json_.dumps(old_spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    assert d.key != old_key and d.canonical()["revision"] == 2
+    m = Manifest.load(tiny_zoo)
+    store = str(tmp_path / "r.db")
+    with Store(store) as st:
+        with st.transaction() as db:
+            db.execute("INSERT INTO definitions VALUES (?, ?, ?, ?, ?)", (old_key, d.name, d.family, 0.0,
+                                                                         json_.dumps(old_spec)))
+        for e in m.models:
+            st.put_results(dict(checkpoint_id=e.id, sha256=e.sha256, factory=e.factory, hparams=e.hparams,
+                                metrics=e.metrics),
+                           [dict(checkpoint_id=e.id, definition_key=old_key, status="ok", value=1.0, time_s=0.0,
+                                 checkpoint_sha256=e.sha256)])
+    s = run_sweep(m, [d], store, progress=False)
+    assert s.skipped == 0 and s.ok + s.errors == len(m.models)
+    text = build_report(store, None, plots=False, n_boot=0).markdown()
+    assert "| 1/margin n_examples=128 [revision 1] |" in text
+
+
+def test_a_small_zoos_data_sets_the_number_of_examples(tiny_zoo, tmp_path, capsys):
+    """The tiny zoo's data has 256 training examples: the default preset's 512 (and the jiang
+    preset's) become 256, the largest multiple of m = 128 it provides, said on one line; an explicit
+    --n-examples beyond the data stays an error."""
+    from sharpfast.study.cli import main
+    store = str(tmp_path / "r.db")
+    assert main(["sweep", "--zoo", tiny_zoo, "--store", store, "--quiet", "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert ("sweep: the zoo's data provides fewer than 512 examples: definitions asking for 512 use 256, the largest "
+            "multiple of every definition's m (128)") in out
+    with Store(store, readonly=True) as st:
+        defs = st.definitions()
+        assert len(defs) == 6 and all(d["spec"]["n_examples"] == 256 for d in defs.values())
+        assert st.counts() == {"ok": 6}
+    fitted, message = sweep_mod.fit_to_data(Manifest.load(tiny_zoo), D.preset("jiang"))
+    assert {d.n_examples for d in fitted} == {256} and len(fitted) == 34 and "use 256" in message
+    mixed = [Definition.from_dict(dict(kind="avg", norm="l2", rho=0.1, m=96, n_examples=384)),
+             Definition.from_dict(dict(kind="avg", norm="l2", rho=0.1, m=64, n_examples=128))]
+    fitted, message = sweep_mod.fit_to_data(Manifest.load(tiny_zoo), mixed)   # lcm(96, 64) = 192 <= 256
+    assert [d.n_examples for d in fitted] == [192, 128] and "asking for 384 use 192" in message
+    assert sweep_mod.fit_to_data(Manifest.load(tiny_zoo), QUICK) == (QUICK, None)   # 128 fit: unchanged
+    with pytest.raises(ConfigError, match="cannot provide 384 examples"):
+        sweep_mod.fit_to_data(Manifest.load(tiny_zoo), [Definition.from_dict(dict(kind="avg", norm="l2", rho=0.1,
+                                                                                  m=384, n_examples=384))])
+    assert main(["sweep", "--zoo", tiny_zoo, "--store", store, "--quiet", "--n-examples", "512"]) == 2
+    assert "cannot provide 512 examples" in capsys.readouterr().err

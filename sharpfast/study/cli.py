@@ -136,7 +136,9 @@ def _add_definition_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init", choices=defs_mod.INITS, help="with --kind max: where APGD starts (default zero)")
     g.add_argument("--def-seed", type=int, help="with --kind: the definitions' seed (default 0)")
     g.add_argument("--n-examples", type=int,
-                   help="override every definition's number of examples (a multiple of its m)")
+                   help="override every definition's number of examples (a multiple of its m); without it, a "
+                        "definition asking for more than the zoo's data provide uses the largest multiple of every "
+                        "definition's m that they do")
 
 
 def _add_exec_flags(p: argparse.ArgumentParser) -> None:
@@ -259,7 +261,8 @@ def _sweep(args: argparse.Namespace, zoo_path: str, store_path: str) -> None:
     summary = run_sweep(manifest, defs, store_path, executor=args.executor, device=args.device,
                         threads=args.threads, backend=args.backend, jobs=args.jobs, retry_errors=not args.no_retry_errors,
                         progress=not args.quiet, address=args.address, num_cpus=args.num_cpus, limit=args.limit,
-                        cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task)
+                        cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task,
+                        fit_examples=args.n_examples is None)
     print(summary.text(store_path))
 
 

@@ -14,9 +14,10 @@ status ``error`` and the message; the sweep goes on. Errors are retried on a rer
 """
 from __future__ import annotations
 
+import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -25,7 +26,7 @@ from sharpfast import map_tensors
 
 from .checkpoints import Manifest, ManifestError, ModelEntry, load_model
 from .measures import NEEDS_INIT
-from .definitions import ConfigError, Definition
+from .definitions import ConfigError, Definition, dedupe
 from .store import Store
 
 _DATA_CACHE: dict[tuple, tuple[Any, torch.Tensor]] = {}
@@ -252,6 +253,38 @@ def _run_ray(manifest: Manifest, tasks: list[Task], device: str, threads: int | 
             ray.shutdown()
 
 
+def _provides(manifest: Manifest, n: int) -> bool:
+    try:
+        return len(manifest.sharpness_data(n)[1]) >= n
+    except (ManifestError, ValueError, TypeError, IndexError):
+        return False
+
+
+def fit_to_data(manifest: Manifest, defs: list[Definition]) -> tuple[list[Definition], str | None]:
+    """``defs`` with every ``n_examples`` the zoo's data cannot provide lowered to the largest
+    multiple of every definition's ``m`` that it can (a small zoo's data, e.g. the tiny preset's 256
+    training examples under the default 512), and the line that says so (None if nothing changed).
+    The data factory is asked by bisection over those multiples."""
+    need = max(d.n_examples for d in defs)
+    if _provides(manifest, need):
+        return defs, None
+    step = math.lcm(*(d.m for d in defs))
+    lo, hi = 0, need // step     # the largest k whose k * step examples the data provide
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if _provides(manifest, mid * step) else (lo, mid - 1)
+    if lo == 0:
+        raise ConfigError(f"the zoo's sharpness data ({manifest.data['factory']}) cannot provide {step} examples, "
+                          f"the smallest multiple of every definition's m ({sorted({d.m for d in defs})}): use a "
+                          "smaller --m")
+    n = lo * step
+    fitted = dedupe([replace(d, n_examples=min(d.n_examples, n)) for d in defs])
+    asked = sorted({d.n_examples for d in defs if d.n_examples > n})
+    return fitted, (f"sweep: the zoo's data provides fewer than {need} examples: definitions asking for "
+                    f"{', '.join(map(str, asked))} use {n}, the largest multiple of every definition's m ({step}) "
+                    "that it provides (--n-examples N sets the number)")
+
+
 def _check_data(manifest: Manifest, defs: list[Definition]) -> None:
     """Fail fast, before any work, when the zoo's data cannot serve a definition (a config
     problem, not a checkpoint's): e.g. the paper preset's 1024 examples on a 600-example set."""
@@ -270,7 +303,7 @@ def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, execu
               device: str = "auto", threads: int | None = 1, backend: str = "auto", jobs: int = 1,
               retry_errors: bool = True, progress: bool = True, address: str | None = None,
               num_cpus: int | None = None, limit: int | None = None, cpus_per_task: float = 1.0,
-              gpus_per_task: float | None = None) -> SweepSummary:
+              gpus_per_task: float | None = None, fit_examples: bool = False) -> SweepSummary:
     """Evaluate every missing (checkpoint, definition) pair and store it; return a summary.
 
     ``threads``: torch intra-op threads per evaluation (default 1: the small models of a zoo
@@ -278,7 +311,9 @@ def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, execu
     ``jobs``: worker processes of the local executor. ``limit``: stop after that many
     checkpoints (smoke runs). Ray: ``address`` of a running cluster (default: start a local one
     with ``num_cpus``), ``cpus_per_task``, ``gpus_per_task`` (default 1 where the cluster has
-    GPUs, 0 otherwise; fractions share a GPU between tasks).
+    GPUs, 0 otherwise; fractions share a GPU between tasks). ``fit_examples``: lower the
+    definitions' ``n_examples`` to what the zoo's data provide (:func:`fit_to_data`, said on one
+    line) instead of refusing them.
     """
     from tqdm import tqdm
 
@@ -287,6 +322,10 @@ def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, execu
     if not defs:
         raise ValueError("no sharpness definitions to sweep")
     t0 = time.perf_counter()
+    if fit_examples:
+        defs, message = fit_to_data(manifest, defs)
+        if message:
+            print(message, flush=True)
     _check_data(manifest, defs)
     summary = SweepSummary(n_checkpoints=len(manifest.models), n_definitions=len(defs))
     with Store(store_path) as store:
