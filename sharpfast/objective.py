@@ -36,7 +36,9 @@ def map_tensors(fn: Callable, x: Any) -> Any:
 
 
 def to_device(x: Any, device: torch.device) -> Any:
-    return map_tensors(lambda t: t.to(device), x)
+    """``x``'s tensors on ``device``, detached: no measurement differentiates the inputs, and a
+    caller's input that requires grad must come back without a ``.grad``."""
+    return map_tensors(lambda t: t.detach().to(device), x)
 
 
 def batches_on_device(batches, device: torch.device):

@@ -267,6 +267,38 @@ def test_bad_input_is_refused_by_name():
         curvature.hessian_trace(model, data, n_iters=3)
 
 
+class NaNForward(torch.nn.Module):
+    """A model whose forward returns NaN (a diverged network)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        return self.lin(x) * float("nan")
+
+
+def test_nan_outputs_empty_batches_and_too_many_eigenvalues_are_refused():
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    for fn in (curvature.hessian_trace, curvature.adam_sharpness, curvature.hessian_diagonal,
+               curvature.hessian_eigenvalues, curvature.hessian_spectrum, curvature.renyi_sharpness):
+        with pytest.raises(ValueError, match=r"the loss is not finite \(nan\) at the weights \(batch 0\)"):
+            fn(NaNForward(), [(x, y)])
+    model, data = small("mlp")
+    empty = [(data[0][0][:0], data[0][1][:0])]
+    for fn in (curvature.hessian_trace, curvature.hessian_eigenvalues):
+        with pytest.raises(ValueError, match="batch 0 has no examples"):
+            fn(model, empty)
+    n = sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match=f"k={n + 5} eigenvalues asked of a {n}-dimensional C H C"):
+        curvature.hessian_eigenvalues(model, data, k=n + 5)
+    # all of them: the ReLU network's Hessian has a 13-fold zero eigenvalue, which one Krylov space
+    # sees once; Lanczos continues in its orthogonal complement and finds every copy
+    every = curvature.hessian_eigenvalues(model, data, k=n, tol=1e-10)
+    want = torch.linalg.eigvalsh(dense(model, data[0])).flip(0)
+    assert every.values == pytest.approx(want.tolist(), abs=1e-9)
+
+
 def linear_quadratic(eigenvalues):
     """A bias-free linear model under 1/2 ||X w - y||^2 / B whose Hessian X^T X / B has the given
     eigenvalues (X = sqrt(B) Q diag(sqrt(lambda)) with Q orthogonal)."""

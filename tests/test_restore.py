@@ -122,3 +122,15 @@ def test_evaluation_uses_running_statistics_by_default():
                                               backend="reference")
     assert in_eval.sharpness == in_train.sharpness
     assert in_eval.init_loss != batch_stats.init_loss
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_that_require_grad_come_back_without_a_grad(backend):
+    """The caller's inputs are as untouchable as the model: no .grad appears on them."""
+    model, data = model_and_data("mlp")
+    data = [(x.clone().requires_grad_(True), y) for x, y in data]
+    for call in calls(backend):
+        call(model, data)
+        assert all(x.grad is None for x, _ in data)
+    sharpfast.hessian_trace(model, data, n_probes=2)
+    assert all(x.grad is None for x, _ in data)

@@ -29,7 +29,7 @@ from torch import nn
 from .. import precision
 from ..objective import batches_on_device
 from ..params import ModelGuard
-from ..result import check_batches
+from ..result import check_batches, check_finite_loss
 from ..settings import Measurement
 from . import estimators
 from .operator import CURVATURES, CurvatureOperator
@@ -128,8 +128,12 @@ def hessian_eigenvalues(model: nn.Module, data: Iterable, adaptive: bool = True,
     k, max_iter = _positive_int("k", k), _positive_int("max_iter", max_iter)
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0:
         raise ValueError(f"tol must be a positive number, got {tol!r}")
-    ritz, names = _per_batch(model, data, s, lambda b, A: estimators.lanczos(A, k, float(tol), max_iter, s.seed, b),
-                             with_params=True)
+    def top(b, A):
+        if k > A.n:
+            raise ValueError(f"k={k} eigenvalues asked of a {A.n}-dimensional C H C (the model has {A.n} parameters)")
+        return estimators.lanczos(A, k, float(tol), max_iter, s.seed, b)
+
+    ritz, names = _per_batch(model, data, s, top, with_params=True)
     per_batch = [r.values.tolist() for r in ritz]
     width = min(len(v) for v in per_batch)
     values = [sum(v[i] for v in per_batch) / len(per_batch) for i in range(width)]
@@ -317,10 +321,16 @@ def _per_batch(model, data, s: CurvatureSettings, fn, with_params: bool = False)
     batches = check_batches(data)
     names = [(n, off, num, p.shape) for n, off, num, p in zip(params.names, params.offsets, params.numels,
                                                               params.tensors)]
+    def operator(b, x, y) -> CurvatureOperator:
+        if isinstance(y, torch.Tensor) and y.dim() > 0 and y.shape[0] == 0:
+            raise ValueError(f"batch {b} has no examples: the curvature of an empty batch's loss is undefined")
+        A = CurvatureOperator(model, params, s.objective, x, y, s.curvature)
+        check_finite_loss(A.loss_at_weights(), f"at the weights (batch {b})")   # NaN in, NaN out: refused
+        return A
+
     with ModelGuard(model, eval_mode=s.eval_mode):
         batches = precision.apply_policy(model, params, batches, s.low_precision)
-        out = [fn(b, CurvatureOperator(model, params, s.objective, x, y, s.curvature))
-               for b, x, y in batches_on_device(batches, params.device)]
+        out = [fn(b, operator(b, x, y)) for b, x, y in batches_on_device(batches, params.device)]
     return (out, names) if with_params else out
 
 

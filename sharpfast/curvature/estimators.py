@@ -96,7 +96,10 @@ class Ritz:
 def lanczos(A, k: int, tol: float, max_iter: int, seed: int, stream: int) -> Ritz:
     """The ``k`` largest algebraic eigenvalues of ``A`` by Lanczos with full reorthogonalization,
     stopped when every one of them has a Ritz residual ``|beta_m s_mi| <= tol * max(1, |theta_i|)``
-    (or at ``max_iter`` steps, or when the Krylov space is exhausted: exact then)."""
+    (or at ``max_iter`` steps, or when the whole space is spanned: exact then). A Krylov space
+    exhausted before that (an invariant subspace, e.g. of a Hessian with repeated eigenvalues: one
+    start vector sees each eigenvalue once) is continued from a new probe orthogonal to it, so the
+    tridiagonal matrix gets a zero off-diagonal there and every eigenvalue's copies are found."""
     n = A.n
     max_iter = min(max_iter, n)
     dtype, device = A.w.dtype, A.w.device
@@ -122,6 +125,14 @@ def lanczos(A, k: int, tol: float, max_iter: int, seed: int, stream: int) -> Rit
         top = min(k, m)
         residuals = float(beta) * S[-1, :top].abs()
         exhausted = float(beta) <= 1e-12 * max(1.0, float(theta.abs().max()))
+        if exhausted and m < max_iter and m < k:   # restart in the orthogonal complement
+            w = probes("normal", seed, stream, m, 1, n, dtype, device)[:, 0]
+            w = w - basis @ (basis.T @ w)
+            w = w - basis @ (basis.T @ w)
+            beta = torch.zeros((), dtype=dtype, device=device)
+            betas.append(0.0)
+            Q.append(w / w.norm())
+            continue
         if (m >= k and bool((residuals <= tol * theta[:top].abs().clamp(min=1.0)).all())) or exhausted:
             converged = True
             break

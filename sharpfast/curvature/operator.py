@@ -88,6 +88,11 @@ class CurvatureOperator:
                 self._vmappable = False
         return torch.stack([self._product(v[:, j]) for j in range(v.shape[1])], dim=1)
 
+    def loss_at_weights(self) -> float:
+        """The batch's loss at the weights (one forward pass)."""
+        with torch.no_grad():
+            return float(self._loss(self.w))
+
     def scaled_gradient(self) -> torch.Tensor:
         """``C g``, the loss's gradient at the weights in the problem's coordinates ``u = delta / c``."""
         with sdpa_kernel([SDPBackend.MATH]), torch.enable_grad():
