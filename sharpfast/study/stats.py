@@ -240,6 +240,8 @@ def conditional_mutual_information(measure: Sequence[float], target: Sequence[fl
     hp, m, t = [hparams[i] for i in keep], m[keep], t[keep]
     if factors is None:
         factors = varying_factors(hp)
+    if len(m) < 2:
+        return ConditionalMI(float("nan"), None, {}, convention)
     if convention == "pgdl":
         a, b = (ix.reshape(-1) for ix in np.indices((len(m), len(m))))
         vg, vm = t[a] > t[b], m[a] > m[b]
@@ -374,6 +376,7 @@ def robust_sign_error(measure: Sequence[float], target: Sequence[float], hparams
         factors = [f for f in varying_factors(hp) if f not in seed_factors]
     names = sorted({k for h in hp for k in h} - set(seed_factors))
     seeds = sorted({k for h in hp for k in h} & set(seed_factors))
+    factors = [f for f in factors if f in names]   # (none of the models left has the others)
     runs: dict[tuple, list[int]] = {}   # setting -> its models
     for i, h in enumerate(hp):
         runs.setdefault(tuple(_key(h.get(n)) for n in names), []).append(i)
