@@ -38,7 +38,8 @@ def map_tensors(fn: Callable, x: Any) -> Any:
 def to_device(x: Any, device: torch.device) -> Any:
     """``x``'s tensors on ``device``, detached: no measurement differentiates the inputs, and a
     caller's input that requires grad must come back without a ``.grad``."""
-    return map_tensors(lambda t: t.detach().to(device), x)
+    # an inference tensor (made under torch.inference_mode) cannot enter autograd's graph: a copy can
+    return map_tensors(lambda t: (t.clone() if t.is_inference() else t.detach()).to(device), x)
 
 
 def batches_on_device(batches, device: torch.device):

@@ -107,7 +107,9 @@ class ModelGuard(contextlib.AbstractContextManager):
     it replaces by a private copy so that in-place updates (BatchNorm statistics in train mode)
     never reach the user's tensors. On exit, also after an exception or ``KeyboardInterrupt``,
     it points everything back. The evaluators never write into the user's parameter storage:
-    they point ``param.data`` at their own tensors, so restoring is bit-exact.
+    they point ``param.data`` at their own tensors, so restoring is bit-exact. The block runs with
+    autograd on, whatever the caller's mode (``torch.no_grad()``, ``torch.inference_mode()``):
+    the measurements differentiate the loss.
     """
 
     def __init__(self, model: nn.Module, eval_mode: bool = True):
@@ -116,6 +118,14 @@ class ModelGuard(contextlib.AbstractContextManager):
 
     def __enter__(self):
         model = self.model
+        inference = [n for n, p in model.named_parameters() if p.is_inference()]
+        if inference:
+            raise ValueError(f"the model's parameters ({inference[0]!r} first) were created under "
+                             "torch.inference_mode(), so autograd cannot differentiate them: build or load the "
+                             "model outside it (calling sharpfast inside inference_mode is fine)")
+        self._autograd = contextlib.ExitStack()
+        self._autograd.enter_context(torch.inference_mode(False))
+        self._autograd.enter_context(torch.enable_grad())
         self._params = [(p, p.data, p.grad, p.requires_grad)
                         for p in model.parameters()]
         self._training = [(m, m.training) for m in model.modules()]
@@ -138,4 +148,5 @@ class ModelGuard(contextlib.AbstractContextManager):
             module.training = training
         for module, name, buf in self._buffers:
             module._buffers[name] = buf
+        self._autograd.close()
         return False

@@ -37,6 +37,13 @@ def set_weights(params: ParamSet, values: Tensors) -> None:
         p.data = v
 
 
+def set_kept(params: ParamSet, kept: Tensors) -> None:
+    """Point the parameters at a copy of a kept point (``w0``, which is the caller's storage, or the
+    best point): a forward that writes into its own weights (an in-place clamp or weight norm) must
+    change neither the caller's model nor the point kept."""
+    set_weights(params, [v.clone() for v in kept])
+
+
 def draw_noise(params: ParamSet, s: Settings, stream: int, sample: int) -> Tensors:
     """``xi`` for every parameter: one draw over the concatenated parameter vector."""
     xi = philox_draw(noise_distribution(s.norm), s.seed, stream, sample, 0, params.numel,
@@ -85,7 +92,7 @@ def average_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharpnes
     c = params.scales()
     per_batch, per_batch_err, init_losses, init_errs = [], [], [], []
     for b, x, y in batches_on_device(batches, params.device):
-        set_weights(params, w0)
+        set_kept(params, w0)
         L0, E0 = evaluate(model, s.objective, x, y)
         check_finite_loss(L0, f"at the unperturbed weights (batch {b})")
         losses, errs = [], []
@@ -103,7 +110,7 @@ def average_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharpnes
         if E0 is not None:
             per_batch_err.append(_mean(errs) - E0)
             init_errs.append(E0)
-    set_weights(params, w0)
+    set_kept(params, w0)
     return _result(s, "reference", per_batch, per_batch_err, init_losses, init_errs, delta_norm=0.0)
 
 
@@ -182,7 +189,7 @@ def apgd_restart(model, params: ParamSet, s: Settings, x, y, w0: Tensors, c: Ten
             best_loss, best_err, best_norm = L, E, l2_norm(delta)
             best_weights = [p.data for p in params.tensors]
         if schedule.halves_at(i, best_loss):
-            set_weights(params, best_weights)   # continue from the best point; delta unchanged
+            set_kept(params, best_weights)   # continue from the best point; delta unchanged
     return best_loss, best_err, best_norm
 
 
@@ -256,7 +263,7 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings, on_itera
     local = starts.for_call(model, params, s, batches)
     per_batch, per_batch_err, init_losses, init_errs, delta_norm, improved = [], [], [], [], 0.0, []
     for b, x, y in batches_on_device(batches, params.device):
-        set_weights(params, w0)
+        set_kept(params, w0)
         L0, E0 = evaluate(model, s.objective, x, y)
         check_finite_loss(L0, f"at the unperturbed weights (batch {b})")
         worst_loss, worst_err, worst_norm, n_improved = L0, E0, 0.0, 0
@@ -271,7 +278,7 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings, on_itera
             if L > worst_loss:
                 n_improved += start > 0
                 worst_loss, worst_err, worst_norm = L, E, norm
-            set_weights(params, w0)
+            set_kept(params, w0)
         per_batch.append(worst_loss - L0)
         improved.append(n_improved)
         init_losses.append(L0)

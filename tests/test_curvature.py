@@ -422,3 +422,24 @@ def test_half_precision_models_are_measured_on_a_float32_copy():
     assert all(p.dtype == torch.bfloat16 and torch.equal(p, b) for p, b in zip(model.parameters(), before))
     with pytest.raises(ValueError, match="bfloat16"):
         curvature.hessian_trace(model, data, low_precision="error")
+
+
+class InfiniteCurvature(torch.nn.Module):
+    """Finite outputs whose Hessian is not: sqrt|x w| at w = 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))
+
+    def forward(self, x):
+        return (x @ self.w).abs().sqrt()
+
+
+def test_curvature_products_that_are_not_finite_are_refused_by_name():
+    """A finite loss with a divergent curvature: a ValueError naming it, not torch's _LinAlgError
+    from the Lanczos matrix, nor a NaN."""
+    data = [(torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,)))]
+    for fn in (curvature.hessian_eigenvalues, curvature.renyi_sharpness, curvature.hessian_spectrum,
+               curvature.hessian_trace, curvature.adam_sharpness):
+        with pytest.raises(ValueError, match="the curvature's products are not finite at the weights"):
+            fn(InfiniteCurvature(), data, adaptive=False)

@@ -4,6 +4,8 @@ Exactly means: the same parameter objects pointing at the same storage with bit-
 values, the same ``.grad`` objects and values, the same ``requires_grad`` flags, the same buffer
 objects with bit-identical values, and the same train/eval flag on every module.
 """
+import math
+
 import pytest
 import torch
 
@@ -134,3 +136,48 @@ def test_inputs_that_require_grad_come_back_without_a_grad(backend):
         assert all(x.grad is None for x, _ in data)
     sharpfast.hessian_trace(model, data, n_probes=2)
     assert all(x.grad is None for x, _ in data)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_the_api_under_no_grad_and_inference_mode(backend):
+    model, data = model_and_data("mlp")
+    want = sharpfast.worst_case_sharpness(model, data, rho=0.05, norm="linf", n_iters=3, backend=backend).sharpness
+    with torch.no_grad():
+        assert sharpfast.worst_case_sharpness(model, data, rho=0.05, norm="linf", n_iters=3,
+                                              backend=backend).sharpness == want
+    with torch.inference_mode():
+        made_here = [(x.clone(), y.clone()) for x, y in data]   # inference tensors
+        assert sharpfast.worst_case_sharpness(model, made_here, rho=0.05, norm="linf", n_iters=3,
+                                              backend=backend).sharpness == want
+        assert math.isfinite(sharpfast.average_sharpness(model, made_here, rho=0.05, n_samples=2,
+                                                         backend=backend).sharpness)
+        assert math.isfinite(sharpfast.hessian_trace(model, made_here, n_probes=2).value)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    with torch.inference_mode():
+        frozen = torch.nn.Linear(8, 3)
+    with pytest.raises(ValueError, match="created under torch.inference_mode"):
+        sharpfast.average_sharpness(frozen, [(torch.randn(4, 8), torch.randint(0, 3, (4,)))], rho=0.1)
+
+
+class ClampsItsWeights(torch.nn.Module):
+    """A forward that writes into its own weights (an in-place clamp, as weight constraints do)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.lin.weight.clamp_(-0.2, 0.2)
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_a_forward_that_writes_its_weights_leaves_the_callers_model_as_it_was(backend):
+    model = ClampsItsWeights()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [(torch.randn(16, 8), torch.randint(0, 3, (16,)))]
+    sharpfast.worst_case_sharpness(model, data, rho=0.05, norm="l2", n_iters=3, backend=backend)
+    sharpfast.average_sharpness(model, data, rho=0.05, n_samples=2, backend=backend)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

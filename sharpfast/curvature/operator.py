@@ -67,7 +67,15 @@ class CurvatureOperator:
         self._vmappable = True
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``C M C v`` for a vector ``[N]`` or every column of ``[N, k]``."""
+        """``C M C v`` for a vector ``[N]`` or every column of ``[N, k]``; a product that is not
+        finite (a loss whose curvature diverges at the weights) is refused by name."""
+        out = self._matvec(v)
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError("the curvature's products are not finite at the weights (NaN or inf in the "
+                             f"{self.curvature} times a vector, with a finite loss): the curvature is undefined here")
+        return out
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         if self.curvature == "hessian" and self._graph is not False:
             try:
                 return self._through_graph(v)
