@@ -71,7 +71,7 @@ def test_subcommands_in_process(tmp_path, capsys):
                  "--n-examples", "128"]) == 0
     out = capsys.readouterr().out
     assert "8 checkpoint(s) x 3 definition(s) = 24 row(s); computed 24 (24 ok, 0 error)" in out
-    assert main(["report", "--store", str(store), "--out", str(rep), "--n-boot", "0", "--color-by", "width",
+    assert main(["report", "--store", str(store), "--out", str(rep), "--n-boot", "0", "--color-by", "batch_size",
                  "--target", "gap"]) == 0
     out = capsys.readouterr().out
     assert "Psi = mean granulated tau vs gen. gap" in out

@@ -13,22 +13,10 @@ import torch
 import sharpfast
 from sharpfast.study import definitions as D
 from sharpfast.study import sweep as sweep_mod
-from sharpfast.study import zoo
 from sharpfast.study.checkpoints import Manifest, load_model
 from sharpfast.study.definitions import ConfigError, Definition
 from sharpfast.study.store import Store
 from sharpfast.study.sweep import run_sweep
-
-TINY = zoo.ZooSpec({"lr": [0.5, 2.0], "batch_size": [32, 128], "width": [8, 16]},
-                   {"arch": "mlp", "epochs": 2, "n_train": 256})
-
-
-@pytest.fixture(scope="module")
-def tiny_zoo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("zoo")
-    zoo.build_zoo(str(d), TINY, progress=False, log=lambda s: None)
-    return str(d)
-
 
 def _copy(zoo_dir, tmp_path):
     dst = tmp_path / "zoo"
@@ -448,8 +436,13 @@ def test_a_small_zoos_data_sets_the_number_of_examples(tiny_zoo, tmp_path, capsy
     fitted, message = sweep_mod.fit_to_data(Manifest.load(tiny_zoo), mixed)   # lcm(96, 64) = 192 <= 256
     assert [d.n_examples for d in fitted] == [192, 128] and "asking for 384 use 192" in message
     assert sweep_mod.fit_to_data(Manifest.load(tiny_zoo), QUICK) == (QUICK, None)   # 128 fit: unchanged
-    with pytest.raises(ConfigError, match="cannot provide 384 examples"):
-        sweep_mod.fit_to_data(Manifest.load(tiny_zoo), [Definition.from_dict(dict(kind="avg", norm="l2", rho=0.1,
-                                                                                  m=384, n_examples=384))])
+    coprime = [Definition.from_dict(dict(kind="avg", norm="l2", rho=0.1, m=m, n_examples=m)) for m in (192, 256)]
+    with pytest.raises(ConfigError, match="cannot provide 768 examples, the smallest multiple of every"):
+        sweep_mod.fit_to_data(Manifest.load(tiny_zoo), coprime + [Definition.from_dict(
+            dict(kind="avg", norm="l2", rho=0.1, m=128, n_examples=512))])
+    big_m = [Definition.from_dict(dict(kind="avg", norm="l2", rho=0.1, m=384, n_examples=384))]
+    assert sweep_mod.fit_to_data(Manifest.load(tiny_zoo), big_m) == (big_m, None)   # nothing fits: said below
+    with pytest.raises(ConfigError, match="cannot provide 384 examples.*--n-examples"):
+        run_sweep(Manifest.load(tiny_zoo), big_m, str(tmp_path / "big.db"), progress=False, fit_examples=True)
     assert main(["sweep", "--zoo", tiny_zoo, "--store", store, "--quiet", "--n-examples", "512"]) == 2
     assert "cannot provide 512 examples" in capsys.readouterr().err

@@ -259,6 +259,14 @@ class Manifest:
         return fn(n_examples=n_examples, **self.data.get("kwargs", {}))
 
 
+def _state_dict_problems(e: RuntimeError, most: int = 5) -> str:
+    """``load_state_dict``'s message on one line: each mismatch it names (the shapes included),
+    the first ``most`` of them."""
+    lines = [l.strip() for l in str(e).splitlines()[1:] if l.strip()] or [str(e).strip()]
+    more = f"; and {len(lines) - most} more" if len(lines) > most else ""
+    return "; ".join(lines[:most]) + more
+
+
 def load_model(manifest: Manifest, entry: ModelEntry, initial: bool = False) -> torch.nn.Module:
     """Rebuild one model of the manifest (eval mode, CPU), with its trained weights or, with
     ``initial``, the weights it started training from. Raises ``CheckpointError`` /
@@ -281,5 +289,5 @@ def load_model(manifest: Manifest, entry: ModelEntry, initial: bool = False) -> 
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"model {entry.id!r}: checkpoint does not match the model built by "
-                              f"{entry.factory}({entry.kwargs}): {str(e).splitlines()[0]} ...") from e
+                              f"{entry.factory}({entry.kwargs}): {_state_dict_problems(e)}") from e
     return model.eval()

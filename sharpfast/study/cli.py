@@ -33,6 +33,42 @@ class CLIError(ValueError):
 
 # ----------------------------------------------------------------------------- helpers
 
+def _number(kind: type, low: float, low_open: bool = False):
+    """An argparse type: a ``kind`` number at least ``low`` (above it with ``low_open``), refused by name."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if value < low or (low_open and value == low) or value != value:
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low:g}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _number(int, 1), _number(int, 0)
+
+
+def _device(spec: str) -> str:
+    """A device the sweep can run on, or a CLIError naming why not."""
+    import torch
+
+    if spec == "auto":
+        return spec
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as e:
+        raise CLIError(f"--device {spec!r} is not a device ({e}); use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {spec!r}: CUDA is not available on this machine (torch {torch.__version__})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device {spec!r}: sharpfast runs on cpu or cuda")
+    return spec
+
+
 def _zoo_spec(args: argparse.Namespace):
     from .zoo import DEFAULT_TRAIN, ZOO_PRESETS, ZooSpec
 
@@ -65,6 +101,11 @@ def _zoo_spec(args: argparse.Namespace):
     bad = (set(spec.factors) | set(spec.fixed)) - set(DEFAULT_TRAIN)
     if bad:
         raise ConfigError(f"unknown zoo hyperparameter(s) {sorted(bad)}; known: {sorted(DEFAULT_TRAIN)}")
+    for cfg in spec.configs():   # a grid file's counts, as the flags' are checked
+        for name in ("epochs", "batch_size", "width", "n_train"):
+            v = cfg[name]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"zoo hyperparameter {name} must be a positive integer, got {v!r}")
     return spec
 
 
@@ -126,16 +167,16 @@ def _add_definition_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rho", nargs="+", type=float, help="with --kind: one or more radii")
     g.add_argument("--adaptive", choices=["true", "false", "both"], default="true", help="with --kind")
     g.add_argument("--normalize-logits", choices=["none", "norm", "std"], default="none", help="with --kind")
-    g.add_argument("--m", type=int, help="with --kind: examples per m-sharpness batch (default 128)")
-    g.add_argument("--n-iters", type=int, help="with --kind: APGD iterations (default 20)")
-    g.add_argument("--n-samples", type=int, help="with --kind: noise draws per batch (default 20)")
-    g.add_argument("--n-restarts", type=int, help="with --kind: APGD restarts (default 1)")
+    g.add_argument("--m", type=POSITIVE, help="with --kind: examples per m-sharpness batch (default 128)")
+    g.add_argument("--n-iters", type=POSITIVE, help="with --kind: APGD iterations (default 20)")
+    g.add_argument("--n-samples", type=POSITIVE, help="with --kind: noise draws per batch (default 20)")
+    g.add_argument("--n-restarts", type=POSITIVE, help="with --kind: APGD restarts (default 1)")
     g.add_argument("--rand-init", action="store_true", help="with --kind: APGD random start")
     g.add_argument("--solver", nargs="+", choices=defs_mod.SOLVERS,
                    help="with --kind max: the worst-case solver(s), published APGD and/or scaled (default published)")
     g.add_argument("--init", choices=defs_mod.INITS, help="with --kind max: where APGD starts (default zero)")
-    g.add_argument("--def-seed", type=int, help="with --kind: the definitions' seed (default 0)")
-    g.add_argument("--n-examples", type=int,
+    g.add_argument("--def-seed", type=NON_NEGATIVE, help="with --kind: the definitions' seed (default 0)")
+    g.add_argument("--n-examples", type=POSITIVE,
                    help="override every definition's number of examples (a multiple of its m); without it, a "
                         "definition asking for more than the zoo's data provide uses the largest multiple of every "
                         "definition's m that they do")
@@ -146,19 +187,21 @@ def _add_exec_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: in this process; ray: one Ray task per checkpoint")
     g.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
-    g.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
-    g.add_argument("--cpus-per-task", type=float, default=1.0, help="Ray: CPUs requested per task (default 1)")
-    g.add_argument("--gpus-per-task", type=float,
+    g.add_argument("--num-cpus", type=POSITIVE, help="CPUs of the local Ray cluster (default: all)")
+    g.add_argument("--cpus-per-task", type=_number(float, 0, low_open=True), default=1.0, help="Ray: CPUs requested per task (default 1)")
+    g.add_argument("--gpus-per-task", type=_number(float, 0),
                    help="Ray: GPUs requested per task (default 1 when the cluster has GPUs; 0.25 shares one)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    g.add_argument("--threads", type=int, default=1,
+    g.add_argument("--threads", type=POSITIVE, default=1,
                    help="torch intra-op threads per evaluation (default 1; identical values on every executor)")
     g.add_argument("--backend", choices=["auto", "reference", "fused"], default="auto")
     g.add_argument("--no-retry-errors", action="store_true", help="keep rows that failed before instead of retrying")
+    g.add_argument("--mix-zoos", action="store_true",
+                   help="allow a store written for another zoo (its rows and this zoo's then share one report)")
     if "--jobs" not in p._option_string_actions:
-        g.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
+        g.add_argument("--jobs", type=POSITIVE, default=DEFAULT_JOBS,
                        help=f"local executor: worker processes (default min(CPUs, 8) = {DEFAULT_JOBS}; 1 = in this process)")
-    g.add_argument("--limit", type=int, help="evaluate at most this many checkpoints (smoke runs)")
+    g.add_argument("--limit", type=POSITIVE, help="evaluate at most this many checkpoints (smoke runs)")
 
 
 def _add_zoo_flags(p: argparse.ArgumentParser, preset_flag: str = "--preset") -> None:
@@ -167,9 +210,9 @@ def _add_zoo_flags(p: argparse.ArgumentParser, preset_flag: str = "--preset") ->
     p.add_argument(preset_flag, dest="zoo_preset", default="default",
                    help=f"zoo grid preset: {', '.join(f'{k} ({len(v.configs())} models)' for k, v in ZOO_PRESETS.items())}")
     p.add_argument("--grid", metavar="FILE", help="YAML zoo grid {factors: {name: [values]}, fixed: {...}}")
-    p.add_argument("--epochs", type=int, help="override the number of training epochs")
-    p.add_argument("--seed", type=int, help="override the training seed")
-    p.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
+    p.add_argument("--epochs", type=POSITIVE, help="override the number of training epochs")
+    p.add_argument("--seed", type=NON_NEGATIVE, help="override the training seed")
+    p.add_argument("--jobs", type=POSITIVE, default=DEFAULT_JOBS,
                    help=f"worker processes for training (and, in `run`, the local sweep); default min(CPUs, 8) = {DEFAULT_JOBS}")
 
 
@@ -178,9 +221,9 @@ def _add_report_flags(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--target", choices=sorted(TARGETS), default="test_error",
                    help="target of the granulated tau / Psi (default test_error)")
-    p.add_argument("--color-by", default="lr", help="hyperparameter that colors the scatter plots")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")
-    p.add_argument("--max-train-error", type=float,
+    p.add_argument("--color-by", help="hyperparameter that colors the scatter plots (default: lr, where it varies)")
+    p.add_argument("--n-boot", type=NON_NEGATIVE, default=1000, help="bootstrap resamples for the CIs (0: none)")
+    p.add_argument("--max-train-error", type=_number(float, 0),
                    help="only models with train error <= this (the paper's near-minimum selection, e.g. 0.01)")
     p.add_argument("--no-plots", action="store_true")
 
@@ -228,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ids", nargs="+", help="checkpoint ids (default: the best and the worst by test error)")
     q.add_argument("--adaptive", action="store_true", help="the density of C H C with c = |w| (default: H)")
     q.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
-    q.add_argument("--n-examples", type=int, default=512)
-    q.add_argument("--m", type=int, default=128, help="examples per m-batch")
+    q.add_argument("--n-examples", type=POSITIVE, default=512)
+    q.add_argument("--m", type=POSITIVE, default=128, help="examples per m-batch")
 
     q = sub.add_parser("manifest", help="a zoo manifest from a table of your own models (CSV, one row per model)")
     q.add_argument("--table", required=True, metavar="FILE.csv",
@@ -258,11 +301,11 @@ def _sweep(args: argparse.Namespace, zoo_path: str, store_path: str) -> None:
 
     manifest = Manifest.load(zoo_path)
     defs = _definitions(args)
-    summary = run_sweep(manifest, defs, store_path, executor=args.executor, device=args.device,
+    summary = run_sweep(manifest, defs, store_path, executor=args.executor, device=_device(args.device),
                         threads=args.threads, backend=args.backend, jobs=args.jobs, retry_errors=not args.no_retry_errors,
                         progress=not args.quiet, address=args.address, num_cpus=args.num_cpus, limit=args.limit,
                         cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task,
-                        fit_examples=args.n_examples is None)
+                        fit_examples=args.n_examples is None, mix_zoos=args.mix_zoos)
     print(summary.text(store_path))
 
 
@@ -275,8 +318,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace, store: str, out: str | None) -> None:
     from .report import build_report
 
-    r = build_report(store, out, target=args.target, color_by=args.color_by, n_boot=args.n_boot,
-                     plots=not args.no_plots, max_train_error=args.max_train_error)
+    try:
+        r = build_report(store, out, target=args.target, color_by=args.color_by, n_boot=args.n_boot,
+                         plots=not args.no_plots, max_train_error=args.max_train_error)
+    except ValueError as e:   # an argument the store cannot serve (an unknown --color-by)
+        raise CLIError(str(e)) from None
     print(r.markdown())
     if out:
         n_png = sum(f.endswith(".png") for f in r.files)
@@ -330,6 +376,8 @@ def cmd_esd(args: argparse.Namespace) -> None:
 def cmd_doctor(args: argparse.Namespace) -> None:
     from ..doctor import run
 
+    if args.device is not None:
+        _device(args.device)
     if not run(args.device):
         raise CLIError("the fused backend cannot run on every device asked for (see above); backend='auto' "
                        "uses the pure-PyTorch reference there")
@@ -355,12 +403,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
+        sys.stdout.flush()
     except (ConfigError, ManifestError, CheckpointError, StoreError, CLIError) as e:
         print(f"sharpfast {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sharpfast {args.command}: interrupted; rerun to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # `sharpfast definitions | head`: the reader left; nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python's recipe: no second error at exit
+        return 0
     return 0
 
 

@@ -49,6 +49,9 @@ CURVATURE_USES = {"trace": ("curvature", "n_probes"), "lambda_max": ("curvature"
                   "adam": ("curvature", "n_probes"), "renyi": ("curvature", "alpha", "n_vectors", "n_lanczos")}
 
 
+DEFAULT_EXAMPLES = 512
+
+
 class ConfigError(ValueError):
     """A sharpness-definition config or flag combination that cannot be used."""
 
@@ -61,7 +64,8 @@ class Definition:
     adaptive: bool = True
     normalize_logits: Any = False  # False | "norm" (published code) | "std" (slides)
     m: int = 128                   # examples per m-sharpness batch
-    n_examples: int = 512          # examples sharpness is measured on (a multiple of m)
+    n_examples: int | None = None  # examples sharpness is measured on (a multiple of m); None: the
+                                   # largest multiple of m up to DEFAULT_EXAMPLES (512 for every m dividing it)
     n_iters: int = 20              # worst-case: APGD iterations
     n_restarts: int = 1            # worst-case
     rand_init: bool = False        # worst-case
@@ -138,6 +142,8 @@ class Definition:
             raise ConfigError(f"rand_init=true means init='random'; it contradicts init={init!r}")
         object.__setattr__(self, "init", init)
         object.__setattr__(self, "rand_init", init == "random")
+        if isinstance(self.m, int) and not isinstance(self.m, bool) and self.m >= 1 and self.n_examples is None:
+            object.__setattr__(self, "n_examples", self.m * max(1, DEFAULT_EXAMPLES // self.m))
         for name in ("m", "n_examples", "n_iters", "n_restarts", "n_samples"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -195,7 +201,7 @@ class Definition:
     def family(self) -> str:
         """The definition without its radius, e.g. ``max-linf-adaptive-norm m=128``."""
         if self.is_measure:
-            return self.measure + ("" if self.n_examples == 512 else f" n_examples={self.n_examples}")
+            return self.measure + ("" if self.n_examples == DEFAULT_EXAMPLES else f" n_examples={self.n_examples}")
         parts = [self.kind, self.curvature if self.is_curvature else self.norm,
                  "adaptive" if self.adaptive else "standard"]
         if self.normalize_logits:

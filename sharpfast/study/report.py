@@ -216,7 +216,7 @@ def _label(d: dict[str, Any]) -> str:
 
 
 def build_report(store_path: str, out_dir: str | None = None, target: str = "test_error",
-                 color_by: str | None = "lr", n_boot: int = 1000, seed: int = 0, plots: bool = True,
+                 color_by: str | None = None, n_boot: int = 1000, seed: int = 0, plots: bool = True,
                  baselines: bool = True, max_train_error: float | None = None, n_test: int | None = None) -> Report:
     """Compute the report from a store; write files into ``out_dir`` when given.
 
@@ -241,8 +241,11 @@ def build_report(store_path: str, out_dir: str | None = None, target: str = "tes
     if n_test is None:
         recorded = {h.get("n_test") for h in hp_all}
         n_test = recorded.pop() if len(recorded) == 1 and isinstance(next(iter(recorded)), int) else None
-    if color_by and color_by not in factors:
-        color_by = factors[0] if factors else None
+    if color_by is None:   # lr where it varies, else the first hyperparameter that does
+        color_by = "lr" if "lr" in factors else (factors[0] if factors else None)
+    elif color_by not in factors:
+        raise ValueError(f"color_by={color_by!r} is not a hyperparameter that varies in this store; "
+                         f"those that do: {', '.join(factors) or 'none'}")
     # the targets this zoo records (a user's table may record the test error only)
     recorded = lambda t: any(isinstance(c["metrics"].get(t), (int, float)) and math.isfinite(c["metrics"][t])
                              for c in ckpts.values())
@@ -277,9 +280,18 @@ def build_report(store_path: str, out_dir: str | None = None, target: str = "tes
     for r in rows:
         if r.status == "ok" and r.value is not None and r.checkpoint_id in ckpts:
             by_def.setdefault(r.definition_key, {})[r.checkpoint_id] = r.value
+    failed: dict[str, list[str]] = {}
+    for r in rows:
+        if r.status != "ok" and r.checkpoint_id in ckpts:
+            failed.setdefault(r.definition_key, []).append((r.error or "no message").splitlines()[0][:200])
     for key, d in defs.items():  # sorted by family, rho
         if key in by_def:
             lines.append(line(_label(d), key, by_def[key]))
+        errors = failed.get(key)
+        if errors:   # nothing leaves the report without a word
+            count = f"{len(errors)} error{'s' if len(errors) > 1 else ''}: {errors[0]}"
+            notes.append(f"Left out, every row failed: {_label(d)} ({count})" if key not in by_def else
+                         f"{_label(d)}: {len(errors)} failed row(s) left out (first: {errors[0]})")
     if baselines:
         for metric, name in BASELINES.items():
             vals = {c: ckpts[c]["metrics"][metric] for c in ids_all if metric in ckpts[c]["metrics"]}

@@ -8,6 +8,13 @@ Tables
 ``checkpoints``  one row per checkpoint: its hyperparameters and metrics (from the manifest),
                  so a report needs only the store.
 ``definitions``  one row per definition key: its JSON and readable name.
+``claims``       the checkpoints a running sweep is computing (its host, pid and start), so two
+                 sweeps on one store do not compute the same checkpoint; a claim whose process is
+                 gone is taken over.
+``meta``         the schema version and the zoo the store belongs to (its data factory and root).
+
+A file that is not a sharpfast store (another SQLite database, anything else) is refused before
+anything is written to it; opening read-only writes nothing (no WAL switch, no tables).
 
 Every write is an upsert inside one transaction per checkpoint, so a process killed at any
 point (even ``kill -9``) leaves either all of a checkpoint's new rows or none of them; a rerun
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -56,17 +64,69 @@ CREATE TABLE IF NOT EXISTS results (
     torch_version     TEXT,
     checkpoint_sha256 TEXT,
     created_at        REAL NOT NULL,
+    threads           INTEGER,     -- torch intra-op threads (they can change the last digits)
     PRIMARY KEY (checkpoint_id, definition_key)
 );
+CREATE TABLE IF NOT EXISTS claims (
+    checkpoint_id TEXT PRIMARY KEY,
+    host          TEXT NOT NULL,
+    pid           INTEGER NOT NULL,
+    claimed_at    REAL NOT NULL
+);
 """
+# columns added after a store's tables were first written: added in place when it is opened for writing
+_ADDED_COLUMNS = {"results": [("threads", "INTEGER")]}
 
 RESULT_FIELDS = ("checkpoint_id", "definition_key", "status", "value", "err_value", "per_batch",
                  "delta_norm", "error", "time_s", "device", "backend", "sharpfast_version",
-                 "torch_version", "checkpoint_sha256", "created_at")
+                 "torch_version", "checkpoint_sha256", "created_at", "threads")
 
 
 class StoreError(RuntimeError):
     pass
+
+
+STALE_CLAIM_S = 24 * 3600   # a claim from another host is trusted this long
+
+
+def _alive(host: str, pid: int, claimed_at: float, now: float) -> bool:
+    """Whether the sweep behind a claim may still be running."""
+    if host != socket.gethostname():
+        return now - claimed_at < STALE_CLAIM_S
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's live process
+        return True
+    return True
+
+
+def _uri(path: str) -> str:
+    from urllib.parse import quote
+
+    return "file:" + quote(os.path.abspath(path))
+
+
+def _check_is_store(path: str) -> None:
+    """Refuse a file that is not a sharpfast store, reading it only."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        if head != b"SQLite format 3\x00":
+            raise StoreError(f"{path!r} is not a sharpfast results store: it is not an SQLite database")
+        db = sqlite3.connect(f"{_uri(path)}?mode=ro", uri=True, timeout=30.0)
+        try:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            has_version = "meta" in tables and db.execute(
+                "SELECT 1 FROM meta WHERE key='schema_version'").fetchone() is not None
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{path!r} is not a sharpfast results store: {e}") from e
+    if not has_version or not {"results", "checkpoints", "definitions"} <= tables:
+        raise StoreError(f"{path!r} is an SQLite database but not a sharpfast results store (its tables: "
+                         f"{', '.join(sorted(tables)) or 'none'}); nothing was written to it")
 
 
 @dataclass
@@ -86,6 +146,7 @@ class Row:
     torch_version: str | None
     checkpoint_sha256: str | None
     created_at: float
+    threads: int | None = None
 
 
 class Store:
@@ -95,17 +156,33 @@ class Store:
         self.path = path
         if readonly and not os.path.isfile(path):
             raise StoreError(f"store {path!r} does not exist (run `sharpfast sweep` first)")
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
+        fresh = not os.path.isfile(path) or os.path.getsize(path) == 0
+        if not fresh:
+            _check_is_store(path)   # before anything writes to it
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         try:
-            self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None)  # autocommit; explicit BEGIN
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            if readonly:   # a read-only connection: no journal switch, no tables, nothing written
+                self.db = sqlite3.connect(f"{_uri(path)}?mode=ro", uri=True, timeout=30.0, isolation_level=None)
+            else:
+                self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None)  # autocommit; explicit BEGIN
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA busy_timeout=30000")
             if not readonly:
                 self.db.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS)
+                for table, columns in _ADDED_COLUMNS.items():
+                    have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+                    for name, sql_type in columns:
+                        if name not in have:
+                            self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             v = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            self._columns = {r[1] for r in self.db.execute("PRAGMA table_info(results)")}
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise StoreError(f"store {path!r} is locked: another process has been writing to it for 30 s "
+                                 f"({e}); try again when it is done") from e
+            raise StoreError(f"store {path!r} cannot be opened: {e}") from e
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{path!r} is not a sharpfast results store: {e}") from e
         if v is None or int(v[0]) != SCHEMA_VERSION:
@@ -126,7 +203,11 @@ class Store:
             self.db = db
 
         def __enter__(self):
-            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:   # another writer held it past busy_timeout
+                raise StoreError(f"the store is locked: another process has been writing to it for 30 s ({e}); "
+                                 "rerun when it is done: what was not written is computed then") from e
             return self.db
 
         def __exit__(self, typ, *_):
@@ -156,6 +237,8 @@ class Store:
         with self.transaction() as db:
             if checkpoint is not None:
                 self.put_checkpoint(db, **checkpoint)
+                db.execute("DELETE FROM claims WHERE checkpoint_id=? AND host=? AND pid=?",
+                           (checkpoint["checkpoint_id"], socket.gethostname(), os.getpid()))   # done
             for r in rows:
                 r = dict(r)
                 r.setdefault("created_at", time.time())
@@ -173,6 +256,51 @@ class Store:
                 n += 1
         return n
 
+    def bind_zoo(self, data: dict[str, Any], root: str, checkpoint_ids: Iterable[str], mix: bool = False) -> None:
+        """Bind the store to the zoo it is swept for, or refuse a zoo it was not written for.
+
+        A zoo is its data factory (with its keyword arguments) and its checkpoints: a store that
+        already holds checkpoints refuses a zoo with other data, or one none of whose checkpoints it
+        holds (a moved or grown zoo keeps its store). ``mix`` allows it (one store, several zoos)."""
+        spec = json.dumps(data, sort_keys=True)
+        bound = self.db.execute("SELECT value FROM meta WHERE key='zoo_data'").fetchone()
+        stored = {r[0] for r in self.db.execute("SELECT checkpoint_id FROM checkpoints")}
+        if not mix and stored:
+            if bound is not None and bound[0] != spec:
+                raise StoreError(f"store {self.path!r} belongs to a zoo with other data ({bound[0]}), not this one "
+                                 f"({spec}); use another --store, or --mix-zoos to keep both zoos in one store")
+            if not stored & set(checkpoint_ids):
+                raise StoreError(f"store {self.path!r} holds {len(stored)} checkpoints of another zoo and none of this "
+                                 "one's; use another --store, or --mix-zoos to keep both zoos in one store")
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('zoo_data', ?)", (spec,))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('zoo_root', ?)", (os.path.abspath(root),))
+
+    def claim(self, checkpoint_ids: Iterable[str]) -> dict[str, tuple[str, int]]:
+        """Claim the checkpoints for this process; return those another live sweep holds
+        (``{id: (host, pid)}``), which this one must leave alone. A claim is taken over when its
+        process is gone (same host) or it is older than ``STALE_CLAIM_S`` (another host)."""
+        host, pid, now = socket.gethostname(), os.getpid(), time.time()
+        held: dict[str, tuple[str, int]] = {}
+        with self.transaction() as db:
+            for cid in checkpoint_ids:
+                row = db.execute("SELECT host, pid, claimed_at FROM claims WHERE checkpoint_id=?", (cid,)).fetchone()
+                if row is not None and (row[0], row[1]) != (host, pid) and _alive(row[0], row[1], row[2], now):
+                    held[cid] = (row[0], row[1])
+                    continue
+                db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)", (cid, host, pid, now))
+        return held
+
+    def release(self, checkpoint_ids: Iterable[str] | None = None) -> None:
+        """Drop this process's claims (on ``checkpoint_ids``, or all of them)."""
+        host, pid = socket.gethostname(), os.getpid()
+        with self.transaction() as db:
+            if checkpoint_ids is None:
+                db.execute("DELETE FROM claims WHERE host=? AND pid=?", (host, pid))
+            else:
+                db.executemany("DELETE FROM claims WHERE checkpoint_id=? AND host=? AND pid=?",
+                               [(c, host, pid) for c in checkpoint_ids])
+
     # -- reads ----------------------------------------------------------------------------
     def done_keys(self, include_errors: bool = False) -> dict[tuple[str, str], str | None]:
         """``{(checkpoint_id, definition_key): checkpoint_sha256}`` of the rows a rerun may skip."""
@@ -182,14 +310,15 @@ class Store:
         return {(a, b): c for a, b, c in self.db.execute(q)}
 
     def rows(self, status: str | None = None) -> Iterator[Row]:
-        q = f"SELECT {', '.join(RESULT_FIELDS)} FROM results"
+        fields = [f for f in RESULT_FIELDS if f in self._columns]   # an old store read-only: no new columns
+        q = f"SELECT {', '.join(fields)} FROM results"
         args: tuple = ()
         if status:
             q += " WHERE status = ?"
             args = (status,)
         q += " ORDER BY checkpoint_id, definition_key"
         for t in self.db.execute(q, args):
-            d = dict(zip(RESULT_FIELDS, t))
+            d = dict(zip(fields, t))
             d["per_batch"] = json.loads(d["per_batch"]) if d["per_batch"] else None
             yield Row(**d)
 

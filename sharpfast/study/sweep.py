@@ -24,7 +24,7 @@ import torch
 
 from sharpfast import map_tensors
 
-from .checkpoints import Manifest, ManifestError, ModelEntry, load_model
+from .checkpoints import Manifest, ManifestError, ModelEntry, file_sha256, load_model
 from .measures import NEEDS_INIT
 from .definitions import ConfigError, Definition, dedupe
 from .store import Store
@@ -75,7 +75,7 @@ def evaluate_checkpoint(data_spec: dict[str, Any], root: str, entry: dict[str, A
     if dev.startswith("cuda"):
         dev_name = f"{dev} ({torch.cuda.get_device_name(torch.device(dev))})"
     base = dict(checkpoint_id=entry["id"], device=dev_name, sharpfast_version=sf_version,
-                torch_version=torch_version, checkpoint_sha256=entry.get("sha256"))
+                torch_version=torch_version, checkpoint_sha256=entry.get("sha256"), threads=torch.get_num_threads())
     manifest = Manifest(data=data_spec, models=[], root=root)
     try:
         model = load_model(manifest, ModelEntry.from_dict(entry)).to(dev)
@@ -98,6 +98,9 @@ def evaluate_checkpoint(data_spec: dict[str, Any], root: str, entry: dict[str, A
             if d.is_measure and d.measure in NEEDS_INIT:   # loaded when a definition asks for it
                 init = load_model(manifest, ModelEntry.from_dict(entry), initial=True).to(dev)
             measured = d.evaluate(model, batches, backend, init=init, metrics=entry.get("metrics"))
+            if not math.isfinite(measured["value"]):   # never an ok row without a number
+                raise ValueError(f"the value is not finite ({measured['value']}): {d.name} is undefined on this "
+                                 "model (its curvature or its loss diverges)")
             if dev.startswith("cuda"):
                 torch.cuda.synchronize()
             rows.append(dict(base, definition_key=d.key, status="ok", time_s=time.perf_counter() - t0, **measured))
@@ -124,12 +127,17 @@ class SweepSummary:
     errors: int = 0
     seconds: float = 0.0
     failed: dict[str, str] = field(default_factory=dict)  # "checkpoint / definition" -> message
+    claimed_elsewhere: dict[str, str] = field(default_factory=dict)  # checkpoint -> the sweep computing it
 
     def text(self, store_path: str) -> str:
         total = self.n_checkpoints * self.n_definitions
         lines = [f"sweep: {self.n_checkpoints} checkpoint(s) x {self.n_definitions} definition(s) = {total} row(s); "
                  f"computed {self.ok + self.errors} ({self.ok} ok, {self.errors} error), "
                  f"{self.skipped} already done; {self.seconds:.1f}s -> {store_path}"]
+        if self.claimed_elsewhere:
+            owners = sorted(set(self.claimed_elsewhere.values()))
+            lines.append(f"  {len(self.claimed_elsewhere)} checkpoint(s) left to another sweep on this store, which "
+                         f"is computing them ({', '.join(owners)}); rerun when it is done to see them all")
         for k, v in list(self.failed.items())[:10]:
             lines.append(f"  error: {k}: {v.splitlines()[0][:300]}")
         if len(self.failed) > 10:
@@ -137,14 +145,26 @@ class SweepSummary:
         return "\n".join(lines)
 
 
-def plan(manifest: Manifest, defs: list[Definition], store: Store, retry_errors: bool = True) -> tuple[list[Task], int]:
+def hashed(manifest: Manifest) -> list[ModelEntry]:
+    """The manifest's entries, each with the sha256 of its checkpoint file: the manifest's, or the
+    file's own where the manifest has none (a user's table), so that a stored row is reused only for
+    the very weights it was computed from (a missing file is left to fail as the checkpoint's error)."""
+    out = []
+    for e in manifest.models:
+        path = manifest.checkpoint_path(e)
+        out.append(e if e.sha256 is not None or not os.path.isfile(path) else replace(e, sha256=file_sha256(path)))
+    return out
+
+
+def plan(manifest: Manifest, defs: list[Definition], store: Store, retry_errors: bool = True,
+         entries: list[ModelEntry] | None = None) -> tuple[list[Task], int]:
     done = store.done_keys(include_errors=not retry_errors)
     tasks, skipped = [], 0
-    for e in manifest.models:
+    for e in manifest.models if entries is None else entries:
         todo = []
         for d in defs:
             k = (e.id, d.key)
-            if k in done and (e.sha256 is None or done[k] == e.sha256):
+            if k in done and e.sha256 is not None and done[k] == e.sha256:
                 skipped += 1
             else:
                 todo.append(d)
@@ -190,25 +210,30 @@ def _run_local(manifest: Manifest, tasks: list[Task], device: str, threads: int 
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, wait, FIRST_COMPLETED
 
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                             initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
-        pending = {pool.submit(evaluate_checkpoint, *args(t)): t for t in tasks}
-        try:
-            while pending:
-                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-                for f in done:
-                    t = pending.pop(f)
-                    try:
-                        rows = f.result()
-                    except Exception as e:  # a worker died (e.g. out of memory)
-                        rows = [dict(checkpoint_id=t.entry.id, definition_key=d.key, status="error",
-                                     error=_short_error(e), checkpoint_sha256=t.entry.sha256)
-                                for d in t.definitions]
-                    on_result(t, rows)
-        except BaseException:
-            for f in pending:
-                f.cancel()
-            raise
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                               initializer=exit_with_parent, initargs=(os.getpid(),))
+    pending = {pool.submit(evaluate_checkpoint, *args(t)): t for t in tasks}
+    try:
+        while pending:
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for f in done:
+                t = pending.pop(f)
+                try:
+                    rows = f.result()
+                except Exception as e:  # a worker died (e.g. out of memory)
+                    rows = [dict(checkpoint_id=t.entry.id, definition_key=d.key, status="error",
+                                 error=_short_error(e), checkpoint_sha256=t.entry.sha256)
+                            for d in t.definitions]
+                on_result(t, rows)
+    except BaseException:   # Ctrl-C, or the store failing: keep what finished, stop the rest now
+        for f, t in list(pending.items()):
+            if f.done() and not f.cancelled() and f.exception() is None:
+                on_result(t, f.result())
+        for process in list(getattr(pool, "_processes", {}).values()):   # running tasks are not waited for
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def _run_ray(manifest: Manifest, tasks: list[Task], device: str, threads: int | None, backend: str,
@@ -256,7 +281,7 @@ def _run_ray(manifest: Manifest, tasks: list[Task], device: str, threads: int | 
 def _provides(manifest: Manifest, n: int) -> bool:
     try:
         return len(manifest.sharpness_data(n)[1]) >= n
-    except (ManifestError, ValueError, TypeError, IndexError):
+    except Exception:  # noqa: BLE001 - a factory that cannot serve n, for whatever reason it says
         return False
 
 
@@ -266,8 +291,8 @@ def fit_to_data(manifest: Manifest, defs: list[Definition]) -> tuple[list[Defini
     training examples under the default 512), and the line that says so (None if nothing changed).
     The data factory is asked by bisection over those multiples."""
     need = max(d.n_examples for d in defs)
-    if _provides(manifest, need):
-        return defs, None
+    if _provides(manifest, need) or not _provides(manifest, min(d.m for d in defs)):
+        return defs, None   # enough, or a factory that fails for any number (_check_data says why)
     step = math.lcm(*(d.m for d in defs))
     lo, hi = 0, need // step     # the largest k whose k * step examples the data provide
     while lo < hi:
@@ -287,23 +312,27 @@ def fit_to_data(manifest: Manifest, defs: list[Definition]) -> tuple[list[Defini
 
 def _check_data(manifest: Manifest, defs: list[Definition]) -> None:
     """Fail fast, before any work, when the zoo's data cannot serve a definition (a config
-    problem, not a checkpoint's): e.g. the paper preset's 1024 examples on a 600-example set."""
+    problem, not a checkpoint's): e.g. the paper preset's 1024 examples on a 600-example set, or
+    a data factory that cannot be imported or raises."""
+    factory = manifest.data["factory"]
     for n in sorted({d.n_examples for d in defs}):
         try:
             x, y = manifest.sharpness_data(n)
             if len(y) < n:
                 raise ValueError(f"it returned {len(y)} examples")
-        except (ManifestError, ValueError, TypeError) as e:
-            raise ConfigError(f"the zoo's sharpness data ({manifest.data['factory']}) cannot provide "
-                              f"{n} examples: {e}. Use fewer examples (--n-examples N, a multiple of every "
-                              "definition's m)") from e
+        except Exception as e:  # noqa: BLE001 - whatever the user's factory raises, said as a config error
+            if _provides(manifest, 1):   # the factory works: the count is the problem
+                raise ConfigError(f"the zoo's sharpness data ({factory}) cannot provide {n} examples: {e}. Use "
+                                  "fewer examples (--n-examples N, a multiple of every definition's m)") from e
+            raise ConfigError(f"the zoo's data factory {factory} failed: {type(e).__name__}: {e}") from e
 
 
 def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, executor: str = "local",
               device: str = "auto", threads: int | None = 1, backend: str = "auto", jobs: int = 1,
               retry_errors: bool = True, progress: bool = True, address: str | None = None,
               num_cpus: int | None = None, limit: int | None = None, cpus_per_task: float = 1.0,
-              gpus_per_task: float | None = None, fit_examples: bool = False) -> SweepSummary:
+              gpus_per_task: float | None = None, fit_examples: bool = False,
+              mix_zoos: bool = False) -> SweepSummary:
     """Evaluate every missing (checkpoint, definition) pair and store it; return a summary.
 
     ``threads``: torch intra-op threads per evaluation (default 1: the small models of a zoo
@@ -313,7 +342,9 @@ def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, execu
     with ``num_cpus``), ``cpus_per_task``, ``gpus_per_task`` (default 1 where the cluster has
     GPUs, 0 otherwise; fractions share a GPU between tasks). ``fit_examples``: lower the
     definitions' ``n_examples`` to what the zoo's data provide (:func:`fit_to_data`, said on one
-    line) instead of refusing them.
+    line) instead of refusing them. ``mix_zoos``: allow a store written for another zoo
+    (:meth:`Store.bind_zoo`). Checkpoints another sweep on the same store is computing are left
+    to it (``summary.claimed_elsewhere``).
     """
     from tqdm import tqdm
 
@@ -328,15 +359,21 @@ def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, execu
             print(message, flush=True)
     _check_data(manifest, defs)
     summary = SweepSummary(n_checkpoints=len(manifest.models), n_definitions=len(defs))
+    entries = hashed(manifest)
     with Store(store_path) as store:
+        store.bind_zoo(manifest.data, manifest.root, [e.id for e in entries], mix=mix_zoos)
         store.put_definitions(defs)
         # checkpoint metadata is refreshed even where nothing is left to compute
         with store.transaction() as db:
-            for e in manifest.models:
+            for e in entries:
                 store.put_checkpoint(db, **_checkpoint_meta(e))
-        tasks, summary.skipped = plan(manifest, defs, store, retry_errors)
+        tasks, summary.skipped = plan(manifest, defs, store, retry_errors, entries)
         if limit is not None:
             tasks = tasks[:limit]
+        held = store.claim([t.entry.id for t in tasks])   # another sweep on this store computes these
+        if held:
+            summary.claimed_elsewhere = {cid: f"{host} pid {pid}" for cid, (host, pid) in held.items()}
+            tasks = [t for t in tasks if t.entry.id not in held]
         names = {d.key: d.name for d in defs}
         bar = tqdm(total=len(tasks), desc=f"sweep ({executor})", unit="ckpt",
                    disable=not progress or not tasks)
@@ -352,11 +389,14 @@ def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, execu
             bar.update(1)
             bar.set_postfix(ok=summary.ok, error=summary.errors, refresh=False)
 
-        if executor == "local":
-            _run_local(manifest, tasks, device, threads, backend, on_result, jobs)
-        else:
-            _run_ray(manifest, tasks, device, threads, backend, on_result, address, num_cpus,
-                     cpus_per_task, gpus_per_task)
-        bar.close()
+        try:
+            if executor == "local":
+                _run_local(manifest, tasks, device, threads, backend, on_result, jobs)
+            else:
+                _run_ray(manifest, tasks, device, threads, backend, on_result, address, num_cpus,
+                         cpus_per_task, gpus_per_task)
+        finally:
+            bar.close()
+            store.release()
     summary.seconds = time.perf_counter() - t0
     return summary

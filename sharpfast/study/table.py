@@ -92,7 +92,7 @@ def manifest_from_table(table: str, data: str, data_kwargs: dict | None = None) 
     if data_kwargs is not None and not isinstance(data_kwargs, dict):
         raise TableError("--data-kwargs must be a JSON object")
     base = os.path.dirname(os.path.abspath(table))
-    with open(table, newline="", encoding="utf-8") as f:
+    with open(table, newline="", encoding="utf-8-sig") as f:   # -sig: Excel's byte-order mark is not a column name
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         rows = list(reader)
