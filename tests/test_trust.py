@@ -188,6 +188,11 @@ def test_devices_color_by_and_data_factories_are_errors_not_tracebacks(tiny_zoo,
     assert "'bogus' is not a device" in capsys.readouterr().err
     assert main(["doctor", "--device", "bogus"]) == 2
     assert "'bogus' is not a device" in capsys.readouterr().err
+    assert main(["esd", "--zoo", tiny_zoo, "--out", str(tmp_path / "e"), "--ids", "nope"]) == 2
+    assert "no checkpoint(s) ['nope'] in the zoo" in capsys.readouterr().err
+    assert main(["esd", "--zoo", tiny_zoo, "--out", str(tmp_path / "e"), "--m", "64"]) == 0   # 256 of its 256
+    assert "esd: the zoo's data provides fewer than 512 examples: definitions asking for 512 use 256" in \
+        capsys.readouterr().out
     run_sweep(Manifest.load(tiny_zoo), [PARAM_NORM], store, progress=False, limit=2)
     assert main(["report", "--store", store, "--color-by", "depth", "--n-boot", "0"]) == 2
     assert "color_by='depth' is not a hyperparameter that varies in this store; those that do: " in \

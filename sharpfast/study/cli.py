@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ids", nargs="+", help="checkpoint ids (default: the best and the worst by test error)")
     q.add_argument("--adaptive", action="store_true", help="the density of C H C with c = |w| (default: H)")
     q.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
-    q.add_argument("--n-examples", type=POSITIVE, default=512)
+    q.add_argument("--n-examples", type=POSITIVE,
+                   help="examples (a multiple of --m; default 512, or the most a smaller zoo's data hold)")
     q.add_argument("--m", type=POSITIVE, default=128, help="examples per m-batch")
 
     q = sub.add_parser("manifest", help="a zoo manifest from a table of your own models (CSV, one row per model)")

@@ -21,20 +21,32 @@ def chosen(manifest: Manifest, ids: list[str] | None, target: str = "test_error"
     return ranked[:1] + ranked[-1:] if len(ranked) > 1 else ranked
 
 
-def plot_esd(zoo: str, out_dir: str, ids: list[str] | None = None, n_examples: int = 512, m: int = 128,
+def plot_esd(zoo: str, out_dir: str, ids: list[str] | None = None, n_examples: int | None = None, m: int = 128,
              adaptive: bool = False, curvature: str = "hessian", n_vectors: int = 5, n_iter: int = 60) -> str:
     """One figure with the spectral density of ``C H C`` (m-batches of ``m`` of the zoo's
-    sharpness examples) for each chosen checkpoint; returns the PNG's path."""
+    sharpness examples) for each chosen checkpoint; returns the PNG's path. ``n_examples`` as a
+    sweep takes it: by default 512, or the largest multiple of ``m`` a smaller zoo's data hold."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .definitions import Definition
+    from .sweep import check_data, fit_to_data
+
     manifest = Manifest.load(zoo)
+    entries = chosen(manifest, ids)
+    d = Definition("trace", m=m, n_examples=n_examples, curvature=curvature)
+    if n_examples is None:
+        (d,), message = fit_to_data(manifest, [d])
+        if message:
+            print(f"esd: {message}", flush=True)
+    check_data(manifest, [d])
+    n_examples = d.n_examples
     x, y = manifest.sharpness_data(n_examples)
     batches = [(x[i:i + m], y[i:i + m]) for i in range(0, n_examples, m)]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     peak = 0.0
-    for entry in chosen(manifest, ids):
+    for entry in entries:
         spectrum = sharpfast.hessian_spectrum(load_model(manifest, entry), batches, adaptive=adaptive,
                                               curvature=curvature, n_vectors=n_vectors, n_iter=n_iter)
         grid, density = spectrum.density()

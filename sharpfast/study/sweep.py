@@ -292,7 +292,7 @@ def fit_to_data(manifest: Manifest, defs: list[Definition]) -> tuple[list[Defini
     The data factory is asked by bisection over those multiples."""
     need = max(d.n_examples for d in defs)
     if _provides(manifest, need) or not _provides(manifest, min(d.m for d in defs)):
-        return defs, None   # enough, or a factory that fails for any number (_check_data says why)
+        return defs, None   # enough, or a factory that fails for any number (check_data says why)
     step = math.lcm(*(d.m for d in defs))
     lo, hi = 0, need // step     # the largest k whose k * step examples the data provide
     while lo < hi:
@@ -305,12 +305,12 @@ def fit_to_data(manifest: Manifest, defs: list[Definition]) -> tuple[list[Defini
     n = lo * step
     fitted = dedupe([replace(d, n_examples=min(d.n_examples, n)) for d in defs])
     asked = sorted({d.n_examples for d in defs if d.n_examples > n})
-    return fitted, (f"sweep: the zoo's data provides fewer than {need} examples: definitions asking for "
+    return fitted, (f"the zoo's data provides fewer than {need} examples: definitions asking for "
                     f"{', '.join(map(str, asked))} use {n}, the largest multiple of every definition's m ({step}) "
                     "that it provides (--n-examples N sets the number)")
 
 
-def _check_data(manifest: Manifest, defs: list[Definition]) -> None:
+def check_data(manifest: Manifest, defs: list[Definition]) -> None:
     """Fail fast, before any work, when the zoo's data cannot serve a definition (a config
     problem, not a checkpoint's): e.g. the paper preset's 1024 examples on a 600-example set, or
     a data factory that cannot be imported or raises."""
@@ -356,8 +356,8 @@ def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, execu
     if fit_examples:
         defs, message = fit_to_data(manifest, defs)
         if message:
-            print(message, flush=True)
-    _check_data(manifest, defs)
+            print(f"sweep: {message}", flush=True)
+    check_data(manifest, defs)
     summary = SweepSummary(n_checkpoints=len(manifest.models), n_definitions=len(defs))
     entries = hashed(manifest)
     with Store(store_path) as store:
