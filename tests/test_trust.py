@@ -84,6 +84,14 @@ def test_a_store_is_bound_to_its_zoo(tiny_zoo, tmp_path):
     moved = copy_zoo(tiny_zoo, tmp_path, "moved")   # the same zoo in another folder keeps its store
     assert run_sweep(Manifest.load(moved), [PARAM_NORM], store, progress=False).skipped == 1
     assert main(["sweep", "--zoo", str(other), "--store", store, "--preset", "quick", "--quiet"]) == 2
+    # mixed in once, the store still belongs to its first zoo: another needs the flag every time
+    raw = json.load(open(os.path.join(renamed, "manifest.json")))
+    raw["data"]["kwargs"] = {**raw["data"].get("kwargs", {}), "n_train": 200}
+    json.dump(raw, open(os.path.join(renamed, "manifest.json"), "w"))
+    assert run_sweep(Manifest.load(renamed), [PARAM_NORM], store, progress=False, limit=2, mix_zoos=True).ok == 2
+    with pytest.raises(StoreError, match="belongs to a zoo with other data"):
+        run_sweep(Manifest.load(renamed), [PARAM_NORM], store, progress=False)
+    assert run_sweep(m, [PARAM_NORM], store, progress=False).skipped == 8   # its own zoo: no flag needed
 
 
 class NaNCurvature(torch.nn.Module):

@@ -272,6 +272,8 @@ class Store:
             if not stored & set(checkpoint_ids):
                 raise StoreError(f"store {self.path!r} holds {len(stored)} checkpoints of another zoo and none of this "
                                  "one's; use another --store, or --mix-zoos to keep both zoos in one store")
+        if mix and bound is not None:
+            return   # the store stays bound to its first zoo: mixing is asked for each time
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('zoo_data', ?)", (spec,))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('zoo_root', ?)", (os.path.abspath(root),))
