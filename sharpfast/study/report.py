@@ -154,7 +154,8 @@ def _html(r: Report, plots: list[tuple[str, str]]) -> str:
     body = [f"<p>{html.escape(md[0])}</p>", table(md[:split_at])]
     if split_at < len(md):
         body += [f"<p>{html.escape(md[split_at])}</p>", table(md[split_at:])]
-    body += [f"<p>{html.escape(l)}</p>" for l in md[split_at + 1:] if l and not l.startswith("|")]
+    body += [f"<p>{html.escape(l)}</p>" for i, l in enumerate(md)   # the notes: what was left out and why
+             if i not in (0, split_at) and l and not l.startswith("|")]
     for name, rel in plots:
         body.append(f"<h3>{html.escape(name)}</h3><img src='{html.escape(rel)}' width='900'>")
     style = ("body{font-family:sans-serif;margin:2em} table{border-collapse:collapse} "
