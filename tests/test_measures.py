@@ -291,7 +291,7 @@ def test_neyshabur_norms_and_bounds_in_closed_form():
                                                                    rel=1e-12)
     with pytest.raises(ValueError, match="initial weights"):
         M.measure("bound-spec-fro-neyshabur-2018", model, x, y)
-    # a product beyond float64 is an error naming it, not an inf stored as a value
+    # a product beyond float64 is an error, not an inf stored as a value
     # (layers of norm ~1e60 whose product maps everything to 0: the output is the last bias, margin 1)
     huge = nn.Sequential(*[nn.Linear(4, 4, bias=False) for _ in range(5)], nn.Linear(4, 4)).double()
     low, high = torch.diag(torch.tensor([1.0, 1, 0, 0], dtype=torch.float64)), torch.diag(
@@ -301,7 +301,7 @@ def test_neyshabur_norms_and_bounds_in_closed_form():
             layer.weight.copy_(1e60 * (low if i == 0 else high))
         huge[-1].bias.copy_(torch.tensor([1.0, 0, 0, 0]))
     big_y = torch.zeros(len(x), dtype=torch.long)
-    with pytest.raises(ValueError, match=r"l1,inf-norm/margin is e\^\d+, beyond float64"):
+    with pytest.raises(ValueError, match=r"the measure is e\^\d+, beyond float64"):
         M.measure("l1,inf-norm/margin", huge, x, big_y)
 
 

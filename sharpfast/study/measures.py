@@ -400,15 +400,20 @@ def _log_prod(ctx: Context, norm: Callable[[torch.Tensor], float]) -> float:
     return sum(math.log(norm(m.weight)) for _, m in ctx.layers)
 
 
-def _exp(log_value: float, name: str) -> float:
+def _exp(log_value: float) -> float:
     if log_value > 709:   # exp overflows float64 beyond e^709
-        raise ValueError(f"{name} is e^{log_value:.0f}, beyond float64; its log is the measure's rank-equivalent")
+        raise ValueError(f"the measure is e^{log_value:.0f}, beyond float64 (its log would rank the models alike)")
     return math.exp(log_value)
 
 
-def _over_margin(ctx: Context, name: str, norm: Callable[[torch.Tensor], float]) -> float:
+def _over_margin(ctx: Context, norm: Callable[[torch.Tensor], float]) -> float:
     """``prod_l norm(W_l) / gamma`` (Neyshabur et al.'s ``calc_measure(..., 'product') / margin``)."""
-    return _exp(_log_prod(ctx, norm) - math.log(ctx.gamma("percentile5")), name)
+    return _exp(_log_prod(ctx, norm) - math.log(ctx.gamma("percentile5")))
+
+
+def _reshaped_spec(ctx: Context) -> list[float]:
+    """Each layer's spectral norm as Neyshabur et al. take it (the reshaped kernel's), computed once."""
+    return ctx.cached("reshaped-spec", lambda: [schatten_norm(m.weight, math.inf) for _, m in ctx.layers])
 
 
 def _lp_path_norm(ctx: Context, p: float) -> float:
@@ -434,26 +439,27 @@ def _capacity_alpha(ctx: Context) -> float:
 def _spectral_ratio(ctx: Context, q: int, power: float) -> float:
     """``(sum_l (h_l^(1 - 1/q) ||W_l - W0_l||_{2,q} / ||W_l||_2)^power)^(1/power)``, ``h_l`` the layer's
     output units (Neyshabur et al.'s ``h_dist_op_norm`` summed under ``calc_measure(..., 'norm')``)."""
-    terms = [(m.weight.shape[0] ** (1 - 1 / q) * lpq_norm(dw, 2, q) / schatten_norm(m.weight, math.inf)) ** power
-             for (_, m), dw in zip(ctx.layers, ctx.distances())]
+    terms = [(m.weight.shape[0] ** (1 - 1 / q) * lpq_norm(dw, 2, q) / spec) ** power
+             for (_, m), dw, spec in zip(ctx.layers, ctx.distances(), _reshaped_spec(ctx))]
     return sum(terms) ** (1 / power)
 
 
-def _spectral_bound(ctx: Context, name: str, factor: float, q: int, power: float) -> float:
-    log_value = (math.log(factor) + _log_prod(ctx, lambda w: schatten_norm(w, math.inf))
+def _spectral_bound(ctx: Context, factor: float, q: int, power: float) -> float:
+    """``factor * prod_l ||W_l||_2 / gamma * ratio / sqrt(m)`` (Bartlett 2017, Neyshabur 2018)."""
+    log_value = (math.log(factor) + sum(math.log(v) for v in _reshaped_spec(ctx))
                  - math.log(ctx.gamma("percentile5")) + math.log(_spectral_ratio(ctx, q, power))
                  - 0.5 * math.log(len(ctx.y)))
-    return _exp(log_value, name)
+    return _exp(log_value)
 
 
 MEASURES.update({
     "num-params": lambda c: float(sum(m.weight.numel() for _, m in c.layers)),
-    "l1,inf-norm/margin": lambda c: _over_margin(c, "l1,inf-norm/margin", lambda w: lpq_norm(w, 1, math.inf)),
-    "l3,1.5-norm/margin": lambda c: _over_margin(c, "l3,1.5-norm/margin", lambda w: lpq_norm(w, 3, 1.5)),
-    "fro-norm/margin": lambda c: _over_margin(c, "fro-norm/margin", lambda w: lpq_norm(w, 2, 2)),
-    "spec-norm/margin": lambda c: _over_margin(c, "spec-norm/margin", lambda w: schatten_norm(w, math.inf)),
-    "schatten-1.5-norm/margin": lambda c: _over_margin(c, "schatten-1.5-norm/margin", lambda w: schatten_norm(w, 1.5)),
-    "trace-norm/margin": lambda c: _over_margin(c, "trace-norm/margin", lambda w: schatten_norm(w, 1)),
+    "l1,inf-norm/margin": lambda c: _over_margin(c, lambda w: lpq_norm(w, 1, math.inf)),
+    "l3,1.5-norm/margin": lambda c: _over_margin(c, lambda w: lpq_norm(w, 3, 1.5)),
+    "fro-norm/margin": lambda c: _over_margin(c, lambda w: lpq_norm(w, 2, 2)),
+    "spec-norm/margin": lambda c: _exp(sum(math.log(v) for v in _reshaped_spec(c)) - math.log(c.gamma("percentile5"))),
+    "schatten-1.5-norm/margin": lambda c: _over_margin(c, lambda w: schatten_norm(w, 1.5)),
+    "trace-norm/margin": lambda c: _over_margin(c, lambda w: schatten_norm(w, 1)),
     "l1-path-norm/margin": lambda c: _lp_path_norm(c, 1) / c.gamma("percentile5"),
     "l1.5-path-norm/margin": lambda c: _lp_path_norm(c, 1.5) / c.gamma("percentile5"),
     "l2-path-norm/margin": lambda c: _lp_path_norm(c, 2) / c.gamma("percentile5"),
@@ -464,8 +470,8 @@ MEASURES.update({
     "bound-l3,1.5-neyshabur-2015": lambda c: _capacity_alpha(c) * MEASURES["l3,1.5-norm/margin"](c)
     / len(c.y) ** (1 / 3),
     "bound-spec-l2,1-bartlett-2017": lambda c: _spectral_bound(
-        c, "bound-spec-l2,1-bartlett-2017", math.log(len(c.y)) * math.log(_layer_params(c)), q=1, power=2 / 3),
-    "bound-spec-fro-neyshabur-2018": lambda c: _spectral_bound(c, "bound-spec-fro-neyshabur-2018", c.d, q=2, power=2),
+        c, math.log(len(c.y)) * math.log(_layer_params(c)), q=1, power=2 / 3),
+    "bound-spec-fro-neyshabur-2018": lambda c: _spectral_bound(c, c.d, q=2, power=2),
 })
 NEEDS_INIT = NEEDS_INIT + ("bound-spec-l2,1-bartlett-2017", "bound-spec-fro-neyshabur-2018")
 NEYSHABUR = ("l1,inf-norm/margin", "fro-norm/margin", "l3,1.5-norm/margin", "spec-norm/margin",

@@ -9,8 +9,10 @@ checkpoint's rows in one transaction as its task returns. Executors:
   GPU requested per task when the cluster has GPUs. Workers only compute and return rows;
   the driver alone writes the store.
 
-A checkpoint that fails to load, or a definition that fails to evaluate, becomes a row with
-status ``error`` and the message; the sweep goes on. Errors are retried on a rerun.
+A checkpoint that fails to load, or a definition that fails to evaluate (or gives a value that
+is not finite), becomes a row with status ``error`` and the message; the sweep goes on. Errors
+are retried on a rerun. The store is bound to its zoo (:meth:`Store.bind_zoo`), and a sweep
+claims the checkpoints it computes, so sweeps sharing a store split them (:meth:`Store.claim`).
 """
 from __future__ import annotations
 
@@ -156,11 +158,13 @@ def hashed(manifest: Manifest) -> list[ModelEntry]:
     return out
 
 
-def plan(manifest: Manifest, defs: list[Definition], store: Store, retry_errors: bool = True,
-         entries: list[ModelEntry] | None = None) -> tuple[list[Task], int]:
+def plan(entries: list[ModelEntry], defs: list[Definition], store: Store,
+         retry_errors: bool = True) -> tuple[list[Task], int]:
+    """One task per checkpoint with the definitions it lacks a reusable row for (one computed from
+    the same checkpoint file: ``entries`` carry their sha256, see :func:`hashed`)."""
     done = store.done_keys(include_errors=not retry_errors)
     tasks, skipped = [], 0
-    for e in manifest.models if entries is None else entries:
+    for e in entries:
         todo = []
         for d in defs:
             k = (e.id, d.key)
@@ -367,7 +371,7 @@ def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, execu
         with store.transaction() as db:
             for e in entries:
                 store.put_checkpoint(db, **_checkpoint_meta(e))
-        tasks, summary.skipped = plan(manifest, defs, store, retry_errors, entries)
+        tasks, summary.skipped = plan(entries, defs, store, retry_errors)
         if limit is not None:
             tasks = tasks[:limit]
         held = store.claim([t.entry.id for t in tasks])   # another sweep on this store computes these
