@@ -7,12 +7,13 @@ from .api import average_sharpness, evaluate_sharpness, worst_case_sharpness
 from .curvature import (adam_sharpness, hessian_diagonal, hessian_eigenvalues, hessian_spectrum, hessian_trace,
                         renyi_sharpness)
 from .kernel_check import SelfTestReport, selftest
+from .many import evaluate_many
 from .objective import LOGIT_NORMALIZATIONS, map_tensors
 from .result import SharpnessResult
 from .settings import NORMS, AverageCaseSettings, WorstCaseSettings
 
 __version__ = "0.1.0"
-__all__ = ["worst_case_sharpness", "average_sharpness", "evaluate_sharpness", "hessian_trace", "hessian_eigenvalues",
+__all__ = ["worst_case_sharpness", "average_sharpness", "evaluate_sharpness", "evaluate_many", "hessian_trace", "hessian_eigenvalues",
            "hessian_diagonal", "hessian_spectrum", "adam_sharpness", "renyi_sharpness", "WorstCaseSettings",
            "AverageCaseSettings", "SharpnessResult", "selftest", "SelfTestReport", "NORMS", "LOGIT_NORMALIZATIONS",
            "map_tensors", "__version__"]

@@ -20,7 +20,7 @@ from ..objective import batches_on_device
 from ..params import ParamSet
 from ..philox import AVERAGE_SAMPLE_BASE, noise_distribution
 from .flat import FlatState, finish, loss_and_error
-from .problems import loss_and_error_at_row
+from .problems import loss_and_error_at_row, stacked_flats, stacked_state
 
 log = logging.getLogger("sharpfast.fused")
 
@@ -58,20 +58,21 @@ def average_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharpnes
     return finish(s, per_batch, per_batch_err, init_losses, init_errs, zeros, labelled, nonfinite)
 
 
-def samples_per_pass(s: Settings, params: ParamSet) -> int:
+def samples_per_pass(s: Settings, params: ParamSet, stacked: bool = False) -> int:
     """K, the perturbed copies per batched forward: ``samples_per_pass`` if given, else one at a
     time on a CPU (a forward already keeps its cores busy: batching gained <25% on tiny MLPs and
-    made a BatchNorm CNN 4.8x slower, benchmarks/RESULTS.md) and up to a memory budget elsewhere."""
+    made a BatchNorm CNN 4.8x slower, benchmarks/RESULTS.md; ``stacked``, per model of a stack,
+    where the stack already fills the forward) and up to a memory budget elsewhere."""
     if s.samples_per_pass is not None:
         k = s.samples_per_pass
-    elif params.device.type == "cpu":
+    elif params.device.type == "cpu" or stacked:
         k = 1
     else:
         row_bytes = params.numel * params.tensors[0].element_size()
         k = min(MAX_SAMPLES_PER_PASS, max(1, SAMPLE_BUFFER_BYTES // max(1, row_bytes)))
     k = min(k, s.n_samples)
-    if s.antithetic and k % 2 and k > 1:
-        k -= 1
+    if s.antithetic and k % 2 and (k > 1 or stacked):   # pairs in one pass (n_samples is even)
+        k += -1 if k > 1 else 1
     return k
 
 
@@ -134,3 +135,57 @@ class _Batched:
                 self.vmappable, self.rows = False, None
                 self.fallback.reset()
         return self.fallback.evaluate(b, start, k, x, y)
+
+
+def average_many(models, batches, params_list: list[ParamSet], s: Settings) -> list:
+    """Average-case sharpness of K models of one architecture: per batch, their losses at ``w0``
+    in one vmapped forward, then ``k`` perturbed copies of each model (``[K, k, N]`` rows, each
+    model's written from its own ``w0`` and ``c`` with the draws of the one-model call) in one
+    vmap over the models of a vmap over the samples. A result per model, or the exception its
+    values raise."""
+    K, device = len(models), params_list[0].device
+    flats, w0 = stacked_flats(params_list, s)
+    S = samples_per_pass(s, params_list[0], stacked=True)
+    rows = torch.empty((K, S, params_list[0].numel), dtype=w0.dtype, device=device)
+    at_row = loss_and_error_at_row(models[0], s, params_list[0])
+    state = stacked_state(models, params_list[0])
+    labelled = [True]
+
+    def at(row, extra, x, y):
+        loss, err, labelled[0] = at_row(row, x, y, extra)
+        return loss, err
+    at_w0 = vmap(at, in_dims=(0, 0, None, None), randomness="error")
+    perturbed = vmap(vmap(at, in_dims=(0, None, None, None), randomness="error"), in_dims=(0, 0, None, None),
+                     randomness="error")
+    f64 = dict(dtype=torch.float64, device=device)
+    per_batch, per_batch_err, init_losses, init_errs, nonfinite = [], [], [], [], []
+    with torch.no_grad():
+        for b, x, y in batches_on_device(batches, device):
+            L0, E0 = at_w0(w0, state, x, y)
+            total_loss, total_err = torch.zeros(K, **f64), torch.zeros(K, **f64)
+            bad = torch.zeros(K, dtype=torch.bool, device=device)
+            for start in range(0, s.n_samples, S):
+                k = min(S, s.n_samples - start)
+                first = AVERAGE_SAMPLE_BASE + _sample_of(s, start)[0]
+                for row, flat in zip(rows, flats):
+                    _ops.perturb_batched_(row[:k], flat.w0, flat.c, s.rho, s.seed, b, first, 0,
+                                          noise_distribution(s.norm), s.antithetic)
+                losses, errs = perturbed(rows[:, :k], state, x, y)
+                bad |= ~torch.isfinite(losses).all(dim=1)
+                total_loss += losses.double().sum(dim=1)
+                total_err += errs.double().sum(dim=1)
+            per_batch.append(total_loss / s.n_samples - L0.double())
+            per_batch_err.append(total_err / s.n_samples - E0.double())
+            init_losses.append(L0)
+            init_errs.append(E0)
+            nonfinite.append(bad)
+    out = []
+    for k in range(K):
+        pick = lambda values: [v[k] for v in values]
+        zeros = [torch.zeros((), **f64)] * len(per_batch)
+        try:
+            out.append(finish(s, pick(per_batch), pick(per_batch_err), pick(init_losses), pick(init_errs), zeros,
+                              labelled[0], pick(nonfinite)))
+        except Exception as e:  # noqa: BLE001 - one model's non-finite loss is its own error
+            out.append(e)
+    return out

@@ -8,6 +8,12 @@ every row at its current weights (and, with grad, fills ``grad``). Two kinds:
   autograd accumulates the gradient into the flat gradient buffer.
 * :class:`AllBatches`: every problem at once, one vmapped forward (+ backward) through
   ``torch.func.functional_call`` (batches of one shape only).
+* :class:`ManyModels`: every m-batch of K models of one architecture at once (rows are
+  (model, batch) pairs), one vmap over the models of a vmap over the batches.
+
+Every group says, per row, whose problem it is: ``flats[r]`` (that model's ``w0`` and ``c``),
+``streams[r]`` (the Philox stream: the batch index) and ``owners[r]`` (the model's index), and
+``grid`` = ``(models, batches, N)``, the shape its ``[B, N]`` rows take by model.
 
 :func:`plan` makes the choice once, before the APGD loop, and the group it returns keeps the
 evaluation its vmap probe took at ``w0`` for the loop's first step (no forward is wasted).
@@ -38,8 +44,10 @@ class OneBatch:
 
     def __init__(self, model, s: Settings, flat: FlatState, index: int, x, y):
         self.model, self.s, self.flat, self.x, self.y = model, s, flat, x, y   # flat: attached
-        self.streams = [index]
+        self.streams, self.flats, self.owners = [index], [flat], [0]
         self.current, self.grad = flat.current.view(1, -1), flat.grad.view(1, -1)
+        self.grid = (1, 1, flat.current.numel())
+        self.w0_grid = flat.w0.view(1, 1, -1)
 
     def evaluate(self, with_grad: bool):
         """(loss, error, labelled) at the current row, 0-dim; with_grad also fills ``grad``."""
@@ -56,7 +64,9 @@ class AllBatches:
 
     def __init__(self, model, s: Settings, params: ParamSet, flat: FlatState, xs, ys):
         B, n = len(ys), flat.w0.numel()
-        self.streams = list(range(B))
+        self.streams, self.flats, self.owners = list(range(B)), [flat] * B, [0] * B
+        self.grid = (1, B, n)
+        self.w0_grid = flat.w0.view(1, 1, n)
         self.current = flat.w0.expand(B, n).clone()
         self.grad = torch.zeros_like(self.current)
         self.x, self.y = _stack(xs), torch.stack(ys)
@@ -93,6 +103,71 @@ class AllBatches:
         return loss.detach(), err, self.labelled
 
 
+class ManyModels(AllBatches):
+    """Every m-batch of K models of one architecture at once: row ``k * B + b`` holds model k's
+    weights for batch b, and one vmap over the models (their weights and their own buffers and
+    frozen parameters, :func:`stacked_state`) of a vmap over the batches evaluates them all.
+    Rows start at each model's ``w0``. ``flats[k].w0`` are the rows of one ``[K, N]`` tensor."""
+
+    def __init__(self, models, s: Settings, params_list: list[ParamSet], flats: list[FlatState], w0: torch.Tensor,
+                 xs, ys):
+        K, B, n = len(models), len(ys), params_list[0].numel
+        self.streams = list(range(B)) * K
+        self.flats = [f for f in flats for _ in range(B)]
+        self.owners = [k for k in range(K) for _ in range(B)]
+        self.grid, self.w0_grid = (K, B, n), w0[:, None]
+        self.current = torch.empty((K * B, n), dtype=w0.dtype, device=w0.device)
+        self.current.view(self.grid).copy_(self.w0_grid.expand(self.grid))
+        self.grad = torch.zeros_like(self.current)
+        self.x, self.y = _stack(xs), torch.stack(ys)
+        self.labelled = True
+        self._kept = None
+        state = stacked_state(models, params_list[0])
+        at_row = loss_and_error_at_row(models[0], s, params_list[0])
+
+        def loss_and_err(row, extra, x, y):
+            loss, err, labelled = at_row(row, x, y, extra)
+            self.labelled = labelled
+            return loss, err
+
+        def per_model(f):   # models outside (their rows [B, N] and state), batches inside
+            inner = vmap(f, in_dims=(0, None, 0, 0), randomness="error")
+            outer = vmap(inner, in_dims=(0, 0, None, None), randomness="error")
+            return lambda rows, x, y: outer(rows.view(self.grid), state, x, y)
+
+        values = per_model(loss_and_err)
+        grads = per_model(torch.func.grad_and_value(loss_and_err, has_aux=True))
+        flatten = lambda t: t.reshape(K * B, *t.shape[2:])
+        self._values = lambda rows, x, y: tuple(map(flatten, values(rows, x, y)))
+
+        def grads_flat(rows, x, y):
+            grad, (loss, err) = grads(rows, x, y)
+            return flatten(grad), (flatten(loss), flatten(err))
+        self._grads = grads_flat
+
+
+def stacked_state(models, params: ParamSet) -> dict[str, torch.Tensor]:
+    """``{name: [K, ...]}``: every buffer and every parameter that is not perturbed (frozen, or not
+    floating point) of each model, stacked: what ``functional_call`` must take from each model
+    besides its perturbed weights."""
+    perturbed = set(params.names)
+    state = {}
+    for name, _ in [*models[0].named_parameters(), *models[0].named_buffers()]:
+        if name not in perturbed:
+            tensors = [dict([*m.named_parameters(), *m.named_buffers()])[name] for m in models]
+            state[name] = torch.stack([t.detach() for t in tensors])
+    return state
+
+
+def stacked_flats(params_list: list[ParamSet], s: Settings) -> tuple[list[FlatState], torch.Tensor]:
+    """One :class:`FlatState` per model, and ``w0``, ``[K, N]``, whose rows their ``w0`` are."""
+    flats = [FlatState(p, s) for p in params_list]
+    w0 = torch.stack([torch.cat([t.reshape(-1) for t in f.originals]) for f in flats])
+    for f, row in zip(flats, w0):
+        f.__dict__["w0"] = row   # the cached property, set to the stacked row
+    return flats, w0
+
+
 class GroupRun:
     """What a group's APGD run holds whatever the solver: ``n_buffers`` more ``[B, N]`` buffers
     (``self.buffers``, from ``pool``, which keeps them for the next group of the same size: one
@@ -100,27 +175,42 @@ class GroupRun:
     scalars for one problem), the sum of the iterates' losses (non-finite iff one was), and the
     rows set to ``w0``, where ``L0`` is evaluated first."""
 
-    def __init__(self, group, flat: FlatState, s: Settings, pool: dict, local, n_buffers: int):
-        self.group, self.flat, self.s, self.local = group, flat, s, local
+    def __init__(self, group, s: Settings, pool: dict, local, n_buffers: int):
+        self.group, self.s = group, s
         current = group.current
         if current.shape[0] not in pool:
             pool[current.shape[0]] = [torch.empty_like(current) for _ in range(n_buffers)]
         self.buffers = pool[current.shape[0]]
         self.rows = range(current.shape[0])
+        # each row's own w0, c and local model (``local``: per model, per batch, or None)
+        self.flats = group.flats
+        self.w0s, self.cs = [f.w0 for f in self.flats], [f.c for f in self.flats]
+        self.local = None if local is None else [local[k][b] for k, b in zip(group.owners, group.streams)]
         single = current.shape[0] == 1
         self.at = (lambda t, r: t) if single else (lambda t, r: t[r])
         self.loss_sum = torch.zeros(() if single else (len(self.rows),), dtype=torch.float64, device=current.device)
-        current.copy_(flat.w0.expand_as(current))
+        self.to_w0(current)
+
+    def to_w0(self, out: torch.Tensor, delta: torch.Tensor | None = None) -> None:
+        """``out`` (``[B, N]``) to every row's ``w0`` (plus ``delta``), without a ``[B, N]`` copy of w0."""
+        grid, w0 = self.group.grid, self.group.w0_grid
+        if delta is None:
+            out.view(grid).copy_(w0.expand(grid))
+        else:
+            torch.add(w0, delta.view(grid), out=out.view(grid))
 
 
 def loss_and_error_at_row(model, s: Settings, params: ParamSet):
-    """``(row, x, y) -> (loss, error, labelled)`` with the model's parameters taken from ``row``, a
-    flat weight vector (``functional_call``, so it composes with vmap and grad); the error is a
-    zero tensor where there are no labels."""
+    """``(row, x, y, extra=None) -> (loss, error, labelled)`` with the model's parameters taken from
+    ``row``, a flat weight vector (``functional_call``, so it composes with vmap and grad), and
+    its other parameters and buffers from ``extra`` where given (another model's, see
+    :func:`stacked_state`); the error is a zero tensor where there are no labels."""
     names, numels, shapes = params.names, params.numels, [p.shape for p in params.tensors]
 
-    def at_row(row, x, y):
+    def at_row(row, x, y, extra=None):
         weights = {name: t.view(shape) for name, t, shape in zip(names, row.split(numels), shapes)}
+        if extra is not None:
+            weights.update(extra)
         f = s.objective.logits(lambda *a, **kw: functional_call(model, weights, a, kw), x)
         err = s.objective.error(f.detach(), y)
         return s.objective.loss(f, y), (err if err is not None else torch.zeros((), device=f.device)), err is not None

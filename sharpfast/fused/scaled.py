@@ -17,11 +17,9 @@ from __future__ import annotations
 import torch
 
 from .. import _ops, apgd, starts
-from ..params import ParamSet
 from ..philox import RAND_INIT_SAMPLE_BASE, noise_distribution
 from ..settings import Settings
 from .bookkeeping import Bookkeeping
-from .flat import FlatState
 from .problems import GroupRun
 
 DD = _ops.GRAM_ENTRIES.index("dd")
@@ -30,8 +28,8 @@ DD = _ops.GRAM_ENTRIES.index("dd")
 class ScaledRun(GroupRun):
     """A group's scaled-APGD buffers (one row per problem) and its fused steps."""
 
-    def __init__(self, group, flat: FlatState, s: Settings, params: ParamSet, pool: dict, local=None):
-        super().__init__(group, flat, s, pool, local, n_buffers=4)
+    def __init__(self, group, s: Settings, pool: dict, local=None):
+        super().__init__(group, s, pool, local, n_buffers=4)
         self.u, self.u_prev, self.u_best, self.best_grad = self.buffers
         self.views = [(group.current[r], group.grad[r], self.u[r], self.u_prev[r]) for r in self.rows]
 
@@ -40,15 +38,15 @@ class ScaledRun(GroupRun):
         s = self.s
         for r, stream in zip(self.rows, self.group.streams):
             u = self.u[r]
-            c = self.flat.scale_values(self.best_grad[r])   # best_grad is free until the first gradient
+            c = self.flats[r].scale_values(self.best_grad[r])   # best_grad is free until the first gradient
             if s.init == "eigen":
-                starts.eigen_start(self.local[stream], start, s, c, out=u)
+                starts.eigen_start(self.local[r], start, s, c, out=u)
             elif s.init == "random":
                 _ops.draw_(u, s.seed, stream, RAND_INIT_SAMPLE_BASE + start, 0, noise_distribution(s.norm))
                 starts.random_start(u, s, c)
             else:
                 u.zero_()
-            torch.addcmul(self.flat.w0, c, u, out=self.group.current[r])
+            torch.addcmul(self.w0s[r], c, u, out=self.group.current[r])
         self.u_prev.copy_(self.u)
 
     def solve(self, loss, err, L0, E0, checkpoints, results) -> Bookkeeping:
@@ -73,8 +71,8 @@ class ScaledRun(GroupRun):
 
     def best_sq(self) -> torch.Tensor:
         """``||delta||^2 = ||c u_best||^2`` of every problem (0-dim for one)."""
-        w0, c = self.flat.w0, self.flat.c
-        sq = [_ops.scaled_gram(best, best, grad, w0, c)[DD] for best, (_, grad, _, _) in zip(self.u_best, self.views)]
+        sq = [_ops.scaled_gram(best, best, grad, w0, c)[DD]
+              for best, (_, grad, _, _), w0, c in zip(self.u_best, self.views, self.w0s, self.cs)]
         return sq[0] if len(sq) == 1 else torch.stack(sq)
 
     def keep_best(self, where, final: bool) -> None:
@@ -95,8 +93,9 @@ class ScaledRun(GroupRun):
 
     @torch.no_grad()
     def step(self, step_size: torch.Tensor, alpha: float) -> None:
-        s, w0, c = self.s, self.flat.w0, self.flat.c
+        s = self.s
         for r, (current, grad, u, u_prev) in enumerate(self.views):
+            w0, c = self.w0s[r], self.cs[r]
             if s.norm == "linf":
                 _ops.scaled_step_linf_(current, u, u_prev, grad, w0, c, self.at(step_size, r), s.rho, alpha)
             else:   # the step's two rescalings follow from these inner products (inside the op)

@@ -30,11 +30,25 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
     # the eigen start's vectors, computed at w0 before anything is attached (both backends alike)
     local = starts.for_call(model, params, s, batches)
     flat = FlatState(params, s)
+    return _solve(problems.plan(model, batches, params, s, flat), s, [local])[0]
+
+
+def worst_case_many(models, batches, params_list: list[ParamSet], s: Settings, xs, ys) -> list:
+    """Worst-case sharpness of K models of one architecture, every (model, m-batch) problem a row
+    of one group (:class:`~sharpfast.fused.problems.ManyModels`; ``xs``, ``ys``: the batches,
+    equally shaped, on the device); a result per model, or the exception its values raise."""
+    local = [starts.for_call(m, p, s, batches) for m, p in zip(models, params_list)]
+    flats, w0 = problems.stacked_flats(params_list, s)
+    return _solve([problems.ManyModels(models, s, params_list, flats, w0, xs, ys)], s, local, errors="return")
+
+
+def _solve(groups, s: Settings, local: list, errors: str = "raise") -> list:
+    """Every group's APGD runs; a result per model (``local``: the models' local models, or Nones)."""
     checkpoints = set(apgd.checkpoint_schedule(s.n_iters))
     results, pool = _Results(), {}
     Run = ScaledRun if s.solver == "scaled" else _Run
-    for group in problems.plan(model, batches, params, s, flat):   # the m-batch problems solved together
-        run = Run(group, flat, s, params, pool, local)
+    for group in groups:   # the problems solved together
+        run = Run(group, s, pool, None if local[0] is None else local)
         L0 = E0 = None
         if s.init != "zero":   # the first gradient is taken at the start: L0 needs its own forward
             L0, E0, results.labelled = group.evaluate(with_grad=False)
@@ -46,19 +60,28 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
                 L0, E0 = loss, err
             book = run.solve(loss, err, L0, E0, checkpoints, results)
             worst = _best_of(worst, (book.best_loss, book.best_err, book.delta_norm(L0)), L0, E0, start)
-        results.add(L0, E0, worst, run.loss_sum)
-    return starts.with_diagnostics(results.finish(s), s, [int(n) for n in results.improved], local)
+        results.add(L0, E0, worst, run.loss_sum, group.owners)
+    out = []
+    for k, model_local in enumerate(local):
+        try:
+            result, improved = results.finish(s, k)
+            out.append(starts.with_diagnostics(result, s, improved, model_local))
+        except Exception as e:  # noqa: BLE001 - one model's non-finite loss is its own error
+            if errors == "raise":
+                raise
+            out.append(e)
+    return out
 
 
 class _Run(problems.GroupRun):
     """A group's published-APGD buffers (one row per problem) and its fused step."""
 
-    def __init__(self, group, flat: FlatState, s: Settings, params: ParamSet, pool: dict, local=None):
-        super().__init__(group, flat, s, pool, local, n_buffers=3)
+    def __init__(self, group, s: Settings, pool: dict, local=None):
+        super().__init__(group, s, pool, local, n_buffers=3)
         self.delta, self.delta_prev, self.best_grad = self.buffers
         self.views = [(group.current[r], group.grad[r], self.delta[r], self.delta_prev[r], self.best_grad[r])
                       for r in self.rows]
-        self.c_is_one = params.unit_scale
+        self.c_is_one = self.flats[0].params.unit_scale
 
     def solve(self, loss, err, L0, E0, checkpoints, results) -> Bookkeeping:
         """One published APGD run from the start just evaluated (``loss``, ``err``: its forward);
@@ -81,29 +104,29 @@ class _Run(problems.GroupRun):
 
     def start(self, restart: int) -> None:
         """delta = 0, the random start of this restart, or the eigen start; the weights to w0 + delta."""
-        s, w0 = self.s, self.flat.w0
+        s = self.s
         if s.init == "eigen":
-            for r, stream in zip(self.rows, self.group.streams):
-                c = self.flat.scale_values(self.best_grad[r])   # best_grad is free until the first gradient
-                starts.eigen_start(self.local[stream], restart, s, c, out=self.delta[r]).mul_(c)
-            torch.add(w0, self.delta, out=self.group.current)
+            for r in self.rows:
+                c = self.flats[r].scale_values(self.best_grad[r])   # best_grad is free until the first gradient
+                starts.eigen_start(self.local[r], restart, s, c, out=self.delta[r]).mul_(c)
+            self.to_w0(self.group.current, self.delta)
         elif s.rand_init:
             dist = noise_distribution(s.norm)
             for r, stream in zip(self.rows, self.group.streams):
                 delta = self.delta[r]
-                c = self.flat.scale_values(self.best_grad[r])   # best_grad is free until the first gradient
+                c = self.flats[r].scale_values(self.best_grad[r])   # best_grad is free until the first gradient
                 _ops.draw_(delta, s.seed, stream, RAND_INIT_SAMPLE_BASE + restart, 0, dist)
                 if s.norm == "l2":  # a Gaussian direction on the ellipsoid's surface (see reference)
                     counted = torch.sign(c, out=self.delta_prev[r]).mul_(delta)   # frozen (c = 0) do not count
                     delta.div_(_ops.sum_squares(counted).sqrt().to(delta.dtype))
                 delta.mul_(c).mul_(s.rho)   # frozen coordinates do not move
-            torch.add(w0, self.delta, out=self.group.current)
+            self.to_w0(self.group.current, self.delta)
         else:
             self.delta.zero_()
-            self.group.current.copy_(w0.expand_as(self.group.current))
+            self.to_w0(self.group.current)
         self.delta_prev.copy_(self.delta)
         if s.norm == "l2":
-            self.projections = [_Projection(w0, self.flat.c, s, self.c_is_one) for _ in self.rows]
+            self.projections = [_Projection(w0, c, s, self.c_is_one) for w0, c in zip(self.w0s, self.cs)]
 
     def keep_best_grad(self, where) -> None:
         """The gradient just taken becomes the best point's (where it improved; everywhere at the start)."""
@@ -125,8 +148,9 @@ class _Run(problems.GroupRun):
 
     @torch.no_grad()
     def step(self, step_size: torch.Tensor) -> None:
-        s, w0, c = self.s, self.flat.w0, self.flat.c
+        s = self.s
         for r, (current, grad, delta, delta_prev, _) in zip(self.rows, self.views):
+            w0, c = self.w0s[r], self.cs[r]
             if s.norm == "linf":
                 _ops.apgd_step_linf_(current, delta, delta_prev, grad, w0, c, self.at(step_size, r), s.rho,
                                      apgd.MOMENTUM)
@@ -180,11 +204,12 @@ class _Results:
 
     def __init__(self):
         self.per_batch, self.per_batch_err, self.init_losses, self.init_errs = [], [], [], []
-        self.delta_norms, self.nonfinite, self.improved = [], [], []
+        self.delta_norms, self.nonfinite, self.improved, self.owners = [], [], [], []
         self.labelled = True
 
-    def add(self, L0, E0, worst, loss_sum) -> None:
+    def add(self, L0, E0, worst, loss_sum, owners) -> None:
         worst_loss, worst_err, worst_norm, improved = worst
+        self.owners += owners
         self.improved += list(improved.reshape(-1))
         self.per_batch += list((worst_loss - L0).reshape(-1))
         self.per_batch_err += list((worst_err - E0).reshape(-1))
@@ -193,7 +218,10 @@ class _Results:
         self.delta_norms += list(worst_norm.reshape(-1))
         self.nonfinite += list((~torch.isfinite(loss_sum)).reshape(-1))
 
-    def finish(self, s: Settings) -> SharpnessResult:
-        self.improved = torch.stack(self.improved).tolist()
-        return finish(s, self.per_batch, self.per_batch_err, self.init_losses, self.init_errs, self.delta_norms,
-                      self.labelled, self.nonfinite)
+    def finish(self, s: Settings, owner: int = 0) -> tuple[SharpnessResult, list[int]]:
+        """Model ``owner``'s result (its rows, in batch order) and its restarts that improved."""
+        rows = [r for r, k in enumerate(self.owners) if k == owner]
+        pick = lambda values: [values[r] for r in rows]
+        improved = torch.stack(pick(self.improved)).tolist()
+        return finish(s, pick(self.per_batch), pick(self.per_batch_err), pick(self.init_losses),
+                      pick(self.init_errs), pick(self.delta_norms), self.labelled, pick(self.nonfinite)), improved

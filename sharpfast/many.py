@@ -1,0 +1,203 @@
+"""Many checkpoints in one pass: :func:`evaluate_many` evaluates models of one architecture as
+a stack, every (model, m-batch) problem one row of the fused ``[rows, N]`` buffers, one vmapped
+forward (+ backward) for all of them per step (DESIGN.md §4, "Stacked models").
+
+Each model's result equals :func:`sharpfast.evaluate_sharpness` on it alone: the same draws, the
+same solver decisions, its own ``w0``, scale and buffers; only the forward's arithmetic is
+batched (float32 agrees to the tolerance of ``solve_batches_together``).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from . import precision
+from .api import evaluate_sharpness, resolve_backend
+from .objective import to_device, unpack_batch
+from .params import ModelGuard
+from .result import SharpnessResult, check_batches
+from .settings import Settings
+
+log = logging.getLogger("sharpfast.many")
+
+MAX_STACK = 64   # models per pass at most (auto)
+# the memory the stack's [rows, N] buffers may take (auto): per model, its solver's buffers per
+# m-batch (fused.problems.TOGETHER_BUFFERS, + the flat w0) or the perturbed copy (average case)
+STACK_BUFFER_BYTES = {"cuda": 2**30, "cpu": 2**28}
+ERRORS = ("raise", "return")
+_said_unstackable: set = set()   # architectures the log already said cannot be stacked
+
+
+def evaluate_many(models: Sequence[nn.Module], data: Iterable, settings: Settings, stack: int | None = None,
+                  errors: str = "raise") -> list[SharpnessResult]:
+    """The sharpness ``settings`` define of each of ``models`` on ``data``: one result per model,
+    each equal to ``evaluate_sharpness(model, data, settings)``, computed ``stack`` models at a time.
+
+    Args:
+        models: models of one architecture: the same module class tree and the same parameter
+            and buffer names, shapes, dtypes, ``requires_grad`` and device (else ``ValueError``
+            naming the first difference). Buffers (BatchNorm statistics) stay each model's own.
+            Every model is left exactly as it was, also after an exception or an interrupt.
+        data, settings: as :func:`sharpfast.evaluate_sharpness`.
+        stack: models per pass; ``None``: as many as :data:`MAX_STACK` and the buffers' memory
+            budget :data:`STACK_BUFFER_BYTES` allow (:func:`auto_stack`). Where the models cannot
+            be stacked (the reference backend, train mode, batches of several shapes, a model vmap
+            cannot trace: said once in the log), they are evaluated one at a time.
+        errors: ``"raise"`` the first model's error, or ``"return"`` it in that model's place
+            (a model with non-finite weights or loss then fails alone).
+    """
+    if not isinstance(settings, Settings):
+        raise TypeError(f"settings must be WorstCaseSettings or AverageCaseSettings, got {type(settings).__name__}")
+    if errors not in ERRORS:
+        raise ValueError(f"errors must be one of {ERRORS}, got {errors!r}")
+    models = list(models)
+    if not models:
+        raise ValueError("models is empty: pass at least one model")
+    check_same_architecture(models)
+    if stack is not None and (isinstance(stack, bool) or not isinstance(stack, int) or stack < 1):
+        raise ValueError(f"stack must be a positive integer or None, got {stack!r}")
+    batches = check_batches(data)
+    K = auto_stack(models[0], settings, len(batches)) if stack is None else stack
+    out: list = []
+    for i in range(0, len(models), K):
+        out += _evaluate_stack(models[i:i + K], batches, settings)
+    if errors == "raise":
+        for i, r in enumerate(out):
+            if isinstance(r, BaseException):
+                try:
+                    named = type(r)(f"model {i}: {r}")
+                except Exception:  # noqa: BLE001 - an exception type with other arguments
+                    named = RuntimeError(f"model {i}: {type(r).__name__}: {r}")
+                raise named from r
+    return out
+
+
+def auto_stack(model: nn.Module, settings: Settings, n_batches: int) -> int:
+    """Models per pass: as many as fit the device's buffer budget, at most :data:`MAX_STACK`."""
+    params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
+    if not params:
+        return 1
+    n, element = sum(p.numel() for p in params), max(4, params[0].element_size())   # half: a float32 copy
+    if settings.kind == "worst":
+        from .fused.problems import TOGETHER_BUFFERS
+        per_model = (TOGETHER_BUFFERS[settings.solver] * n_batches + 1) * n * element
+    else:
+        per_model = 2 * n * element
+    budget = STACK_BUFFER_BYTES.get(params[0].device.type, STACK_BUFFER_BYTES["cuda"])
+    return max(1, min(MAX_STACK, budget // per_model))
+
+
+def check_same_architecture(models: Sequence[nn.Module]) -> None:
+    """Raise ``ValueError`` naming the first difference between ``models[0]`` and another model:
+    a module's class, a parameter's or buffer's name, shape, dtype, ``requires_grad`` or device."""
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"models[{i}] is a {type(m).__name__}, not a torch.nn.Module")
+    first = _architecture(models[0])
+    for i, m in enumerate(models[1:], start=1):
+        other = _architecture(m)
+        for what in first:
+            a, b = first[what], other[what]
+            if a == b:
+                continue
+            names = list(dict.fromkeys([*a, *b]))
+            name = next(k for k in names if a.get(k) != b.get(k))
+            raise ValueError(f"models[{i}] is not of models[0]'s architecture: {what} {name!r} is "
+                             f"{_said(b.get(name))} in models[{i}] but {_said(a.get(name))} in models[0]")
+
+
+def _architecture(model: nn.Module) -> dict[str, dict]:
+    tensor = lambda t: None if t is None else (tuple(t.shape), str(t.dtype).replace("torch.", ""), str(t.device))
+    return {
+        "module": {name: type(m).__qualname__ for name, m in model.named_modules()},
+        "parameter": {name: (*tensor(p), p.requires_grad) for name, p in model.named_parameters()},
+        "buffer": {name: tensor(b) for name, b in model.named_buffers()},
+    }
+
+
+def _said(v) -> str:
+    if v is None:
+        return "absent"
+    if isinstance(v, str):
+        return v
+    shape, dtype, device, *grad = v
+    return (f"shape {list(shape)}, {dtype} on {device}" + (f", requires_grad={grad[0]}" if grad else ""))
+
+
+def _evaluate_stack(models: list[nn.Module], batches: list, settings: Settings) -> list:
+    """A result (or the exception) per model of one stack."""
+    if len(models) > 1:
+        stacked = _stacked(models, batches, settings)
+        if stacked is not None:
+            return stacked
+    out = []
+    for m in models:
+        try:
+            out.append(evaluate_sharpness(m, batches, settings))
+        except Exception as e:  # noqa: BLE001 - each model's own error, in its place
+            out.append(e)
+    return out
+
+
+def _stacked(models: list[nn.Module], batches: list, settings: Settings) -> list | None:
+    """The stack evaluated in one pass, or None where it cannot be (then one at a time). Models
+    whose parameters fail the checks get their error; the others are stacked."""
+    out: list = [None] * len(models)
+    bound = []
+    for i, m in enumerate(models):
+        try:
+            bound.append((i, m, settings.bind(m)))
+        except Exception as e:  # noqa: BLE001 - non-finite weights, a bad scale: this model's error
+            out[i] = e
+    if len(bound) < 2:
+        return None
+    why = _why_not_stacked(settings, bound[0][2], batches)
+    if why is None:
+        try:
+            with contextlib.ExitStack() as guards:
+                for i, m, params in bound:
+                    guards.enter_context(ModelGuard(m, eval_mode=settings.eval_mode))
+                    on_device = precision.apply_policy(m, params, batches, settings.low_precision)
+                for (i, _, _), r in zip(bound, _fused_stack([m for _, m, _ in bound], on_device,
+                                                            [p for _, _, p in bound], settings)):
+                    out[i] = r
+            return out
+        except Exception as e:  # noqa: BLE001 - any vmap limitation: one at a time
+            why = f"{type(e).__name__}: {e}"
+    name = type(models[0]).__qualname__
+    if name not in _said_unstackable:
+        _said_unstackable.add(name)
+        log.info("sharpfast: %s models are evaluated one at a time, not stacked (%s)", name, why)
+    return None
+
+
+def _why_not_stacked(settings: Settings, params, batches: list) -> str | None:
+    from .fused.problems import _stackable
+    if resolve_backend(settings.backend, params) != "fused":
+        return "the fused backend is not used for them"
+    if not settings.eval_mode:
+        return "eval_mode=False: layers such as BatchNorm update their buffers batch after batch"
+    if settings.kind == "worst" and settings.solve_batches_together is False:
+        return "solve_batches_together=False"
+    unpacked = [unpack_batch(b, i) for i, b in enumerate(batches)]
+    if not (_stackable([x for x, _ in unpacked]) and _stackable([y for _, y in unpacked])):
+        return "the batches differ in shape"
+    return None
+
+
+def _fused_stack(models, batches, params_list, settings: Settings) -> list:
+    from . import fused
+    if settings.kind != "worst":
+        return fused.average_many(models, batches, params_list, settings)
+    device = params_list[0].device
+    unpacked = [unpack_batch(b, i) for i, b in enumerate(batches)]
+    xs = [to_device(x, device) for x, _ in unpacked]
+    ys = [to_device(y, device) for _, y in unpacked]
+    return fused.worst_case_many(models, batches, params_list, settings, xs, ys)
+
+
+__all__ = ["evaluate_many", "auto_stack", "check_same_architecture", "MAX_STACK", "STACK_BUFFER_BYTES"]

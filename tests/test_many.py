@@ -1,0 +1,257 @@
+"""sharpfast.evaluate_many: a stack of models in one pass gives each model's own result.
+
+Tolerances: float64 stacked and one-at-a-time differ only in how the vmapped forward sums
+(1e-9 relative, with an absolute floor of 1e-12 for values that are differences of nearby
+losses); float32 as the m-batches-together mode of tests/test_fused.py (1e-4 relative, 1e-5 of
+the loss scale absolute).
+"""
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import sharpfast
+import sharpfast.many as many
+from tests.helpers import requires_extension
+from tests.test_fused import AVERAGE, WORST
+from tests.toy_models import MODEL_KINDS, mlp, model_and_data
+
+pytestmark = requires_extension
+
+
+def models_and_data(kind, k=3, dtype=torch.float64, n_batches=2):
+    models = [model_and_data(kind, n_batches=n_batches, seed=seed)[0].to(dtype) for seed in range(k)]
+    _, data = model_and_data(kind, n_batches=n_batches)
+    cast = lambda x: x.to(dtype) if x.is_floating_point() else x
+    return models, [(sharpfast.map_tensors(cast, x), y) for x, y in data]
+
+
+@pytest.fixture
+def no_fallback(monkeypatch):
+    """Fail where a stack is evaluated one model at a time instead of stacked."""
+    def refuse(*a, **kw):
+        raise AssertionError("the stack was evaluated one model at a time")
+    monkeypatch.setattr(many, "evaluate_sharpness", refuse)
+
+
+def assert_close(stacked, one, rel, abs_, delta_rel=None):
+    assert stacked.backend == one.backend == "fused"
+    assert stacked.per_batch == pytest.approx(one.per_batch, rel=rel, abs=abs_)
+    assert stacked.sharpness == pytest.approx(one.sharpness, rel=rel, abs=abs_)
+    assert stacked.init_loss == pytest.approx(one.init_loss, rel=rel, abs=abs_)
+    assert stacked.delta_norm == pytest.approx(one.delta_norm, rel=delta_rel or max(rel, 1e-6), abs=abs_)
+    if one.err_sharpness is None:
+        assert stacked.err_sharpness is None
+    else:
+        assert stacked.per_batch_err == pytest.approx(one.per_batch_err, abs=1e-9)
+    assert stacked.restarts_improved == one.restarts_improved
+    if one.quadratic_model is None:
+        assert stacked.quadratic_model is None
+    else:
+        assert stacked.quadratic_model == pytest.approx(one.quadratic_model, rel=1e-9)
+
+
+def one_at_a_time(models, data, settings):   # the public function (the fixture patches only many's)
+    return [sharpfast.evaluate_sharpness(m, data, settings) for m in models]
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("definition", WORST, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_worst_case_stacked_equals_one_at_a_time(kind, definition, no_fallback):
+    models, data = models_and_data(kind)
+    settings = sharpfast.WorstCaseSettings(**{"n_iters": 10, "seed": 4, "backend": "fused", **definition})
+    # as in test_fused: where a gradient is 0 in exact arithmetic (the attention's key bias), linf's
+    # sign(g) follows the rounding of the vmapped forward; every loss agrees, ||delta|| sees it
+    noise_signs = kind == "transformer" and definition["norm"] == "linf"
+    for g, e in zip(sharpfast.evaluate_many(models, data, settings), one_at_a_time(models, data, settings)):
+        assert_close(g, e, rel=1e-9, abs_=1e-12, delta_rel=1e-2 if noise_signs else None)
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("definition", AVERAGE, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_average_case_stacked_equals_one_at_a_time(kind, definition, no_fallback):
+    models, data = models_and_data(kind)
+    settings = sharpfast.AverageCaseSettings(**{"n_samples": 6, "seed": 9, "backend": "fused", **definition})
+    for g, e in zip(sharpfast.evaluate_many(models, data, settings), one_at_a_time(models, data, settings)):
+        assert_close(g, e, rel=1e-9, abs_=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "transformer"])
+def test_float32_stacks_agree_within_float32_rounding(kind, no_fallback):
+    models, data = models_and_data(kind, k=4, dtype=torch.float32)
+    for settings in (sharpfast.WorstCaseSettings(rho=0.05, norm="linf", n_iters=8, backend="fused"),
+                     sharpfast.WorstCaseSettings(rho=0.1, norm="l2", n_iters=8, backend="fused"),
+                     sharpfast.WorstCaseSettings(rho=0.1, norm="l2", n_iters=8, solver="scaled", backend="fused"),
+                     sharpfast.AverageCaseSettings(rho=0.1, n_samples=8, backend="fused")):
+        got = sharpfast.evaluate_many(models, data, settings, stack=2)
+        for g, m in zip(got, models):
+            e = sharpfast.evaluate_sharpness(m, data, settings)
+            # the best point is the iterate of the highest loss: where two iterates' losses are equal
+            # to float32 rounding, either may be it, and only ||delta|| tells them apart
+            assert_close(g, e, rel=1e-4, abs_=1e-5 * max(1.0, abs(e.init_loss)), delta_rel=1e-2)
+
+
+def test_every_stack_size_gives_the_same_results():
+    models, data = models_and_data("cnn", k=5)
+    settings = sharpfast.WorstCaseSettings(rho=0.05, norm="linf", n_iters=6, rand_init=True, n_restarts=2)
+    results = {k: sharpfast.evaluate_many(models, data, settings, stack=k) for k in (1, 2, 5, None)}
+    for k, got in results.items():
+        for g, e in zip(got, results[1]):
+            assert g.per_batch == pytest.approx(e.per_batch, rel=1e-9, abs=1e-12), k
+
+
+# ----------------------------------------------------------------------------- architecture
+
+
+def test_models_of_another_architecture_are_refused_naming_the_difference():
+    data = model_and_data("mlp")[1]
+    s = sharpfast.AverageCaseSettings(rho=0.1, n_samples=2)
+    with pytest.raises(ValueError, match=r"models\[1\].*parameter '0.weight' is shape \[32, 8\].*shape \[16, 8\]"):
+        sharpfast.evaluate_many([mlp(), mlp(width=32)], data, s)
+    with pytest.raises(ValueError, match=r"models\[2\].*module '1' is Tanh.*ReLU"):
+        odd = mlp()
+        odd[1] = nn.Tanh()   # the same parameters, another function
+        sharpfast.evaluate_many([mlp(), mlp(), odd], data, s)
+    with pytest.raises(ValueError, match=r"parameter '0.weight'.*float32.*float64"):
+        sharpfast.evaluate_many([mlp().double(), mlp()], data, s)
+    frozen = mlp()
+    frozen[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"requires_grad=False.*requires_grad=True"):
+        sharpfast.evaluate_many([mlp(), frozen], data, s)
+    bn = lambda: nn.Sequential(nn.Linear(8, 3), nn.BatchNorm1d(3))
+    other = bn()
+    other[1].register_buffer("extra", torch.zeros(1))
+    with pytest.raises(ValueError, match=r"buffer '1.extra' is shape \[1\].*absent in models\[0\]"):
+        sharpfast.evaluate_many([bn(), other], data, s)
+    with pytest.raises(ValueError, match="models is empty"):
+        sharpfast.evaluate_many([], data, s)
+    with pytest.raises(TypeError, match=r"models\[1\] is a str"):
+        sharpfast.evaluate_many([mlp(), "mlp"], data, s)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="stack must be a positive integer"):
+            sharpfast.evaluate_many([mlp()], data, s, stack=bad)
+    with pytest.raises(ValueError, match="errors must be one of"):
+        sharpfast.evaluate_many([mlp()], data, s, errors="ignore")
+
+
+# ----------------------------------------------------------------------------- restore and errors
+
+
+def snapshot(model):
+    return ([(p.data.data_ptr(), p.detach().clone(), p.grad, p.requires_grad) for p in model.parameters()],
+            [(b.data_ptr(), b.clone()) for b in model.buffers()], [m.training for m in model.modules()])
+
+
+def assert_restored(model, before):
+    params, buffers, training = snapshot(model)
+    for (ptr, value, grad, req), (ptr2, value2, grad2, req2) in zip(before[0], params):
+        assert ptr == ptr2 and torch.equal(value, value2) and grad is grad2 and req == req2
+    for (ptr, value), (ptr2, value2) in zip(before[1], buffers):
+        assert ptr == ptr2 and torch.equal(value, value2)
+    assert training == before[2]
+
+
+@pytest.mark.parametrize("raised", [RuntimeError, KeyboardInterrupt])
+def test_every_model_is_restored_after_an_exception_or_an_interrupt(raised):
+    models, data = models_and_data("cnn", k=3)
+    for m in models:
+        m.train()
+    before = [snapshot(m) for m in models]
+    calls = []
+
+    def loss_fn(out, y):
+        calls.append(1)
+        if len(calls) >= 4:   # in the stack's fourth forward, and in every one after it
+            raise raised("stop")
+        return nn.functional.cross_entropy(out, y)
+    settings = sharpfast.WorstCaseSettings(rho=0.05, n_iters=5, loss_fn=loss_fn, backend="fused")
+    with pytest.raises(raised):
+        sharpfast.evaluate_many(models, data, settings, stack=3)
+    for m, b in zip(models, before):
+        assert_restored(m, b)
+    ok = sharpfast.evaluate_many(models, data, sharpfast.WorstCaseSettings(rho=0.05, n_iters=5))
+    for m, b in zip(models, before):
+        assert_restored(m, b)
+    assert len(ok) == 3
+
+
+class Scaled(nn.Module):
+    """An MLP whose logits are multiplied by a buffer: a non-finite buffer makes only this model's
+    loss non-finite."""
+
+    def __init__(self, seed, scale=1.0):
+        super().__init__()
+        self.net = mlp(seed=seed).double()
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.net(x) * self.scale
+
+
+@pytest.mark.parametrize("settings", [sharpfast.WorstCaseSettings(rho=0.05, n_iters=5, backend="fused"),
+                                      sharpfast.AverageCaseSettings(rho=0.1, n_samples=4, backend="fused")],
+                         ids=["worst", "average"])
+def test_a_failing_model_fails_alone(settings, no_fallback):
+    _, data = models_and_data("mlp")
+    models = [Scaled(0), Scaled(1, scale=math.nan), Scaled(2), Scaled(3)]
+    with torch.no_grad():
+        models[3].net[0].weight[0, 0] = math.inf   # refused by the parameter check
+    got = sharpfast.evaluate_many(models, data, settings, errors="return")
+    assert isinstance(got[1], ValueError) and "not finite" in str(got[1])
+    assert isinstance(got[3], ValueError) and "0.weight" in str(got[3])
+    for i in (0, 2):
+        assert_close(got[i], sharpfast.evaluate_sharpness(models[i], data, settings), rel=1e-9, abs_=1e-12)
+    with pytest.raises(ValueError, match="model 1: .*not finite"):
+        sharpfast.evaluate_many(models, data, settings)
+
+
+class Untraceable(nn.Module):
+    """A forward that reads a value on the host: vmap cannot trace it."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.net = mlp(seed=seed).double()
+
+    def forward(self, x):
+        h = self.net(x)
+        return h * (2.0 if float(h.sum()) > 1e9 else 1.0)
+
+
+def test_models_vmap_cannot_trace_are_evaluated_one_at_a_time_and_said_once(caplog):
+    _, data = models_and_data("mlp")
+    models = [Untraceable(s) for s in range(3)]
+    settings = sharpfast.WorstCaseSettings(rho=0.05, n_iters=4, backend="fused")
+    many._said_unstackable.discard("Untraceable")
+    with caplog.at_level(logging.INFO, logger="sharpfast.many"):
+        got = sharpfast.evaluate_many(models, data, settings)
+        sharpfast.evaluate_many(models, data, settings)
+    said = [r for r in caplog.records if "Untraceable models are evaluated one at a time" in r.getMessage()]
+    assert len(said) == 1
+    for g, m in zip(got, models):
+        assert g.per_batch == sharpfast.evaluate_sharpness(m, data, settings).per_batch
+
+
+def test_stacks_that_cannot_be_formed_are_evaluated_one_at_a_time():
+    models, data = models_and_data("mlp")
+    ragged = data + [(data[0][0][:5], data[0][1][:5])]
+    for settings, batches in ((sharpfast.WorstCaseSettings(rho=0.05, n_iters=4), ragged),
+                              (sharpfast.WorstCaseSettings(rho=0.05, n_iters=4, eval_mode=False), data),
+                              (sharpfast.WorstCaseSettings(rho=0.05, n_iters=4, backend="reference"), data)):
+        got = sharpfast.evaluate_many(models, batches, settings)
+        assert [g.per_batch for g in got] == [sharpfast.evaluate_sharpness(m, batches, settings).per_batch
+                                              for m in models]
+
+
+def test_auto_stack_follows_the_memory_budget(monkeypatch):
+    model = mlp()
+    n = sum(p.numel() for p in model.parameters())
+    s = sharpfast.WorstCaseSettings(rho=0.05)
+    per_model = (7 * 4 + 1) * n * 4   # scaled solver's 7 [B, N] buffers for 4 batches, and w0, float32
+    monkeypatch.setitem(many.STACK_BUFFER_BYTES, "cpu", 3 * per_model)
+    assert many.auto_stack(model, sharpfast.WorstCaseSettings(rho=0.05, solver="scaled"), 4) == 3
+    monkeypatch.setitem(many.STACK_BUFFER_BYTES, "cpu", per_model // 2)
+    assert many.auto_stack(model, s, 4) == 1
+    monkeypatch.setitem(many.STACK_BUFFER_BYTES, "cpu", 2**40)
+    assert many.auto_stack(model, s, 4) == many.MAX_STACK
