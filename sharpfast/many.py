@@ -17,7 +17,7 @@ from torch import nn
 
 from . import precision
 from .api import evaluate_sharpness, resolve_backend
-from .objective import to_device, unpack_batch
+from .objective import map_tensors, to_device, unpack_batch
 from .params import ModelGuard
 from .result import SharpnessResult, check_batches
 from .settings import Settings
@@ -25,6 +25,7 @@ from .settings import Settings
 log = logging.getLogger("sharpfast.many")
 
 MAX_STACK = 64   # models per pass at most (auto)
+CPU_STACK_MAX_ACTIVATIONS = 2048   # on a CPU, models computing more values per example are not stacked (auto)
 # the memory the stack's [rows, N] buffers may take (auto): per model, its solver's buffers per
 # m-batch (fused.problems.TOGETHER_BUFFERS, + the flat w0) or the perturbed copy (average case)
 STACK_BUFFER_BYTES = {"cuda": 2**30, "cpu": 2**28}
@@ -43,10 +44,13 @@ def evaluate_many(models: Sequence[nn.Module], data: Iterable, settings: Setting
             naming the first difference). Buffers (BatchNorm statistics) stay each model's own.
             Every model is left exactly as it was, also after an exception or an interrupt.
         data, settings: as :func:`sharpfast.evaluate_sharpness`.
-        stack: models per pass; ``None``: as many as :data:`MAX_STACK` and the buffers' memory
-            budget :data:`STACK_BUFFER_BYTES` allow (:func:`auto_stack`). Where the models cannot
-            be stacked (the reference backend, train mode, batches of several shapes, a model vmap
-            cannot trace: said once in the log), they are evaluated one at a time.
+        stack: models per pass; ``None``: :func:`auto_stack` (as many as :data:`MAX_STACK` and the
+            buffers' memory budget :data:`STACK_BUFFER_BYTES` allow; on a CPU only models with small
+            forwards). ``1`` evaluates one model at a time; any other number stacks every model,
+            so the values do not depend on it (float32 stacked and one-at-a-time round differently).
+            Where the models cannot be stacked (the reference backend, train mode, batches of
+            several shapes, a model vmap cannot trace: said once in the log), they are evaluated
+            one at a time.
         errors: ``"raise"`` the first model's error, or ``"return"`` it in that model's place
             (a model with non-finite weights or loss then fails alone).
     """
@@ -61,10 +65,13 @@ def evaluate_many(models: Sequence[nn.Module], data: Iterable, settings: Setting
     if stack is not None and (isinstance(stack, bool) or not isinstance(stack, int) or stack < 1):
         raise ValueError(f"stack must be a positive integer or None, got {stack!r}")
     batches = check_batches(data)
-    K = auto_stack(models[0], settings, len(batches)) if stack is None else stack
-    out: list = []
-    for i in range(0, len(models), K):
-        out += _evaluate_stack(models[i:i + K], batches, settings)
+    K = auto_stack(models[0], settings, batches) if stack is None else stack
+    if K == 1:
+        out = [_one(m, batches, settings) for m in models]
+    else:   # every stack stacked, also a last one of one model: values do not depend on K
+        out = []
+        for i in range(0, len(models), K):
+            out += _evaluate_stack(models[i:i + K], batches, settings)
     if errors == "raise":
         for i, r in enumerate(out):
             if isinstance(r, BaseException):
@@ -76,19 +83,61 @@ def evaluate_many(models: Sequence[nn.Module], data: Iterable, settings: Setting
     return out
 
 
-def auto_stack(model: nn.Module, settings: Settings, n_batches: int) -> int:
-    """Models per pass: as many as fit the device's buffer budget, at most :data:`MAX_STACK`."""
+def auto_stack(model: nn.Module, settings: Settings, batches: list) -> int:
+    """Models per pass: as many as fit the device's buffer budget :data:`STACK_BUFFER_BYTES`, at
+    most :data:`MAX_STACK`; on a CPU, 1 for models whose forward computes more than
+    :data:`CPU_STACK_MAX_ACTIVATIONS` values per example (there the forward is bound by arithmetic,
+    not by the per-operation overhead that stacking removes, and stacking measured slower:
+    benchmarks/ZOO_RESULTS.md)."""
     params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
     if not params:
+        return 1
+    device = params[0].device
+    if device.type == "cpu" and activations_per_example(model, batches[0]) > CPU_STACK_MAX_ACTIVATIONS:
         return 1
     n, element = sum(p.numel() for p in params), max(4, params[0].element_size())   # half: a float32 copy
     if settings.kind == "worst":
         from .fused.problems import TOGETHER_BUFFERS
-        per_model = (TOGETHER_BUFFERS[settings.solver] * n_batches + 1) * n * element
+        per_model = (TOGETHER_BUFFERS[settings.solver] * len(batches) + 1) * n * element
     else:
         per_model = 2 * n * element
-    budget = STACK_BUFFER_BYTES.get(params[0].device.type, STACK_BUFFER_BYTES["cuda"])
+    budget = STACK_BUFFER_BYTES.get(device.type, STACK_BUFFER_BYTES["cuda"])
     return max(1, min(MAX_STACK, budget // per_model))
+
+
+def activations_per_example(model: nn.Module, batch) -> int:
+    """The values the leaf modules of ``model`` output for one example of ``batch`` (one forward
+    on it, in eval mode, the model restored after)."""
+    x, _ = unpack_batch(batch, 0)
+    one = map_tensors(lambda t: t[:1], x)
+    counted = [0]
+
+    def count(module, inputs, output):
+        counted[0] += sum(t.numel() for t in _tensors(output))
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with ModelGuard(model, eval_mode=True), torch.no_grad():
+            if isinstance(one, dict):
+                model(**one)
+            elif isinstance(one, (tuple, list)):
+                model(*one)
+            else:
+                model(one)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counted[0]
+
+
+def _tensors(v):
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, (tuple, list)):
+        return [t for u in v for t in _tensors(u)]
+    if isinstance(v, dict):
+        return [t for u in v.values() for t in _tensors(u)]
+    return []
 
 
 def check_same_architecture(models: Sequence[nn.Module]) -> None:
@@ -130,17 +179,15 @@ def _said(v) -> str:
 
 def _evaluate_stack(models: list[nn.Module], batches: list, settings: Settings) -> list:
     """A result (or the exception) per model of one stack."""
-    if len(models) > 1:
-        stacked = _stacked(models, batches, settings)
-        if stacked is not None:
-            return stacked
-    out = []
-    for m in models:
-        try:
-            out.append(evaluate_sharpness(m, batches, settings))
-        except Exception as e:  # noqa: BLE001 - each model's own error, in its place
-            out.append(e)
-    return out
+    stacked = _stacked(models, batches, settings)
+    return stacked if stacked is not None else [_one(m, batches, settings) for m in models]
+
+
+def _one(model: nn.Module, batches: list, settings: Settings):
+    try:
+        return evaluate_sharpness(model, batches, settings)
+    except Exception as e:  # noqa: BLE001 - each model's own error, in its place
+        return e
 
 
 def _stacked(models: list[nn.Module], batches: list, settings: Settings) -> list | None:
@@ -153,8 +200,8 @@ def _stacked(models: list[nn.Module], batches: list, settings: Settings) -> list
             bound.append((i, m, settings.bind(m)))
         except Exception as e:  # noqa: BLE001 - non-finite weights, a bad scale: this model's error
             out[i] = e
-    if len(bound) < 2:
-        return None
+    if not bound:
+        return out
     why = _why_not_stacked(settings, bound[0][2], batches)
     if why is None:
         try:

@@ -245,13 +245,29 @@ def test_stacks_that_cannot_be_formed_are_evaluated_one_at_a_time():
 
 
 def test_auto_stack_follows_the_memory_budget(monkeypatch):
-    model = mlp()
+    model, data = model_and_data("mlp", n_batches=4)
     n = sum(p.numel() for p in model.parameters())
     s = sharpfast.WorstCaseSettings(rho=0.05)
-    per_model = (7 * 4 + 1) * n * 4   # scaled solver's 7 [B, N] buffers for 4 batches, and w0, float32
+    per_model = (7 * 4 + 1) * n * 4   # the scaled solver's 7 [B, N] buffers for 4 batches, and w0, float32
     monkeypatch.setitem(many.STACK_BUFFER_BYTES, "cpu", 3 * per_model)
-    assert many.auto_stack(model, sharpfast.WorstCaseSettings(rho=0.05, solver="scaled"), 4) == 3
+    assert many.auto_stack(model, sharpfast.WorstCaseSettings(rho=0.05, solver="scaled"), data) == 3
     monkeypatch.setitem(many.STACK_BUFFER_BYTES, "cpu", per_model // 2)
-    assert many.auto_stack(model, s, 4) == 1
+    assert many.auto_stack(model, s, data) == 1
     monkeypatch.setitem(many.STACK_BUFFER_BYTES, "cpu", 2**40)
-    assert many.auto_stack(model, s, 4) == many.MAX_STACK
+    assert many.auto_stack(model, s, data) == many.MAX_STACK
+
+
+def test_on_a_cpu_only_small_forwards_are_stacked_by_default(monkeypatch):
+    model, data = model_and_data("cnn")
+    assert many.activations_per_example(model, data[0]) == 4 * 36 * 6 + 4 * 4 + 3   # 2 convs, BNs, ReLUs; pool; head
+    s = sharpfast.WorstCaseSettings(rho=0.05)
+    assert many.auto_stack(model, s, data) > 1
+    monkeypatch.setattr(many, "CPU_STACK_MAX_ACTIVATIONS", 100)
+    assert many.auto_stack(model, s, data) == 1
+
+
+def test_values_do_not_depend_on_how_models_are_split_into_stacks(no_fallback):
+    models, data = models_and_data("mlp", k=5, dtype=torch.float32)
+    s = sharpfast.WorstCaseSettings(rho=0.05, n_iters=5)
+    by_stack = {k: [r.per_batch for r in sharpfast.evaluate_many(models, data, s, stack=k)] for k in (2, 3, 5)}
+    assert by_stack[2] == by_stack[3] == by_stack[5]   # bit for bit, also the last stack of one model

@@ -50,6 +50,11 @@ def _number(kind: type, low: float, low_open: bool = False):
 POSITIVE, NON_NEGATIVE = _number(int, 1), _number(int, 0)
 
 
+def _stack(text: str) -> int | None:
+    """``--stack``: ``auto`` (None) or a positive integer."""
+    return None if text == "auto" else POSITIVE(text)
+
+
 def _device(spec: str) -> str:
     """A device the sweep can run on, or a CLIError naming why not."""
     import torch
@@ -185,7 +190,12 @@ def _add_definition_flags(p: argparse.ArgumentParser) -> None:
 def _add_exec_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="local: in this process; ray: one Ray task per checkpoint")
+                   help="local: in this process; ray: one Ray task per stack of checkpoints")
+    g.add_argument("--stack", type=_stack, default=None, metavar="K",
+                   help="checkpoints of one architecture evaluated together, K per pass (sharpfast.evaluate_many); "
+                        "auto (default): each architecture's checkpoints split over the workers, the models per "
+                        "pass chosen by evaluate_many; 1: one checkpoint at a time. Values and store rows are "
+                        "the same")
     g.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
     g.add_argument("--num-cpus", type=POSITIVE, help="CPUs of the local Ray cluster (default: all)")
     g.add_argument("--cpus-per-task", type=_number(float, 0, low_open=True), default=1.0, help="Ray: CPUs requested per task (default 1)")
@@ -306,7 +316,7 @@ def _sweep(args: argparse.Namespace, zoo_path: str, store_path: str) -> None:
                         threads=args.threads, backend=args.backend, jobs=args.jobs, retry_errors=not args.no_retry_errors,
                         progress=not args.quiet, address=args.address, num_cpus=args.num_cpus, limit=args.limit,
                         cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task,
-                        fit_examples=args.n_examples is None, mix_zoos=args.mix_zoos)
+                        fit_examples=args.n_examples is None, mix_zoos=args.mix_zoos, stack=args.stack)
     print(summary.text(store_path))
 
 

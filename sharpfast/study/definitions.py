@@ -236,9 +236,7 @@ class Definition:
             return dict(value=value, err_value=None, per_batch=[value], delta_norm=0.0, backend="measure")
 
         if not self.is_curvature:
-            r = sharpfast.evaluate_sharpness(model, batches, self.settings(backend))
-            return dict(value=float(r.sharpness), err_value=None if r.err_sharpness is None else float(r.err_sharpness),
-                        per_batch=[float(v) for v in r.per_batch], delta_norm=float(r.delta_norm), backend=r.backend)
+            return self.measured(sharpfast.evaluate_sharpness(model, batches, self.settings(backend)))
         common = dict(self._model_side(), curvature=self.curvature)
         if self.kind == "trace":
             r = sharpfast.hessian_trace(model, batches, n_probes=self.n_probes, **common)
@@ -253,6 +251,15 @@ class Definition:
                                                   n_iter=self.n_lanczos, **common).per_batch
         return dict(value=sum(per_batch) / len(per_batch), err_value=None, per_batch=[float(v) for v in per_batch],
                     delta_norm=0.0, backend="curvature")
+
+    @staticmethod
+    def measured(r) -> dict[str, Any]:
+        """The store's columns of a sharpness result (``sharpfast.SharpnessResult``); an exception
+        in its place (``sharpfast.evaluate_many(errors="return")``) is raised."""
+        if isinstance(r, BaseException):
+            raise r
+        return dict(value=float(r.sharpness), err_value=None if r.err_sharpness is None else float(r.err_sharpness),
+                    per_batch=[float(v) for v in r.per_batch], delta_norm=float(r.delta_norm), backend=r.backend)
 
     def settings(self, backend: str = "auto"):
         """The core's settings object for this definition (``sharpfast.WorstCaseSettings`` for

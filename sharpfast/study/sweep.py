@@ -1,11 +1,13 @@
 """Sweeps: checkpoints x definitions -> results store, resumable and idempotent.
 
 The driver plans the work (every (checkpoint, definition) pair without an ``ok`` row for the
-checkpoint's current sha256), hands one task per checkpoint to an executor, and writes each
-checkpoint's rows in one transaction as its task returns. Executors:
+checkpoint's current sha256), groups checkpoints of one factory and kwargs into stacks evaluated
+together (``sharpfast.evaluate_many``; ``stack=1``: one checkpoint at a time), hands one task per
+stack to an executor, and writes each checkpoint's rows in one transaction as its stack returns.
+Executors:
 
 * ``local``: tasks run in this process (``jobs=1``) or in ``jobs`` spawned worker processes;
-* ``ray``:   one Ray task per checkpoint (a local cluster by default, or ``address``), with a
+* ``ray``:   one Ray task per stack (a local cluster by default, or ``address``), with a
   GPU requested per task when the cluster has GPUs. Workers only compute and return rows;
   the driver alone writes the store.
 
@@ -16,6 +18,7 @@ claims the checkpoints it computes, so sweeps sharing a store split them (:meth:
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -62,11 +65,23 @@ def _short_error(e: BaseException) -> str:
 def evaluate_checkpoint(data_spec: dict[str, Any], root: str, entry: dict[str, Any],
                         definitions: list[dict[str, Any]], device: str = "auto",
                         threads: int | None = None, backend: str = "auto") -> list[dict[str, Any]]:
-    """Evaluate every definition on one checkpoint; return the store rows (plain dicts).
+    """Evaluate every definition on one checkpoint; return the store rows (plain dicts)."""
+    return evaluate_checkpoints(data_spec, root, [entry], definitions, device, threads, backend, stack=1)[0]
 
-    Runs in the driver (local executor) or in a worker (Ray): it touches no store and never
-    raises for a bad checkpoint or a failing definition; those become ``error`` rows.
+
+def evaluate_checkpoints(data_spec: dict[str, Any], root: str, entries: list[dict[str, Any]],
+                         definitions: list[dict[str, Any]], device: str = "auto", threads: int | None = None,
+                         backend: str = "auto", stack: int | None = None) -> list[list[dict[str, Any]]]:
+    """Evaluate every definition on each checkpoint of a stack (checkpoints of one factory and
+    kwargs); return each checkpoint's store rows (plain dicts), in ``entries``' order.
+
+    Sharpness definitions evaluate the loaded checkpoints together (``sharpfast.evaluate_many``,
+    ``stack`` models per pass, ``None``: its own choice), every other definition one checkpoint at a
+    time. Runs in the driver (local executor) or in a worker (Ray): it touches no store and never
+    raises for a bad checkpoint or a failing definition; those become that checkpoint's ``error``
+    rows, and the other checkpoints of the stack are computed as if alone.
     """
+    import sharpfast
 
     if threads:
         torch.set_num_threads(threads)
@@ -76,40 +91,83 @@ def evaluate_checkpoint(data_spec: dict[str, Any], root: str, entry: dict[str, A
     dev_name = dev
     if dev.startswith("cuda"):
         dev_name = f"{dev} ({torch.cuda.get_device_name(torch.device(dev))})"
-    base = dict(checkpoint_id=entry["id"], device=dev_name, sharpfast_version=sf_version,
-                torch_version=torch_version, checkpoint_sha256=entry.get("sha256"), threads=torch.get_num_threads())
     manifest = Manifest(data=data_spec, models=[], root=root)
-    try:
-        model = load_model(manifest, ModelEntry.from_dict(entry)).to(dev)
-    except Exception as e:  # CheckpointError, ManifestError, anything a factory raises
-        err = _short_error(e)
-        return [dict(base, definition_key=d.key, status="error", error=err, time_s=0.0) for d in defs]
-    rows = []
+    bases, models, rows = [], [], [[] for _ in entries]
+    for entry in entries:
+        bases.append(dict(checkpoint_id=entry["id"], device=dev_name, sharpfast_version=sf_version,
+                          torch_version=torch_version, checkpoint_sha256=entry.get("sha256"),
+                          threads=torch.get_num_threads()))
+        try:
+            models.append(load_model(manifest, ModelEntry.from_dict(entry)).to(dev))
+        except Exception as e:  # CheckpointError, ManifestError, anything a factory raises
+            models.append(_short_error(e))
+    loaded = [i for i, m in enumerate(models) if not isinstance(m, str)]
+    for i, m in enumerate(models):
+        if isinstance(m, str):
+            rows[i] = [dict(bases[i], definition_key=d.key, status="error", error=m, time_s=0.0) for d in defs]
     for d in defs:
         t0 = time.perf_counter()
         try:
-            ck = (data_spec["factory"], repr(sorted(data_spec.get("kwargs", {}).items())), d.n_examples)
-            if ck not in _DATA_CACHE:
-                _DATA_CACHE[ck] = manifest.sharpness_data(d.n_examples)
-            x, y = _DATA_CACHE[ck]
-            if len(y) < d.n_examples:
-                raise ValueError(f"the definition needs {d.n_examples} examples, the data has {len(y)}")
-            x, y = map_tensors(lambda t: t[:d.n_examples].to(dev), x), y[:d.n_examples].to(dev)
-            batches = [(rows_of(x, i, i + d.m), y[i:i + d.m]) for i in range(0, d.n_examples, d.m)]
-            init = None
-            if d.is_measure and d.measure in NEEDS_INIT:   # loaded when a definition asks for it
-                init = load_model(manifest, ModelEntry.from_dict(entry), initial=True).to(dev)
-            measured = d.evaluate(model, batches, backend, init=init, metrics=entry.get("metrics"))
-            if not math.isfinite(measured["value"]):   # never an ok row without a number
-                raise ValueError(f"the value is not finite ({measured['value']}): {d.name} is undefined on this "
-                                 "model (its curvature or its loss diverges)")
-            if dev.startswith("cuda"):
-                torch.cuda.synchronize()
-            rows.append(dict(base, definition_key=d.key, status="ok", time_s=time.perf_counter() - t0, **measured))
-        except Exception as e:
-            rows.append(dict(base, definition_key=d.key, status="error", error=_short_error(e),
-                             time_s=time.perf_counter() - t0))
+            batches = _batches(manifest, d, dev)
+        except Exception as e:  # noqa: BLE001 - the data cannot serve this definition: every checkpoint's error
+            for i in loaded:
+                rows[i].append(dict(bases[i], definition_key=d.key, status="error", error=_short_error(e), time_s=0.0))
+            continue
+        if not (d.is_curvature or d.is_measure) and loaded and stack != 1:   # also a stack of one: the
+            # values do not depend on how the checkpoints were split into stacks
+            outcomes = sharpfast.evaluate_many([models[i] for i in loaded], batches, d.settings(backend),
+                                               stack=stack, errors="return")
+            _synchronize(dev)
+            seconds = (time.perf_counter() - t0) / len(loaded)   # the stack's time, shared
+            for i, r in zip(loaded, outcomes):
+                rows[i].append(_row(bases[i], d, lambda r=r: d.measured(r), seconds))
+            continue
+        for i in loaded:
+            t0 = time.perf_counter()
+            rows[i].append(_row(bases[i], d, lambda i=i: _evaluate_one(d, models[i], batches, backend, manifest,
+                                                                       entries[i], dev), None, t0))
     return rows
+
+
+def _batches(manifest: Manifest, d: Definition, dev: str) -> list:
+    """The m-batches ``d`` is measured on, on the device (the data factory called once per size)."""
+    ck = (manifest.data["factory"], repr(sorted(manifest.data.get("kwargs", {}).items())), d.n_examples)
+    if ck not in _DATA_CACHE:
+        _DATA_CACHE[ck] = manifest.sharpness_data(d.n_examples)
+    x, y = _DATA_CACHE[ck]
+    if len(y) < d.n_examples:
+        raise ValueError(f"the definition needs {d.n_examples} examples, the data has {len(y)}")
+    x, y = map_tensors(lambda t: t[:d.n_examples].to(dev), x), y[:d.n_examples].to(dev)
+    return [(rows_of(x, i, i + d.m), y[i:i + d.m]) for i in range(0, d.n_examples, d.m)]
+
+
+def _evaluate_one(d: Definition, model, batches, backend: str, manifest: Manifest, entry: dict, dev: str) -> dict:
+    init = None
+    if d.is_measure and d.measure in NEEDS_INIT:   # loaded when a definition asks for it
+        init = load_model(manifest, ModelEntry.from_dict(entry), initial=True).to(dev)
+    measured = d.evaluate(model, batches, backend, init=init,
+                          metrics=entry.get("metrics"))
+    _synchronize(dev)
+    return measured
+
+
+def _row(base: dict, d: Definition, measure: Callable[[], dict], seconds: float | None, t0: float = 0.0) -> dict:
+    """The store row of one (checkpoint, definition): ``measure()``'s columns, or the error it raised
+    (also for a value that is not finite: never an ok row without a number)."""
+    try:
+        measured = measure()
+        if not math.isfinite(measured["value"]):
+            raise ValueError(f"the value is not finite ({measured['value']}): {d.name} is undefined on this "
+                             "model (its curvature or its loss diverges)")
+        status = dict(status="ok", **measured)
+    except Exception as e:  # noqa: BLE001 - this checkpoint's error row
+        status = dict(status="error", error=_short_error(e))
+    return dict(base, definition_key=d.key, time_s=time.perf_counter() - t0 if seconds is None else seconds, **status)
+
+
+def _synchronize(dev: str) -> None:
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------- planning
@@ -118,6 +176,44 @@ def evaluate_checkpoint(data_spec: dict[str, Any], root: str, entry: dict[str, A
 class Task:
     entry: ModelEntry
     definitions: list[Definition]
+
+
+@dataclass
+class Stack:
+    """Tasks of checkpoints of one factory and kwargs that lack the same definitions: evaluated
+    together (:func:`evaluate_checkpoints`), each checkpoint's rows stored on their own."""
+    tasks: list[Task]
+
+    @property
+    def definitions(self) -> list[Definition]:
+        return self.tasks[0].definitions
+
+    def arguments(self, manifest: Manifest, device: str, threads: int | None, backend: str, size: int | None):
+        """:func:`evaluate_checkpoints`' arguments (plain data: they travel to workers)."""
+        return (manifest.data, manifest.root, [t.entry.to_dict() for t in self.tasks],
+                [d.canonical() for d in self.definitions], device, threads, backend, size)
+
+    def failed(self, e: BaseException) -> list[list[dict]]:
+        """Every checkpoint's error rows, where the stack's worker died (e.g. out of memory)."""
+        return [[dict(checkpoint_id=t.entry.id, definition_key=d.key, status="error", error=_short_error(e),
+                      checkpoint_sha256=t.entry.sha256) for d in t.definitions] for t in self.tasks]
+
+
+def stacks(tasks: list[Task], size: int | None = None, jobs: int = 1) -> list[Stack]:
+    """The tasks grouped into stacks of ``size`` checkpoints of one factory and kwargs lacking the
+    same definitions, in the tasks' order; ``size=None``: each such group split evenly over the
+    ``jobs`` workers, at most ``sharpfast.many.MAX_STACK`` checkpoints per stack."""
+    from sharpfast.many import MAX_STACK
+
+    groups: dict[tuple, list[Task]] = {}
+    for t in tasks:
+        key = (t.entry.factory, json.dumps(t.entry.kwargs, sort_keys=True), tuple(d.key for d in t.definitions))
+        groups.setdefault(key, []).append(t)
+    out = []
+    for group in groups.values():
+        k = size or max(1, min(MAX_STACK, -(-len(group) // max(1, jobs))))
+        out += [Stack(group[i:i + k]) for i in range(0, len(group), k)]
+    return out
 
 
 @dataclass
@@ -197,17 +293,16 @@ def _checkpoint_meta(e: ModelEntry) -> dict[str, Any]:
     return dict(checkpoint_id=e.id, sha256=e.sha256, factory=e.factory, hparams=e.hparams, metrics=e.metrics)
 
 
-def _run_local(manifest: Manifest, tasks: list[Task], device: str, threads: int | None, backend: str,
-               on_result: Callable[[Task, list[dict]], None], jobs: int = 1) -> None:
-    """In this process (``jobs=1``) or in ``jobs`` spawned worker processes; results come back
-    here in completion order and only this process writes the store."""
-    args = lambda t: (manifest.data, manifest.root, t.entry.to_dict(), [d.canonical() for d in t.definitions],
-                      device, threads, backend)
-    if jobs <= 1 or len(tasks) <= 1:
+def _run_local(manifest: Manifest, work: list[Stack], device: str, threads: int | None, backend: str,
+               on_result: Callable[[Task, list[dict]], None], jobs: int = 1, size: int | None = None) -> None:
+    """In this process (``jobs=1``) or in ``jobs`` spawned worker processes, a stack per call;
+    results come back here in completion order and only this process writes the store."""
+    done_stack = lambda stack, rows: [on_result(t, r) for t, r in zip(stack.tasks, rows)]
+    if jobs <= 1 or len(work) <= 1:
         before = torch.get_num_threads()
         try:
-            for t in tasks:
-                on_result(t, evaluate_checkpoint(*args(t)))
+            for stack in work:
+                done_stack(stack, evaluate_checkpoints(*stack.arguments(manifest, device, threads, backend, size)))
         finally:
             torch.set_num_threads(before)  # the caller's process keeps its own setting
         return
@@ -216,23 +311,22 @@ def _run_local(manifest: Manifest, tasks: list[Task], device: str, threads: int 
 
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                                initializer=exit_with_parent, initargs=(os.getpid(),))
-    pending = {pool.submit(evaluate_checkpoint, *args(t)): t for t in tasks}
+    pending = {pool.submit(evaluate_checkpoints, *stack.arguments(manifest, device, threads, backend, size)): stack
+               for stack in work}
     try:
         while pending:
             done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for f in done:
-                t = pending.pop(f)
+                stack = pending.pop(f)
                 try:
                     rows = f.result()
                 except Exception as e:  # a worker died (e.g. out of memory)
-                    rows = [dict(checkpoint_id=t.entry.id, definition_key=d.key, status="error",
-                                 error=_short_error(e), checkpoint_sha256=t.entry.sha256)
-                            for d in t.definitions]
-                on_result(t, rows)
+                    rows = stack.failed(e)
+                done_stack(stack, rows)
     except BaseException:   # Ctrl-C, or the store failing: keep what finished, stop the rest now
-        for f, t in list(pending.items()):
+        for f, stack in list(pending.items()):
             if f.done() and not f.cancelled() and f.exception() is None:
-                on_result(t, f.result())
+                done_stack(stack, f.result())
         for process in list(getattr(pool, "_processes", {}).values()):   # running tasks are not waited for
             process.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
@@ -240,10 +334,10 @@ def _run_local(manifest: Manifest, tasks: list[Task], device: str, threads: int 
     pool.shutdown()
 
 
-def _run_ray(manifest: Manifest, tasks: list[Task], device: str, threads: int | None, backend: str,
+def _run_ray(manifest: Manifest, work: list[Stack], device: str, threads: int | None, backend: str,
              on_result: Callable[[Task, list[dict]], None], address: str | None = None,
              num_cpus: int | None = None, cpus_per_task: float = 1.0,
-             gpus_per_task: float | None = None) -> None:
+             gpus_per_task: float | None = None, size: int | None = None) -> None:
     try:
         import ray
     except ImportError as e:
@@ -260,23 +354,20 @@ def _run_ray(manifest: Manifest, tasks: list[Task], device: str, threads: int | 
         gpus = ray.cluster_resources().get("GPU", 0) if device != "cpu" else 0
         num_gpus = (1.0 if gpus_per_task is None else gpus_per_task) if gpus > 0 else 0
         task_device = ("cuda" if num_gpus else "cpu") if device == "auto" else device
-        remote = ray.remote(num_cpus=cpus_per_task, num_gpus=num_gpus, max_retries=0)(evaluate_checkpoint)
+        remote = ray.remote(num_cpus=cpus_per_task, num_gpus=num_gpus, max_retries=0)(evaluate_checkpoints)
         pending = {}
-        for t in tasks:
-            ref = remote.remote(manifest.data, manifest.root, t.entry.to_dict(),
-                                [d.canonical() for d in t.definitions], task_device,
-                                threads or max(1, int(cpus_per_task)), backend)
-            pending[ref] = t
+        for stack in work:   # one Ray task per stack
+            args = stack.arguments(manifest, task_device, threads or max(1, int(cpus_per_task)), backend, size)
+            pending[remote.remote(*args)] = stack
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            t = pending.pop(ready[0])
+            stack = pending.pop(ready[0])
             try:
                 rows = ray.get(ready[0])
             except Exception as e:  # the worker died or the task could not run
-                err = _short_error(e)
-                rows = [dict(checkpoint_id=t.entry.id, definition_key=d.key, status="error", error=err,
-                             checkpoint_sha256=t.entry.sha256) for d in t.definitions]
-            on_result(t, rows)
+                rows = stack.failed(e)
+            for t, r in zip(stack.tasks, rows):
+                on_result(t, r)
     finally:
         if started:
             ray.shutdown()
@@ -336,7 +427,7 @@ def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, execu
               retry_errors: bool = True, progress: bool = True, address: str | None = None,
               num_cpus: int | None = None, limit: int | None = None, cpus_per_task: float = 1.0,
               gpus_per_task: float | None = None, fit_examples: bool = False,
-              mix_zoos: bool = False) -> SweepSummary:
+              mix_zoos: bool = False, stack: int | None = None) -> SweepSummary:
     """Evaluate every missing (checkpoint, definition) pair and store it; return a summary.
 
     ``threads``: torch intra-op threads per evaluation (default 1: the small models of a zoo
@@ -348,12 +439,17 @@ def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, execu
     definitions' ``n_examples`` to what the zoo's data provide (:func:`fit_to_data`, said on one
     line) instead of refusing them. ``mix_zoos``: allow a store written for another zoo
     (:meth:`Store.bind_zoo`). Checkpoints another sweep on the same store is computing are left
-    to it (``summary.claimed_elsewhere``).
+    to it (``summary.claimed_elsewhere``). ``stack``: checkpoints of one factory and kwargs
+    evaluated together (:func:`stacks`, ``sharpfast.evaluate_many``); ``None`` (auto) splits each
+    such group over the workers and lets ``evaluate_many`` choose the models per pass; ``1``
+    evaluates one checkpoint at a time. Store keys and rows do not depend on it.
     """
     from tqdm import tqdm
 
     if executor not in ("local", "ray"):
         raise ValueError(f"unknown executor {executor!r}; expected 'local' or 'ray'")
+    if stack is not None and (isinstance(stack, bool) or not isinstance(stack, int) or stack < 1):
+        raise ValueError(f"stack must be a positive integer or None (auto), got {stack!r}")
     if not defs:
         raise ValueError("no sharpness definitions to sweep")
     t0 = time.perf_counter()
@@ -394,11 +490,13 @@ def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, execu
             bar.set_postfix(ok=summary.ok, error=summary.errors, refresh=False)
 
         try:
+            workers = jobs if executor == "local" else (num_cpus or os.cpu_count() or 1)
+            work = stacks(tasks, stack, workers)
             if executor == "local":
-                _run_local(manifest, tasks, device, threads, backend, on_result, jobs)
+                _run_local(manifest, work, device, threads, backend, on_result, jobs, stack)
             else:
-                _run_ray(manifest, tasks, device, threads, backend, on_result, address, num_cpus,
-                         cpus_per_task, gpus_per_task)
+                _run_ray(manifest, work, device, threads, backend, on_result, address, num_cpus,
+                         cpus_per_task, gpus_per_task, stack)
         finally:
             bar.close()
             store.release()
