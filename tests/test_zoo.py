@@ -107,6 +107,31 @@ def test_training_is_deterministic_and_learns(one_thread):
     assert met1["ood_error"] == pytest.approx(sum(met1[f"ood_error_{k}"] for k in digits.CORRUPTIONS) / 4)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_stack_trains_each_model_as_if_alone(one_thread, optimizer):
+    """Models trained together get their own learning rate, weight decay, augmentation and seed:
+    each comes out bit for bit as trained alone (no gradient, step or draw leaks across)."""
+    spec = zoo.ZooSpec({"lr": [0.5, 2.0], "weight_decay": [0.0, 5e-3], "augment": [False, True], "seed": [0, 1]},
+                       {"arch": "vit", "width": 8, "epochs": 2, "n_train": 64, "batch_size": 32, "optimizer": optimizer})
+    cfgs = spec.configs()[::3]   # 6 of the 16: every factor varies
+    together = zoo.train_stack(cfgs)
+    for cfg, (model, metrics) in zip(cfgs, together):
+        alone, alone_metrics = zoo.train(cfg)
+        for a, b in zip(model.state_dict().values(), alone.state_dict().values()):
+            assert torch.equal(a, b)
+        assert metrics == alone_metrics
+    assert len({float(m.state_dict()["head.weight"].sum()) for m, _ in together}) == len(cfgs)   # all differ
+    with pytest.raises(ValueError, match="differ only in lr, weight_decay, augment, seed"):
+        zoo.train_stack([cfgs[0], dict(cfgs[1], batch_size=16)])
+
+
+def test_stacks_of_the_default_zoo():
+    stacks = zoo.stacks_of(zoo.ZOO_PRESETS["default"].configs())
+    assert len(stacks) == 12 and {len(s) for s in stacks} == {8}   # arch x batch size x width; lr x wd x aug
+    for s in stacks:
+        assert len({zoo.stack_key(c) for c in s}) == 1
+
+
 def test_config_ids_unique_over_the_presets():
     for spec in zoo.ZOO_PRESETS.values():
         ids = [zoo.config_id(c) for c in spec.configs()]
@@ -126,6 +151,7 @@ def test_build_zoo_is_resumable(tmp_path):
     assert e["factory"] == "sharpfast.study.zoo:mlp" and e["checkpoint"].endswith(".safetensors")
     assert {"train_error", "train_loss", "test_error", "test_loss", "ood_error", "gap"} <= set(e["metrics"])
     assert e["hparams"]["lr"] == 0.5 and len(e["sha256"]) == 64
+    assert e["training"] == {"trainer": "stacked", "stack": 2, "threads": 1, "torch": torch.__version__}
     mtime = os.path.getmtime(tmp_path / e["checkpoint"])
     m2 = zoo.build_zoo(str(tmp_path), spec, progress=False, log=logs.append)
     assert "already present" in logs[-1] and [x.id for x in m2.models] == [x.id for x in m.models]

@@ -163,6 +163,7 @@ class ModelEntry:
     train_time_s: float | None = None
     init_checkpoint: str | None = None   # the weights before training (distance-to-initialization measures)
     init_sha256: str | None = None
+    training: dict[str, Any] | None = None   # how it was trained (sharpfast.study.zoo: trainer, stack, threads, torch)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -180,7 +181,7 @@ class ModelEntry:
         if not _FACTORY_RE.match(d["factory"]):
             raise ManifestError(f"{where} ({d['id']}): factory {d['factory']!r} is not of the "
                                 "form 'package.module:function'")
-        for name in ("kwargs", "hparams", "metrics"):
+        for name in ("kwargs", "hparams", "metrics", "training"):
             if name in d and not isinstance(d[name], dict):
                 raise ManifestError(f"{where} ({d['id']}): {name!r} must be an object")
         for k, v in d.get("metrics", {}).items():
