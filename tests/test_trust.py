@@ -179,6 +179,8 @@ def test_an_old_store_without_the_new_columns_reads_and_resumes(tiny_zoo, tmp_pa
     (["zoo", "--out", "Z", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
     (["report", "--store", "S", "--n-boot", "-5"], "argument --n-boot: must be >= 0, got -5"),
     (["sweep", "--zoo", "Z", "--cpus-per-task", "0"], "argument --cpus-per-task: must be > 0, got 0"),
+    (["sweep", "--zoo", "Z", "--stack", "0"], "argument --stack: must be >= 1, got 0"),
+    (["run", "--out", "Z", "--stack", "many"], "argument --stack: expected an integer, got 'many'"),
 ])
 def test_bad_numbers_are_refused_by_name(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)   # nothing is written where the tests run, even if a flag got through
