@@ -208,8 +208,9 @@ def _stacked(models: list[nn.Module], batches: list, settings: Settings) -> list
             with contextlib.ExitStack() as guards:
                 for i, m, params in bound:
                     guards.enter_context(ModelGuard(m, eval_mode=settings.eval_mode))
-                    on_device = precision.apply_policy(m, params, batches, settings.low_precision)
-                for (i, _, _), r in zip(bound, _fused_stack([m for _, m, _ in bound], on_device,
+                    # the batches as evaluated (half inputs cast where half models are upcast): alike for all
+                    evaluated = precision.apply_policy(m, params, batches, settings.low_precision)
+                for (i, _, _), r in zip(bound, _fused_stack([m for _, m, _ in bound], evaluated,
                                                             [p for _, _, p in bound], settings)):
                     out[i] = r
             return out

@@ -271,3 +271,20 @@ def test_values_do_not_depend_on_how_models_are_split_into_stacks(no_fallback):
     s = sharpfast.WorstCaseSettings(rho=0.05, n_iters=5)
     by_stack = {k: [r.per_batch for r in sharpfast.evaluate_many(models, data, s, stack=k)] for k in (2, 3, 5)}
     assert by_stack[2] == by_stack[3] == by_stack[5]   # bit for bit, also the last stack of one model
+
+
+def test_half_precision_models_are_stacked_as_float32_copies(no_fallback):
+    models, data = models_and_data("mlp", k=3, dtype=torch.bfloat16)
+    before = [snapshot(m) for m in models]
+    settings = sharpfast.WorstCaseSettings(rho=0.05, n_iters=5)
+    for g, m, b in zip(sharpfast.evaluate_many(models, data, settings), models, before):
+        e = sharpfast.evaluate_sharpness(m, data, settings)
+        assert_close(g, e, rel=1e-4, abs_=1e-5 * max(1.0, abs(e.init_loss)), delta_rel=1e-2)
+        assert_restored(m, b)
+        assert m[0].weight.dtype == torch.bfloat16
+
+
+def test_half_precision_models_are_refused_where_asked():
+    models, data = models_and_data("mlp", k=2, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="model 0: .*bfloat16"):
+        sharpfast.evaluate_many(models, data, sharpfast.WorstCaseSettings(rho=0.05, low_precision="error"))

@@ -116,8 +116,7 @@ class ManyModels(AllBatches):
         self.flats = [f for f in flats for _ in range(B)]
         self.owners = [k for k in range(K) for _ in range(B)]
         self.grid, self.w0_grid = (K, B, n), w0[:, None]
-        self.current = torch.empty((K * B, n), dtype=w0.dtype, device=w0.device)
-        self.current.view(self.grid).copy_(self.w0_grid.expand(self.grid))
+        self.current = torch.empty((K * B, n), dtype=w0.dtype, device=w0.device)   # GroupRun sets it to w0
         self.grad = torch.zeros_like(self.current)
         self.x, self.y = _stack(xs), torch.stack(ys)
         self.labelled = True
@@ -151,12 +150,8 @@ def stacked_state(models, params: ParamSet) -> dict[str, torch.Tensor]:
     floating point) of each model, stacked: what ``functional_call`` must take from each model
     besides its perturbed weights."""
     perturbed = set(params.names)
-    state = {}
-    for name, _ in [*models[0].named_parameters(), *models[0].named_buffers()]:
-        if name not in perturbed:
-            tensors = [dict([*m.named_parameters(), *m.named_buffers()])[name] for m in models]
-            state[name] = torch.stack([t.detach() for t in tensors])
-    return state
+    each = [{n: t for n, t in [*m.named_parameters(), *m.named_buffers()] if n not in perturbed} for m in models]
+    return {name: torch.stack([tensors[name].detach() for tensors in each]) for name in each[0]}
 
 
 def stacked_flats(params_list: list[ParamSet], s: Settings) -> tuple[list[FlatState], torch.Tensor]:
