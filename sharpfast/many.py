@@ -197,8 +197,11 @@ def _stacked(models: list[nn.Module], batches: list, settings: Settings) -> list
     bound = []
     for i, m in enumerate(models):
         try:
-            bound.append((i, m, settings.bind(m)))
-        except Exception as e:  # noqa: BLE001 - non-finite weights, a bad scale: this model's error
+            params = settings.bind(m)
+            if settings.low_precision == "error":   # refuses a half-precision model, touching nothing
+                precision.apply_policy(m, params, batches, "error")
+            bound.append((i, m, params))
+        except Exception as e:  # noqa: BLE001 - non-finite weights, a bad scale, half precision: its error
             out[i] = e
     if not bound:
         return out

@@ -284,7 +284,7 @@ def test_half_precision_models_are_stacked_as_float32_copies(no_fallback):
         assert m[0].weight.dtype == torch.bfloat16
 
 
-def test_half_precision_models_are_refused_where_asked():
+def test_half_precision_models_are_refused_where_asked(no_fallback):   # each its own error, not a fallback
     models, data = models_and_data("mlp", k=2, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="model 0: .*bfloat16"):
         sharpfast.evaluate_many(models, data, sharpfast.WorstCaseSettings(rho=0.05, low_precision="error"))
