@@ -19,7 +19,7 @@ from ..settings import Settings
 from ..objective import batches_on_device
 from ..params import ParamSet
 from ..philox import AVERAGE_SAMPLE_BASE, noise_distribution
-from .flat import FlatState, finish, loss_and_error
+from .flat import FlatState, finish, loss_and_error, read_back, results_by_model
 from .problems import loss_and_error_at_row, stacked_flats, stacked_state
 
 log = logging.getLogger("sharpfast.fused")
@@ -179,13 +179,8 @@ def average_many(models, batches, params_list: list[ParamSet], s: Settings) -> l
             init_losses.append(L0)
             init_errs.append(E0)
             nonfinite.append(bad)
-    out = []
-    for k in range(K):
-        pick = lambda values: [v[k] for v in values]
-        zeros = [torch.zeros((), **f64)] * len(per_batch)
-        try:
-            out.append(finish(s, pick(per_batch), pick(per_batch_err), pick(init_losses), pick(init_errs), zeros,
-                              labelled[0], pick(nonfinite)))
-        except Exception as e:  # noqa: BLE001 - one model's non-finite loss is its own error
-            out.append(e)
-    return out
+    rows_by_model = lambda values: [v[k] for v in values for k in range(K)]   # batch-major: problem (b, k)
+    zeros = [torch.zeros((), **f64)] * (len(per_batch) * K)
+    host = read_back(*map(rows_by_model, (per_batch, per_batch_err, init_losses, init_errs)), zeros,
+                     rows_by_model(nonfinite))
+    return [r for r, _ in results_by_model(s, host, list(range(K)) * len(per_batch), K, labelled[0])]

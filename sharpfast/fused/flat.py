@@ -109,9 +109,17 @@ def loss_and_error(s: Settings, model, x, y):
 
 def finish(s: Settings, per_batch, per_batch_err, init_losses, init_errs, delta_norms, has_err, nonfinite):
     """The one read-back of a call: everything stacked and copied to the host together."""
-    values = torch.stack([torch.stack(v).double() for v in (per_batch, per_batch_err, init_losses, init_errs)]
-                         + [torch.stack(delta_norms).double(), torch.stack(nonfinite).double()])
-    per_batch, per_batch_err, init_losses, init_errs, delta_norms, nonfinite = values.tolist()
+    return result_of(s, *read_back(per_batch, per_batch_err, init_losses, init_errs, delta_norms, nonfinite), has_err)
+
+
+def read_back(*rows) -> list[list[float]]:
+    """Lists of per-problem device scalars, copied to the host in one transfer (as float64)."""
+    return torch.stack([torch.stack(v).double() for v in rows]).tolist()
+
+
+def result_of(s: Settings, per_batch, per_batch_err, init_losses, init_errs, delta_norms, nonfinite,
+              has_err) -> SharpnessResult:
+    """One model's result from its problems' host values; a non-finite loss is an error naming where."""
     for b, (bad, l0) in enumerate(zip(nonfinite, init_losses)):
         check_finite_loss(l0, f"at the unperturbed weights (batch {b})")
         if bad:
@@ -122,3 +130,19 @@ def finish(s: Settings, per_batch, per_batch_err, init_losses, init_errs, delta_
         per_batch=per_batch, per_batch_err=per_batch_err if has_err else None,
         delta_norm=max(delta_norms), init_loss=mean(init_losses), init_err=mean(init_errs) if has_err else None,
         backend="fused", kind=s.kind, settings=s.describe())
+
+
+def results_by_model(s: Settings, host: list[list[float]], owners: list[int], n_models: int,
+                     has_err: bool) -> list[tuple]:
+    """``(result, extra)`` per model from the host values of every problem (``host``: :func:`read_back`'s
+    lists, in :func:`result_of`'s order, then any ``extra`` ones; ``owners``: each problem's model,
+    whose problems are taken in order); ``result`` is the exception its values raise where they do."""
+    out = []
+    for k in range(n_models):
+        rows = [r for r, owner in enumerate(owners) if owner == k]
+        mine = [[values[r] for r in rows] for values in host]
+        try:
+            out.append((result_of(s, *mine[:6], has_err), mine[6:]))
+        except Exception as e:  # noqa: BLE001 - one model's non-finite loss is its own error
+            out.append((e, mine[6:]))
+    return out

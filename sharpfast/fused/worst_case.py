@@ -18,7 +18,7 @@ from ..params import ParamSet
 from ..philox import RAND_INIT_SAMPLE_BASE, noise_distribution
 from . import problems
 from .bookkeeping import Bookkeeping
-from .flat import FlatState, finish
+from .flat import FlatState, read_back, results_by_model
 from .scaled import ScaledRun
 
 # bisection steps speculated per pass over memory: each costs an fp64 division per coordinate
@@ -61,15 +61,11 @@ def _solve(groups, s: Settings, local: list, errors: str = "raise") -> list:
             book = run.solve(loss, err, L0, E0, checkpoints, results)
             worst = _best_of(worst, (book.best_loss, book.best_err, book.delta_norm(L0)), L0, E0, start)
         results.add(L0, E0, worst, run.loss_sum, group.owners)
-    out = []
-    for k, model_local in enumerate(local):
-        try:
-            result, improved = results.finish(s, k)
-            out.append(starts.with_diagnostics(result, s, improved, model_local))
-        except Exception as e:  # noqa: BLE001 - one model's non-finite loss is its own error
-            if errors == "raise":
-                raise
-            out.append(e)
+    out = results.finish(s, local)
+    if errors == "raise":
+        for r in out:
+            if isinstance(r, BaseException):
+                raise r
     return out
 
 
@@ -218,10 +214,12 @@ class _Results:
         self.delta_norms += list(worst_norm.reshape(-1))
         self.nonfinite += list((~torch.isfinite(loss_sum)).reshape(-1))
 
-    def finish(self, s: Settings, owner: int = 0) -> tuple[SharpnessResult, list[int]]:
-        """Model ``owner``'s result (its rows, in batch order) and its restarts that improved."""
-        rows = [r for r, k in enumerate(self.owners) if k == owner]
-        pick = lambda values: [values[r] for r in rows]
-        improved = torch.stack(pick(self.improved)).tolist()
-        return finish(s, pick(self.per_batch), pick(self.per_batch_err), pick(self.init_losses),
-                      pick(self.init_errs), pick(self.delta_norms), self.labelled, pick(self.nonfinite)), improved
+    def finish(self, s: Settings, local: list) -> list:
+        """Each model's result (its rows, in batch order, with its restarts that improved and its
+        local models' diagnostics), or the exception its values raise: one read-back for all."""
+        host = read_back(self.per_batch, self.per_batch_err, self.init_losses, self.init_errs, self.delta_norms,
+                         self.nonfinite, self.improved)
+        return [r if isinstance(r, BaseException) else
+                starts.with_diagnostics(r, s, [int(n) for n in improved], model_local)
+                for (r, (improved,)), model_local in zip(results_by_model(s, host, self.owners, len(local),
+                                                                          self.labelled), local)]

@@ -29,7 +29,7 @@ import torch
 
 from sharpfast import map_tensors
 
-from .checkpoints import Manifest, ManifestError, ModelEntry, file_sha256, load_model
+from .checkpoints import Manifest, ModelEntry, file_sha256, load_model
 from .measures import NEEDS_INIT
 from .definitions import ConfigError, Definition, dedupe
 from .store import Store
