@@ -513,3 +513,17 @@ def test_a_failing_checkpoint_gets_its_own_error_row_and_leaves_its_stack_unchan
     for key, row in rows.items():
         if key[0] not in errors:
             assert row == before[key]   # the stack's other checkpoints: the very same values
+
+
+def test_a_stack_evaluate_many_refuses_is_evaluated_one_checkpoint_at_a_time(tiny_zoo, monkeypatch):
+    m = Manifest.load(tiny_zoo)
+    entries = [e.to_dict() for e in m.models[:3]]
+    defs = [d.canonical() for d in QUICK]
+    expected = sweep_mod.evaluate_checkpoints(m.data, m.root, entries, defs, "cpu", 1, "auto", stack=1)
+
+    def refuse(*a, **kw):
+        raise ValueError("models[1] is not of models[0]'s architecture")
+    monkeypatch.setattr(sharpfast, "evaluate_many", refuse)
+    rows = sweep_mod.evaluate_checkpoints(m.data, m.root, entries, defs, "cpu", 1, "auto", stack=None)
+    strip = lambda rs: [[{k: v for k, v in r.items() if k != "time_s"} for r in row] for row in rs]
+    assert strip(rows) == strip(expected) and all(r["status"] == "ok" for row in rows for r in row)

@@ -113,10 +113,15 @@ def evaluate_checkpoints(data_spec: dict[str, Any], root: str, entries: list[dic
             for i in loaded:
                 rows[i].append(dict(bases[i], definition_key=d.key, status="error", error=_short_error(e), time_s=0.0))
             continue
+        outcomes = None
         if not (d.is_curvature or d.is_measure) and loaded and stack != 1:   # also a stack of one: the
             # values do not depend on how the checkpoints were split into stacks
-            outcomes = sharpfast.evaluate_many([models[i] for i in loaded], batches, d.settings(backend),
-                                               stack=stack, errors="return")
+            try:
+                outcomes = sharpfast.evaluate_many([models[i] for i in loaded], batches, d.settings(backend),
+                                                   stack=stack, errors="return")
+            except Exception:  # noqa: BLE001 - e.g. checkpoints that load into other dtypes: one at a time,
+                pass           # where each gets its own row
+        if outcomes is not None:
             _synchronize(dev)
             seconds = (time.perf_counter() - t0) / len(loaded)   # the stack's time, shared
             for i, r in zip(loaded, outcomes):
