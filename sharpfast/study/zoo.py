@@ -222,10 +222,11 @@ def train_stack(cfgs: list[dict[str, Any]]) -> list[tuple[nn.Module, dict[str, f
     seeded ``seed + 1``), learning rate and weight decay (its own parameter group of one
     ``torch.optim`` optimizer, SGD with momentum 0.9 or AdamW, and a cosine schedule). One step
     is one vmapped forward and backward (``torch.func.functional_call`` over the models' stacked
-    parameters) on every model's own batch: for these small models the per-operation overhead,
-    not arithmetic, bounds a step, and a stack of 8 trains several times faster than one model
-    after another (benchmarks/ZOO_RESULTS.md). Deterministic: the same configurations on the same
-    machine and torch give bit-identical models.
+    parameters) on every model's own batch, which removes per-operation overhead where that
+    bounds a step (small batches, narrow models: the default zoo's 96 models took 189 core-seconds
+    against 224 one after another, benchmarks/ZOO_RESULTS.md). Each model comes out bit for bit
+    as trained alone, and the same configurations on the same machine and torch give
+    bit-identical models.
     """
     from torch.func import functional_call, vmap
 
