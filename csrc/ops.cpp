@@ -4,7 +4,10 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <stdexcept>
 #include <string>
+
+#include "cpu/isa.h"
 
 namespace py = pybind11;
 
@@ -95,6 +98,12 @@ PYBIND11_MODULE(_C, m) {
     for (const OpSchema& op : kOps) ops.append(op.name);
     info["ops"] = ops;
     info["rng"] = "philox4x32-10";
+    py::list isas;
+    for (sharpfast::cpu::Isa isa : sharpfast::cpu::supported_isas()) isas.append(sharpfast::cpu::isa_name(isa));
+    info["cpu_isas"] = isas;
     return info;
   });
+  // the CPU sampling loops' instruction set (csrc/cpu/isa.h): read, or set by name (tests force each)
+  m.def("cpu_isa", []() { return std::string(sharpfast::cpu::isa_name(sharpfast::cpu::active_isa())); });
+  m.def("set_cpu_isa", [](const std::string& name) { sharpfast::cpu::set_isa(name); });  // ValueError if unknown
 }

@@ -32,7 +32,7 @@ except Exception as exc:  # pragma: no cover - depends on the build
     _C = None
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-__all__ = ["available", "build_info", "IMPORT_ERROR", "DerivedScale", "draw_", "perturb_", "perturb_batched_",
+__all__ = ["available", "build_info", "cpu_isa", "IMPORT_ERROR", "DerivedScale", "draw_", "perturb_", "perturb_batched_",
            "perturb_tensors_", "apgd_step_linf_", "apgd_step_l2_", "ellipsoid_sq_norms", "scaled_step_linf_",
            "scaled_step_l2_", "scaled_gram", "GRAM_ENTRIES", "copy_if_", "sum_squares", "seed_to_int64"]
 
@@ -45,6 +45,16 @@ def build_info() -> dict:
     if _C is None:
         return {"cuda": False, "error": IMPORT_ERROR}
     return dict(_C.build_info())
+
+
+def cpu_isa(name: str | None = None) -> str:
+    """The instruction set of the CPU sampling loops (``"scalar"``, ``"avx2"`` or ``"avx512"``: the
+    widest the CPU has, or ``SHARPFAST_CPU_ISA``); ``name`` sets it first (tests force each; every
+    one draws the same bits). ``build_info()["cpu_isas"]`` lists those this CPU has."""
+    from . import _C
+    if name is not None:
+        _C.set_cpu_isa(name)
+    return _C.cpu_isa()
 
 
 def available(device) -> bool:

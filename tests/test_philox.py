@@ -11,6 +11,20 @@ from sharpfast.philox import philox4x32_10, philox_draw
 pytestmark = pytest.mark.skipif(not _ops.available("cpu"), reason=f"extension not built: {_ops.IMPORT_ERROR}")
 
 from tests.helpers import DEVICES
+
+CPU_ISAS = _ops.build_info().get("cpu_isas", ["scalar"]) if _ops.available("cpu") else ["scalar"]
+
+
+@pytest.fixture(autouse=True, params=CPU_ISAS)
+def cpu_isa(request):
+    """Every test here runs with each CPU instruction set of the sampling loops (csrc/cpu/isa.h)."""
+    if not _ops.available("cpu"):
+        yield None
+        return
+    before = _ops.cpu_isa()
+    _ops.cpu_isa(request.param)
+    yield request.param
+    _ops.cpu_isa(before)
 SEEDS = [0, 1, 12345, 2**32 + 7, 2**63 + 11, 2**64 - 1]
 OFFSETS = [0, 1, 2, 3, 5, 4097, 2**33 + 3]
 
@@ -154,3 +168,48 @@ def test_counter_independence(dist):
     if dist == "normal":      # Box-Muller partners share one radius; exact BM makes them independent: check |x| too
         a = base.abs()
         assert abs(_corr(a[0::2], a[1::2])) < 5 / math.sqrt(n / 2)
+
+
+@pytest.mark.skipif(not _ops.available("cpu"), reason="extension not built")
+def test_every_instruction_set_draws_and_perturbs_the_same_bits(cpu_isa):
+    """Against the scalar loop, bit for bit: every distribution and dtype, lengths and offsets that
+    end inside a vector step and cross tiles, and the perturbation ops built on the draws."""
+    def run():
+        out = []
+        for dist in ("normal", "uniform", "rademacher"):
+            for dtype in (torch.float32, torch.float64, torch.bfloat16):
+                for n, offset in ((1, 0), (7, 3), (129, 5), (4096 + 37, 2**32 - 9), (70001, 123)):
+                    t = torch.empty(n, dtype=dtype)
+                    _ops.draw_(t, 2**63 + 11, 3, 2**31 + 1, offset, dist)
+                    out.append(t)
+            w0 = torch.randn(3001, generator=torch.Generator().manual_seed(0))
+            rows = torch.empty(4, 3001)
+            _ops.perturb_batched_(rows, w0, _ops.DerivedScale(True, 0.01), 0.1, 5, 2, 9, 17, dist, True)
+            one = torch.empty(3001)
+            _ops.perturb_(one, w0, _ops.DerivedScale(False, 0.0) if dist == "normal" else w0.abs(), 0.1, 5, 2, 9, 17, dist)
+            out += [rows, one]
+        return out
+    got = run()
+    _ops.cpu_isa("scalar")
+    for a, b in zip(got, run()):
+        assert torch.equal(a, b), cpu_isa
+
+
+@pytest.mark.skipif(not _ops.available("cpu"), reason="extension not built")
+def test_the_instruction_set_is_chosen_by_name_and_refused_by_name(cpu_isa):
+    import subprocess
+    import sys
+
+    assert _ops.cpu_isa() == cpu_isa and CPU_ISAS[0] == "scalar"
+    with pytest.raises(ValueError, match="unknown CPU instruction set 'sse9'"):
+        _ops.cpu_isa("sse9")
+    assert _ops.cpu_isa() == cpu_isa   # unchanged
+    code = "from sharpfast import _ops; import torch; _ops.draw_(torch.empty(3), 0, 0, 0, 0, 'normal'); print(_ops.cpu_isa())"
+    run = lambda env: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                     env={**__import__("os").environ, **env})
+    r = run({"SHARPFAST_CPU_ISA": "scalar"})
+    assert r.returncode == 0 and r.stdout.strip() == "scalar", r.stderr
+    r = run({"SHARPFAST_CPU_ISA": ""})
+    assert r.returncode == 0 and r.stdout.strip() == CPU_ISAS[-1]   # the widest by default
+    r = run({"SHARPFAST_CPU_ISA": "avx1024"})
+    assert r.returncode != 0 and "unknown CPU instruction set 'avx1024'" in r.stderr

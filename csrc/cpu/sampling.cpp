@@ -1,26 +1,82 @@
 // CPU sampling ops: Philox draws, perturbed copies of the weights (one row, K rows, or the
 // pieces of a model's parameter tensors), generated tile by tile straight into the output.
 #include "cpu_common.h"
+#include "isa.h"
+#include "philox_x86.h"
 
 namespace sharpfast {
 namespace cpu {
 namespace {
 
-// The 4 * blocks words of philox blocks first_block, first_block + 1, ...
-SF_CPU_CLONES void philox_words(uint64_t seed, uint32_t rng_stream, uint32_t sample, uint64_t first_block,
-                                int64_t blocks, uint32_t* __restrict__ w) {
-  for (int64_t b = 0; b < blocks; ++b) {
-    const Words4 r = philox_block(seed, rng_stream, sample, first_block + static_cast<uint64_t>(b));
-    w[4 * b] = r.v[0];
-    w[4 * b + 1] = r.v[1];
-    w[4 * b + 2] = r.v[2];
-    w[4 * b + 3] = r.v[3];
+// The 4 * blocks words of philox blocks first_block, first_block + 1, ... with the active
+// instruction set (isa.h; the same words on every one).
+void philox_words(uint64_t seed, uint32_t rng_stream, uint32_t sample, uint64_t first_block, int64_t blocks,
+                  uint32_t* __restrict__ w) {
+#ifdef SF_HAVE_X86_PHILOX
+  switch (active_isa()) {
+    case Isa::avx512: return philox_words_avx512(seed, rng_stream, sample, first_block, blocks, w);
+    case Isa::avx2: return philox_words_avx2(seed, rng_stream, sample, first_block, blocks, w);
+    default: break;
   }
+#endif
+  philox_words_scalar(seed, rng_stream, sample, first_block, blocks, w);
 }
 
-// Box-Muller over `pairs` word pairs (w[2p], w[2p + 1]) -> (z[2p], z[2p + 1]).
-SF_CPU_CLONES void box_muller_pairs(const uint32_t* __restrict__ w, double* __restrict__ z, int64_t pairs) {
+// Box-Muller over `pairs` word pairs (w[2p], w[2p + 1]) -> (z[2p], z[2p + 1]): one loop, which the
+// compiler vectorizes for each instruction set (philox.h's log and sincos are branch-free).
+#define SF_BOX_MULLER_LOOP \
   for (int64_t p = 0; p < pairs; ++p) box_muller(w[2 * p], w[2 * p + 1], z[2 * p], z[2 * p + 1]);
+void box_muller_scalar(const uint32_t* __restrict__ w, double* __restrict__ z, int64_t pairs) { SF_BOX_MULLER_LOOP }
+#ifdef SF_HAVE_X86_PHILOX
+SF_TARGET_AVX2 void box_muller_avx2(const uint32_t* __restrict__ w, double* __restrict__ z, int64_t pairs) {
+  SF_BOX_MULLER_LOOP
+}
+SF_TARGET_AVX512 void box_muller_avx512(const uint32_t* __restrict__ w, double* __restrict__ z, int64_t pairs) {
+  SF_BOX_MULLER_LOOP
+}
+#endif
+
+// uniform(-1, 1) or Rademacher draws of n words, as T: one loop per instruction set as well.
+#define SF_WORDS_LOOP                                                                    \
+  if (dist == Dist::uniform) {                                                           \
+    for (int64_t i = 0; i < n; ++i) xi[i] = static_cast<T>(uniform_pm1(w[i]));           \
+  } else {                                                                               \
+    for (int64_t i = 0; i < n; ++i) xi[i] = static_cast<T>(rademacher(w[i]));            \
+  }
+template <typename T>
+void words_scalar(Dist dist, const uint32_t* __restrict__ w, int64_t n, T* __restrict__ xi) { SF_WORDS_LOOP }
+#ifdef SF_HAVE_X86_PHILOX
+template <typename T>
+SF_TARGET_AVX2 void words_avx2(Dist dist, const uint32_t* __restrict__ w, int64_t n, T* __restrict__ xi) {
+  SF_WORDS_LOOP
+}
+template <typename T>
+SF_TARGET_AVX512 void words_avx512(Dist dist, const uint32_t* __restrict__ w, int64_t n, T* __restrict__ xi) {
+  SF_WORDS_LOOP
+}
+#endif
+
+template <typename T>
+void words_to_draws(Dist dist, const uint32_t* __restrict__ w, int64_t n, T* __restrict__ xi) {
+#ifdef SF_HAVE_X86_PHILOX
+  switch (active_isa()) {
+    case Isa::avx512: return words_avx512<T>(dist, w, n, xi);
+    case Isa::avx2: return words_avx2<T>(dist, w, n, xi);
+    default: break;
+  }
+#endif
+  words_scalar<T>(dist, w, n, xi);
+}
+
+void box_muller_pairs(const uint32_t* __restrict__ w, double* __restrict__ z, int64_t pairs) {
+#ifdef SF_HAVE_X86_PHILOX
+  switch (active_isa()) {
+    case Isa::avx512: return box_muller_avx512(w, z, pairs);
+    case Isa::avx2: return box_muller_avx2(w, z, pairs);
+    default: break;
+  }
+#endif
+  box_muller_scalar(w, z, pairs);
 }
 
 // Draws of elements e0 .. e0 + n - 1 (global indices, n <= kTile) into xi[0 .. n - 1]: the
@@ -37,10 +93,8 @@ void fill_draws(Dist dist, const Counter& k, uint32_t sample, uint64_t e0, int64
     double z[kMaxWords];
     box_muller_pairs(w, z, 2 * blocks);
     for (int64_t i = 0; i < n; ++i) xi[i] = static_cast<T>(z[lane0 + i]);
-  } else if (dist == Dist::uniform) {
-    for (int64_t i = 0; i < n; ++i) xi[i] = static_cast<T>(uniform_pm1(wl[i]));
   } else {
-    for (int64_t i = 0; i < n; ++i) xi[i] = static_cast<T>(rademacher(wl[i]));
+    words_to_draws<T>(dist, wl, n, xi);
   }
 }
 
@@ -58,8 +112,12 @@ void draw_cpu(at::Tensor& out, int64_t seed, int64_t rng_stream, int64_t sample,
       acc_t xi[kTile];
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t * kTile, m = std::min(kTile, n - b);
-        fill_draws<acc_t>(dist, k, k.sample, k.offset + b, m, xi);
-        for (int64_t j = 0; j < m; ++j) o[b + j] = static_cast<scalar_t>(xi[j]);
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {   // float, double: straight into the output
+          fill_draws<acc_t>(dist, k, k.sample, k.offset + b, m, reinterpret_cast<acc_t*>(o + b));
+        } else {
+          fill_draws<acc_t>(dist, k, k.sample, k.offset + b, m, xi);
+          for (int64_t j = 0; j < m; ++j) o[b + j] = static_cast<scalar_t>(xi[j]);
+        }
       }
     });
   });
