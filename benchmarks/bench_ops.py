@@ -17,6 +17,7 @@ width) and of a measured device copy (``clone``) bandwidth.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 import sys
@@ -335,6 +336,57 @@ def copy_bandwidth(device, n, dtype):
     return max(2 * n * x.element_size() / t_copy, 3 * n * x.element_size() / t_add)
 
 
+DRAW_ELEMENTS = 1_532_426   # the 25-layer 256-wide MLP's parameters: a 6 MB float32 buffer
+
+
+def draws_table(device, threads=(1, 2)) -> list[str]:
+    """Philox draws (``_ops.draw_``, float32) per distribution and, on a CPU, per instruction set
+    (csrc/cpu/isa.h): ns per element at each thread count, and the roofline: the bytes written
+    (4 per element), the rate they are written at, and that rate against the measured
+    write-only bandwidth of ``fill_`` on the same buffer (a draw cannot be faster than writing)."""
+    out = torch.empty(DRAW_ELEMENTS, device=device)
+    isas = _ops.build_info().get("cpu_isas", ["scalar"]) if device.type == "cpu" else [device.type]
+    before_isa, before_threads = (_ops.cpu_isa() if device.type == "cpu" else None), torch.get_num_threads()
+    lines = [f"Draws of {DRAW_ELEMENTS:,} float32 elements; best of >= 3 repetitions. Roofline: 4 bytes written "
+             "per element; `% write bw` is against `fill_` on the same buffer and thread count.", "",
+             "| instruction set | distribution | threads | ns / element | ns / element / core | GB/s written | "
+             "`fill_` GB/s | % write bw |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    try:
+        for n_threads in threads if device.type == "cpu" else (None,):
+            if n_threads:
+                torch.set_num_threads(n_threads)
+            fill = timeit(lambda: out.fill_(1.0), device, min_time=0.5)
+            fill_bw = 4 * DRAW_ELEMENTS / fill
+            for isa in isas:
+                if device.type == "cpu":
+                    _ops.cpu_isa(isa)
+                for dist in ("normal", "uniform", "rademacher"):
+                    t = timeit(lambda: _ops.draw_(out, 0, 0, 0, 0, dist), device, min_time=0.5)
+                    ns = t / DRAW_ELEMENTS * 1e9
+                    bw = 4 * DRAW_ELEMENTS / t
+                    lines.append(f"| {isa} | {dist} | {n_threads or '-'} | {ns:.2f} | {ns * (n_threads or 1):.2f} | "
+                                 f"{bw / 1e9:.1f} | {fill_bw / 1e9:.1f} | {100 * bw / fill_bw:.0f}% |")
+                    print(lines[-1], flush=True)
+    finally:
+        torch.set_num_threads(before_threads)
+        if before_isa:
+            _ops.cpu_isa(before_isa)
+    return lines
+
+
+def write_section(path, name, lines):
+    """Replace section ``name`` of ``path`` (between its markers), or append it."""
+    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+    old = open(path).read() if os.path.exists(path) else "# sharpfast op micro-benchmarks\n"
+    section = begin + "\n" + "\n".join(lines) + "\n" + end + "\n"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + section + old[old.index(end) + len(end) + 1:]
+    else:
+        new = old.rstrip("\n") + "\n\n" + section
+    with open(path, "w") as f:
+        f.write(new)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -342,9 +394,18 @@ def main(argv=None):
     ap.add_argument("--small", action="store_true", help="10M-parameter flat buffer instead of 100M")
     ap.add_argument("--skip-loop-large", action="store_true", help="skip the per-tensor loop on the large buffer")
     ap.add_argument("--out", help="also write the table (markdown) to this file")
+    ap.add_argument("--draws", action="store_true",
+                    help="only the Philox draws per instruction set, with the roofline (replaces that section of --out)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    if args.draws:
+        command = "`python -m benchmarks.bench_ops " + " ".join(argv if argv is not None else sys.argv[1:]) + "`"
+        lines = [f"## Draws ({device.type})", "", command + f" on **{device_name(device)}**, torch {torch.__version__}, "
+                 f"load average at start {_loadavg()}.", ""] + draws_table(device)
+        if args.out:
+            write_section(args.out, f"draws {device.type}", lines)
+        return
     if device.type == "cpu":
         torch.set_flush_denormal(True)   # repeated l2 steps shrink delta towards denormals
     if not _ops.available(device):
