@@ -17,7 +17,6 @@ width) and of a measured device copy (``clone``) bandwidth.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 
 import torch
 
+from benchmarks.results import write_section
 from sharpfast import _ops
 
 RHO, MOM, STEP, GS, K, N_LAMBDAS = 0.05, 0.75, 0.1, 1e-3, 8, 16
@@ -374,19 +374,6 @@ def draws_table(device, threads=(1, 2)) -> list[str]:
     return lines
 
 
-def write_section(path, name, lines):
-    """Replace section ``name`` of ``path`` (between its markers), or append it."""
-    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
-    old = open(path).read() if os.path.exists(path) else "# sharpfast op micro-benchmarks\n"
-    section = begin + "\n" + "\n".join(lines) + "\n" + end + "\n"
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + section + old[old.index(end) + len(end) + 1:]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    with open(path, "w") as f:
-        f.write(new)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -404,7 +391,7 @@ def main(argv=None):
         lines = [f"## Draws ({device.type})", "", command + f" on **{device_name(device)}**, torch {torch.__version__}, "
                  f"load average at start {_loadavg()}.", ""] + draws_table(device)
         if args.out:
-            write_section(args.out, f"draws {device.type}", lines)
+            write_section(args.out, f"draws {device.type}", "\n".join(lines), "# sharpfast op micro-benchmarks\n")
         return
     if device.type == "cpu":
         torch.set_flush_denormal(True)   # repeated l2 steps shrink delta towards denormals

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sharpfast
+from benchmarks.results import write_section
 from benchmarks.bench_ops import device_name
 from tests.memory_probe import peak_cpu_bytes
 from tests.published_style import published_average_case, published_worst_case
@@ -252,15 +253,7 @@ def table(rows, device):
 
 def write_results(path, device, text):
     """Replace this device type's section of ``path`` (one file, a section per device type)."""
-    begin, end = f"<!-- {device.type}: begin -->", f"<!-- {device.type}: end -->"
-    old = open(path).read() if os.path.exists(path) else RESULTS_HEADER
-    section = f"{begin}\n{text}{end}\n"
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + section + old[old.index(end) + len(end) + 1:]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    with open(path, "w") as f:
-        f.write(new)
+    write_section(path, device.type, text, RESULTS_HEADER)
 
 
 RESULTS_HEADER = """# sharpfast end-to-end timings

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, stack_module_state, vmap
 
 import sharpfast
-from benchmarks.bench_sharpness import clock, digits_batches, mlp25, write_results
+from benchmarks.bench_sharpness import clock, digits_batches, mlp25
+from benchmarks.results import write_section
 from sharpfast.study import zoo
 
 N_BATCHES, BATCH, N_ITERS, N_SAMPLES = 2, 128, 5, 5
@@ -122,10 +123,7 @@ def main():
     rows = [r for name in names for k in map(int, args.stacks.split(",")) for r in measure(name, k, device)]
     text = table(rows, device) + "\n"
     print(text)
-    if not os.path.exists(args.out):
-        with open(args.out, "w") as f:
-            f.write(RESULTS_HEADER)
-    write_results(args.out, device, text)
+    write_section(args.out, device.type, text, RESULTS_HEADER)
 
 
 RESULTS_HEADER = """# sharpfast stacked zoo evaluation

@@ -25,6 +25,8 @@ def describe_build() -> list[str]:
     lines.append(f"extension: built against torch {info['torch']}, {cuda}, "
                  f"OpenMP {'on' if info['openmp'] else 'OFF (CPU ops run on one thread)'}")
     lines.append(f"threads: torch {torch.get_num_threads()} intra-op, {os.cpu_count()} CPUs")
+    lines.append(f"CPU draws: {_ops.cpu_isa()} (this CPU: {', '.join(info.get('cpu_isas', ['scalar']))}; "
+                 "SHARPFAST_CPU_ISA chooses)")
     return lines
 
 

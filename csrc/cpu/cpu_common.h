@@ -27,9 +27,9 @@ inline constexpr int64_t kReduceChunk = 16384;  // elements per partial sum (red
 #define SF_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-// The sampling loops below are branch-free (see philox.h), so they vectorize; on x86-64 with
-// GCC an AVX2 clone is picked at load time where the CPU has it (no FMA in either clone, so
-// both give the same bits).
+// The reduction loops are branch-free, so they vectorize; on x86-64 with GCC an AVX2 clone is
+// picked at load time where the CPU has it (no FMA in either clone, so both give the same bits).
+// The sampling loops choose their instruction set themselves (isa.h).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define SF_CPU_CLONES __attribute__((target_clones("avx2", "default")))
 #else
