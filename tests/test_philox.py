@@ -204,7 +204,8 @@ def test_the_instruction_set_is_chosen_by_name_and_refused_by_name(cpu_isa):
     with pytest.raises(ValueError, match="unknown CPU instruction set 'sse9'"):
         _ops.cpu_isa("sse9")
     assert _ops.cpu_isa() == cpu_isa   # unchanged
-    code = "from sharpfast import _ops; import torch; _ops.draw_(torch.empty(3), 0, 0, 0, 0, 'normal'); print(_ops.cpu_isa())"
+    code = ("from sharpfast import _ops; import torch; _ops.draw_(torch.empty(10**6), 0, 0, 0, 0, 'normal'); "
+            "print(_ops.cpu_isa())")   # a draw large enough for the parallel loop
     run = lambda env: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                      env={**__import__("os").environ, **env})
     r = run({"SHARPFAST_CPU_ISA": "scalar"})

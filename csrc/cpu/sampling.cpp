@@ -105,6 +105,7 @@ void draw_cpu(at::Tensor& out, int64_t seed, int64_t rng_stream, int64_t sample,
   const Dist dist = call.dist;
   const int64_t n = out.numel();
   if (n == 0) return;
+  active_isa();   // chosen here, outside the parallel loop (a bad SHARPFAST_CPU_ISA raises here)
   SF_DISPATCH(out.scalar_type(), "sharpfast::draw_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -144,6 +145,7 @@ void perturb_segments(const std::vector<Segment<S>>& segs, const ScaleRule& rule
   for (size_t g = 0; g < segs.size(); ++g) first[g + 1] = first[g] + (segs[g].n + kTile - 1) / kTile;
   const int64_t tiles = first.back();
   if (tiles == 0 || n_samples == 0) return;
+  active_isa();   // chosen here, outside the parallel loop (a bad SHARPFAST_CPU_ISA raises here)
   const acc_t rp = static_cast<acc_t>(rho), rm = static_cast<acc_t>(-rho);
   const int64_t rows = antithetic ? 2 : 1;
   at::parallel_for(0, tiles * n_samples, std::max<int64_t>(1, kGrain / kTile), [&](int64_t t0, int64_t t1) {
