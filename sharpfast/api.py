@@ -13,6 +13,7 @@ from .params import ModelGuard, ParamSet
 from .result import SharpnessResult, check_batches
 from .settings import AverageCaseSettings as A
 from .settings import Settings
+from .settings import GEODESIC_EPS, GeodesicSettings
 from .settings import WorstCaseSettings as W
 
 
@@ -141,6 +142,52 @@ def average_sharpness(
         n_samples=n_samples, antithetic=antithetic, samples_per_pass=samples_per_pass))
 
 
+def geodesic_sharpness(
+    model: nn.Module, data: Iterable, rho: float, metric: str = "mix", blocks="auto", eps: float = GEODESIC_EPS,
+    second_order: bool = True, n_iters: int = W.n_iters, adaptive: bool = W.adaptive,
+    scale: Mapping[str, torch.Tensor] | None = None, loss_fn: Callable | None = None,
+    normalize_logits: bool | str = W.normalize_logits, step_size_mult: float = W.step_size_mult,
+    seed: int = W.seed, backend: str = W.backend, adaptive_eta: float = W.adaptive_eta,
+    adaptive_weights_only: bool = W.adaptive_weights_only, eval_mode: bool = W.eval_mode,
+    min_update_ratio: float = W.min_update_ratio, error_fn: Callable | None = None,
+    low_precision: str = W.low_precision,
+) -> SharpnessResult:
+    """Geodesic sharpness (da Silva, Dangel, Oore, ICML 2025; GEODESIC.md): per m-batch,
+    ``max L(gamma_xi(1)) - L(w)`` over horizontal ``xi`` with ``||xi||_w <= rho``, ``gamma_xi(1) ~=
+    w + xi - Gamma(xi, xi)/2`` the geodesic to second order, in a metric invariant under attention's
+    GL(h) symmetry, so that weights that compute the same function have the same sharpness.
+
+    Args:
+        metric: ``"mix"`` (``tr(Q xG^T xG) + tr(P xH^T xH)``, no Sylvester solve) or ``"inv"``
+            (``tr(P^-1 xG^T xG) + tr(Q^-1 xH^T xH)``), ``P = G^T G + eps I``, ``Q = H^T H + eps I``.
+        blocks: ``"auto"`` (:func:`sharpfast.find_gl_blocks`: ``nn.MultiheadAttention``, the zoo's
+            ViT, Hugging Face BERT / ViT / CLIP / GPT-2 attention) or a list of
+            :class:`sharpfast.GLBlock`; ``[]`` treats every parameter adaptively.
+        eps: the Gram matrices' relaxation (0: exact invariance; needs full-rank factors).
+        second_order: include the geodesic correction ``-Gamma(xi, xi)/2`` (False: the paper's
+            first-order ablation).
+        n_iters: APGD iterations per batch (the scaled solver's, from ``xi = 0``).
+        adaptive, scale, adaptive_eta, adaptive_weights_only: the metric ``||xi / c||_2`` of the
+            parameters outside every block; model, data, rho, loss_fn, normalize_logits,
+            step_size_mult, seed, eval_mode, min_update_ratio, error_fn, low_precision: as
+            :func:`worst_case_sharpness`.
+        backend: ``"reference"`` (head by head) or ``"auto"``/``"fused"`` (heads batched, the model on
+            one flat buffer; plain PyTorch, no kernel needed).
+
+    Returns:
+        A :class:`~sharpfast.result.SharpnessResult` (``kind="geodesic"``; ``delta_norm`` is the
+        largest ``||gamma_xi(1) - w||_2`` at a best point). With ``blocks=[]`` and
+        ``second_order=False`` it equals ``worst_case_sharpness(norm="l2", adaptive=True,
+        solver="scaled")``.
+    """
+    return evaluate_sharpness(model, data, GeodesicSettings(
+        rho=rho, metric=metric, blocks=blocks, eps=eps, second_order=second_order, n_iters=n_iters,
+        adaptive=adaptive, scale=scale, loss_fn=loss_fn, error_fn=error_fn, normalize_logits=normalize_logits,
+        step_size_mult=step_size_mult, seed=seed, backend=backend, adaptive_eta=adaptive_eta,
+        adaptive_weights_only=adaptive_weights_only, eval_mode=eval_mode, min_update_ratio=min_update_ratio,
+        low_precision=low_precision))
+
+
 def evaluate_sharpness(model: nn.Module, data: Iterable, settings: Settings) -> SharpnessResult:
     """The sharpness ``settings`` define (:class:`~sharpfast.settings.WorstCaseSettings` or
     :class:`~sharpfast.settings.AverageCaseSettings`) of ``model`` on ``data``."""
@@ -150,6 +197,10 @@ def evaluate_sharpness(model: nn.Module, data: Iterable, settings: Settings) -> 
     batches = check_batches(data)
     with ModelGuard(model, eval_mode=settings.eval_mode):
         batches = precision.apply_policy(model, params, batches, settings.low_precision)
+        if settings.kind == "geodesic":
+            from .geodesic.solver import geodesic_sharpness as geodesic
+            return geodesic(model, batches, params, settings,
+                            "reference" if settings.backend == "reference" else "fused")
         if resolve_backend(settings.backend, params) == "fused":
             from . import fused
             impl = fused.worst_case_sharpness if settings.kind == "worst" else fused.average_sharpness
@@ -179,4 +230,4 @@ def resolve_backend(backend: str, params: ParamSet) -> str:
     return "fused" if available else "reference"
 
 
-__all__ = ["worst_case_sharpness", "average_sharpness", "evaluate_sharpness", "resolve_backend"]
+__all__ = ["worst_case_sharpness", "average_sharpness", "geodesic_sharpness", "evaluate_sharpness", "resolve_backend"]

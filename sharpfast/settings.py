@@ -207,6 +207,55 @@ class AverageCaseSettings(Settings):
             self._set("samples_per_pass", _positive_int("samples_per_pass", self.samples_per_pass))
 
 
+GEODESIC_EPS = 1e-8   # the Gram matrices' relaxation P + eps I, Q + eps I (GEODESIC.md §2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GeodesicSettings(Settings):
+    """Geodesic sharpness (GEODESIC.md): the worst case over a geodesic ball of radius ``rho`` in a
+    GL-invariant metric (``metric="mix"`` or ``"inv"``) on the attention blocks ``blocks``
+    (``"auto"``: :func:`sharpfast.find_gl_blocks`; or a list of :class:`sharpfast.GLBlock`), the
+    other parameters in the adaptive geometry of the scale rule (``||xi / c||_2``), solved by the
+    scaled solver's APGD from ``xi = 0``. ``second_order=False`` drops the geodesic correction."""
+
+    kind: ClassVar[str] = "geodesic"
+    norm: str = "l2"
+    metric: str = "mix"
+    blocks: Any = "auto"
+    eps: float = GEODESIC_EPS
+    second_order: bool = True
+    n_iters: int = 20
+    step_size_mult: float = 1.0
+    min_update_ratio: float = apgd.MIN_UPDATE_RATIO
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .geodesic.blocks import GLBlock
+        from .geodesic.metric import check_metric
+        if self.norm != "l2":
+            raise ValueError(f"geodesic sharpness is a ball in a Riemannian metric: norm must be 'l2', got {self.norm!r}")
+        check_metric(self.metric)
+        if isinstance(self.blocks, str):
+            if self.blocks != "auto":
+                raise ValueError(f"blocks must be 'auto' or a list of GLBlock, got {self.blocks!r}")
+        else:
+            blocks = tuple(self.blocks) if not isinstance(self.blocks, GLBlock) else None
+            if blocks is None or not all(isinstance(b, GLBlock) for b in blocks):
+                raise TypeError("blocks must be 'auto' or a list of sharpfast.GLBlock")
+            self._set("blocks", blocks)
+        self._set("eps", _positive_float("eps", self.eps, allow_zero=True))
+        self._set("second_order", bool(self.second_order))
+        self._set("n_iters", _positive_int("n_iters", self.n_iters))
+        self._set("step_size_mult", _positive_float("step_size_mult", self.step_size_mult))
+        self._set("min_update_ratio", _positive_float("min_update_ratio", self.min_update_ratio, allow_zero=True))
+
+    def describe(self) -> dict:
+        d = super().describe()
+        if not isinstance(self.blocks, str):
+            d["blocks"] = [b.describe() for b in self.blocks]
+        return d
+
+
 def _positive_int(name: str, v: Any, minimum: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(v).__name__}")

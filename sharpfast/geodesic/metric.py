@@ -1,0 +1,90 @@
+"""What both geodesic backends share: the metric on the parameters outside every GL block (the
+adaptive scale rule, ``||xi / c||_2``), the metric projection onto ``{horizontal, ||xi|| <= rho}``,
+and the interface the solver uses (:class:`Geometry`).
+
+All vectors are flat ``[N]`` tensors over the concatenated parameters (``ParamSet`` order). A
+geometry is built once per call at the base point ``w0``: everything that depends only on ``w0``
+(Gram matrices, their inverses, the Sylvester solve's eigenbasis) is computed there.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..params import ParamSet
+from .blocks import Heads
+
+METRICS = ("mix", "inv")
+
+
+class Geometry:
+    """The tangent space at ``w0``: ``sq_norm`` (the metric), ``riemannian`` (the metric's inverse
+    applied to a gradient), ``horizontal`` (the metric-orthogonal projection onto the horizontal
+    space), ``retract`` (``w0 + xi - Gamma(xi, xi) / 2``, with the pullback of a gradient at the
+    result to one in ``xi``). Subclasses add the blocks' parts to the adaptive rest's."""
+
+    def __init__(self, w0: torch.Tensor, c: torch.Tensor, heads: list[Heads], metric: str, eps: float,
+                 second_order: bool):
+        self.w0, self.metric, self.eps, self.second_order = w0, metric, eps, second_order
+        in_block = torch.zeros_like(w0, dtype=torch.bool)
+        for group in heads:
+            in_block[group.g.reshape(-1)] = True
+            in_block[group.hh.reshape(-1)] = True
+        # the rest: c = |w| (or the settings' scale rule); c = 0 is frozen, never divided by
+        self.c_rest = torch.where(in_block, torch.zeros_like(c), c)
+        self.c2_rest = self.c_rest.square()
+        self.inv_c_rest = torch.where(self.c_rest > 0, 1 / self.c_rest.where(self.c_rest > 0, torch.ones_like(c)),
+                                      torch.zeros_like(c))
+
+    # the rest's parts, then the blocks' (subclasses)
+    def sq_norm(self, xi: torch.Tensor) -> torch.Tensor:
+        return (xi * self.inv_c_rest).square().sum() + self.blocks_sq_norm(xi)
+
+    def riemannian(self, g: torch.Tensor) -> torch.Tensor:
+        return self.blocks_riemannian(g, self.c2_rest * g)
+
+    def horizontal(self, xi: torch.Tensor) -> torch.Tensor:
+        return self.blocks_horizontal(xi, xi * (self.c_rest > 0))
+
+    def retract(self, xi: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """``(v, pullback)``: the point ``w0 + xi - Gamma(xi, xi)/2`` and ``g_v -> g_xi``."""
+        if not self.second_order:
+            return self.w0 + xi, lambda g: g
+        xi = xi.detach().requires_grad_(True)
+        with torch.enable_grad():
+            v = self.w0 + xi + self.blocks_correction(xi)
+        return v.detach(), lambda g: torch.autograd.grad(v, xi, g, retain_graph=True)[0]
+
+    def project(self, xi: torch.Tensor, rho: float) -> torch.Tensor:
+        """The metric projection onto ``{horizontal, ||xi|| <= rho}``: the horizontal projection
+        (metric-orthogonal onto a subspace), then a radial rescale in the metric."""
+        xi = self.horizontal(xi)
+        norm = self.sq_norm(xi).sqrt()
+        return xi * torch.clamp(rho / norm, max=1.0).nan_to_num(1.0)
+
+    def norm(self, xi: torch.Tensor) -> torch.Tensor:
+        return self.sq_norm(xi).sqrt()
+
+    # the blocks' parts
+    def blocks_sq_norm(self, xi):
+        raise NotImplementedError
+
+    def blocks_riemannian(self, g, out):
+        raise NotImplementedError
+
+    def blocks_horizontal(self, xi, out):
+        raise NotImplementedError
+
+    def blocks_correction(self, xi):
+        raise NotImplementedError
+
+
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected 'mix' or 'inv'")
+    return metric
+
+
+def flat_scale(params: ParamSet) -> torch.Tensor:
+    return torch.cat([c.reshape(-1) for c in params.scales()])

@@ -1,0 +1,119 @@
+"""Geodesic sharpness (GEODESIC.md §1, §6): per m-batch, the maximum of ``L(w0 + xi - Gamma(xi, xi)/2)``
+over horizontal ``xi`` with ``||xi||_w0 <= rho``, found by APGD in the tangent space at ``w0``.
+
+The solver is the scaled solver's APGD (``reference.scaled_apgd_restart``: Croce & Hein's step,
+momentum 0.75, checkpoints and halving rule, best point kept), with the geometry's parts in the
+places of the plain ball's: the ascent direction is the horizontal Riemannian gradient normalized in
+the metric, and the projection is the metric projection onto ``{horizontal, ||xi|| <= rho}``. The
+gradient in ``xi`` is the gradient at the perturbed point pulled back through the second-order map.
+Without blocks and without ``Gamma`` every step is the scaled solver's in ``xi = c u``, so the two
+solvers give the same numbers.
+
+Two backends: ``"reference"`` (head-by-head geometry, the model's parameters pointed at fresh tensors
+at every point, as ``sharpfast.reference``) and the fast path (batched geometry, the model viewing
+one flat buffer that every point is written into; one forward+backward per step).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import apgd, reference
+from ..objective import batches_on_device
+from ..params import ParamSet
+from ..result import SharpnessResult, check_finite_loss
+from ..settings import GeodesicSettings
+from .batched import BatchedGeometry
+from .blocks import find_gl_blocks, resolve
+from .metric import flat_scale
+from .reference import ReferenceGeometry
+
+
+def geodesic_sharpness(model, batches, params: ParamSet, s: GeodesicSettings, backend: str) -> SharpnessResult:
+    blocks = find_gl_blocks(model) if s.blocks == "auto" else list(s.blocks)
+    heads = resolve(blocks, params)
+    w0 = torch.cat([p.detach().reshape(-1) for p in params.tensors])
+    Geo = ReferenceGeometry if backend == "reference" else BatchedGeometry
+    geo = Geo(w0, flat_scale(params), heads, s.metric, s.eps, s.second_order)
+    point = _ReferencePoint(model, params, s) if backend == "reference" else _FlatPoint(model, params, s)
+    per_batch, per_batch_err, init_losses, init_errs, delta_norm = [], [], [], [], 0.0
+    for b, x, y in batches_on_device(batches, params.device):
+        L0, E0, best_loss, best_err, best_v = _apgd(point.at(x, y), geo, s, b)
+        per_batch.append(best_loss - L0)
+        init_losses.append(L0)
+        if E0 is not None:
+            per_batch_err.append(best_err - E0)
+            init_errs.append(E0)
+        delta_norm = max(delta_norm, float((best_v - w0).double().norm()))
+    result = reference._result(s, backend, per_batch, per_batch_err, init_losses, init_errs, delta_norm)
+    result.solver = "geodesic"
+    return result
+
+
+def _apgd(evaluate, geo, s: GeodesicSettings, stream: int):
+    """One m-batch's APGD from ``xi = 0``: ``(L0, E0, best loss, its error, the best point v)``."""
+    def at(xi, i, with_grad):
+        v, pullback = geo.retract(xi)
+        L, E, g_v = evaluate(v, with_grad)
+        check_finite_loss(L, f"at an APGD iterate (batch {stream}, iteration {i})" if i != "start" else
+                          f"at the unperturbed weights (batch {stream})")
+        return L, E, v, (pullback(g_v) if with_grad else None)
+
+    xi = torch.zeros_like(geo.w0)
+    L0, E0, v, g = at(xi, "start", True)
+    best_loss, best_err, best_xi, best_v, best_g = L0, E0, xi, v, g
+    prev_loss, xi_prev = L0, xi
+    schedule = apgd.StepSchedule(s, best_loss)
+    for i in range(s.n_iters):
+        alpha = 1.0 if i == 0 else apgd.MOMENTUM
+        with torch.no_grad():
+            d = geo.horizontal(geo.riemannian(g))
+            d = d / (geo.norm(d) + 1e-12)
+            z = geo.project(xi + schedule.step * d, s.rho)
+            xi, xi_prev = geo.project(xi + alpha * (z - xi) + (1 - alpha) * (xi - xi_prev), s.rho), xi
+        final = i == s.n_iters - 1
+        L, E, v, g = at(xi, i, not final)
+        schedule.count(L > prev_loss)   # the steps that raised the loss over the previous iterate
+        prev_loss = L
+        if L > best_loss:
+            best_loss, best_err, best_xi, best_v, best_g = L, E, xi, v, g
+        if schedule.halves_at(i, best_loss):
+            xi, g = best_xi, best_g   # back to the best point (xi_prev stays: the momentum continues)
+    return L0, E0, best_loss, best_err, best_v
+
+
+class _ReferencePoint:
+    """The model's parameters pointed at a copy of each point (``sharpfast.reference``'s way)."""
+
+    def __init__(self, model, params: ParamSet, s: GeodesicSettings):
+        self.model, self.params, self.s = model, params, s
+
+    def at(self, x, y):
+        def evaluate(v, with_grad):
+            reference.set_kept(self.params, self.params.split(v))
+            L, E = reference.evaluate(self.model, self.s.objective, x, y)
+            g = (torch.cat([t.reshape(-1) for t in reference.gradient(self.model, self.s.objective, self.params, x, y)])
+                 if with_grad else None)
+            return L, E, g
+        return evaluate
+
+
+class _FlatPoint:
+    """The model's parameters (and gradients) view one flat buffer; a point is written into it and
+    one forward+backward gives its loss, error and gradient."""
+
+    def __init__(self, model, params: ParamSet, s: GeodesicSettings):
+        from ..fused.flat import FlatState   # the flat buffers only: no kernel is needed
+        self.model, self.s = model, s
+        self.flat = FlatState(params, s)
+        self.flat.attach(with_grad=True)
+
+    def at(self, x, y):
+        def evaluate(v, with_grad):
+            flat = self.flat
+            flat.current.copy_(v)
+            with torch.set_grad_enabled(with_grad):
+                loss, err = self.s.objective.loss_and_error(self.model, x, y)
+            if with_grad:
+                flat.backward(loss)
+            return (float(loss.detach()), None if err is None else float(err), flat.grad.clone() if with_grad else None)
+        return evaluate
