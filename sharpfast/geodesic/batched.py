@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .blocks import Heads
-from .metric import Geometry
+from .metric import Geometry, check_grams
 
 
 class _Group:
@@ -21,6 +21,7 @@ class _Group:
         G, H = w0[self.g].double(), w0[self.hh].double()
         eye = torch.eye(G.shape[-1], dtype=torch.float64, device=w0.device)
         P, Q = G.mT @ G + eps * eye, H.mT @ H + eps * eye
+        check_grams(P, Q)
         cast = lambda t: t.to(w0.dtype)
         self.G, self.H, self.P, self.Q = cast(G), cast(H), cast(P), cast(Q)
         self.P_inv, self.Q_inv = cast(torch.linalg.inv(P)), cast(torch.linalg.inv(Q))

@@ -218,26 +218,33 @@ def _linear(name: str, module: nn.Module, axis: int = 0) -> GLFactor:
     return GLFactor(f"{name}.weight", axis=axis, bias=bias)
 
 
-def _bert_like(m: nn.Module, pre: str) -> list[GLBlock] | None:
-    """BERT's and ViT's attention: ``self``/``attention`` (query, key, value) and ``output.dense``."""
-    inner = getattr(m, "self", None) or getattr(m, "attention", None)
-    out = getattr(getattr(m, "output", None), "dense", None)
-    if inner is None or out is None or not all(hasattr(inner, n) for n in ("query", "key", "value")):
+def _projections(m: nn.Module, pre: str) -> list[GLBlock] | None:
+    """BERT's, ViT's and CLIP's self-attention: ``Linear`` query, key, value and output projections,
+    found under the names these models use (``query``/``q_proj``, possibly inside ``self`` or
+    ``attention``; ``output.dense``/``out_proj``/``o_proj``)."""
+    inner, inner_name = m, ""
+    for name in ("self", "attention"):
+        if isinstance(getattr(m, name, None), nn.Module) and hasattr(getattr(m, name), "query"):
+            inner, inner_name = getattr(m, name), f"{name}."
+    qkv = next((names for names in (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
+                if all(isinstance(getattr(inner, n, None), nn.Linear) for n in names)), None)
+    out = next(((n, mod) for n, mod in (("output.dense", getattr(getattr(m, "output", None), "dense", None)),
+                                        ("out_proj", getattr(m, "out_proj", None)), ("o_proj", getattr(m, "o_proj", None)))
+                if isinstance(mod, nn.Linear)), None)
+    heads = next((getattr(obj, a) for obj in (inner, m, getattr(inner, "config", None))
+                  for a in ("num_attention_heads", "num_heads") if isinstance(getattr(obj, a, None), int)), None)
+    if qkv is None or out is None or heads is None:
         return None
     if getattr(inner, "position_embedding_type", "absolute") != "absolute" or getattr(inner, "is_decoder", False):
         log.info("sharpfast: %s's keys also meet position embeddings or a decoder cache; treated adaptively",
                  pre.rstrip("."))
         return None
-    name = "self" if getattr(m, "self", None) is not None else "attention"
-    s = f"{pre}{name}."
-    q, k, v = (_linear(f"{s}{n}", getattr(inner, n)) for n in ("query", "key", "value"))
-    heads = getattr(inner, "num_attention_heads")
-    return attention_blocks(heads, q, k, v, _linear(f"{pre}output.dense", out, axis=1))
-
-
-def _clip(m: nn.Module, pre: str) -> list[GLBlock] | None:
-    q, k, v = (_linear(f"{pre}{n}_proj", getattr(m, f"{n}_proj")) for n in "qkv")
-    return attention_blocks(m.num_heads, q, k, v, _linear(f"{pre}out_proj", m.out_proj, axis=1))
+    widths = {getattr(inner, n).out_features for n in qkv} | {out[1].in_features}
+    if len(widths) != 1:   # grouped keys and values: not one GL(h) per head
+        log.info("sharpfast: %s's projections have different widths %s; treated adaptively", pre.rstrip("."), widths)
+        return None
+    q, k, v = (_linear(f"{pre}{inner_name}{n}", getattr(inner, n)) for n in qkv)
+    return attention_blocks(heads, q, k, v, _linear(f"{pre}{out[0]}", out[1], axis=1))
 
 
 def _gpt2(m: nn.Module, pre: str) -> list[GLBlock] | None:
@@ -251,7 +258,9 @@ def _gpt2(m: nn.Module, pre: str) -> list[GLBlock] | None:
     return attention_blocks(m.num_heads, part(0), part(1), part(2), GLFactor(f"{pre}c_proj.weight", axis=0))
 
 
+# by class name: only models whose attention is known to be a GL(h) symmetry (rotary embeddings,
+# as in Llama, commute with only part of the group)
 _HF_FINDERS = {
-    "BertAttention": _bert_like, "RobertaAttention": _bert_like, "ViTAttention": _bert_like,
-    "CLIPAttention": _clip, "GPT2Attention": _gpt2,
+    "BertAttention": _projections, "RobertaAttention": _projections, "ViTAttention": _projections,
+    "CLIPAttention": _projections, "GPT2Attention": _gpt2,
 }

@@ -80,6 +80,15 @@ class Geometry:
         raise NotImplementedError
 
 
+def check_grams(P: torch.Tensor, Q: torch.Tensor) -> None:
+    """``P``, ``Q`` (``[..., h, h]``, relaxed) must be positive definite: both metrics invert them."""
+    for name, M in (("G^T G", P), ("H^T H", Q)):
+        e = torch.linalg.eigvalsh(M.double())
+        if not bool((e[..., 0] > e[..., -1] * torch.finfo(torch.float64).eps * M.shape[-1]).all()):
+            raise ValueError(f"a GL block head's Gram matrix {name} + eps I is singular (a factor without full "
+                             "column rank, e.g. a head whose weights are zero): pass eps > 0")
+
+
 def check_metric(metric: str) -> str:
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected 'mix' or 'inv'")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .blocks import Heads
-from .metric import Geometry
+from .metric import Geometry, check_grams
 
 inv = torch.linalg.inv
 
@@ -61,7 +61,9 @@ class ReferenceGeometry(Geometry):
             for ig, ih in zip(group.g, group.hh):
                 G, H = w0[ig], w0[ih]
                 I = torch.eye(G.shape[1], dtype=w0.dtype, device=w0.device)
-                self.heads.append((ig, ih, G, H, G.T @ G + eps * I, H.T @ H + eps * I))
+                P, Q = G.T @ G + eps * I, H.T @ H + eps * I
+                check_grams(P, Q)
+                self.heads.append((ig, ih, G, H, P, Q))
 
     def blocks_sq_norm(self, xi):
         return sum((metric_sq(self.metric, P, Q, xi[ig], xi[ih]) for ig, ih, _, _, P, Q in self.heads),

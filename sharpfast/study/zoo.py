@@ -77,6 +77,18 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_classes)
 
+    def gl_blocks(self, prefix: str = "") -> list:
+        """The attention's GL(h) blocks (``sharpfast.find_gl_blocks``): per block and head, the
+        query/key rows of ``qkv`` and the value rows of ``qkv`` with ``proj``'s columns."""
+        from ..geodesic.blocks import GLFactor, attention_blocks
+        E = self.pos.shape[-1]
+        out = []
+        for i in range(len(self.blocks)):
+            qkv = lambda j: GLFactor(f"{prefix}blocks.{i}.qkv.weight", span=(j * E, (j + 1) * E),
+                                     bias=f"{prefix}blocks.{i}.qkv.bias")
+            out += attention_blocks(self.heads, qkv(0), qkv(1), qkv(2), GLFactor(f"{prefix}blocks.{i}.proj.weight", axis=1))
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, p = x.shape[0], self.patch
         x = x.reshape(b, 1, x.shape[-2] // p, p, x.shape[-1] // p, p).permute(0, 2, 4, 1, 3, 5)
