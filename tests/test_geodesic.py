@@ -167,7 +167,8 @@ def test_perturbed_product_is_invariant_under_the_group(attention_model, Geo, me
     v2, _ = geo2.retract(xi2)
     for group in gl.resolve(blocks, params):
         for ig, ih in zip(group.g, group.hh):
-            torch.testing.assert_close(v2[ig] @ v2[ih].T, v[ig] @ v[ih].T, rtol=1e-9, atol=1e-11)
+            # A's singular values span 1e-2 .. 1e2, so cond(P) reaches ~1e8: float64 rounding ~1e-8
+            torch.testing.assert_close(v2[ig] @ v2[ih].T, v[ig] @ v[ih].T, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("metric", METRICS)

@@ -59,9 +59,11 @@ class Geometry:
     def project(self, xi: torch.Tensor, rho: float) -> torch.Tensor:
         """The metric projection onto ``{horizontal, ||xi|| <= rho}``: the horizontal projection
         (metric-orthogonal onto a subspace), then a radial rescale in the metric."""
-        xi = self.horizontal(xi)
-        norm = self.sq_norm(xi).sqrt()
-        return xi * torch.clamp(rho / norm, max=1.0).nan_to_num(1.0)
+        return self.shrink(self.horizontal(xi), rho)
+
+    def shrink(self, xi: torch.Tensor, rho: float) -> torch.Tensor:
+        """The radial part of :meth:`project`: ``xi`` rescaled onto the ball where it is outside."""
+        return xi * torch.clamp(rho / self.norm(xi), max=1.0)
 
     def norm(self, xi: torch.Tensor) -> torch.Tensor:
         return self.sq_norm(xi).sqrt()

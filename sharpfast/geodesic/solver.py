@@ -66,10 +66,12 @@ def _apgd(evaluate, geo, s: GeodesicSettings, stream: int):
     for i in range(s.n_iters):
         alpha = 1.0 if i == 0 else apgd.MOMENTUM
         with torch.no_grad():
+            # every iterate is a combination of horizontal directions, so of the metric projection
+            # only the radial rescale remains to be done after the direction's projection
             d = geo.horizontal(geo.riemannian(g))
             d = d / (geo.norm(d) + 1e-12)
-            z = geo.project(xi + schedule.step * d, s.rho)
-            xi, xi_prev = geo.project(xi + alpha * (z - xi) + (1 - alpha) * (xi - xi_prev), s.rho), xi
+            z = geo.shrink(xi + schedule.step * d, s.rho)
+            xi, xi_prev = geo.shrink(xi + alpha * (z - xi) + (1 - alpha) * (xi - xi_prev), s.rho), xi
         final = i == s.n_iters - 1
         L, E, v, g = at(xi, i, not final)
         schedule.count(L > prev_loss)   # the steps that raised the loss over the previous iterate
