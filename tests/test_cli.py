@@ -98,7 +98,7 @@ def test_subcommands_in_process(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["sweep", "--zoo", "{tmp}/nowhere"], "does not exist"),
     (["sweep", "--zoo", "{zoo}", "--config", "{tmp}/bad.yaml"], "rho must be a positive"),
-    (["sweep", "--zoo", "{zoo}", "--kind", "max"], "--kind avg/max needs --rho"),
+    (["sweep", "--zoo", "{zoo}", "--kind", "max"], "--kind avg/max/geodesic needs --rho"),
     (["sweep", "--zoo", "{zoo}", "--preset", "nope"], "unknown preset"),
     (["sweep", "--zoo", "{tmp}/badmanifest"], "not valid JSON"),
     (["report", "--store", "{tmp}/none.db"], "does not exist"),

@@ -527,3 +527,54 @@ def test_a_stack_evaluate_many_refuses_is_evaluated_one_checkpoint_at_a_time(tin
     rows = sweep_mod.evaluate_checkpoints(m.data, m.root, entries, defs, "cpu", 1, "auto", stack=None)
     strip = lambda rs: [[{k: v for k, v in r.items() if k != "time_s"} for r in row] for row in rs]
     assert strip(rows) == strip(expected) and all(r["status"] == "ok" for row in rows for r in row)
+
+
+def test_geodesic_definitions_sweep_and_report(tmp_path):
+    """Kind ``geodesic`` is a definition like the others: keys of the existing kinds unchanged, rows
+    equal to the public API, the preset side by side with the adaptive worst case in the report;
+    on a ViT the three differ, on an MLP (no attention) inv and mix are the adaptive value."""
+    from sharpfast.study import zoo
+    from sharpfast.study.cli import _definitions, build_parser
+    from sharpfast.study.report import build_report
+    # the keys the existing kinds had before kind geodesic and its fields existed
+    assert [d.key for d in (Definition("max", "linf", 0.002), Definition("max", "l2", 0.5, solver="scaled"),
+                            Definition("avg", "l2", 0.1), Definition("trace"), Definition("measure", measure="path-norm"))] \
+        == ["ebcb181c577c1da3", "2be244c7b63def85", "5c967eb41c686b41", "3a01d04899e02e76", "d46cbf91f45f3546"]
+    mix = Definition.from_dict(dict(kind="geodesic", metric="mix", rho=0.5, n_iters=4, m=64, n_examples=128))
+    inv = Definition.from_dict(dict(kind="geodesic", metric="inv", rho=0.5, n_iters=4, m=64, n_examples=128))
+    adaptive = Definition.from_dict(dict(kind="max", norm="l2", rho=0.5, n_iters=4, m=64, n_examples=128,
+                                         solver="scaled"))
+    assert len({mix.key, inv.key, adaptive.key}) == 3
+    assert mix.name == "geodesic-mix-adaptive m=64 n_examples=128 n_iters=4 rho=0.5"
+    assert Definition("geodesic", rho=0.5, n_restarts=3, n_samples=7).key == Definition("geodesic", rho=0.5).key
+    assert Definition("geodesic", rho=0.5, second_order=False).key != Definition("geodesic", rho=0.5).key
+    with pytest.raises(ConfigError, match="norm must be 'l2'"):
+        Definition("geodesic", "linf", 0.5)
+    with pytest.raises(ConfigError, match="metric must be one of"):
+        Definition("geodesic", rho=0.5, metric="euclid")
+    assert [d.kind for d in D.preset("geodesic")] == ["max", "geodesic", "geodesic"]
+    flags = build_parser().parse_args(["sweep", "--zoo", "z", "--kind", "geodesic", "--metric", "inv", "mix",
+                                       "--rho", "0.5"])
+    assert [d.name for d in _definitions(flags)] == ["geodesic-inv-adaptive m=128 rho=0.5",
+                                                     "geodesic-mix-adaptive m=128 rho=0.5"]
+
+    spec = zoo.ZooSpec({"arch": ["mlp", "vit"], "lr": [0.5, 2.0]}, {"width": 8, "epochs": 1, "n_train": 128})
+    zoo.build_zoo(str(tmp_path / "zoo"), spec, progress=False, log=lambda s: None)
+    m = Manifest.load(str(tmp_path / "zoo"))
+    store = str(tmp_path / "r.db")
+    s = run_sweep(m, [adaptive, inv, mix], store, progress=False)
+    assert (s.ok, s.errors) == (12, 0)
+    rows = _values(store)
+    for entry in m.models:
+        model = load_model(m, entry)
+        x, y = m.sharpness_data(128)
+        batches = [(x[:64], y[:64]), (x[64:], y[64:])]
+        want = sharpfast.geodesic_sharpness(model, batches, rho=0.5, metric="mix", n_iters=4).sharpness
+        assert rows[(entry.id, mix.key)][1] == pytest.approx(want, rel=1e-6)
+        values = [rows[(entry.id, d.key)][1] for d in (adaptive, inv, mix)]
+        if entry.hparams["arch"] == "vit":
+            assert len({round(v, 6) for v in values}) == 3
+        else:   # no attention: no blocks, and the correction is the blocks' only
+            assert values[1] == pytest.approx(values[0], rel=1e-5) and values[2] == pytest.approx(values[0], rel=1e-5)
+    text = build_report(store, None, plots=False).markdown()
+    assert "geodesic-inv-adaptive" in text and "geodesic-mix-adaptive" in text and "solver=scaled" in text

@@ -121,8 +121,10 @@ def _definitions(args: argparse.Namespace, default_preset: str | None = "default
     for name in args.preset or []:
         out += defs_mod.preset(name)
     if args.kind:
-        if not args.rho and any(k in defs_mod.SHARPNESS_KINDS for k in args.kind):
-            raise ConfigError("--kind avg/max needs --rho (one or more radii)")
+        if not args.rho and any(k in defs_mod.SHARPNESS_KINDS + (defs_mod.GEODESIC_KIND,) for k in args.kind):
+            raise ConfigError("--kind avg/max/geodesic needs --rho (one or more radii)")
+        if args.metric and defs_mod.GEODESIC_KIND not in args.kind:
+            raise ConfigError("--metric is for --kind geodesic")
         common: dict[str, Any] = {}
         for flag, field_name in (("m", "m"), ("n_iters", "n_iters"), ("n_samples", "n_samples"),
                                  ("def_seed", "seed"), ("n_restarts", "n_restarts")):
@@ -142,6 +144,12 @@ def _definitions(args: argparse.Namespace, default_preset: str | None = "default
                 curv = {k: v for k, v in common.items() if k in ("m", "seed")}
                 out += [Definition.from_dict(dict(kind=kind, adaptive=a, normalize_logits=nl, **curv), "flags")
                         for a in adaptives]
+                continue
+            if kind == defs_mod.GEODESIC_KIND:
+                geo = {k: v for k, v in common.items() if k in ("m", "seed", "n_iters")}
+                out += [Definition.from_dict(dict(kind=kind, metric=metric, rho=rho, adaptive=a, normalize_logits=nl,
+                                                  **geo), "flags")
+                        for metric in args.metric or ["mix"] for a in adaptives for rho in args.rho]
                 continue
             solvers = (args.solver or ["published"]) if kind == "max" else [None]
             for norm in args.norm or ["linf"]:
@@ -167,7 +175,8 @@ def _add_definition_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", action="append", metavar="NAME",
                    help=f"definition preset, repeatable: {', '.join(sorted(defs_mod.PRESETS))} "
                         "(default: 'default' when nothing else is given)")
-    g.add_argument("--kind", nargs="+", choices=defs_mod.KINDS, help="avg (average-case), max (worst-case), and/or the curvature measures trace, lambda_max, adam, renyi")
+    g.add_argument("--kind", nargs="+", choices=defs_mod.KINDS, help="avg (average-case), max (worst-case), geodesic (worst-case in the GL-invariant geometry of attention), "
+                        "and/or the curvature measures trace, lambda_max, adam, renyi")
     g.add_argument("--norm", nargs="+", choices=defs_mod.NORMS, help="with --kind (default linf)")
     g.add_argument("--rho", nargs="+", type=float, help="with --kind: one or more radii")
     g.add_argument("--adaptive", choices=["true", "false", "both"], default="true", help="with --kind")
@@ -179,6 +188,8 @@ def _add_definition_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rand-init", action="store_true", help="with --kind: APGD random start")
     g.add_argument("--solver", nargs="+", choices=defs_mod.SOLVERS,
                    help="with --kind max: the worst-case solver(s), published APGD and/or scaled (default published)")
+    g.add_argument("--metric", nargs="+", choices=defs_mod.METRICS,
+                   help="with --kind geodesic: the GL-invariant metric(s), mix and/or inv (default mix)")
     g.add_argument("--init", choices=defs_mod.INITS, help="with --kind max: where APGD starts (default zero)")
     g.add_argument("--def-seed", type=NON_NEGATIVE, help="with --kind: the definitions' seed (default 0)")
     g.add_argument("--n-examples", type=POSITIVE,

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterable
 
 from sharpfast import LOGIT_NORMALIZATIONS, NORMS
+from sharpfast.geodesic.metric import METRICS
+from sharpfast.settings import GEODESIC_EPS
 
 from .measures import MEASURES_REVISION, NEYSHABUR as MEASURE_NAMES_NEYSHABUR
 
@@ -36,13 +38,18 @@ SHARPNESS_KINDS = ("avg", "max")
 CURVATURE_KINDS = ("trace", "lambda_max", "adam", "renyi")
 # The generalization measures of Jiang et al. (2020), named as in their table (sharpfast.study.measures).
 MEASURE_KIND = "measure"
-KINDS = SHARPNESS_KINDS + CURVATURE_KINDS + (MEASURE_KIND,)
+# Geodesic sharpness (sharpfast.geodesic_sharpness): the worst case in the GL-invariant geometry.
+GEODESIC_KIND = "geodesic"
+KINDS = SHARPNESS_KINDS + (GEODESIC_KIND,) + CURVATURE_KINDS + (MEASURE_KIND,)
 LOGIT_NORMS = (False, *LOGIT_NORMALIZATIONS)
 SHARPNESS_FIELDS = ("norm", "rho")
 WORST_FIELDS = ("n_iters", "n_restarts", "rand_init", "step_size_mult", "solver", "init")
 SOLVERS = ("published", "scaled")
 INITS = ("zero", "random", "eigen")
 AVERAGE_FIELDS = ("n_samples",)
+GEODESIC_FIELDS = ("metric", "eps", "second_order")
+# the worst-case fields the geodesic solver does not take (it starts at xi = 0, one run, its own APGD)
+GEODESIC_UNUSED = ("n_restarts", "rand_init", "solver", "init")
 CURVATURE_FIELDS = ("curvature", "n_probes", "alpha", "n_vectors", "n_lanczos")
 # the curvature fields each curvature kind uses
 CURVATURE_USES = {"trace": ("curvature", "n_probes"), "lambda_max": ("curvature",),
@@ -82,6 +89,9 @@ class Definition:
     n_vectors: int = 10            # renyi: quadrature probes per batch
     n_lanczos: int = 50            # renyi: Lanczos steps per probe
     measure: str | None = None     # kind "measure": the Jiang et al. measure's name, e.g. "prod-of-spec"
+    metric: str = "mix"            # geodesic: "mix" or "inv"
+    eps: float = GEODESIC_EPS      # geodesic: the Gram matrices' relaxation
+    second_order: bool = True      # geodesic: the geodesic's second-order correction
 
     @property
     def is_curvature(self) -> bool:
@@ -93,6 +103,11 @@ class Definition:
 
     @property
     def needs_rho(self) -> bool:
+        return self.kind in SHARPNESS_KINDS or self.kind == GEODESIC_KIND
+
+    @property
+    def stackable(self) -> bool:
+        """Whether ``sharpfast.evaluate_many`` evaluates it for many checkpoints at once."""
         return self.kind in SHARPNESS_KINDS
 
     def __post_init__(self) -> None:
@@ -123,6 +138,14 @@ class Definition:
             raise ConfigError(f"kind {self.kind!r} needs a radius rho")
         if self.norm not in NORMS:
             raise ConfigError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.kind == GEODESIC_KIND:
+            if self.norm != "l2":
+                raise ConfigError(f"kind 'geodesic' is a ball in a Riemannian metric: norm must be 'l2', got {self.norm!r}")
+            if self.metric not in METRICS:
+                raise ConfigError(f"metric must be one of {METRICS}, got {self.metric!r}")
+            if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 <= self.eps < float("inf"):
+                raise ConfigError(f"eps must be a finite number >= 0, got {self.eps!r}")
+            object.__setattr__(self, "eps", float(self.eps))
         nl = self.normalize_logits
         if nl is True:
             object.__setattr__(self, "normalize_logits", "norm")
@@ -130,7 +153,7 @@ class Definition:
             object.__setattr__(self, "normalize_logits", False)
         if self.normalize_logits not in LOGIT_NORMS:
             raise ConfigError(f"normalize_logits must be false, true/'norm' or 'std', got {nl!r}")
-        for name in ("adaptive", "rand_init", "adaptive_weights_only"):
+        for name in ("adaptive", "rand_init", "adaptive_weights_only", "second_order"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.solver not in SOLVERS:
@@ -180,8 +203,12 @@ class Definition:
         if self.is_curvature:
             drop = SHARPNESS_FIELDS + WORST_FIELDS + AVERAGE_FIELDS + tuple(
                 f for f in CURVATURE_FIELDS if f not in CURVATURE_USES[self.kind])
+        elif self.kind == GEODESIC_KIND:
+            drop = CURVATURE_FIELDS + AVERAGE_FIELDS + GEODESIC_UNUSED
         else:
             drop = CURVATURE_FIELDS + (WORST_FIELDS if self.kind == "avg" else AVERAGE_FIELDS)
+        if self.kind != GEODESIC_KIND:   # keys of the definitions that existed before it stay the same
+            drop += GEODESIC_FIELDS
         for k in drop:
             d.pop(k)
         # the solver fields at their published meaning (rand_init says zero or random) are left
@@ -202,14 +229,15 @@ class Definition:
         """The definition without its radius, e.g. ``max-linf-adaptive-norm m=128``."""
         if self.is_measure:
             return self.measure + ("" if self.n_examples == DEFAULT_EXAMPLES else f" n_examples={self.n_examples}")
-        parts = [self.kind, self.curvature if self.is_curvature else self.norm,
-                 "adaptive" if self.adaptive else "standard"]
+        parts = [self.kind, self.curvature if self.is_curvature else self.metric if self.kind == GEODESIC_KIND
+                 else self.norm, "adaptive" if self.adaptive else "standard"]
         if self.normalize_logits:
             parts.append("lognorm" if self.normalize_logits == "norm" else "logstd")
         name = "-".join(parts) + f" m={self.m}"
         base = Definition(self.kind, self.norm, None if self.is_curvature else 1.0, m=self.m)
         extra = [f"{k}={v}" for k, v in self.canonical().items()
-                 if k not in ("kind", "norm", "rho", "adaptive", "normalize_logits", "m", "curvature", "revision")
+                 if k not in ("kind", "norm", "rho", "adaptive", "normalize_logits", "m", "curvature", "revision",
+                              "metric")
                  and v != base.canonical().get(k)]
         return name + ("" if not extra else " " + " ".join(extra))
 
@@ -263,10 +291,14 @@ class Definition:
 
     def settings(self, backend: str = "auto"):
         """The core's settings object for this definition (``sharpfast.WorstCaseSettings`` for
-        ``max``, ``AverageCaseSettings`` for ``avg``), evaluated by ``sharpfast.evaluate_sharpness``."""
+        ``max``, ``AverageCaseSettings`` for ``avg``, ``GeodesicSettings`` for ``geodesic``), evaluated
+        by ``sharpfast.evaluate_sharpness``."""
         import sharpfast
 
         common = dict(self._model_side(), rho=self.rho, norm=self.norm, backend=backend)
+        if self.kind == GEODESIC_KIND:
+            return sharpfast.GeodesicSettings(metric=self.metric, eps=self.eps, second_order=self.second_order,
+                                              n_iters=self.n_iters, step_size_mult=self.step_size_mult, **common)
         if self.kind == "max":
             return sharpfast.WorstCaseSettings(n_iters=self.n_iters, n_restarts=self.n_restarts, init=self.init,
                                                step_size_mult=self.step_size_mult, solver=self.solver, **common)
@@ -292,6 +324,7 @@ class Definition:
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
         missing = ({"kind", "norm", "rho"} if d.get("kind") in SHARPNESS_KINDS else
+                   {"kind", "rho"} if d.get("kind") == GEODESIC_KIND else
                    {"kind", "measure"} if d.get("kind") == MEASURE_KIND else {"kind"}) - set(d)
         if missing:
             raise ConfigError(f"{where}: missing field(s) {sorted(missing)}")
@@ -350,6 +383,14 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
         dict(kind="max", norm=norm, adaptive=True, rho=rho, solver=solver, **start)
         for norm, rho in (("l2", 0.5), ("linf", 0.002))
         for solver, start in (("published", {}), ("scaled", {}), ("scaled", dict(init="eigen")))
+    ],
+    # geodesic sharpness (da Silva et al., 2025) beside the adaptive worst case it corrects: the same
+    # APGD (the scaled solver), radius and batches; on models without attention the three agree up
+    # to the geodesic correction, which only attention blocks have
+    "geodesic": [
+        dict(kind="max", norm="l2", adaptive=True, rho=0.5, solver="scaled"),
+        dict(kind=GEODESIC_KIND, metric="inv", rho=0.5),
+        dict(kind=GEODESIC_KIND, metric="mix", rho=0.5),
     ],
     # the generalization measures of Jiang et al. (2020) that sharpness is compared with
     "jiang": [dict(kind=MEASURE_KIND, measure=name) for name in (

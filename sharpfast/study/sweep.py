@@ -114,7 +114,7 @@ def evaluate_checkpoints(data_spec: dict[str, Any], root: str, entries: list[dic
                 rows[i].append(dict(bases[i], definition_key=d.key, status="error", error=_short_error(e), time_s=0.0))
             continue
         outcomes = None
-        if not (d.is_curvature or d.is_measure) and loaded and stack != 1:   # also a stack of one: the
+        if d.stackable and loaded and stack != 1:   # also a stack of one: the
             # values do not depend on how the checkpoints were split into stacks
             try:
                 outcomes = sharpfast.evaluate_many([models[i] for i in loaded], batches, d.settings(backend),
