@@ -24,6 +24,10 @@ class SharpnessResult:
     with ``g`` the gradient and ``lambda_max`` the top eigenvalue of ``C H C`` at ``w``: the
     second-order model's bound on the maximum, which the found value approaches as rho -> 0 when
     the solver finds the local maximum (``per_batch_quadratic_model``: one per batch).
+
+    Geodesic sharpness: ``geodesic_correction``, the largest over batches of
+    ``||Gamma(xi, xi) / 2||_w / ||xi||_w`` at the best point (0 without the correction): above 1 the
+    second-order map has left the region where it approximates the geodesic (a warning says so).
     """
 
     sharpness: float
@@ -40,6 +44,7 @@ class SharpnessResult:
     restarts_improved: list[int] | None = None
     quadratic_model: float | None = None
     per_batch_quadratic_model: list[float] | None = field(default=None, repr=False)
+    geodesic_correction: float | None = None
 
 
 def check_finite_loss(loss: float, where: str) -> None:

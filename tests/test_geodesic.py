@@ -431,3 +431,36 @@ def test_find_gl_blocks_leaves_add_bias_kv_alone():
     model = nn.MultiheadAttention(8, 2, add_bias_kv=True)
     assert sharpfast.find_gl_blocks(model) == []
     assert GLBlock("a", "b").g == GLFactor("a")
+
+
+def test_a_correction_larger_than_the_step_is_reported_and_warned(attention_model):
+    """``geodesic_correction`` is ``||Gamma/2|| / ||xi||`` at the best point: 0 without the correction,
+    O(rho) at small rho, and a warning once the second-order map leaves its domain (a diagonal
+    network's near-zero factor under the mix metric)."""
+    data = attention_data()
+    assert sharpfast.geodesic_sharpness(attention_model, data, rho=0.1, second_order=False).geodesic_correction == 0
+    small = sharpfast.geodesic_sharpness(attention_model, data, rho=1e-3).geodesic_correction
+    assert 0 < small < 1e-2
+    model = Diagonal(torch.tensor([1.0, 0.5], dtype=torch.float64), torch.tensor([1.0, 1e-6], dtype=torch.float64))
+    X, y = torch.eye(2, dtype=torch.float64), torch.tensor([2.0, 1.0], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="second-order term"):
+        r = sharpfast.geodesic_sharpness(model, [(X, y)], rho=0.1, metric="mix", eps=0.0, loss_fn=sse,
+                                         blocks=[GLBlock("u", "v", elementwise=True)])
+    assert r.geodesic_correction > 1
+
+
+def test_diagonal_network_experiment_runs_end_to_end():
+    """The paper's diagonal-network experiment (sharpfast.study.diagonal_networks), small: every
+    network interpolates, the gap is the exact population loss, taus are computed, and the
+    adaptive column is the scaled solver's adaptive worst case."""
+    from sharpfast.study import diagonal_networks as dn
+    r = dn.run(n_nets=4, n_iters=5)
+    assert max(r["train_loss"]) <= dn.TARGET_LOSS and len(r["gap"]) == 4
+    assert all(-1 <= t <= 1 for t in r["taus"].values()) and set(r["taus"]) == set(dn.PAPER_TAU)
+    X, y, beta = dn.data(0)
+    _, U, V, _ = dn.train(X, y, 4, 0)
+    net = dn.DiagonalNetwork(U[0], V[0])
+    assert r["gap"][0] == pytest.approx(float((U[0] * V[0] - beta).square().sum() - dn.mse(net(X), y)), rel=1e-9)
+    want = sharpfast.worst_case_sharpness(net, [(X, y)], rho=0.1, norm="l2", solver="scaled", loss_fn=dn.mse,
+                                          n_iters=5).sharpness
+    assert r["sharpness"]["adaptive"][0] == pytest.approx(want, rel=1e-9)

@@ -15,6 +15,8 @@ one flat buffer that every point is written into; one forward+backward per step)
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .. import apgd, reference
@@ -27,6 +29,8 @@ from .blocks import find_gl_blocks, resolve
 from .metric import flat_scale
 from .reference import ReferenceGeometry
 
+CORRECTION_WARNING = 1.0   # ||Gamma/2|| / ||xi|| above which the second-order map is out of its depth
+
 
 def geodesic_sharpness(model, batches, params: ParamSet, s: GeodesicSettings, backend: str) -> SharpnessResult:
     blocks = find_gl_blocks(model) if s.blocks == "auto" else list(s.blocks)
@@ -35,9 +39,12 @@ def geodesic_sharpness(model, batches, params: ParamSet, s: GeodesicSettings, ba
     Geo = ReferenceGeometry if backend == "reference" else BatchedGeometry
     geo = Geo(w0, flat_scale(params), heads, s.metric, s.eps, s.second_order)
     point = _ReferencePoint(model, params, s) if backend == "reference" else _FlatPoint(model, params, s)
-    per_batch, per_batch_err, init_losses, init_errs, delta_norm = [], [], [], [], 0.0
+    per_batch, per_batch_err, init_losses, init_errs, delta_norm, correction = [], [], [], [], 0.0, 0.0
     for b, x, y in batches_on_device(batches, params.device):
-        L0, E0, best_loss, best_err, best_v = _apgd(point.at(x, y), geo, s, b)
+        L0, E0, best_loss, best_err, best_xi, best_v = _apgd(point.at(x, y), geo, s, b)
+        step = float(geo.norm(best_xi))
+        if s.second_order and step > 0:   # (without it the correction is 0: w0 + xi - w0 only rounds)
+            correction = max(correction, float(geo.norm(best_v - w0 - best_xi)) / step)
         per_batch.append(best_loss - L0)
         init_losses.append(L0)
         if E0 is not None:
@@ -45,12 +52,17 @@ def geodesic_sharpness(model, batches, params: ParamSet, s: GeodesicSettings, ba
             init_errs.append(E0)
         delta_norm = max(delta_norm, float((best_v - w0).double().norm()))
     result = reference._result(s, backend, per_batch, per_batch_err, init_losses, init_errs, delta_norm)
-    result.solver = "geodesic"
+    result.solver, result.geodesic_correction = "geodesic", correction
+    if correction > CORRECTION_WARNING:
+        warnings.warn(f"sharpfast: at the best point the geodesic's second-order term is {correction:.3g} times the "
+                      f"step (in the metric): the second-order map no longer approximates the geodesic. rho={s.rho:g} "
+                      "is too large for it, or a factor is near zero where the metric degenerates (raise eps)",
+                      RuntimeWarning, stacklevel=4)
     return result
 
 
 def _apgd(evaluate, geo, s: GeodesicSettings, stream: int):
-    """One m-batch's APGD from ``xi = 0``: ``(L0, E0, best loss, its error, the best point v)``."""
+    """One m-batch's APGD from ``xi = 0``: ``(L0, E0, best loss, its error, best xi, its point v)``."""
     def at(xi, i, with_grad):
         v, pullback = geo.retract(xi)
         L, E, g_v = evaluate(v, with_grad)
@@ -80,7 +92,7 @@ def _apgd(evaluate, geo, s: GeodesicSettings, stream: int):
             best_loss, best_err, best_xi, best_v, best_g = L, E, xi, v, g
         if schedule.halves_at(i, best_loss):
             xi, g = best_xi, best_g   # back to the best point (xi_prev stays: the momentum continues)
-    return L0, E0, best_loss, best_err, best_v
+    return L0, E0, best_loss, best_err, best_xi, best_v
 
 
 class _ReferencePoint:
