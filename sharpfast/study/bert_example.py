@@ -21,7 +21,15 @@ import torch.nn.functional as F
 
 VOCAB, TOKEN_A, TOKEN_B, PAD = 16, 2, 3, 0
 LENGTH = 12
-GRID = [dict(lr=lr, seed=seed) for lr in (3e-4, 2e-3) for seed in (0, 1)]
+LEARNING_RATES = (3e-4, 2e-3)
+
+
+def grid(n_seeds: int = 2) -> list[dict]:
+    """The fine-tuning grid: both learning rates, ``n_seeds`` seeds each."""
+    return [dict(lr=lr, seed=seed) for lr in LEARNING_RATES for seed in range(n_seeds)]
+
+
+GRID = grid()
 
 
 def examples(n: int, length: int = LENGTH, seed: int = 0):
@@ -99,8 +107,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="tiny BERTs fine-tuned on a synthetic task, and their table")
     ap.add_argument("--out", required=True)
     ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--seeds", type=int, default=2, help="seeds per learning rate (models: 2 x seeds)")
     args = ap.parse_args(argv)
-    print(f"wrote {build(args.out, args.epochs)}")
+    print(f"wrote {build(args.out, args.epochs, grid(args.seeds))}")
     return 0
 
 
