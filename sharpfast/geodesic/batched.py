@@ -1,11 +1,19 @@
 """The fast geometry: the reference's formulas (``geodesic.reference``) batched over every head of
-equal shape, in all layers at once, with what depends only on ``w0`` computed once per call: the
-factors ``G, H``, ``P, Q`` and their inverses, and for the inv metric the Sylvester solve's
-eigenbasis (GEODESIC.md §4): ``C = P^1/2 Q P^1/2 = U diag(c) U^T``, after which a projection is
-``X = P^1/2 U [(U^T P^-1/2 B P^1/2 U)_ij / (c_i + c_j)] U^T P^-1/2`` with ``B = P H^T xH - xG^T G Q``:
-matrix products only, with the fixed factors (``P H^T``, ``G Q``, ``P^1/2 U``, ``U^T P^-1/2``,
-``H Q^-1``, ``P^-1 G^T``) multiplied out beforehand. The factorizations run in float64, whatever the
-parameters' dtype.
+one head width, in all layers and both sides at once, with what depends only on ``w0`` computed
+once per call.
+
+Layout. A group stacks its heads' two factors as one ``[2B, n, h]`` tensor ``F``: rows ``0..B-1``
+are the heads' ``G``, rows ``B..2B-1`` their ``H`` (factors with fewer rows are padded with zero
+rows, which every formula keeps at zero), so a tangent vector's block part is one ``T`` of the same
+shape and each formula is a few batched products, the ``G`` and ``H`` sides in one. ``partner``
+swaps the halves: the mix metric weighs ``xG`` by ``Q`` (its partner's Gram matrix) and ``xH`` by
+``P``. The stacked Gram matrices ``M = F^T F + eps I`` are ``P`` (first half) and ``Q``.
+
+Precomputed (float64, whatever the parameters' dtype): ``M``, ``M^-1``, the products the
+projections need (mix ``F M^-1``, inv ``F partner(M)``), and for inv the Sylvester solve's
+eigenbasis (GEODESIC.md §4): ``C = P^1/2 Q P^1/2 = U diag(c) U^T``, with which a projection is
+``X = R ((U^T P^-1/2 B R) * D) U^T P^-1/2``, ``R = P^1/2 U``, ``D_ij = 1 / (c_i + c_j)``,
+``B = P H^T xH - xG^T G Q``.
 """
 from __future__ import annotations
 
@@ -14,91 +22,116 @@ import torch
 from .blocks import Heads
 from .metric import Geometry, check_grams
 
+sym = lambda M: M + M.mT
+
 
 class _Group:
-    """One shape's heads: index maps ``g`` ``[B, n, h]``, ``hh`` ``[B, m, h]`` and the precomputed matrices."""
+    """Every head of one width ``h``: ``F`` ``[2B, n, h]`` and the precomputed matrices."""
 
-    def __init__(self, heads: Heads, w0: torch.Tensor, metric: str, eps: float):
-        self.g, self.hh = heads.g, heads.hh
-        G, H = w0[self.g].double(), w0[self.hh].double()
-        eye = torch.eye(G.shape[-1], dtype=torch.float64, device=w0.device)
-        P, Q = G.mT @ G + eps * eye, H.mT @ H + eps * eye
+    def __init__(self, heads: list[Heads], w0: torch.Tensor, metric: str, eps: float):
+        n = max(max(k.g.shape[1], k.hh.shape[1]) for k in heads)
+        pad = lambda idx: torch.nn.functional.pad(idx, (0, 0, 0, n - idx.shape[1]), value=-1)
+        index = torch.cat([pad(k.g) for k in heads] + [pad(k.hh) for k in heads])   # -1: a padding row
+        self.B = index.shape[0] // 2
+        real = index >= 0
+        self.padded = not bool(real.all())
+        self.index = index.clamp(min=0)
+        if self.padded:
+            self.mask = real.to(w0.dtype)
+            self.real_pos = real.reshape(-1).nonzero().squeeze(1)
+            self.real_index = index.reshape(-1)[self.real_pos]
+        F = self.gather(w0).double()
+        eye = torch.eye(F.shape[-1], dtype=torch.float64, device=w0.device)
+        M = F.mT @ F + eps * eye
+        P, Q = M[:self.B], M[self.B:]
         check_grams(P, Q)
+        M_inv = torch.linalg.inv(M)
         cast = lambda t: t.to(w0.dtype)
-        self.G, self.H, self.P, self.Q = cast(G), cast(H), cast(P), cast(Q)
-        self.P_inv, self.Q_inv = cast(torch.linalg.inv(P)), cast(torch.linalg.inv(Q))
-        # the horizontal projection's fixed products (mix: L = (xH^T (H Q^-1) - (P^-1 G^T) xG) / 2)
-        self.H_Q_inv, self.P_inv_Gt = cast(H @ torch.linalg.inv(Q)), cast(torch.linalg.inv(P) @ G.mT)
-        if metric == "inv":
+        self.F = cast(F)
+        if metric == "mix":
+            self.norm_M, self.gradient_M = cast(self.partner(M)), cast(self.partner(M_inv))
+            self.F_M_inv, self.christoffel_M = cast(F @ M_inv), cast(self.partner(M_inv))
+        else:
+            self.norm_M, self.gradient_M, self.christoffel_M = cast(M_inv), cast(M), cast(M_inv)
+            self.F_partner_M = cast(F @ self.partner(M))
             p, V = torch.linalg.eigh(P)
             P_half = V @ torch.diag_embed(p.sqrt()) @ V.mT
-            P_minus_half = V @ torch.diag_embed(p.rsqrt()) @ V.mT
             c, U = torch.linalg.eigh(P_half @ Q @ P_half)
-            # B = (P H^T) xH - xG^T (G Q);  X = R ((U^T P^-1/2) B R * D) (U^T P^-1/2),  R = P^1/2 U
-            self.P_Ht, self.G_Q = cast(P @ H.mT), cast(G @ Q)
-            self.R, self.Ut_P_minus_half = cast(P_half @ U), cast(U.mT @ P_minus_half)
+            self.R = cast(P_half @ U)
+            self.Ut_P_minus_half = cast(U.mT @ V @ torch.diag_embed(p.rsqrt()) @ V.mT)
             self.denominator = cast(1 / (c[:, :, None] + c[:, None, :]))
 
-    def horizontal(self, metric, xG, xH):
-        if metric == "mix":
-            L = (xH.mT @ self.H_Q_inv - self.P_inv_Gt @ xG) / 2
+    def partner(self, X):
+        return torch.cat([X[self.B:], X[:self.B]])
+
+    def gather(self, flat):
+        """A flat vector's block part, ``[2B, n, h]`` (padding rows 0)."""
+        T = flat[self.index]
+        return T * self.mask if self.padded else T
+
+    def scatter(self, out, T):
+        """``T``'s real entries written into the flat vector ``out``."""
+        if self.padded:
+            out[self.real_index] = T.reshape(-1)[self.real_pos]
         else:
-            B = self.P_Ht @ xH - xG.mT @ self.G_Q
+            out[self.index] = T
+
+    def horizontal(self, metric, T):
+        B, F = self.B, self.F
+        if metric == "mix":   # L = (xH^T H Q^-1 - P^-1 G^T xG) / 2
+            K = T.mT @ self.F_M_inv
+            L = (K[B:] - K[:B].mT) / 2
+        else:                 # the Sylvester solve of B = P H^T xH - xG^T G Q
+            K = T.mT @ self.F_partner_M
             left, R = self.Ut_P_minus_half, self.R
-            L = (R @ ((left @ B @ R) * self.denominator) @ left).mT
-        return xG + self.G @ L, xH - self.H @ L.mT
+            L = (R @ ((left @ (K[B:].mT - K[:B]) @ R) * self.denominator) @ left).mT
+        return T + F @ torch.cat([L, -L.mT])
 
-    def christoffel(self, metric, xG, xH):
-        G, H = self.G, self.H
-        if metric == "inv":   # -xF M^-1 (xF^T F + F^T xF) + F M^-1 xF^T xF
-            def gamma(F, xF, M_inv):
-                xF_F = xF.mT @ F
-                return -xF @ (M_inv @ (xF_F + xF_F.mT)) + F @ (M_inv @ (xF.mT @ xF))
-            return gamma(G, xG, self.P_inv), gamma(H, xH, self.Q_inv)
-        xG_G, xH_H = xG.mT @ G, xH.mT @ H
-        return ((xG @ (xH_H + xH_H.mT) - G @ (xH.mT @ xH)) @ self.Q_inv,
-                (xH @ (xG_G + xG_G.mT) - H @ (xG.mT @ xG)) @ self.P_inv)
+    def christoffel(self, metric, T):
+        """``Gamma(T, T)`` and what its vector-Jacobian product reuses."""
+        F = self.F
+        S, TtT = sym(T.mT @ F), T.mT @ T   # S: (xG^T G + G^T xG | xH^T H + H^T xH)
+        if metric == "mix":   # Gamma_G = (xG S_H - G xH^T xH) Q^-1, Gamma_H likewise with G, H swapped
+            gamma = (T @ self.partner(S) - F @ self.partner(TtT)) @ self.christoffel_M
+        else:                 # Gamma_F = -xF M^-1 S_F + F M^-1 xF^T xF
+            M_inv = self.christoffel_M
+            gamma = -T @ (M_inv @ S) + F @ (M_inv @ TtT)
+        return gamma, S
 
-
-    def christoffel_vjp(self, metric, xG, xH, CG, CH):
-        """The gradient in ``(xG, xH)`` of ``<C, Gamma(x, x)>``, written out (autograd through the small
-        matrix products costs more than the products themselves)."""
-        G, H = self.G, self.H
-        sym = lambda M: M + M.mT
-        if metric == "inv":   # Gamma_F = -xF M^-1 S_F + F M^-1 xF^T xF, S_F = xF^T F + F^T xF
-            def grad(F, xF, M_inv, C):
-                S = xF.mT @ F
-                return (-C @ (sym(S) @ M_inv) - F @ sym(M_inv @ (xF.mT @ C)) + xF @ sym(M_inv @ (F.mT @ C)))
-            return grad(G, xG, self.P_inv, CG), grad(H, xH, self.Q_inv, CH)
-        # mix: Gamma_G = (xG S_H - G xH^T xH) Q^-1, Gamma_H = (xH S_G - H xG^T xG) P^-1
-        CG, CH = CG @ self.Q_inv, CH @ self.P_inv
-        S_G, S_H = sym(xG.mT @ G), sym(xH.mT @ H)
-        return (CG @ S_H + G @ sym(xH.mT @ CH) - xG @ sym(H.mT @ CH),
-                CH @ S_G + H @ sym(xG.mT @ CG) - xH @ sym(G.mT @ CG))
+    def christoffel_vjp(self, metric, T, S, C):
+        """The gradient in ``T`` of ``<C, Gamma(T, T)>``, written out (autograd through these small
+        products costs more than the products)."""
+        F, M = self.F, self.christoffel_M
+        if metric == "mix":
+            Ct = C @ M
+            return (Ct @ self.partner(S) + F @ self.partner(sym(T.mT @ Ct))
+                    - T @ self.partner(sym(F.mT @ Ct)))
+        return -C @ (S @ M) - F @ sym(M @ (T.mT @ C)) + T @ sym(M @ (F.mT @ C))
 
 
 class BatchedGeometry(Geometry):
     def __init__(self, w0, c, heads: list[Heads], metric: str, eps: float, second_order: bool):
         super().__init__(w0, c, heads, metric, eps, second_order)
-        self.groups = [_Group(h, w0, metric, eps) for h in heads]
+        by_width: dict[int, list[Heads]] = {}
+        for group in heads:
+            by_width.setdefault(group.g.shape[-1], []).append(group)
+        self.groups = [_Group(same, w0, metric, eps) for same in by_width.values()]
 
     def blocks_sq_norm(self, xi):
         total = torch.zeros((), dtype=xi.dtype, device=xi.device)
         for k in self.groups:
-            xG, xH = xi[k.g], xi[k.hh]
-            MG, MH = (k.P_inv, k.Q_inv) if self.metric == "inv" else (k.Q, k.P)
-            total = total + (xG * (xG @ MG)).sum() + (xH * (xH @ MH)).sum()
+            T = k.gather(xi)
+            total = total + (T * (T @ k.norm_M)).sum()
         return total
 
     def blocks_riemannian(self, g, out):
         for k in self.groups:
-            MG, MH = (k.P, k.Q) if self.metric == "inv" else (k.Q_inv, k.P_inv)
-            out[k.g], out[k.hh] = g[k.g] @ MG, g[k.hh] @ MH
+            k.scatter(out, k.gather(g) @ k.gradient_M)
         return out
 
     def blocks_horizontal(self, xi, out):
         for k in self.groups:
-            out[k.g], out[k.hh] = k.horizontal(self.metric, xi[k.g], xi[k.hh])
+            k.scatter(out, k.horizontal(self.metric, k.gather(xi)))
         return out
 
     def retract(self, xi):
@@ -106,24 +139,22 @@ class BatchedGeometry(Geometry):
         v = self.w0 + xi
         if not self.second_order:
             return v, lambda g: g
-        parts = [(k, xi[k.g], xi[k.hh]) for k in self.groups]
-        for k, xG, xH in parts:
-            gamma_G, gamma_H = k.christoffel(self.metric, xG, xH)
-            v[k.g] -= gamma_G / 2
-            v[k.hh] -= gamma_H / 2
+        parts = []
+        for k in self.groups:
+            T = k.gather(xi)
+            gamma, S = k.christoffel(self.metric, T)
+            k.scatter(v, k.gather(v) - gamma / 2)
+            parts.append((k, T, S))
 
         def pullback(g):
             out = g.clone()
-            for k, xG, xH in parts:
-                dG, dH = k.christoffel_vjp(self.metric, xG, xH, g[k.g], g[k.hh])
-                out[k.g] -= dG / 2
-                out[k.hh] -= dH / 2
+            for k, T, S in parts:
+                k.scatter(out, k.gather(g) - k.christoffel_vjp(self.metric, T, S, k.gather(g)) / 2)
             return out
         return v, pullback
 
     def blocks_correction(self, xi):
         correction = torch.zeros_like(xi)
         for k in self.groups:
-            gamma_G, gamma_H = k.christoffel(self.metric, xi[k.g], xi[k.hh])
-            correction = correction.index_put((k.g,), -gamma_G / 2).index_put((k.hh,), -gamma_H / 2)
+            k.scatter(correction, -k.christoffel(self.metric, k.gather(xi))[0] / 2)
         return correction
