@@ -189,10 +189,12 @@ def geodesic_sharpness(
 
 
 def evaluate_sharpness(model: nn.Module, data: Iterable, settings: Settings) -> SharpnessResult:
-    """The sharpness ``settings`` define (:class:`~sharpfast.settings.WorstCaseSettings` or
-    :class:`~sharpfast.settings.AverageCaseSettings`) of ``model`` on ``data``."""
+    """The sharpness ``settings`` define (:class:`~sharpfast.settings.WorstCaseSettings`,
+    :class:`~sharpfast.settings.AverageCaseSettings` or :class:`~sharpfast.settings.GeodesicSettings`)
+    of ``model`` on ``data``."""
     if not isinstance(settings, Settings):
-        raise TypeError(f"settings must be WorstCaseSettings or AverageCaseSettings, got {type(settings).__name__}")
+        raise TypeError(f"settings must be WorstCaseSettings, AverageCaseSettings or GeodesicSettings, got "
+                        f"{type(settings).__name__}")
     params = settings.bind(model)
     batches = check_batches(data)
     with ModelGuard(model, eval_mode=settings.eval_mode):

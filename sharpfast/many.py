@@ -55,7 +55,8 @@ def evaluate_many(models: Sequence[nn.Module], data: Iterable, settings: Setting
             (a model with non-finite weights or loss then fails alone).
     """
     if not isinstance(settings, Settings):
-        raise TypeError(f"settings must be WorstCaseSettings or AverageCaseSettings, got {type(settings).__name__}")
+        raise TypeError(f"settings must be WorstCaseSettings, AverageCaseSettings or GeodesicSettings, got "
+                        f"{type(settings).__name__}")
     if errors not in ERRORS:
         raise ValueError(f"errors must be one of {ERRORS}, got {errors!r}")
     models = list(models)
@@ -90,7 +91,7 @@ def auto_stack(model: nn.Module, settings: Settings, batches: list) -> int:
     not by the per-operation overhead that stacking removes, and stacking measured slower:
     benchmarks/ZOO_RESULTS.md)."""
     params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
-    if not params:
+    if not params or settings.kind == "geodesic":   # geodesic: no stacked solver
         return 1
     device = params[0].device
     if device.type == "cpu" and activations_per_example(model, batches[0]) > CPU_STACK_MAX_ACTIVATIONS:
@@ -228,6 +229,8 @@ def _stacked(models: list[nn.Module], batches: list, settings: Settings) -> list
 
 def _why_not_stacked(settings: Settings, params, batches: list) -> str | None:
     from .fused.problems import _stackable
+    if settings.kind == "geodesic":
+        return "geodesic sharpness has no stacked solver"
     if resolve_backend(settings.backend, params) != "fused":
         return "the fused backend is not used for them"
     if not settings.eval_mode:

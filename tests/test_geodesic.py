@@ -464,3 +464,14 @@ def test_diagonal_network_experiment_runs_end_to_end():
     want = sharpfast.worst_case_sharpness(net, [(X, y)], rho=0.1, norm="l2", solver="scaled", loss_fn=dn.mse,
                                           n_iters=5).sharpness
     assert r["sharpness"]["adaptive"][0] == pytest.approx(want, rel=1e-9)
+
+
+def test_evaluate_many_takes_geodesic_settings_one_model_at_a_time():
+    torch.manual_seed(0)
+    models = [Attention().double() for _ in range(3)]
+    data = attention_data()
+    s = sharpfast.GeodesicSettings(rho=0.1, metric="inv", n_iters=5)
+    for stack in (None, 3):
+        got = sharpfast.evaluate_many(models, data, s, stack=stack)
+        for m, r in zip(models, got):
+            assert r.per_batch == sharpfast.evaluate_sharpness(m, data, s).per_batch and r.kind == "geodesic"
