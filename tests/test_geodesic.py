@@ -16,6 +16,7 @@ from sharpfast.geodesic import blocks as gl
 from sharpfast.geodesic.batched import BatchedGeometry
 from sharpfast.geodesic.reference import ReferenceGeometry
 from sharpfast.params import ParamSet
+from sharpfast.study.diagonal_networks import DiagonalNetwork as Diagonal   # y = X (u * v)
 
 METRICS = ("mix", "inv")
 GEOMETRIES = (ReferenceGeometry, BatchedGeometry)
@@ -34,17 +35,6 @@ class Attention(nn.Module):
 
     def forward(self, x):
         return self.head(self.norm(x + self.att(x, x, x, need_weights=False)[0]).mean(1))
-
-
-class Diagonal(nn.Module):
-    """The diagonal linear network ``y = X (u * v)``."""
-
-    def __init__(self, u, v):
-        super().__init__()
-        self.u, self.v = nn.Parameter(u.clone()), nn.Parameter(v.clone())
-
-    def forward(self, x):
-        return x @ (self.u * self.v)
 
 
 def sse(out, y):
