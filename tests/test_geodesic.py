@@ -465,3 +465,19 @@ def test_evaluate_many_takes_geodesic_settings_one_model_at_a_time():
         got = sharpfast.evaluate_many(models, data, s, stack=stack)
         for m, r in zip(models, got):
             assert r.per_batch == sharpfast.evaluate_sharpness(m, data, s).per_batch and r.kind == "geodesic"
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(bias=False), dict(kdim=6, vdim=5, bias=False)])
+def test_multihead_attention_blocks_leave_the_function_unchanged(kwargs):
+    """Fused and separate in-projections (kdim, vdim), with and without biases."""
+    torch.manual_seed(0)
+    m = nn.MultiheadAttention(8, 2, batch_first=True, **kwargs).double()
+    blocks = sharpfast.find_gl_blocks(m)
+    assert len(blocks) == 2
+    q = torch.randn(3, 4, 8, dtype=torch.float64)
+    k = torch.randn(3, 5, kwargs.get("kdim", 8), dtype=torch.float64)
+    v = torch.randn(3, 5, kwargs.get("vdim", 8), dtype=torch.float64)
+    out = lambda mod: mod(q, k, v, need_weights=False)[0]
+    torch.testing.assert_close(out(act(m, blocks)), out(m), rtol=1e-9, atol=1e-11)
+    separate_with_bias = nn.MultiheadAttention(8, 2, kdim=6, vdim=5)   # one [3E] bias: left adaptive
+    assert sharpfast.find_gl_blocks(separate_with_bias) == []
