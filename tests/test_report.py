@@ -87,3 +87,19 @@ def test_report_statistics_are_the_stats_modules(tmp_path):
     assert line.granulated.psi == pytest.approx(stats.granulated_tau([values[i] for i in order],
                                                                      [target[i] for i in order],
                                                                      [hp[i] for i in order]).psi)
+
+
+def test_geodesic_rows_out_of_the_maps_domain_are_counted(tmp_path):
+    """A geodesic row keeps ``geodesic_correction``; the report counts those above 1 per definition."""
+    geo = Definition.from_dict(dict(kind="geodesic", metric="mix", rho=0.1, m=32, n_examples=64))
+    with Store(str(tmp_path / "r.db")) as st:
+        st.put_definitions([geo])
+        for i, corr in enumerate([0.2, 3.0, 0.5, 7.5]):
+            cid = f"m{i}"
+            st.put_results(dict(checkpoint_id=cid, sha256=None, factory="f", hparams={"lr": i},
+                                metrics={"test_error": 0.1 * i}),
+                           [dict(checkpoint_id=cid, definition_key=geo.key, status="ok", value=float(i),
+                                 per_batch=[float(i)], time_s=0.0, geodesic_correction=corr)])
+        assert [r.geodesic_correction for r in st.rows()] == [0.2, 3.0, 0.5, 7.5]
+    text = build_report(str(tmp_path / "r.db"), None, n_boot=0).markdown()
+    assert f"{geo.name}: on 2 of 4 checkpoints the geodesic's second-order term outgrew the step" in text

@@ -576,5 +576,17 @@ def test_geodesic_definitions_sweep_and_report(tmp_path):
             assert len({round(v, 6) for v in values}) == 3
         else:   # no attention: no blocks, and the correction is the blocks' only
             assert values[1] == pytest.approx(values[0], rel=1e-5) and values[2] == pytest.approx(values[0], rel=1e-5)
+    # the second-order term's size is stored with each geodesic row (not warned per row), and counted
+    with Store(store, readonly=True) as st:
+        stored = {(r.checkpoint_id, r.definition_key): r.geodesic_correction for r in st.rows()}
+    entry = next(e for e in m.models if e.hparams["arch"] == "vit")
+    model = load_model(m, entry)
+    x, y = m.sharpness_data(128)
+    want = sharpfast.geodesic_sharpness(model, [(x[:64], y[:64]), (x[64:], y[64:])], rho=0.5, metric="mix",
+                                        n_iters=4).geodesic_correction
+    assert stored[(entry.id, mix.key)] == pytest.approx(want, rel=1e-6) and stored[(entry.id, adaptive.key)] is None
     text = build_report(store, None, plots=False).markdown()
     assert "geodesic-inv-adaptive" in text and "geodesic-mix-adaptive" in text and "solver=scaled" in text
+    for d in (inv, mix):
+        n = sum(stored[(e.id, d.key)] > 1 for e in m.models)
+        assert (f"{d.name}: on {n} of 4 checkpoints the geodesic's second-order term outgrew" in text) == (n > 0)

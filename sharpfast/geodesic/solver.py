@@ -30,6 +30,7 @@ from .metric import flat_scale
 from .reference import ReferenceGeometry
 
 CORRECTION_WARNING = 1.0   # ||Gamma/2|| / ||xi|| above which the second-order map is out of its depth
+WARNING_TEXT = "sharpfast: at the best point the geodesic's second-order term"
 
 
 def geodesic_sharpness(model, batches, params: ParamSet, s: GeodesicSettings, backend: str) -> SharpnessResult:
@@ -54,7 +55,7 @@ def geodesic_sharpness(model, batches, params: ParamSet, s: GeodesicSettings, ba
     result = reference._result(s, backend, per_batch, per_batch_err, init_losses, init_errs, delta_norm)
     result.solver, result.geodesic_correction = "geodesic", correction
     if correction > CORRECTION_WARNING:
-        warnings.warn(f"sharpfast: at the best point the geodesic's second-order term is {correction:.3g} times the "
+        warnings.warn(f"{WARNING_TEXT} is {correction:.3g} times the "
                       f"step (in the metric): the second-order map no longer approximates the geodesic. rho={s.rho:g} "
                       "is too large for it, or a factor is near zero where the metric degenerates (raise eps)",
                       RuntimeWarning, stacklevel=4)

@@ -22,12 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterable
 
 from sharpfast import LOGIT_NORMALIZATIONS, NORMS
-from sharpfast.geodesic.metric import METRICS
-from sharpfast.settings import GEODESIC_EPS
+from sharpfast.geodesic import GEODESIC_EPS, METRICS
+from sharpfast.geodesic import WARNING_TEXT as GEODESIC_WARNING
 
 from .measures import MEASURES_REVISION, NEYSHABUR as MEASURE_NAMES_NEYSHABUR
 
@@ -264,7 +265,10 @@ class Definition:
             return dict(value=value, err_value=None, per_batch=[value], delta_norm=0.0, backend="measure")
 
         if not self.is_curvature:
-            return self.measured(sharpfast.evaluate_sharpness(model, batches, self.settings(backend)))
+            with warnings.catch_warnings():
+                if self.kind == GEODESIC_KIND:   # the row keeps geodesic_correction; the report counts them
+                    warnings.filterwarnings("ignore", message=GEODESIC_WARNING, category=RuntimeWarning)
+                return self.measured(sharpfast.evaluate_sharpness(model, batches, self.settings(backend)))
         common = dict(self._model_side(), curvature=self.curvature)
         if self.kind == "trace":
             r = sharpfast.hessian_trace(model, batches, n_probes=self.n_probes, **common)
@@ -286,8 +290,11 @@ class Definition:
         in its place (``sharpfast.evaluate_many(errors="return")``) is raised."""
         if isinstance(r, BaseException):
             raise r
-        return dict(value=float(r.sharpness), err_value=None if r.err_sharpness is None else float(r.err_sharpness),
-                    per_batch=[float(v) for v in r.per_batch], delta_norm=float(r.delta_norm), backend=r.backend)
+        out = dict(value=float(r.sharpness), err_value=None if r.err_sharpness is None else float(r.err_sharpness),
+                   per_batch=[float(v) for v in r.per_batch], delta_norm=float(r.delta_norm), backend=r.backend)
+        if r.geodesic_correction is not None:   # stored (and counted by the report) instead of warned per row
+            out["geodesic_correction"] = float(r.geodesic_correction)
+        return out
 
     def settings(self, backend: str = "auto"):
         """The core's settings object for this definition (``sharpfast.WorstCaseSettings`` for

@@ -32,7 +32,7 @@ from scipy.stats import kendalltau
 from torch import nn
 
 import sharpfast
-from sharpfast.settings import GEODESIC_EPS
+from sharpfast.geodesic import GEODESIC_EPS
 
 PAPER_TAU = {"adaptive": -0.68, "inv": -0.83, "mix": -0.86}
 N_TRAIN, DIM, SPARSITY, TARGET_LOSS = 100, 200, 0.9, 1e-5

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from sharpfast.geodesic import CORRECTION_WARNING
+
 from .measures import MEASURES_REVISION
 from .stats import bootstrap_tau, conditional_mutual_information, granulated_tau, robust_sign_error, varying_factors
 from .store import Store
@@ -285,9 +287,17 @@ def build_report(store_path: str, out_dir: str | None = None, target: str = "tes
     for r in rows:
         if r.status != "ok" and r.checkpoint_id in ckpts:
             failed.setdefault(r.definition_key, []).append((r.error or "no message").splitlines()[0][:200])
+    out_of_domain: dict[str, int] = {}
+    for r in rows:
+        if r.status == "ok" and r.checkpoint_id in ckpts and (r.geodesic_correction or 0) > CORRECTION_WARNING:
+            out_of_domain[r.definition_key] = out_of_domain.get(r.definition_key, 0) + 1
     for key, d in defs.items():  # sorted by family, rho
         if key in by_def:
             lines.append(line(_label(d), key, by_def[key]))
+        if key in out_of_domain:
+            notes.append(f"{_label(d)}: on {out_of_domain[key]} of {len(by_def[key])} checkpoints the geodesic's "
+                         "second-order term outgrew the step (geodesic_correction > 1): there the second-order map "
+                         "does not follow the geodesic (a smaller rho, or a larger eps where factors are near zero)")
         errors = failed.get(key)
         if errors:   # nothing leaves the report without a word
             count = f"{len(errors)} error{'s' if len(errors) > 1 else ''}: {errors[0]}"

@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS results (
     checkpoint_sha256 TEXT,
     created_at        REAL NOT NULL,
     threads           INTEGER,     -- torch intra-op threads (they can change the last digits)
+    geodesic_correction REAL,      -- geodesic sharpness: ||Gamma/2|| / ||xi|| at the best point
     PRIMARY KEY (checkpoint_id, definition_key)
 );
 CREATE TABLE IF NOT EXISTS claims (
@@ -75,11 +76,11 @@ CREATE TABLE IF NOT EXISTS claims (
 );
 """
 # columns added after a store's tables were first written: added in place when it is opened for writing
-_ADDED_COLUMNS = {"results": [("threads", "INTEGER")]}
+_ADDED_COLUMNS = {"results": [("threads", "INTEGER"), ("geodesic_correction", "REAL")]}
 
 RESULT_FIELDS = ("checkpoint_id", "definition_key", "status", "value", "err_value", "per_batch",
                  "delta_norm", "error", "time_s", "device", "backend", "sharpfast_version",
-                 "torch_version", "checkpoint_sha256", "created_at", "threads")
+                 "torch_version", "checkpoint_sha256", "created_at", "threads", "geodesic_correction")
 
 
 class StoreError(RuntimeError):
@@ -147,6 +148,7 @@ class Row:
     checkpoint_sha256: str | None
     created_at: float
     threads: int | None = None
+    geodesic_correction: float | None = None
 
 
 class Store:
