@@ -228,9 +228,9 @@ def _projections(m: nn.Module, pre: str) -> list[GLBlock] | None:
             inner, inner_name = getattr(m, name), f"{name}."
     qkv = next((names for names in (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
                 if all(isinstance(getattr(inner, n, None), nn.Linear) for n in names)), None)
-    out = next(((n, mod) for n, mod in (("output.dense", getattr(getattr(m, "output", None), "dense", None)),
-                                        ("out_proj", getattr(m, "out_proj", None)), ("o_proj", getattr(m, "o_proj", None)))
-                if isinstance(mod, nn.Linear)), None)
+    outputs = (("output.dense", getattr(getattr(m, "output", None), "dense", None)),
+               ("out_proj", getattr(m, "out_proj", None)), ("o_proj", getattr(m, "o_proj", None)))
+    out = next(((n, mod) for n, mod in outputs if isinstance(mod, nn.Linear)), None)
     heads = next((getattr(obj, a) for obj in (inner, m, getattr(inner, "config", None))
                   for a in ("num_attention_heads", "num_heads") if isinstance(getattr(obj, a, None), int)), None)
     if qkv is None or out is None or heads is None:

@@ -141,7 +141,8 @@ class Definition:
             raise ConfigError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.kind == GEODESIC_KIND:
             if self.norm != "l2":
-                raise ConfigError(f"kind 'geodesic' is a ball in a Riemannian metric: norm must be 'l2', got {self.norm!r}")
+                raise ConfigError(f"kind 'geodesic' is a ball in a Riemannian metric: norm must be 'l2', "
+                                  f"got {self.norm!r}")
             if self.metric not in METRICS:
                 raise ConfigError(f"metric must be one of {METRICS}, got {self.metric!r}")
             if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 <= self.eps < float("inf"):
