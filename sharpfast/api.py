@@ -144,7 +144,8 @@ def average_sharpness(
 
 def geodesic_sharpness(
     model: nn.Module, data: Iterable, rho: float, metric: str = "mix", blocks="auto", eps: float = GEODESIC_EPS,
-    second_order: bool = True, n_iters: int = W.n_iters, adaptive: bool = W.adaptive,
+    second_order: bool = True, n_iters: int = W.n_iters, n_restarts: int = W.n_restarts, init: str = "zero",
+    adaptive: bool = W.adaptive,
     scale: Mapping[str, torch.Tensor] | None = None, loss_fn: Callable | None = None,
     normalize_logits: bool | str = W.normalize_logits, step_size_mult: float = W.step_size_mult,
     seed: int = W.seed, backend: str = W.backend, adaptive_eta: float = W.adaptive_eta,
@@ -166,7 +167,10 @@ def geodesic_sharpness(
         eps: the Gram matrices' relaxation (0: exact invariance; needs full-rank factors).
         second_order: include the geodesic correction ``-Gamma(xi, xi)/2`` (False: the paper's
             first-order ablation).
-        n_iters: APGD iterations per batch (the scaled solver's, from ``xi = 0``).
+        n_iters: APGD iterations per batch and run (the scaled solver's).
+        n_restarts, init: ``init="zero"`` starts at ``xi = 0`` (the paper's); ``"random"`` runs
+            ``n_restarts`` times from Philox draws made isotropic in the metric, projected horizontally
+            and put on the sphere of radius rho (outside the blocks, the scaled solver's random start).
         adaptive, scale, adaptive_eta, adaptive_weights_only: the metric ``||xi / c||_2`` of the
             parameters outside every block; model, data, rho, loss_fn, normalize_logits,
             step_size_mult, seed, eval_mode, min_update_ratio, error_fn, low_precision: as
@@ -176,12 +180,14 @@ def geodesic_sharpness(
 
     Returns:
         A :class:`~sharpfast.result.SharpnessResult` (``kind="geodesic"``; ``delta_norm`` is the
-        largest ``||gamma_xi(1) - w||_2`` at a best point). With ``blocks=[]`` and
+        largest ``||gamma_xi(1) - w||_2`` at a best point; ``geodesic_correction``; ``restarts_improved``
+        as for the worst case). With ``blocks=[]`` and
         ``second_order=False`` it equals ``worst_case_sharpness(norm="l2", adaptive=True,
         solver="scaled")``.
     """
     return evaluate_sharpness(model, data, GeodesicSettings(
         rho=rho, metric=metric, blocks=blocks, eps=eps, second_order=second_order, n_iters=n_iters,
+        n_restarts=n_restarts, init=init,
         adaptive=adaptive, scale=scale, loss_fn=loss_fn, error_fn=error_fn, normalize_logits=normalize_logits,
         step_size_mult=step_size_mult, seed=seed, backend=backend, adaptive_eta=adaptive_eta,
         adaptive_weights_only=adaptive_weights_only, eval_mode=eval_mode, min_update_ratio=min_update_ratio,

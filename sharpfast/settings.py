@@ -216,7 +216,8 @@ class GeodesicSettings(Settings):
     GL-invariant metric (``metric="mix"`` or ``"inv"``) on the attention blocks ``blocks``
     (``"auto"``: :func:`sharpfast.find_gl_blocks`; or a list of :class:`sharpfast.GLBlock`), the
     other parameters in the adaptive geometry of the scale rule (``||xi / c||_2``), solved by the
-    scaled solver's APGD from ``xi = 0``. ``second_order=False`` drops the geodesic correction."""
+    scaled solver's APGD from ``xi = 0`` (``init="zero"``) or from ``n_restarts`` random points of the
+    sphere (``init="random"``). ``second_order=False`` drops the geodesic correction."""
 
     kind: ClassVar[str] = "geodesic"
     norm: str = "l2"
@@ -225,6 +226,8 @@ class GeodesicSettings(Settings):
     eps: float = GEODESIC_EPS
     second_order: bool = True
     n_iters: int = 20
+    n_restarts: int = 1
+    init: str = "zero"
     step_size_mult: float = 1.0
     min_update_ratio: float = apgd.MIN_UPDATE_RATIO
 
@@ -246,6 +249,11 @@ class GeodesicSettings(Settings):
         self._set("eps", _positive_float("eps", self.eps, allow_zero=True))
         self._set("second_order", bool(self.second_order))
         self._set("n_iters", _positive_int("n_iters", self.n_iters))
+        self._set("n_restarts", _positive_int("n_restarts", self.n_restarts))
+        if self.init not in ("zero", "random"):
+            raise ValueError(f"geodesic sharpness starts at init='zero' or 'random', got {self.init!r}")
+        if self.n_restarts > 1 and self.init == "zero":
+            raise ValueError("n_restarts > 1 needs init='random': restarts from xi = 0 are identical")
         self._set("step_size_mult", _positive_float("step_size_mult", self.step_size_mult))
         self._set("min_update_ratio", _positive_float("min_update_ratio", self.min_update_ratio, allow_zero=True))
 

@@ -314,6 +314,47 @@ def test_reduction_to_the_scaled_solver(which, backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_random_restarts_reduce_to_the_scaled_solvers(backend):
+    """With random starts too (the same Philox draws, made isotropic in the metric: ``c z`` outside
+    the blocks), ``blocks=[], second_order=False`` is the scaled solver, restart by restart."""
+    torch.manual_seed(0)
+    model, data = Attention().double(), attention_data(n_batches=2)
+    geo = sharpfast.geodesic_sharpness(model, data, rho=0.3, blocks=[], second_order=False, init="random",
+                                       n_restarts=3, backend=backend)
+    ref = sharpfast.worst_case_sharpness(model, data, rho=0.3, norm="l2", solver="scaled", init="random",
+                                         n_restarts=3, backend=backend)
+    assert geo.per_batch == pytest.approx(ref.per_batch, rel=1e-9)
+    assert geo.restarts_improved == ref.restarts_improved
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_random_starts_lie_on_the_horizontal_sphere_and_restarts_only_add(attention_model, metric):
+    from sharpfast.geodesic.solver import random_start
+    s = sharpfast.GeodesicSettings(rho=0.2, metric=metric, init="random", n_restarts=2)
+    geo, _ = geometry(BatchedGeometry, attention_model, sharpfast.find_gl_blocks(attention_model), metric)
+    ref, _ = geometry(ReferenceGeometry, attention_model, sharpfast.find_gl_blocks(attention_model), metric)
+    xi = random_start(geo, s, stream=0, start=1)
+    torch.testing.assert_close(xi, random_start(ref, s, stream=0, start=1), rtol=1e-10, atol=1e-12)
+    assert float(geo.norm(xi)) == pytest.approx(0.2, rel=1e-12)
+    torch.testing.assert_close(geo.horizontal(xi), xi, rtol=1e-9, atol=1e-12)
+    # M^-1/2 z has the metric norm ||z|| over the coordinates the metric counts (blocks, and c > 0)
+    counted = geo.c_rest > 0
+    for group in gl.resolve(sharpfast.find_gl_blocks(attention_model), ParamSet(attention_model)):
+        counted[group.g.reshape(-1)] = counted[group.hh.reshape(-1)] = True
+    z = torch.randn(xi.numel(), dtype=torch.float64)
+    for g in (geo, ref):
+        assert float(g.norm(g.whiten(z))) == pytest.approx(float(z[counted].norm()), rel=1e-10)
+    data = attention_data()
+    one = sharpfast.geodesic_sharpness(attention_model, data, rho=0.2, metric=metric, init="random")
+    two = sharpfast.geodesic_sharpness(attention_model, data, rho=0.2, metric=metric, init="random", n_restarts=2)
+    assert all(b >= a for a, b in zip(one.per_batch, two.per_batch))
+    with pytest.raises(ValueError, match="needs init='random'"):
+        sharpfast.geodesic_sharpness(attention_model, data, rho=0.2, n_restarts=2)
+    with pytest.raises(ValueError, match="init='zero' or 'random'"):
+        sharpfast.geodesic_sharpness(attention_model, data, rho=0.2, init="eigen")
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
 def test_diagonal_network_closed_forms(backend):
     """GEODESIC.md §7, X^T X = I: mix ``S = 2 sqrt2 rho ||beta0 - beta*|| + 2 rho^2`` (to the
     second-order map's O(rho^3)); inv, the trust-region maximum of ``4 b^T r + 4 b^T D b`` over

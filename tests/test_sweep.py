@@ -546,7 +546,11 @@ def test_geodesic_definitions_sweep_and_report(tmp_path):
                                          solver="scaled"))
     assert len({mix.key, inv.key, adaptive.key}) == 3
     assert mix.name == "geodesic-mix-adaptive m=64 n_examples=128 n_iters=4 rho=0.5"
-    assert Definition("geodesic", rho=0.5, n_restarts=3, n_samples=7).key == Definition("geodesic", rho=0.5).key
+    assert Definition("geodesic", rho=0.5, n_samples=7, solver="scaled").key == Definition("geodesic", rho=0.5).key
+    assert Definition("geodesic", rho=0.5, rand_init=True, n_restarts=3).key != Definition("geodesic", rho=0.5).key
+    assert Definition("geodesic", rho=0.5, rand_init=True, n_restarts=3).settings().init == "random"
+    with pytest.raises(ConfigError, match="not 'eigen'"):
+        Definition("geodesic", rho=0.5, init="eigen")
     assert Definition("geodesic", rho=0.5, second_order=False).key != Definition("geodesic", rho=0.5).key
     with pytest.raises(ConfigError, match="norm must be 'l2'"):
         Definition("geodesic", "linf", 0.5)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .blocks import Heads
-from .metric import Geometry, check_grams
+from .metric import Geometry, check_grams, sym_power
 
 sym = lambda M: M + M.mT
 
@@ -48,6 +48,8 @@ class _Group:
         M_inv = torch.linalg.inv(M)
         cast = lambda t: t.to(w0.dtype)
         self.F = cast(F)
+        # M^-1/2 of the metric, for random starts: inv (P^1/2 | Q^1/2), mix (Q^-1/2 | P^-1/2)
+        self.whiten_M = cast(sym_power(M, 0.5) if metric == "inv" else self.partner(sym_power(M, -0.5)))
         if metric == "mix":
             self.norm_M, self.gradient_M = cast(self.partner(M)), cast(self.partner(M_inv))
             self.F_M_inv, self.christoffel_M = cast(F @ M_inv), cast(self.partner(M_inv))
@@ -132,6 +134,11 @@ class BatchedGeometry(Geometry):
     def blocks_horizontal(self, xi, out):
         for k in self.groups:
             k.scatter(out, k.horizontal(self.metric, k.gather(xi)))
+        return out
+
+    def blocks_whiten(self, z, out):
+        for k in self.groups:
+            k.scatter(out, k.gather(z) @ k.whiten_M)
         return out
 
     def retract(self, xi):

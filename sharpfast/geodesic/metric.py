@@ -47,6 +47,10 @@ class Geometry:
     def horizontal(self, xi: torch.Tensor) -> torch.Tensor:
         return self.blocks_horizontal(xi, xi * (self.c_rest > 0))
 
+    def whiten(self, z: torch.Tensor) -> torch.Tensor:
+        """``M^-1/2 z``: a vector whose metric norm is ``||z||`` (``c z`` outside the blocks)."""
+        return self.blocks_whiten(z, self.c_rest * z)
+
     def retract(self, xi: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         """``(v, pullback)``: the point ``w0 + xi - Gamma(xi, xi)/2`` and ``g_v -> g_xi``."""
         if not self.second_order:
@@ -78,6 +82,9 @@ class Geometry:
     def blocks_horizontal(self, xi, out):
         raise NotImplementedError
 
+    def blocks_whiten(self, z, out):
+        raise NotImplementedError
+
     def blocks_correction(self, xi):
         raise NotImplementedError
 
@@ -89,6 +96,12 @@ def check_grams(P: torch.Tensor, Q: torch.Tensor) -> None:
         if not bool((e[..., 0] > e[..., -1] * torch.finfo(torch.float64).eps * M.shape[-1]).all()):
             raise ValueError(f"a GL block head's Gram matrix {name} + eps I is singular (a factor without full "
                              "column rank, e.g. a head whose weights are zero): pass eps > 0")
+
+
+def sym_power(M: torch.Tensor, p: float) -> torch.Tensor:
+    """``M^p`` of symmetric positive definite ``M`` (``[..., h, h]``), by its eigendecomposition."""
+    e, V = torch.linalg.eigh(M)
+    return V @ torch.diag_embed(e**p) @ V.mT
 
 
 def check_metric(metric: str) -> str:

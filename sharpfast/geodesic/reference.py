@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .blocks import Heads
-from .metric import Geometry, check_grams
+from .metric import Geometry, check_grams, sym_power
 
 inv = torch.linalg.inv
 
@@ -41,6 +41,13 @@ def horizontal_projection(metric, G, H, P, Q, xG, xH):
         vec_X = torch.linalg.solve(torch.kron(I, A) + torch.kron(A.T.contiguous(), I), B.T.reshape(-1))
         L = vec_X.reshape(A.shape)   # vec is column-major: this row-major reshape is X^T = L
     return xG + G @ L, xH - H @ L.T
+
+
+def whiten(metric, P, Q, zG, zH):
+    """``M^-1/2 z``: inv ``(zG P^1/2, zH Q^1/2)``, mix ``(zG Q^-1/2, zH P^-1/2)``."""
+    if metric == "inv":
+        return zG @ sym_power(P, 0.5), zH @ sym_power(Q, 0.5)
+    return zG @ sym_power(Q, -0.5), zH @ sym_power(P, -0.5)
 
 
 def christoffel(metric, G, H, P, Q, xG, xH):
@@ -77,6 +84,11 @@ class ReferenceGeometry(Geometry):
     def blocks_horizontal(self, xi, out):
         for ig, ih, G, H, P, Q in self.heads:
             out[ig], out[ih] = horizontal_projection(self.metric, G, H, P, Q, xi[ig], xi[ih])
+        return out
+
+    def blocks_whiten(self, z, out):
+        for ig, ih, _, _, P, Q in self.heads:
+            out[ig], out[ih] = whiten(self.metric, P, Q, z[ig], z[ih])
         return out
 
     def blocks_correction(self, xi):

@@ -21,6 +21,7 @@ import torch
 
 from .. import apgd, reference
 from ..objective import batches_on_device
+from ..philox import RAND_INIT_SAMPLE_BASE, philox_draw
 from ..params import ParamSet
 from ..result import SharpnessResult, check_finite_loss
 from ..settings import GeodesicSettings
@@ -41,8 +42,10 @@ def geodesic_sharpness(model, batches, params: ParamSet, s: GeodesicSettings, ba
     geo = Geo(w0, flat_scale(params), heads, s.metric, s.eps, s.second_order)
     point = _ReferencePoint(model, params, s) if backend == "reference" else _FlatPoint(model, params, s)
     per_batch, per_batch_err, init_losses, init_errs, delta_norm, correction = [], [], [], [], 0.0, 0.0
+    improved = []
     for b, x, y in batches_on_device(batches, params.device):
-        L0, E0, best_loss, best_err, best_xi, best_v = _apgd(point.at(x, y), geo, s, b)
+        L0, E0, best_loss, best_err, best_xi, best_v, n_improved = _solve_batch(point.at(x, y), geo, s, b)
+        improved.append(n_improved)
         step = float(geo.norm(best_xi))
         if s.second_order and step > 0:   # (without it the correction is 0: w0 + xi - w0 only rounds)
             correction = max(correction, float(geo.norm(best_v - w0 - best_xi)) / step)
@@ -53,7 +56,7 @@ def geodesic_sharpness(model, batches, params: ParamSet, s: GeodesicSettings, ba
             init_errs.append(E0)
         delta_norm = max(delta_norm, float((best_v - w0).double().norm()))
     result = reference._result(s, backend, per_batch, per_batch_err, init_losses, init_errs, delta_norm)
-    result.solver, result.geodesic_correction = "geodesic", correction
+    result.solver, result.geodesic_correction, result.restarts_improved = "geodesic", correction, improved
     if correction > CORRECTION_WARNING:
         warnings.warn(f"{WARNING_TEXT} is {correction:.3g} times the "
                       f"step (in the metric): the second-order map no longer approximates the geodesic. rho={s.rho:g} "
@@ -62,19 +65,52 @@ def geodesic_sharpness(model, batches, params: ParamSet, s: GeodesicSettings, ba
     return result
 
 
-def _apgd(evaluate, geo, s: GeodesicSettings, stream: int):
-    """One m-batch's APGD from ``xi = 0``: ``(L0, E0, best loss, its error, best xi, its point v)``."""
+def _solve_batch(evaluate, geo, s: GeodesicSettings, stream: int):
+    """One m-batch's runs, one per restart; the unperturbed point is the first candidate (as in
+    ``reference.worst_case_sharpness``). Returns ``(L0, E0, best loss, its error, best xi, its
+    point v, starts after the first that beat all before them)``."""
+    L0 = E0 = None
+    if s.init != "zero":   # the runs start elsewhere: the loss at w0 needs a forward of its own
+        L0, E0, _ = evaluate(geo.w0, False)
+        check_finite_loss(L0, f"at the unperturbed weights (batch {stream})")
+    best = None
+    n_improved = 0
+    for start in range(s.n_restarts):
+        xi = torch.zeros_like(geo.w0) if s.init == "zero" else random_start(geo, s, stream, start)
+        L_start, E_start, run = _apgd(evaluate, geo, s, stream, xi)
+        if L0 is None:   # xi = 0: the start was w0
+            L0, E0 = L_start, E_start
+            best = (L0, E0, xi, geo.w0.clone())
+        elif best is None:
+            best = (L0, E0, torch.zeros_like(geo.w0), geo.w0.clone())
+        if run[0] > best[0]:
+            n_improved += start > 0
+            best = run
+    return (L0, E0) + tuple(best) + (n_improved,)
+
+
+def random_start(geo, s: GeodesicSettings, stream: int, start: int) -> torch.Tensor:
+    """Restart ``start``'s point: Philox draw ``RAND_INIT_SAMPLE_BASE + start`` of the batch's stream,
+    a Gaussian ``z`` made isotropic in the metric (``M^-1/2 z``: ``c z`` outside the blocks), projected
+    horizontally and put on the sphere of radius rho (outside the blocks the scaled solver's random
+    start, ``c rho z / ||z||``)."""
+    z = philox_draw("normal", s.seed, stream, RAND_INIT_SAMPLE_BASE + start, 0, geo.w0.numel(),
+                    dtype=geo.w0.dtype, device=geo.w0.device)
+    xi = geo.horizontal(geo.whiten(z))
+    return xi * (s.rho / geo.norm(xi))
+
+
+def _apgd(evaluate, geo, s: GeodesicSettings, stream: int, xi: torch.Tensor):
+    """One APGD run from ``xi``: ``(its loss, its error, (best loss, its error, best xi, its point v))``."""
     def at(xi, i, with_grad):
         v, pullback = geo.retract(xi)
         L, E, g_v = evaluate(v, with_grad)
-        check_finite_loss(L, f"at an APGD iterate (batch {stream}, iteration {i})" if i != "start" else
-                          f"at the unperturbed weights (batch {stream})")
+        check_finite_loss(L, f"at an APGD iterate (batch {stream}, iteration {i})")
         return L, E, v, (pullback(g_v) if with_grad else None)
 
-    xi = torch.zeros_like(geo.w0)
-    L0, E0, v, g = at(xi, "start", True)
-    best_loss, best_err, best_xi, best_v, best_g = L0, E0, xi, v, g
-    prev_loss, xi_prev = L0, xi
+    L_start, E_start, v, g = at(xi, "start", True)
+    best_loss, best_err, best_xi, best_v, best_g = L_start, E_start, xi, v, g
+    prev_loss, xi_prev = L_start, xi
     schedule = apgd.StepSchedule(s, best_loss)
     for i in range(s.n_iters):
         alpha = 1.0 if i == 0 else apgd.MOMENTUM
@@ -93,7 +129,7 @@ def _apgd(evaluate, geo, s: GeodesicSettings, stream: int):
             best_loss, best_err, best_xi, best_v, best_g = L, E, xi, v, g
         if schedule.halves_at(i, best_loss):
             xi, g = best_xi, best_g   # back to the best point (xi_prev stays: the momentum continues)
-    return L0, E0, best_loss, best_err, best_xi, best_v
+    return L_start, E_start, (best_loss, best_err, best_xi, best_v)
 
 
 class _ReferencePoint:

@@ -146,7 +146,8 @@ def _definitions(args: argparse.Namespace, default_preset: str | None = "default
                         for a in adaptives]
                 continue
             if kind == defs_mod.GEODESIC_KIND:
-                geo = {k: v for k, v in common.items() if k in ("m", "seed", "n_iters")}
+                geo = {k: v for k, v in common.items() if k in ("m", "seed", "n_iters", "n_restarts", "rand_init",
+                                                                 "init")}
                 out += [Definition.from_dict(dict(kind=kind, metric=metric, rho=rho, adaptive=a, normalize_logits=nl,
                                                   **geo), "flags")
                         for metric in args.metric or ["mix"] for a in adaptives for rho in args.rho]

@@ -49,8 +49,8 @@ SOLVERS = ("published", "scaled")
 INITS = ("zero", "random", "eigen")
 AVERAGE_FIELDS = ("n_samples",)
 GEODESIC_FIELDS = ("metric", "eps", "second_order")
-# the worst-case fields the geodesic solver does not take (it starts at xi = 0, one run, its own APGD)
-GEODESIC_UNUSED = ("n_restarts", "rand_init", "solver", "init")
+# the worst-case fields the geodesic solver does not take (its own APGD; the start is rand_init's)
+GEODESIC_UNUSED = ("solver", "init")
 CURVATURE_FIELDS = ("curvature", "n_probes", "alpha", "n_vectors", "n_lanczos")
 # the curvature fields each curvature kind uses
 CURVATURE_USES = {"trace": ("curvature", "n_probes"), "lambda_max": ("curvature",),
@@ -148,6 +148,8 @@ class Definition:
             if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 <= self.eps < float("inf"):
                 raise ConfigError(f"eps must be a finite number >= 0, got {self.eps!r}")
             object.__setattr__(self, "eps", float(self.eps))
+            if self.init == "eigen":
+                raise ConfigError("kind 'geodesic' starts at init 'zero' or 'random' (rand_init), not 'eigen'")
         nl = self.normalize_logits
         if nl is True:
             object.__setattr__(self, "normalize_logits", "norm")
@@ -306,7 +308,8 @@ class Definition:
         common = dict(self._model_side(), rho=self.rho, norm=self.norm, backend=backend)
         if self.kind == GEODESIC_KIND:
             return sharpfast.GeodesicSettings(metric=self.metric, eps=self.eps, second_order=self.second_order,
-                                              n_iters=self.n_iters, step_size_mult=self.step_size_mult, **common)
+                                              n_iters=self.n_iters, n_restarts=self.n_restarts, init=self.init,
+                                              step_size_mult=self.step_size_mult, **common)
         if self.kind == "max":
             return sharpfast.WorstCaseSettings(n_iters=self.n_iters, n_restarts=self.n_restarts, init=self.init,
                                                step_size_mult=self.step_size_mult, solver=self.solver, **common)
