@@ -1,11 +1,13 @@
 """The diagonal linear network experiment of da Silva, Dangel and Oore (ICML 2025, §5): does
 sharpness rank the generalization of networks that fit the same data perfectly?
 
-    python -m sharpfast.study.diagonal_networks [--n-nets 50] [--rho 0.1] [--eps 1e-8] [--out DIR]
+    python -m sharpfast.study.diagonal_networks [--n-nets 50] [--rho 0.1] [--eps 1e-8] [--init gaussian|zero-v]
+                                                [--out DIR]
 
 ``n`` training points in ``d > n`` dimensions, ``y = X beta*`` with a 90%-sparse ``beta*``; each
 network is ``f(x) = x^T (u * v)``, trained by gradient descent on the mean squared error from its own
-initialization scale ``alpha`` (log-uniform, small scales find sparse, well-generalizing solutions)
+initialization scale ``alpha`` (log-uniform; small scales find sparse, well-generalizing solutions;
+``u0 = alpha 1`` and ``v0 = alpha xi``, ``xi ~ N(0, I)``, or ``v0 = 0`` with ``--init zero-v``)
 until its training loss is below 1e-5. The gap is the test loss: with ``x ~ N(0, I)`` the
 population loss ``||u * v - beta*||^2``, exactly. Sharpness is measured on the training set as one
 batch, each definition with the same radius and APGD: adaptive (``blocks=[]``, no correction: the
@@ -63,16 +65,24 @@ def data(seed: int = 0):
     return X, X @ beta, beta
 
 
-def train(X, y, n_nets: int, seed: int = 0, max_steps: int = 200_000):
+INITS = ("gaussian", "zero-v")
+
+
+def train(X, y, n_nets: int, seed: int = 0, max_steps: int = 200_000, init: str = "gaussian"):
     """``n_nets`` networks trained at once (one row each) by gradient descent to ``TARGET_LOSS``:
-    ``u0 = alpha 1``, ``v0 = alpha xi`` (``xi ~ N(0, I)``), ``alpha`` log-uniform over ``ALPHAS``, a
+    ``u0 = alpha 1``, ``v0 = alpha xi`` (``xi ~ N(0, I)``; ``init="zero-v"``: ``v0 = 0``), ``alpha``
+    log-uniform over ``ALPHAS``, a
     step of ``0.2 / (lambda_max(X^T X / n) max(alpha^2, |beta|))`` (stable at the start and as the
     weights grow); a row stops once its loss is below the target. Returns ``(alphas, U, V, steps)``."""
     g = torch.Generator().manual_seed(seed + 1)
     lo, hi = (math.log(a) for a in ALPHAS)
     alphas = torch.exp(torch.rand(n_nets, generator=g, dtype=torch.float64) * (hi - lo) + lo)
     U = alphas[:, None].expand(n_nets, X.shape[1]).clone()
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
     V = alphas[:, None] * torch.randn(n_nets, X.shape[1], generator=g, dtype=torch.float64)
+    if init == "zero-v":
+        V.zero_()
     curvature = float(torch.linalg.eigvalsh(X.T @ X / len(y))[-1])
     steps = torch.zeros(n_nets, dtype=torch.long)
     for step in range(max_steps):
@@ -113,14 +123,15 @@ def sharpness(U, V, X, y, rho: float, n_iters: int = 20, eps: float = GEODESIC_E
     return out, corrections
 
 
-def run(n_nets: int = 50, rho: float = 0.1, seed: int = 0, n_iters: int = 20, eps: float = GEODESIC_EPS) -> dict:
+def run(n_nets: int = 50, rho: float = 0.1, seed: int = 0, n_iters: int = 20, eps: float = GEODESIC_EPS,
+        init: str = "gaussian") -> dict:
     X, y, beta = data(seed)
-    alphas, U, V, steps = train(X, y, n_nets, seed)
+    alphas, U, V, steps = train(X, y, n_nets, seed, init=init)
     train_loss = ((U * V) @ X.T - y).square().mean(1)
     gap = ((U * V - beta).square().sum(1) - train_loss).tolist()   # population loss - training loss
     values, corrections = sharpness(U, V, X, y, rho, n_iters, eps)
     taus = {name: float(kendalltau(v, gap).statistic) for name, v in values.items()}
-    return dict(n_nets=n_nets, rho=rho, eps=eps, seed=seed, n_train=N_TRAIN, dim=DIM, taus=taus, paper=PAPER_TAU,
+    return dict(n_nets=n_nets, rho=rho, eps=eps, init=init, seed=seed, n_train=N_TRAIN, dim=DIM, taus=taus, paper=PAPER_TAU,
                 alphas=alphas.tolist(), steps=steps.tolist(), train_loss=train_loss.tolist(), gap=gap,
                 sharpness=values, geodesic_correction=corrections)
 
@@ -132,11 +143,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-iters", type=int, default=20)
     ap.add_argument("--eps", type=float, default=GEODESIC_EPS, help="the Gram matrices' relaxation (geodesic)")
+    ap.add_argument("--init", choices=INITS, default="gaussian", help="v0 = alpha xi (gaussian) or v0 = 0")
     ap.add_argument("--out", help="folder for results.json (every network's values)")
     args = ap.parse_args(argv)
-    r = run(args.n_nets, args.rho, args.seed, args.n_iters, args.eps)
+    r = run(args.n_nets, args.rho, args.seed, args.n_iters, args.eps, args.init)
     print(f"{r['n_nets']} diagonal networks, n = {N_TRAIN} < d = {DIM}, {SPARSITY:.0%}-sparse target, "
-          f"trained to loss {TARGET_LOSS:g}; rho = {r['rho']:g}, eps = {r['eps']:g}; gap = test loss - train loss")
+          f"trained to loss {TARGET_LOSS:g} from init {r['init']}; rho = {r['rho']:g}, eps = {r['eps']:g}; "
+          "gap = test loss - train loss")
     print(f"test loss from {min(r['gap']):.3g} to {max(r['gap']):.3g}")
     print("| sharpness | Kendall tau (sharpfast) | Kendall tau (paper) | values |\n|---|---:|---:|---|")
     for name, tau in r["taus"].items():
