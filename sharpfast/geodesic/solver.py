@@ -80,8 +80,7 @@ def _solve_batch(evaluate, geo, s: GeodesicSettings, stream: int):
         L_start, E_start, run = _apgd(evaluate, geo, s, stream, xi)
         if L0 is None:   # xi = 0: the start was w0
             L0, E0 = L_start, E_start
-            best = (L0, E0, xi, geo.w0.clone())
-        elif best is None:
+        if best is None:   # the unperturbed point, the first candidate
             best = (L0, E0, torch.zeros_like(geo.w0), geo.w0.clone())
         if run[0] > best[0]:
             n_improved += start > 0
