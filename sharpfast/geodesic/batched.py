@@ -141,11 +141,9 @@ class BatchedGeometry(Geometry):
             k.scatter(out, k.gather(z) @ k.whiten_M)
         return out
 
-    def retract(self, xi):
+    def second_order_retract(self, xi):
         """``w0 + xi - Gamma(xi, xi)/2`` and its pullback ``g -> g - grad <g, Gamma(xi, xi)> / 2``."""
         v = self.w0 + xi
-        if not self.second_order:
-            return v, lambda g: g
         parts = []
         for k in self.groups:
             T = k.gather(xi)
@@ -156,12 +154,7 @@ class BatchedGeometry(Geometry):
         def pullback(g):
             out = g.clone()
             for k, T, S in parts:
-                k.scatter(out, k.gather(g) - k.christoffel_vjp(self.metric, T, S, k.gather(g)) / 2)
+                C = k.gather(g)
+                k.scatter(out, C - k.christoffel_vjp(self.metric, T, S, C) / 2)
             return out
         return v, pullback
-
-    def blocks_correction(self, xi):
-        correction = torch.zeros_like(xi)
-        for k in self.groups:
-            k.scatter(correction, -k.christoffel(self.metric, k.gather(xi))[0] / 2)
-        return correction

@@ -55,10 +55,7 @@ class Geometry:
         """``(v, pullback)``: the point ``w0 + xi - Gamma(xi, xi)/2`` and ``g_v -> g_xi``."""
         if not self.second_order:
             return self.w0 + xi, lambda g: g
-        xi = xi.detach().requires_grad_(True)
-        with torch.enable_grad():
-            v = self.w0 + xi + self.blocks_correction(xi)
-        return v.detach(), lambda g: torch.autograd.grad(v, xi, g, retain_graph=True)[0]
+        return self.second_order_retract(xi)
 
     def project(self, xi: torch.Tensor, rho: float) -> torch.Tensor:
         """The metric projection onto ``{horizontal, ||xi|| <= rho}``: the horizontal projection
@@ -85,7 +82,7 @@ class Geometry:
     def blocks_whiten(self, z, out):
         raise NotImplementedError
 
-    def blocks_correction(self, xi):
+    def second_order_retract(self, xi):
         raise NotImplementedError
 
 

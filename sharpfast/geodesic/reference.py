@@ -91,9 +91,12 @@ class ReferenceGeometry(Geometry):
             out[ig], out[ih] = whiten(self.metric, P, Q, z[ig], z[ih])
         return out
 
-    def blocks_correction(self, xi):
-        correction = torch.zeros_like(xi)
-        for ig, ih, G, H, P, Q in self.heads:
-            gamma_G, gamma_H = christoffel(self.metric, G, H, P, Q, xi[ig], xi[ih])
-            correction = correction.index_put((ig,), -gamma_G / 2).index_put((ih,), -gamma_H / 2)
-        return correction
+    def second_order_retract(self, xi):
+        """``v = w0 + xi - Gamma(xi, xi)/2``, its pullback by autograd through the formulas."""
+        xi = xi.detach().requires_grad_(True)
+        with torch.enable_grad():
+            v = self.w0 + xi
+            for ig, ih, G, H, P, Q in self.heads:
+                gamma_G, gamma_H = christoffel(self.metric, G, H, P, Q, xi[ig], xi[ih])
+                v = v.index_put((ig,), v[ig] - gamma_G / 2).index_put((ih,), v[ih] - gamma_H / 2)
+        return v.detach(), lambda g: torch.autograd.grad(v, xi, g)[0]
