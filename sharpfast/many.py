@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import Iterable, Sequence
 
 import torch
@@ -39,9 +40,11 @@ def evaluate_many(models: Sequence[nn.Module], data: Iterable, settings: Setting
     each equal to ``evaluate_sharpness(model, data, settings)``, computed ``stack`` models at a time.
 
     Args:
-        models: models of one architecture: the same module class tree and the same parameter
-            and buffer names, shapes, dtypes, ``requires_grad`` and device (else ``ValueError``
-            naming the first difference). Buffers (BatchNorm statistics) stay each model's own.
+        models: models of one architecture: the same module classes, the same parameter and
+            buffer names, shapes, dtypes, ``requires_grad`` and device, and the same module
+            settings (non-tensor attributes, tensors outside parameters and buffers, forward hooks),
+            since a stack runs ``models[0]``'s modules on every model's weights (else ``ValueError``
+            naming the first difference; :func:`check_same_architecture`). Buffers (BatchNorm statistics) stay each model's own.
             Every model is left exactly as it was, also after an exception or an interrupt.
         data, settings: as :func:`sharpfast.evaluate_sharpness`.
         stack: models per pass; ``None``: :func:`auto_stack` (as many as :data:`MAX_STACK` and the
@@ -143,7 +146,11 @@ def _tensors(v):
 
 def check_same_architecture(models: Sequence[nn.Module]) -> None:
     """Raise ``ValueError`` naming the first difference between ``models[0]`` and another model:
-    a module's class, a parameter's or buffer's name, shape, dtype, ``requires_grad`` or device."""
+    a module's class, a parameter's or buffer's name, shape, dtype, ``requires_grad`` or device,
+    or a module's setting. A stack runs ``models[0]``'s modules on every model's tensors, so
+    everything else a forward reads must be alike too: each module's non-tensor attributes
+    (``LeakyReLU``'s slope, ``Dropout``'s ``p``, a config object), tensors held outside parameters
+    and buffers, and its forward hooks."""
     for i, m in enumerate(models):
         if not isinstance(m, nn.Module):
             raise TypeError(f"models[{i}] is a {type(m).__name__}, not a torch.nn.Module")
@@ -156,24 +163,121 @@ def check_same_architecture(models: Sequence[nn.Module]) -> None:
                 continue
             names = list(dict.fromkeys([*a, *b]))
             name = next(k for k in names if a.get(k) != b.get(k))
+            if isinstance(a.get(name), _Setting) and isinstance(b.get(name), _Setting):
+                where, mine, theirs = _difference(a[name].value, b[name].value)
+                raise ValueError(f"models[{i}] is not of models[0]'s architecture: setting {name + where!r} is "
+                                 f"{_short(theirs)} in models[{i}] but {_short(mine)} in models[0] (a stack "
+                                 "runs models[0]'s modules on every model's weights)")
             raise ValueError(f"models[{i}] is not of models[0]'s architecture: {what} {name!r} is "
-                             f"{_said(b.get(name))} in models[{i}] but {_said(a.get(name))} in models[0]")
+                             f"{_said(b.get(name), a.get(name))} in models[{i}] but {_said(a.get(name), b.get(name))} in models[0]")
+
+
+# nn.Module's own bookkeeping; of it only the hooks that run in a forward or backward are compared
+_MODULE_BOOKKEEPING = frozenset(vars(nn.Module()))
+# where a Hugging Face model or config was loaded from: the same architecture from two folders
+_PROVENANCE = frozenset({"name_or_path", "_name_or_path", "_commit_hash"})
+_FORWARD_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
 def _architecture(model: nn.Module) -> dict[str, dict]:
     tensor = lambda t: None if t is None else (tuple(t.shape), str(t.dtype).replace("torch.", ""), str(t.device))
+    settings = {}
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for attr, value in vars(m).items():
+            if attr not in _MODULE_BOOKKEEPING and attr not in _PROVENANCE:
+                settings[prefix + attr] = _Setting(value)
+        for attr in _FORWARD_HOOKS:
+            hooks = list(getattr(m, attr, {}).values())
+            if hooks:
+                settings[prefix + attr] = _Setting(hooks)
     return {
-        "module": {name: type(m).__qualname__ for name, m in model.named_modules()},
+        "module": {name: _ModuleClass(m) for name, m in model.named_modules()},
         "parameter": {name: (*tensor(p), p.requires_grad) for name, p in model.named_parameters()},
         "buffer": {name: tensor(b) for name, b in model.named_buffers()},
+        "setting": settings,
     }
 
 
-def _said(v) -> str:
+class _ModuleClass:
+    """A module's class, equal only to the same class (two classes of one name may compute
+    different forwards); a class made by ``torch.nn.utils.parametrize`` counts as the class it
+    wraps, since each parametrized module gets a class of its own."""
+
+    def __init__(self, module: nn.Module):
+        from torch.nn.utils import parametrize
+        self.cls = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+
+    def __eq__(self, other):
+        return isinstance(other, _ModuleClass) and self.cls is other.cls
+
+    def __str__(self):
+        return self.cls.__qualname__
+
+    def describe(self, other: "_ModuleClass | None") -> str:
+        if other is not None and other.cls.__qualname__ == self.cls.__qualname__:
+            return f"{self.cls.__module__}.{self.cls.__qualname__} (id {id(self.cls):#x})"
+        return str(self)
+
+
+class _Setting:
+    """A module's non-tensor attribute as its forward sees it: tensors compared by value,
+    containers item by item, anything else by ``==`` (objects without ``__eq__``: by identity)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other):
+        return isinstance(other, _Setting) and _difference(self.value, other.value) is None
+
+    def __str__(self):
+        return _short(self.value)
+
+
+def _difference(a, b, path: str = "") -> tuple[str, object, object] | None:
+    """``(where, a's part, b's part)`` of the first difference between ``a`` and ``b``, or None."""
+    if a is b:
+        return None
+    if type(a) is not type(b):
+        return path, a, b
+    if isinstance(a, torch.Tensor):
+        alike = a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+        return None if alike else (path, a, b)
+    if _is_hf_config(a):   # its own __eq__ also compares the folder it was loaded from
+        a, b = ({k: v for k, v in c.to_dict().items() if k not in _PROVENANCE} for c in (a, b))
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            return path, a, b
+        return next((d for i, (u, v) in enumerate(zip(a, b)) if (d := _difference(u, v, f"{path}[{i}]"))), None)
+    if isinstance(a, dict):
+        if list(a) != list(b):
+            return path, a, b
+        return next((d for k in a if (d := _difference(a[k], b[k], f"{path}[{k!r}]"))), None)
+    if isinstance(a, float) and math.isnan(a) and math.isnan(b):
+        return None
+    try:
+        return None if bool(a == b) else (path, a, b)
+    except Exception:  # noqa: BLE001 - a comparison that is not a truth value: not known to be alike
+        return path, a, b
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_hf_config(value) -> bool:
+    return any(c.__name__.lower() == "pretrainedconfig" and c.__module__.startswith("transformers.")
+               for c in type(value).__mro__)
+
+
+def _said(v, other=None) -> str:
     if v is None:
         return "absent"
-    if isinstance(v, str):
-        return v
+    if isinstance(v, (str, _Setting)):
+        return str(v)
+    if isinstance(v, _ModuleClass):
+        return v.describe(other)
     shape, dtype, device, *grad = v
     return (f"shape {list(shape)}, {dtype} on {device}" + (f", requires_grad={grad[0]}" if grad else ""))
 

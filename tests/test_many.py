@@ -136,6 +136,62 @@ def test_models_of_another_architecture_are_refused_naming_the_difference():
         sharpfast.evaluate_many([mlp()], data, s, errors="ignore")
 
 
+def _net_class(scale):
+    class Net(nn.Module):   # one name, two forwards
+        def __init__(self):
+            super().__init__()
+            self.body = mlp().double()
+
+        def forward(self, x):
+            return self.body(x) * getattr(self, "scale", scale)
+    return Net
+
+
+def _leaky(slope):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(slope), nn.Linear(16, 3)).double()
+
+
+@pytest.mark.parametrize("settings", [sharpfast.WorstCaseSettings(rho=0.05, n_iters=5, norm="l2"),
+                                      sharpfast.AverageCaseSettings(rho=0.1, n_samples=2)], ids=["worst", "average"])
+def test_models_whose_modules_compute_differently_are_refused_not_evaluated_with_the_first(settings):
+    """A stack runs models[0]'s modules: models whose modules hold other settings (a slope, a
+    class of the same name, a tensor attribute, a forward hook) would get models[0]'s values."""
+    _, data = models_and_data("mlp")
+    pairs = {"setting '1.negative_slope' is 0.5 in models\\[1\\] but 0.01": (_leaky(0.01), _leaky(0.5)),
+             r"module '' is .*Net \(id .*\) in models\[1\]": (_net_class(1.0)(), _net_class(3.0)())}
+    hooked = _leaky(0.01)
+    hooked[1].register_forward_hook(lambda m, i, o: 2 * o)
+    pairs["setting '1._forward_hooks' is \\[<function"] = (_leaky(0.01), hooked)
+    held = [_net_class(1.0)(), _net_class(1.0)()]
+    held[1] = type(held[0])()
+    for m, t in zip(held, (1.0, 2.0)):
+        m.scale = torch.tensor(t, dtype=torch.float64)   # a tensor outside parameters and buffers
+    pairs[r"setting 'scale' is tensor\(2\.,"] = tuple(held)
+    for message, (a, b) in pairs.items():
+        alone = [sharpfast.evaluate_sharpness(m, data, settings).sharpness for m in (a, b)]
+        assert alone[0] != alone[1]
+        with pytest.raises(ValueError, match=r"models\[1\] is not of models\[0\]'s architecture: " + message):
+            sharpfast.evaluate_many([a, b], data, settings)
+    # models whose modules are alike by value stack: a factory's models, also Hugging Face ones
+    # loaded from two folders (where each was loaded from is not part of the architecture)
+    same = [_leaky(0.01), _leaky(0.01)]
+    assert [r.sharpness for r in sharpfast.evaluate_many(same, data, settings)] == pytest.approx(
+        [sharpfast.evaluate_sharpness(m, data, settings).sharpness for m in same], rel=1e-9)
+
+
+def test_hugging_face_models_of_one_config_are_one_architecture_from_any_folder(tmp_path):
+    pytest.importorskip("transformers")
+    from sharpfast.study import bert_example, hf
+    for seed in (0, 1):
+        bert_example.tiny_bert(seed).save_pretrained(tmp_path / str(seed))
+    many.check_same_architecture([hf.from_folder(str(tmp_path / "0")), hf.from_folder(str(tmp_path / "1"))])
+    other = bert_example.tiny_bert(0)
+    config = type(other.config)(**{**other.config.to_dict(), "hidden_dropout_prob": 0.3})
+    with pytest.raises(ValueError, match=r"setting \"config\['hidden_dropout_prob'\]\" is 0.3 in models\[1\]"):
+        many.check_same_architecture([bert_example.tiny_bert(0), type(other)(config)])
+
+
 # ----------------------------------------------------------------------------- restore and errors
 
 
