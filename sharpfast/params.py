@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -73,6 +73,7 @@ class ParamSet:
         self.numels = [p.numel() for p in self.tensors]
         self.offsets = [sum(self.numels[:i]) for i in range(len(self.numels))]
         self.numel = sum(self.numels)
+        self._unused: set[int] = set()   # found by check_gradients not to change the loss
 
     def __len__(self) -> int:
         return len(self.tensors)
@@ -92,6 +93,36 @@ class ParamSet:
     def uniform_rule(self) -> tuple[bool, float] | None:
         """See :meth:`ScaleSpec.uniform_rule`."""
         return self.scaling.uniform_rule(self)
+
+    def check_gradients(self, received: Sequence[bool], loss_at: Callable[[], torch.Tensor]) -> None:
+        """Raise ``ValueError`` naming the parameters that receive no gradient (``received[i]`` False)
+        although moving them changes the loss ``loss_at()``: autograd does not see them, so a
+        gradient-based search would treat them as frozen. Parameters the loss does not use (a head
+        it skips) are fine, and are moved once per call to tell the two apart."""
+        missing = [i for i, got in enumerate(received) if not got and i not in self._unused]
+        if not missing:
+            return
+        kept = [self.tensors[i].data for i in missing]
+        with torch.no_grad():
+            before = float(loss_at())
+            generator = torch.Generator().manual_seed(0)
+            try:
+                for i, w in zip(missing, kept):   # a pattern of signs: no uniform rescale a norm layer would undo
+                    shift = torch.randn(w.shape, generator=generator, dtype=torch.float64).to(w.device, w.dtype)
+                    self.tensors[i].data = w + (w.abs() + 1) * shift
+                after = float(loss_at())
+            finally:
+                for i, w in zip(missing, kept):
+                    self.tensors[i].data = w
+        if after != before:
+            names = [self.names[i] for i in missing]
+            raise ValueError(
+                f"parameter(s) {', '.join(map(repr, names[:5]))}{' and more' if len(names) > 5 else ''} change "
+                "the loss but receive no gradient, so the search would treat them as frozen: autograd does not "
+                "see them (activation checkpointing with use_reentrant=True on inputs that do not require grad, "
+                "a forward under torch.no_grad() or on detached weights). Use use_reentrant=False, or exclude them "
+                "on purpose (requires_grad_(False), or a scale of 0)")
+        self._unused.update(missing)
 
     @property
     def unit_scale(self) -> bool:

@@ -77,7 +77,9 @@ def evaluate(model, objective: Objective, x, y) -> tuple[float, float | None]:
 
 def gradient(model, objective: Objective, params: ParamSet, x, y) -> Tensors:
     loss = objective.loss(objective.logits(model, x), y)
-    grads = torch.autograd.grad(loss, params.tensors, allow_unused=True)
+    grads = (torch.autograd.grad(loss, params.tensors, allow_unused=True) if loss.requires_grad
+             else [None] * len(params))   # no parameter is seen: check_gradients says which matter
+    params.check_gradients([g is not None for g in grads], lambda: objective.loss(objective.logits(model, x), y))
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.tensors)]
 
 

@@ -291,3 +291,31 @@ def test_average_case_parameter_sized_buffers(samples_per_pass, definition, buff
     peak = peak_cpu_bytes(lambda: sharpfast.average_sharpness(model, data, rho=0.01, n_samples=4, backend="fused",
                                                               samples_per_pass=samples_per_pass, **definition))
     assert buffers - 0.5 < peak / (4 * n) <= buffers + 0.25
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("bucket_view", [False, True])
+def test_a_ddp_wrapped_model_has_the_bare_models_values_from_the_first_call(one_process_group, bucket_view):
+    """DDP with gradient_as_bucket_view=True points .grad at its buckets when it rebuilds them
+    (in the second forward of the first call): each backward must accumulate into the call's own
+    zeroed gradient, not into a bucket holding the last step's gradient."""
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4)).double()
+    torch.manual_seed(1)
+    data = [(torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 4, (16,))) for _ in range(3)]
+    for n_iters in (2, 5):
+        settings = sharpfast.WorstCaseSettings(rho=0.05, norm="l2", n_iters=n_iters, backend="fused")
+        bare = sharpfast.evaluate_sharpness(make(), data, settings).per_batch
+        wrapped = nn.parallel.DistributedDataParallel(make(), gradient_as_bucket_view=bucket_view)
+        for call in range(2):
+            assert sharpfast.evaluate_sharpness(wrapped, data, settings).per_batch == bare, (n_iters, call)

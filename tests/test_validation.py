@@ -175,3 +175,49 @@ def test_fused_backend_request_says_why_when_unavailable(setup):
     if ok == "reference":
         with pytest.raises(RuntimeError, match="fused"):
             call("worst", *setup, backend="fused")
+
+
+class _Checkpointed(torch.nn.Module):
+    """Activation checkpointing around ``body``; with use_reentrant=True on inputs that do not
+    require grad, autograd sees none of ``body``'s parameters."""
+
+    def __init__(self, reentrant, first_hidden=True, unused_head=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.body = torch.nn.Linear(8, 16), torch.nn.Sequential(torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        self.reentrant, self.first_hidden = reentrant, first_hidden
+        if unused_head:
+            self.head = torch.nn.Linear(4, 4)   # never called: no gradient, no effect on the loss
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        if self.reentrant is None:   # no checkpointing
+            return self.body(self.embed(x))
+        if self.first_hidden:
+            return checkpoint(torch.nn.Sequential(self.embed, self.body), x, use_reentrant=self.reentrant)
+        return checkpoint(self.body, self.embed(x), use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("kind", ["worst", "geodesic"])
+def test_parameters_that_change_the_loss_but_get_no_gradient_are_an_error(kind, backend, setup):
+    _, data = setup
+    call_ = (lambda m, **kw: sharpfast.geodesic_sharpness(m, data, rho=0.05, n_iters=3, blocks=[], backend=backend, **kw)
+             if kind == "geodesic" else sharpfast.worst_case_sharpness(m, data, rho=0.05, norm="l2", n_iters=3,
+                                                                       backend=backend, **kw))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch's own warning that no input requires grad
+        for first_hidden, hidden in ((True, "'embed.weight', 'embed.bias', 'body.1.weight'"),
+                                     (False, None)):
+            model = _Checkpointed(reentrant=True, first_hidden=first_hidden)
+            if hidden:
+                with pytest.raises(ValueError, match=f"parameter\\(s\\) {hidden}.* change the loss but receive no "
+                                                     "gradient.*use_reentrant=False"):
+                    call_(model)
+            elif backend == "fused":   # seen by autograd's backward (the reference's .grad() refuses it)
+                expected = call_(_Checkpointed(reentrant=None, first_hidden=False))
+                assert call_(model).per_batch == expected.per_batch
+    # a parameter the loss does not use gets no gradient and changes nothing: no error, the same value
+    plain = call_(_Checkpointed(reentrant=None)).per_batch
+    assert call_(_Checkpointed(reentrant=None, unused_head=True)).per_batch == pytest.approx(plain, rel=1e-12)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import torch
 
@@ -51,6 +52,7 @@ class FlatState:
                   torch.cat([c.reshape(-1) for c in params.scales()]).to(self.originals[0].dtype))
         self.current = self.grad = self._pieces = None
         self._views = []
+        self._gradients_checked = False
 
     @functools.cached_property
     def w0(self) -> torch.Tensor:
@@ -90,10 +92,28 @@ class FlatState:
             return torch.abs(self.w0, out=out).add_(self.c.eta)
         return out.fill_(1)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """The gradient at the current weights, accumulated in place into ``self.grad``."""
+    def backward(self, loss: torch.Tensor, loss_at: Callable[[], torch.Tensor]) -> None:
+        """The gradient at the current weights, accumulated in place into ``self.grad``. The first
+        backward of a call also checks that every parameter the loss ``loss_at()`` depends on
+        receives a gradient (``ParamSet.check_gradients``)."""
+        for p, _, grad in self._views:
+            if p.grad is not grad:  # pointed elsewhere since the last backward: DDP with
+                p.grad = grad       # gradient_as_bucket_view rebuilds its buckets in a forward
         self.grad.zero_()
-        loss.backward()
+        if self._gradients_checked:
+            loss.backward()
+        else:
+            received = [False] * len(self.params)
+            mark = lambda i: lambda _: received.__setitem__(i, True)
+            hooks = [p.register_post_accumulate_grad_hook(mark(i)) for i, p in enumerate(self.params.tensors)]
+            try:
+                if loss.requires_grad:   # else no parameter is seen: check_gradients says which matter
+                    loss.backward()
+            finally:
+                for h in hooks:
+                    h.remove()
+            self.params.check_gradients(received, loss_at)
+            self._gradients_checked = True
         for p, _, grad in self._views:
             if p.grad is not grad:  # autograd replaced it (a hook, an unusual layout): copy back
                 grad.copy_(p.grad)

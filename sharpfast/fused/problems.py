@@ -54,7 +54,7 @@ class OneBatch:
         with torch.set_grad_enabled(with_grad):
             loss, err, labelled = loss_and_error(self.s, self.model, self.x, self.y)
         if with_grad:
-            self.flat.backward(loss)
+            self.flat.backward(loss, lambda: loss_and_error(self.s, self.model, self.x, self.y)[0])
         return loss.detach(), err, labelled
 
 

@@ -164,6 +164,6 @@ class _FlatPoint:
             with torch.set_grad_enabled(with_grad):
                 loss, err = self.s.objective.loss_and_error(self.model, x, y)
             if with_grad:
-                flat.backward(loss)
+                flat.backward(loss, lambda: self.s.objective.loss_and_error(self.model, x, y)[0])
             return (float(loss.detach()), None if err is None else float(err), flat.grad.clone() if with_grad else None)
         return evaluate
