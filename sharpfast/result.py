@@ -27,7 +27,9 @@ class SharpnessResult:
 
     Geodesic sharpness: ``geodesic_correction``, the largest over batches of
     ``||Gamma(xi, xi) / 2||_w / ||xi||_w`` at the best point (0 without the correction): above 1 the
-    second-order map has left the region where it approximates the geodesic (a warning says so).
+    second-order map has left the region where it approximates the geodesic (a warning says so);
+    ``gl_blocks``, the number of GL blocks the metric treats (0: the value is the adaptive worst
+    case; with ``blocks="auto"`` a warning says so).
     """
 
     sharpness: float
@@ -45,6 +47,7 @@ class SharpnessResult:
     quadratic_model: float | None = None
     per_batch_quadratic_model: list[float] | None = field(default=None, repr=False)
     geodesic_correction: float | None = None
+    gl_blocks: int | None = None
 
 
 def check_finite_loss(loss: float, where: str) -> None:

@@ -159,3 +159,33 @@ def test_curvature_kinds_from_flags(capsys):
     assert "4 definition(s)" in out and "trace-hessian-standard" in out and "lambda_max-hessian-adaptive" in out
     assert main(["definitions", "--preset", "curvature"]) == 0
     assert "renyi-ggn-standard" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kind", "geodesic", "--rho", "0.1", "--norm", "linf"],
+     "--norm is for --kind avg/max: --kind geodesic does not take it (geodesic sharpness is a ball of the l2 norm"),
+    (["--kind", "avg", "--rho", "0.1", "--solver", "scaled"], "--solver is for --kind max: --kind avg does not take it"),
+    (["--kind", "max", "--rho", "0.1", "--n-samples", "5"], "--n-samples is for --kind avg: --kind max does not"),
+    (["--kind", "avg", "--rho", "0.1", "--n-iters", "5"], "--n-iters is for --kind max/geodesic"),
+    (["--kind", "max", "--rho", "0.1", "--metric", "inv"], "--metric is for --kind geodesic"),
+    (["--kind", "trace", "--rho", "0.1"], "--rho is for --kind avg/max/geodesic: --kind trace does not take it"),
+    (["--rho", "0.1"], "--rho is only used with --kind"),
+    (["--preset", "quick", "--norm", "l2"], "--norm is only used with --kind"),
+    (["--preset", "quick", "--m", "64"], "--m is only used with --kind"),
+])
+def test_definition_flags_that_would_change_nothing_are_refused(argv, message, capsys):
+    assert main(["definitions", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_flag_applies_to_the_given_kinds_that_take_it(capsys):
+    assert main(["definitions", "--kind", "max", "geodesic", "--rho", "0.1", "--norm", "linf", "--solver", "scaled"]) == 0
+    out = capsys.readouterr().out
+    assert "2 definition(s)" in out and "max-linf-adaptive" in out and "geodesic-mix-adaptive" in out
+
+
+@pytest.mark.parametrize("flag", [["--address", "127.0.0.1:6379"], ["--num-cpus", "2"], ["--cpus-per-task", "2"],
+                                  ["--gpus-per-task", "0.5"]])
+def test_ray_flags_without_the_ray_executor_are_refused(flag, tmp_path, capsys):
+    assert main(["sweep", "--zoo", str(tmp_path / "none"), *flag]) == 2
+    assert f"{flag[0]} is for --executor ray" in capsys.readouterr().err

@@ -480,6 +480,22 @@ def test_a_correction_larger_than_the_step_is_reported_and_warned(attention_mode
     assert r.geodesic_correction > 1
 
 
+def test_a_model_without_gl_blocks_is_said_and_counted(attention_model):
+    """``blocks="auto"`` on a model without attention finds no block: the value is the adaptive
+    worst case, a warning says so and ``gl_blocks`` is 0; ``blocks=[]`` asks for it without a word."""
+    import warnings
+    from tests import toy_models
+    model, data = toy_models.model_and_data("mlp")
+    model, data = model.double(), [(x.double(), y) for x, y in data]
+    with pytest.warns(sharpfast.geodesic.NoGLBlockWarning, match="no GL block found in Sequential.*blocks=\\[\\]"):
+        r = sharpfast.geodesic_sharpness(model, data, rho=0.1, n_iters=3)
+    assert r.gl_blocks == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sharpfast.geodesic.NoGLBlockWarning)
+        assert sharpfast.geodesic_sharpness(model, data, rho=0.1, n_iters=3, blocks=[]).per_batch == r.per_batch
+        assert sharpfast.geodesic_sharpness(attention_model, attention_data(), rho=0.1, n_iters=3).gl_blocks == 2
+
+
 def test_diagonal_network_experiment_runs_end_to_end():
     """The paper's diagonal-network experiment (sharpfast.study.diagonal_networks), small: every
     network interpolates, the gap is the exact population loss, taus are computed, and the

@@ -103,3 +103,26 @@ def test_geodesic_rows_out_of_the_maps_domain_are_counted(tmp_path):
         assert [r.geodesic_correction for r in st.rows()] == [0.2, 3.0, 0.5, 7.5]
     text = build_report(str(tmp_path / "r.db"), None, n_boot=0).markdown()
     assert f"{geo.name}: on 2 of 4 checkpoints the geodesic's second-order term outgrew the step" in text
+
+
+def test_geodesic_rows_of_models_without_a_gl_block_are_left_out_and_said(tmp_path):
+    """Where ``blocks="auto"`` found no GL block the geodesic value is the adaptive worst case: the
+    report keeps those rows out of the geodesic definition's statistics and says how many."""
+    geo = Definition.from_dict(dict(kind="geodesic", metric="mix", rho=0.1, m=32, n_examples=64))
+    inv = Definition.from_dict(dict(kind="geodesic", metric="inv", rho=0.1, m=32, n_examples=64))
+    with Store(str(tmp_path / "r.db")) as st:
+        st.put_definitions([geo, inv])
+        for i, blocks in enumerate([4, 0, 4, 0, 4, None]):   # None: a row stored before gl_blocks was kept
+            cid = f"m{i}"
+            st.put_results(dict(checkpoint_id=cid, sha256=None, factory="f", hparams={"lr": i},
+                                metrics={"test_error": 0.1 * i}),
+                           [dict(checkpoint_id=cid, definition_key=geo.key, status="ok", value=float(i),
+                                 per_batch=[float(i)], time_s=0.0, geodesic_correction=0.0, gl_blocks=blocks),
+                            dict(checkpoint_id=cid, definition_key=inv.key, status="ok", value=float(i),
+                                 per_batch=[float(i)], time_s=0.0, geodesic_correction=0.0, gl_blocks=0)])
+    report = build_report(str(tmp_path / "r.db"), None, n_boot=0)
+    assert {ln.name: ln.n for ln in report.lines if ln.key == geo.key} == {geo.name: 4}
+    assert not any(ln.key == inv.key for ln in report.lines)
+    text = report.markdown()
+    assert f"{geo.name}: 2 checkpoint(s) without a GL block left out" in text
+    assert f"Left out, no checkpoint has a GL block: {inv.name} (6 rows" in text

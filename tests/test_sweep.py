@@ -583,6 +583,10 @@ def test_geodesic_definitions_sweep_and_report(tmp_path):
     # the second-order term's size is stored with each geodesic row (not warned per row), and counted
     with Store(store, readonly=True) as st:
         stored = {(r.checkpoint_id, r.definition_key): r.geodesic_correction for r in st.rows()}
+        blocks = {(r.checkpoint_id, r.definition_key): r.gl_blocks for r in st.rows()}
+    for e in m.models:   # the MLPs' geodesic rows are the adaptive worst case, and say so
+        assert blocks[(e.id, adaptive.key)] is None
+        assert blocks[(e.id, mix.key)] == blocks[(e.id, inv.key)] == (0 if e.hparams["arch"] == "mlp" else 4)
     entry = next(e for e in m.models if e.hparams["arch"] == "vit")
     model = load_model(m, entry)
     x, y = m.sharpness_data(128)
@@ -591,6 +595,7 @@ def test_geodesic_definitions_sweep_and_report(tmp_path):
     assert stored[(entry.id, mix.key)] == pytest.approx(want, rel=1e-6) and stored[(entry.id, adaptive.key)] is None
     text = build_report(store, None, plots=False).markdown()
     assert "geodesic-inv-adaptive" in text and "geodesic-mix-adaptive" in text and "solver=scaled" in text
-    for d in (inv, mix):
+    for d in (inv, mix):   # counted over the ViTs: the MLPs' rows are left out, and said
         n = sum(stored[(e.id, d.key)] > 1 for e in m.models)
-        assert (f"{d.name}: on {n} of 4 checkpoints the geodesic's second-order term outgrew" in text) == (n > 0)
+        assert (f"{d.name}: on {n} of 2 checkpoints the geodesic's second-order term outgrew" in text) == (n > 0)
+        assert f"{d.name}: 2 checkpoint(s) without a GL block left out" in text

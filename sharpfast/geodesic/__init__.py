@@ -4,6 +4,7 @@ point; the names here are what the study and users building blocks by hand need.
 from ..settings import GEODESIC_EPS
 from .blocks import GLBlock, GLFactor, find_gl_blocks
 from .metric import METRICS
-from .solver import CORRECTION_WARNING, WARNING_TEXT
+from .solver import CORRECTION_WARNING, WARNING_TEXT, NoGLBlockWarning
 
-__all__ = ["GLBlock", "GLFactor", "find_gl_blocks", "METRICS", "GEODESIC_EPS", "CORRECTION_WARNING", "WARNING_TEXT"]
+__all__ = ["GLBlock", "GLFactor", "find_gl_blocks", "METRICS", "GEODESIC_EPS", "CORRECTION_WARNING", "WARNING_TEXT",
+           "NoGLBlockWarning"]

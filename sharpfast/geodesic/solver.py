@@ -34,8 +34,18 @@ CORRECTION_WARNING = 1.0   # ||Gamma/2|| / ||xi|| above which the second-order m
 WARNING_TEXT = "sharpfast: at the best point the geodesic's second-order term"
 
 
+class NoGLBlockWarning(RuntimeWarning):
+    """``blocks="auto"`` found no GL block: the geodesic value is the adaptive worst case there."""
+
+
 def geodesic_sharpness(model, batches, params: ParamSet, s: GeodesicSettings, backend: str) -> SharpnessResult:
     blocks = find_gl_blocks(model) if s.blocks == "auto" else list(s.blocks)
+    if s.blocks == "auto" and not blocks:
+        warnings.warn(NoGLBlockWarning(
+            f"sharpfast: no GL block found in {type(model).__name__} (blocks='auto' finds nn.MultiheadAttention, the "
+            "zoo's ViT and Hugging Face BERT/ViT/CLIP/GPT-2 attention): without blocks, geodesic sharpness is the "
+            "adaptive l2 worst case (worst_case_sharpness with solver='scaled'). Give the model's blocks as "
+            "sharpfast.GLBlock, or blocks=[] to ask for that value on purpose"), stacklevel=4)
     heads = resolve(blocks, params)
     w0 = torch.cat([p.detach().reshape(-1) for p in params.tensors])
     Geo = ReferenceGeometry if backend == "reference" else BatchedGeometry
@@ -57,6 +67,7 @@ def geodesic_sharpness(model, batches, params: ParamSet, s: GeodesicSettings, ba
         delta_norm = max(delta_norm, float((best_v - w0).double().norm()))
     result = reference._result(s, backend, per_batch, per_batch_err, init_losses, init_errs, delta_norm)
     result.solver, result.geodesic_correction, result.restarts_improved = "geodesic", correction, improved
+    result.gl_blocks = len(blocks)
     if correction > CORRECTION_WARNING:
         warnings.warn(f"{WARNING_TEXT} is {correction:.3g} times the "
                       f"step (in the metric): the second-order map no longer approximates the geodesic. rho={s.rho:g} "

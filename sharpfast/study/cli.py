@@ -114,17 +114,41 @@ def _zoo_spec(args: argparse.Namespace):
     return spec
 
 
+# the definition flags and the kinds that take them: a flag none of the given kinds takes is an error
+_FLAG_KINDS = {"rho": ("avg", "max", "geodesic"), "norm": ("avg", "max"), "solver": ("max",), "n_samples": ("avg",),
+               "n_iters": ("max", "geodesic"), "n_restarts": ("max", "geodesic"), "rand_init": ("max", "geodesic"),
+               "init": ("max", "geodesic"), "metric": ("geodesic",)}
+_FLAGS_OF_KIND = ("m", "def_seed")   # every kind's
+
+
+def _check_definition_flags(args: argparse.Namespace) -> None:
+    """Refuse definition flags that would change nothing: given without --kind, or with kinds none
+    of which takes them (each flag applies to those of the given kinds that take it)."""
+    flag = lambda name: "--" + name.replace("_", "-")
+    given = [name for name in (*_FLAG_KINDS, *_FLAGS_OF_KIND) if getattr(args, name) not in (None, False, [])]
+    if not args.kind:
+        if given:
+            raise ConfigError(f"{flag(given[0])} is only used with --kind (presets and configs keep their own "
+                              "settings; to change them, write a config)")
+        return
+    for name in given:
+        takers = _FLAG_KINDS.get(name)
+        if takers is not None and not set(takers) & set(args.kind):
+            raise ConfigError(f"{flag(name)} is for --kind {'/'.join(takers)}: --kind {' '.join(args.kind)} does not "
+                              "take it" + (" (geodesic sharpness is a ball of the l2 norm in its metric)"
+                                           if name == "norm" and defs_mod.GEODESIC_KIND in args.kind else ""))
+
+
 def _definitions(args: argparse.Namespace, default_preset: str | None = "default") -> list[Definition]:
     out: list[Definition] = []
     for path in args.config or []:
         out += defs_mod.load_config(path)
     for name in args.preset or []:
         out += defs_mod.preset(name)
+    _check_definition_flags(args)
     if args.kind:
         if not args.rho and any(k in defs_mod.SHARPNESS_KINDS + (defs_mod.GEODESIC_KIND,) for k in args.kind):
             raise ConfigError("--kind avg/max/geodesic needs --rho (one or more radii)")
-        if args.metric and defs_mod.GEODESIC_KIND not in args.kind:
-            raise ConfigError("--metric is for --kind geodesic")
         common: dict[str, Any] = {}
         for flag, field_name in (("m", "m"), ("n_iters", "n_iters"), ("n_samples", "n_samples"),
                                  ("def_seed", "seed"), ("n_restarts", "n_restarts")):
@@ -160,8 +184,6 @@ def _definitions(args: argparse.Namespace, default_preset: str | None = "default
                             extra = dict(solver=solver) if solver else {}
                             out.append(Definition.from_dict(dict(kind=kind, norm=norm, rho=rho, adaptive=adaptive,
                                                                  normalize_logits=nl, **common, **extra), "flags"))
-    elif args.rho:
-        raise ConfigError("--rho is only used with --kind (to change a preset's radii, write a config)")
     if not out:
         if default_preset is None:
             raise ConfigError("no definitions: give --preset, --config or --kind/--norm/--rho")
@@ -210,7 +232,7 @@ def _add_exec_flags(p: argparse.ArgumentParser) -> None:
                         "the same")
     g.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
     g.add_argument("--num-cpus", type=POSITIVE, help="CPUs of the local Ray cluster (default: all)")
-    g.add_argument("--cpus-per-task", type=_number(float, 0, low_open=True), default=1.0, help="Ray: CPUs requested per task (default 1)")
+    g.add_argument("--cpus-per-task", type=_number(float, 0, low_open=True), help="Ray: CPUs requested per task (default 1)")
     g.add_argument("--gpus-per-task", type=_number(float, 0),
                    help="Ray: GPUs requested per task (default 1 when the cluster has GPUs; 0.25 shares one)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -322,12 +344,17 @@ def cmd_zoo(args: argparse.Namespace) -> None:
 def _sweep(args: argparse.Namespace, zoo_path: str, store_path: str) -> None:
     from .sweep import run_sweep
 
+    if args.executor != "ray":   # Ray's settings would change nothing: say so rather than run locally
+        ray_only = [f for f in ("address", "num_cpus", "cpus_per_task", "gpus_per_task") if getattr(args, f) is not None]
+        if ray_only:
+            raise ConfigError(f"--{ray_only[0].replace('_', '-')} is for --executor ray; without it the sweep runs "
+                              "in this process (--jobs worker processes)")
     manifest = Manifest.load(zoo_path)
     defs = _definitions(args)
     summary = run_sweep(manifest, defs, store_path, executor=args.executor, device=_device(args.device),
                         threads=args.threads, backend=args.backend, jobs=args.jobs, retry_errors=not args.no_retry_errors,
                         progress=not args.quiet, address=args.address, num_cpus=args.num_cpus, limit=args.limit,
-                        cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task,
+                        cpus_per_task=1.0 if args.cpus_per_task is None else args.cpus_per_task, gpus_per_task=args.gpus_per_task,
                         fit_examples=args.n_examples is None, mix_zoos=args.mix_zoos, stack=args.stack)
     print(summary.text(store_path))
 

@@ -29,6 +29,7 @@ from typing import Any, Iterable
 from sharpfast import LOGIT_NORMALIZATIONS, NORMS
 from sharpfast.geodesic import GEODESIC_EPS, METRICS
 from sharpfast.geodesic import WARNING_TEXT as GEODESIC_WARNING
+from sharpfast.geodesic import NoGLBlockWarning
 
 from .measures import MEASURES_REVISION, NEYSHABUR as MEASURE_NAMES_NEYSHABUR
 
@@ -269,8 +270,9 @@ class Definition:
 
         if not self.is_curvature:
             with warnings.catch_warnings():
-                if self.kind == GEODESIC_KIND:   # the row keeps geodesic_correction; the report counts them
-                    warnings.filterwarnings("ignore", message=GEODESIC_WARNING, category=RuntimeWarning)
+                if self.kind == GEODESIC_KIND:   # the row keeps geodesic_correction and gl_blocks; the report
+                    warnings.filterwarnings("ignore", message=GEODESIC_WARNING, category=RuntimeWarning)  # counts
+                    warnings.simplefilter("ignore", category=NoGLBlockWarning)                            # them
                 return self.measured(sharpfast.evaluate_sharpness(model, batches, self.settings(backend)))
         common = dict(self._model_side(), curvature=self.curvature)
         if self.kind == "trace":
@@ -297,6 +299,8 @@ class Definition:
                    per_batch=[float(v) for v in r.per_batch], delta_norm=float(r.delta_norm), backend=r.backend)
         if r.geodesic_correction is not None:   # stored (and counted by the report) instead of warned per row
             out["geodesic_correction"] = float(r.geodesic_correction)
+        if r.gl_blocks is not None:   # 0: the adaptive worst case, which the report keeps apart
+            out["gl_blocks"] = int(r.gl_blocks)
         return out
 
     def settings(self, backend: str = "auto"):

@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS results (
     created_at        REAL NOT NULL,
     threads           INTEGER,     -- torch intra-op threads (they can change the last digits)
     geodesic_correction REAL,      -- geodesic sharpness: ||Gamma/2|| / ||xi|| at the best point
+    gl_blocks         INTEGER,     -- geodesic sharpness: GL blocks treated (0: the adaptive worst case)
     PRIMARY KEY (checkpoint_id, definition_key)
 );
 CREATE TABLE IF NOT EXISTS claims (
@@ -76,11 +77,11 @@ CREATE TABLE IF NOT EXISTS claims (
 );
 """
 # columns added after a store's tables were first written: added in place when it is opened for writing
-_ADDED_COLUMNS = {"results": [("threads", "INTEGER"), ("geodesic_correction", "REAL")]}
+_ADDED_COLUMNS = {"results": [("threads", "INTEGER"), ("geodesic_correction", "REAL"), ("gl_blocks", "INTEGER")]}
 
 RESULT_FIELDS = ("checkpoint_id", "definition_key", "status", "value", "err_value", "per_batch",
                  "delta_norm", "error", "time_s", "device", "backend", "sharpfast_version",
-                 "torch_version", "checkpoint_sha256", "created_at", "threads", "geodesic_correction")
+                 "torch_version", "checkpoint_sha256", "created_at", "threads", "geodesic_correction", "gl_blocks")
 
 
 class StoreError(RuntimeError):
@@ -149,6 +150,7 @@ class Row:
     created_at: float
     threads: int | None = None
     geodesic_correction: float | None = None
+    gl_blocks: int | None = None
 
 
 class Store:
