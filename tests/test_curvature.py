@@ -107,6 +107,43 @@ def test_the_gauss_newton_matrix_matches_its_dense_form():
     torch.testing.assert_close(torch.cat([v.reshape(-1) for v in d.values()]), torch.diagonal(G), rtol=0, atol=1e-10)
 
 
+class _Attention(torch.nn.Module):
+    """``nn.MultiheadAttention`` on continuous sequences: in eval mode, where nothing requires grad,
+    PyTorch runs it on a fused kernel forward AD cannot push through."""
+
+    def __init__(self, d=6, n_cls=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.att, self.head = torch.nn.MultiheadAttention(d, 2, batch_first=True), torch.nn.Linear(d, n_cls)
+
+    def forward(self, x):
+        return self.head(self.att(x, x, x)[0].mean(1))
+
+
+@pytest.mark.parametrize("which", ["multihead_attention", "transformer_encoder"])
+def test_the_gauss_newton_matrix_of_pytorch_attention_modules_in_eval_mode(which):
+    """``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` leave their inference fast path
+    inside the products: every curvature function takes ``curvature="ggn"`` on them, and the
+    matrix is the dense one."""
+    g = torch.Generator().manual_seed(3)
+    if which == "multihead_attention":
+        model = _Attention().double().eval()
+        data = [(torch.randn(4, 5, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g))]
+    else:
+        model = TinyTransformer().double().eval()
+        data = [(torch.randint(0, 11, (4, 5), generator=g), torch.randint(0, 3, (4,), generator=g))]
+    G = dense(model, data[0], "ggn", adaptive=True)
+    r = curvature.hessian_eigenvalues(model, data, curvature="ggn", k=2, tol=1e-10)
+    assert r.values == pytest.approx(torch.linalg.eigvalsh(G).flip(0)[:2].tolist(), rel=1e-6)
+    d = curvature.hessian_diagonal(model, data, curvature="ggn")
+    torch.testing.assert_close(torch.cat([v.reshape(-1) for v in d.values()]), torch.diagonal(G), rtol=0, atol=1e-10)
+    trace = curvature.hessian_trace(model, data, curvature="ggn", n_probes=200)
+    assert abs(trace.value - float(torch.trace(G))) <= 5 * trace.stderr
+    assert math.isfinite(curvature.adam_sharpness(model, data, curvature="ggn", n_probes=2).value)
+    assert math.isfinite(curvature.renyi_sharpness(model, data, curvature="ggn", n_vectors=1, n_iter=4).value)
+    assert torch.backends.mha.get_fastpath_enabled()   # the fast path is the user's again
+
+
 @pytest.mark.parametrize("estimator", ["hutchinson", "hutch++"])
 def test_trace_estimates_within_their_stderr_and_converge(estimator):
     model, data = small("mlp")

@@ -11,11 +11,13 @@ recomputes the forward and backward for every block, costs 2.9. A model whose op
 forward-over-reverse, vmapped over the block (or one vector at a time where vmap cannot trace
 it). The GGN ``J^T H_L J`` pushes ``v`` forward through the model (``jvp``), applies the loss's
 Hessian in output space and pulls back (``vjp``). Attention runs on the math backend inside the
-products: the fused CPU/GPU attention kernels have neither a forward-mode derivative nor a
-double backward.
+products, and ``nn.MultiheadAttention`` / ``nn.TransformerEncoder`` off their inference fast path
+(taken in eval mode wherever nothing requires grad, as inside ``jvp``): the fused CPU/GPU attention
+kernels have neither a forward-mode derivative nor a double backward.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -28,6 +30,19 @@ from ..params import ParamSet
 log = logging.getLogger("sharpfast.curvature")
 
 CURVATURES = ("hessian", "ggn")
+
+
+@contextlib.contextmanager
+def differentiable_attention():
+    """Attention on the paths autograd can differentiate twice and forward AD can push through: the
+    math SDPA backend, and the PyTorch attention modules off their fused inference fast path."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 class CurvatureOperator:
@@ -60,7 +75,7 @@ class CurvatureOperator:
                 hjv = jvp(grad(lambda o: objective.loss(o, y)), (out.detach(),), (jv,))[1]
                 return vjp(outputs, self.w)[1](hjv)[0]
         def scaled(v):
-            with sdpa_kernel([SDPBackend.MATH]):
+            with differentiable_attention():
                 return self.c * product(self.c * v)
         self._product = scaled
         self._batched = vmap(self._product, in_dims=1, out_dims=1, randomness="error")
@@ -103,7 +118,7 @@ class CurvatureOperator:
 
     def scaled_gradient(self) -> torch.Tensor:
         """``C g``, the loss's gradient at the weights in the problem's coordinates ``u = delta / c``."""
-        with sdpa_kernel([SDPBackend.MATH]), torch.enable_grad():
+        with differentiable_attention(), torch.enable_grad():
             if self._graph:
                 return self.c * self._graph[1].detach()
             w = self.w.clone().requires_grad_(True)
@@ -113,7 +128,7 @@ class CurvatureOperator:
         """``C H C v`` by backward passes through the gradient's graph (built on first use): one per
         vector on a CPU (measured faster there than one batched backward, 11 vs 19 ms per product on
         the benchmark CNN), one batched backward for a block elsewhere."""
-        with sdpa_kernel([SDPBackend.MATH]), torch.enable_grad():
+        with differentiable_attention(), torch.enable_grad():
             if self._graph is None:
                 w = self.w.clone().requires_grad_(True)
                 self._graph = (w, torch.autograd.grad(self._loss(w), w, create_graph=True)[0])
