@@ -174,6 +174,11 @@ class _KnownNorms:
             self.lams.insert(i, lam)
             self.values.insert(i, value)
 
+    def value_at(self, lam: float) -> float | None:
+        """``n(lam)`` where it was evaluated, else None."""
+        i = bisect.bisect_left(self.lams, lam)
+        return self.values[i] if i < len(self.lams) and self.lams[i] == lam else None
+
     def bounds(self, lam: float) -> tuple[float, float]:
         """``(low, high)`` with ``low <= n(lam) <= high``, from the evaluated neighbours."""
         i = bisect.bisect_left(self.lams, lam)
@@ -234,6 +239,10 @@ def replayed_ellipsoid_lambda(norms_at: Callable[[list[float]], list[float]], rh
     state = BisectionState(rho, tol)
     while True:
         while not state.done:   # advance while the known values decide the step
+            exact = known.value_at(state.lam)
+            if exact is not None:   # the bisection's own step on its value (a NaN norm too)
+                state.update(exact)
+                continue
             low, high = known.bounds(state.lam)
             if low > rho + tol:
                 state.update(math.inf)

@@ -55,6 +55,15 @@ def l2_norm(tensors: Tensors) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
 
 
+def delta_l2_norm(delta: Tensors) -> float:
+    """``||delta||_2``, reported as the result's ``delta_norm``: summed over ``delta / max|delta_i|``, so
+    that float64 perturbations of weights near the largest float have a finite norm where it is one."""
+    largest = max((float(d.detach().abs().max()) for d in delta if d.numel()), default=0.0)
+    if largest == 0.0 or not math.isfinite(largest):
+        return largest
+    return largest * math.sqrt(sum(float((d.double() / largest).pow(2).sum()) for d in delta))
+
+
 def weighted_norm(delta: Tensors, c: Tensors) -> float:
     """``||delta / c||_2`` over the coordinates with ``c > 0`` (``c = 0`` is frozen, never divided by)."""
     total = 0.0
@@ -188,7 +197,7 @@ def apgd_restart(model, params: ParamSet, s: Settings, x, y, w0: Tensors, c: Ten
         check_finite_loss(L, f"at an APGD iterate (batch {stream}, iteration {i})")
         schedule.count(L > best_loss)   # the steps that improved the best
         if L > best_loss:
-            best_loss, best_err, best_norm = L, E, l2_norm(delta)
+            best_loss, best_err, best_norm = L, E, delta_l2_norm(delta)
             best_weights = [p.data for p in params.tensors]
         if schedule.halves_at(i, best_loss):
             set_kept(params, best_weights)   # continue from the best point; delta unchanged
@@ -255,7 +264,7 @@ def scaled_apgd_restart(model, params: ParamSet, s: Settings, x, y, w0: Tensors,
         if schedule.halves_at(i, best_loss):
             u = best_u   # back to the best point (u_prev stays: the momentum continues from it)
             move_to(u)
-    return best_loss, best_err, l2_norm([ci * ui for ci, ui in zip(c, best_u)])
+    return best_loss, best_err, delta_l2_norm([ci * ui for ci, ui in zip(c, best_u)])
 
 
 def worst_case_sharpness(model, batches, params: ParamSet, s: Settings, on_iterate=None) -> SharpnessResult:

@@ -122,6 +122,10 @@ def test_replayed_bisection_edge_cases():
     # rho - tol <= 0 (the published absolute 1e-5 at a tiny radius): never "below", still the same answer
     tiny = lambda lam: 1e-3 / (1e-4 + 2 * lam)
     assert replay(tiny, 5e-6, 1e-5) == apgd.ellipsoid_lambda(tiny, 5e-6, 1e-5)
+    # NaN norms (c^2 overflows for weights near the largest float): the published loop's steps on
+    # them, to its 500-step guard, not a replay that waits forever for a value that decides
+    broken = lambda lam: 2.0 if lam == 0.0 else math.nan
+    assert replay(broken, 1.0, 1e-5) == apgd.ellipsoid_lambda(broken, 1.0, 1e-5)
 
 
 def test_update_counter_is_compared_in_float64_on_every_backend():

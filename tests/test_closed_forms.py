@@ -195,3 +195,24 @@ def test_average_case_small_rho_limit_matches_hessian_diagonal():
                                     backend="reference")
     se = float(torch.tensor(r.per_batch).std()) / math.sqrt(30)
     assert abs(r.sharpness - predicted) < 4 * se + 1e-3 * abs(predicted), (r.sharpness, predicted, se)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("norm, solver", [("linf", "published"), ("linf", "scaled"), ("l2", "scaled")])
+def test_delta_norm_of_weights_near_the_largest_float(backend, norm, solver):
+    """Weights scaled by 1e306 and inputs by 1e-306 compute the same function, so adaptive
+    sharpness is the same and ``||delta||`` is 1e306 times as large: about 1e304, finite, although
+    its square is not."""
+    if backend == "fused":
+        pytest.importorskip("sharpfast._C")
+    torch.manual_seed(0)
+    small = torch.nn.Linear(4, 3, bias=False).double()
+    large = torch.nn.Linear(4, 3, bias=False).double()
+    with torch.no_grad():
+        large.weight.copy_(small.weight * 1e306)
+    data = [(torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,)))]
+    settings = sharpfast.WorstCaseSettings(rho=0.05, norm=norm, solver=solver, n_iters=3, backend=backend)
+    want = sharpfast.evaluate_sharpness(small, data, settings)
+    got = sharpfast.evaluate_sharpness(large, [(x * 1e-306, y) for x, y in data], settings)
+    assert got.sharpness == pytest.approx(want.sharpness, rel=1e-9)
+    assert math.isfinite(got.delta_norm) and got.delta_norm == pytest.approx(want.delta_norm * 1e306, rel=1e-9)

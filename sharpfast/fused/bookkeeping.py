@@ -7,6 +7,8 @@ the loop never waits for the host.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import apgd
@@ -19,8 +21,10 @@ class Bookkeeping:
     point and counts the steps whose loss exceeded the previous iterate's, as Croce & Hein's APGD
     does (it keeps the best point itself, and sets ``best_sq`` from it at the end)."""
 
-    def __init__(self, s: Settings, L0: torch.Tensor, E0: torch.Tensor, count_increases: bool = False):
+    def __init__(self, s: Settings, L0: torch.Tensor, E0: torch.Tensor, count_increases: bool = False,
+                 norm_scale: float = 1.0):
         f64 = dict(dtype=torch.float64, device=L0.device)
+        self.norm_scale = norm_scale   # best_sq is ||delta / norm_scale||^2 (see norm_scale)
         self.ratio = s.min_update_ratio
         self.step = torch.full(L0.shape, 2 * s.rho * s.step_size_mult, **f64)
         self.n_updates = torch.zeros(L0.shape, dtype=torch.int64, device=L0.device)
@@ -56,4 +60,26 @@ class Bookkeeping:
 
     def delta_norm(self, L0: torch.Tensor) -> torch.Tensor:
         """``||delta||`` at the best point, 0 where nothing beat the start."""
-        return torch.where(self.best_loss > L0, self.best_sq.sqrt(), torch.zeros_like(self.best_sq))
+        return torch.where(self.best_loss > L0, self.best_sq.sqrt() * self.norm_scale, torch.zeros_like(self.best_sq))
+
+
+def norm_scale(flats, rho: float) -> float:
+    """What ``||delta||^2`` is summed over, as a divisor of ``delta``: 1, or where float64 weights are
+    so large that the squares could overflow, ``k = rho * max c``. Every constraint set lies in the
+    box ``|delta_i| <= rho c_i``, so ``||delta / k||^2 <= N`` and ``||delta|| = k ||delta / k||`` is
+    finite wherever the norm itself is (one pass over ``w0`` per call, float64 only)."""
+    w0 = flats[0].w0
+    if w0.dtype != torch.float64:   # float32/half: summed in float64, no square can overflow
+        return 1.0
+    largest = 0.0
+    for f in {id(f): f for f in flats}.values():
+        c = f.c
+        if isinstance(c, torch.Tensor):
+            largest = max(largest, float(c.abs().max()))
+        else:   # derived: |w0| + eta, or 1
+            largest = max(largest, float(f.w0.abs().max()) + c.eta if c.adaptive else 1.0)
+    k = rho * largest
+    return k if k * math.sqrt(w0.numel()) > SAFE_NORM else 1.0
+
+
+SAFE_NORM = 1e150   # norms below this have squares (and sums of up to 1e8 of them) far from float64's maximum

@@ -28,6 +28,7 @@ from torch.func import functional_call, vmap
 from ..settings import Settings
 from ..objective import batches_on_device, to_device, unpack_batch
 from ..params import ParamSet
+from .bookkeeping import norm_scale
 from .flat import FlatState, loss_and_error
 
 log = logging.getLogger("sharpfast.fused")
@@ -184,6 +185,7 @@ class GroupRun:
         single = current.shape[0] == 1
         self.at = (lambda t, r: t) if single else (lambda t, r: t[r])
         self.loss_sum = torch.zeros(() if single else (len(self.rows),), dtype=torch.float64, device=current.device)
+        self.norm_scale = norm_scale(self.flats, s.rho)   # ||delta|| = norm_scale * ||delta / norm_scale||
         self.to_w0(current)
 
     def to_w0(self, out: torch.Tensor, delta: torch.Tensor | None = None) -> None:

@@ -52,7 +52,7 @@ class ScaledRun(GroupRun):
     def solve(self, loss, err, L0, E0, checkpoints, results) -> Bookkeeping:
         """One scaled-APGD run from the start just evaluated (``loss``, ``err``: its forward)."""
         s = self.s
-        book = Bookkeeping(s, loss, err, count_increases=True)
+        book = Bookkeeping(s, loss, err, count_increases=True, norm_scale=self.norm_scale)
         self.u_best.copy_(self.u)
         self.best_grad.copy_(self.group.grad)
         for i in range(s.n_iters):
@@ -70,9 +70,13 @@ class ScaledRun(GroupRun):
         return book
 
     def best_sq(self) -> torch.Tensor:
-        """``||delta||^2 = ||c u_best||^2`` of every problem (0-dim for one)."""
-        sq = [_ops.scaled_gram(best, best, grad, w0, c)[DD]
-              for best, (_, grad, _, _), w0, c in zip(self.u_best, self.views, self.w0s, self.cs)]
+        """``||delta / k||^2 = ||c u_best / k||^2`` of every problem (0-dim for one), ``k = self.norm_scale``."""
+        if self.norm_scale != 1.0:   # weights near float64's maximum: scaled before squaring
+            sq = [(self.flats[r].scale_values(torch.empty_like(best)) * best / self.norm_scale).square().sum()
+                  for r, best in zip(self.rows, self.u_best)]
+        else:
+            sq = [_ops.scaled_gram(best, best, grad, w0, c)[DD]
+                  for best, (_, grad, _, _), w0, c in zip(self.u_best, self.views, self.w0s, self.cs)]
         return sq[0] if len(sq) == 1 else torch.stack(sq)
 
     def keep_best(self, where, final: bool) -> None:

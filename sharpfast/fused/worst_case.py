@@ -83,7 +83,7 @@ class _Run(problems.GroupRun):
         """One published APGD run from the start just evaluated (``loss``, ``err``: its forward);
         returns its record."""
         s = self.s
-        book = Bookkeeping(s, L0, E0)
+        book = Bookkeeping(s, L0, E0, norm_scale=self.norm_scale)
         self.keep_best_grad(None)
         for i in range(s.n_iters):
             self.step(book.step)
@@ -139,7 +139,8 @@ class _Run(problems.GroupRun):
             _ops.copy_if_(grad, best_grad, self.at(where, r))
 
     def delta_sq_norms(self) -> torch.Tensor:
-        sq = [_ops.sum_squares(delta) for _, _, delta, _, _ in self.views]
+        k = self.norm_scale
+        sq = [_ops.sum_squares(delta if k == 1.0 else delta / k) for _, _, delta, _, _ in self.views]
         return sq[0] if len(sq) == 1 else torch.stack(sq)
 
     @torch.no_grad()

@@ -64,7 +64,7 @@ def geodesic_sharpness(model, batches, params: ParamSet, s: GeodesicSettings, ba
         if E0 is not None:
             per_batch_err.append(best_err - E0)
             init_errs.append(E0)
-        delta_norm = max(delta_norm, float((best_v - w0).double().norm()))
+        delta_norm = max(delta_norm, reference.delta_l2_norm([best_v - w0]))
     result = reference._result(s, backend, per_batch, per_batch_err, init_losses, init_errs, delta_norm)
     result.solver, result.geodesic_correction, result.restarts_improved = "geodesic", correction, improved
     result.gl_blocks = len(blocks)
