@@ -130,6 +130,39 @@ def test_convolutions_by_their_operator_norm(conv, shape):
     assert M.operator_norm(conv, conv.weight, shape) == pytest.approx(float(torch.linalg.matrix_norm(J, 2)), rel=1e-6)
 
 
+def test_spectral_measures_take_the_reshaped_kernel_as_the_authors_code_and_the_exact_ones_the_map():
+    """Dziugaite et al.'s and Neyshabur et al.'s code take a convolution's ``||W||_2`` as the largest
+    singular value of its kernel reshaped to ``[out, in * k * k]`` (of the BatchNorm-folded kernel); the
+    ``-exact`` measures take the operator norm of the map it applies. Linear layers: both alike."""
+    torch.manual_seed(0)
+    model, init = zoo.cnn(8), zoo.cnn(8)
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(64, 1, 8, 8))   # running statistics to fold
+    model.eval()
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    ctx = M.Context(model, init, x, y)
+    folded = [m.weight for _, m in ctx.layers]
+    reshaped = [float(torch.linalg.matrix_norm(w.detach().double().reshape(w.shape[0], -1), 2)) for w in folded]
+    exact = [M.operator_norm(m, m.weight, ctx.shapes[n]) for n, m in ctx.layers]
+    assert any(isinstance(m, nn.Conv2d) for _, m in ctx.layers)
+    for (_, m), r, e in zip(ctx.layers, reshaped, exact):
+        assert (r == pytest.approx(e, rel=1e-9)) == isinstance(m, nn.Linear)
+    log_prod = lambda norms: sum(2 * math.log(v) for v in norms)
+    assert M.MEASURES["prod-of-spec"](ctx) == pytest.approx(log_prod(reshaped), rel=1e-12)
+    assert M.MEASURES["prod-of-spec-exact"](ctx) == pytest.approx(log_prod(exact), rel=1e-12)
+    fro = [float(w.detach().double().norm()) for w in folded]
+    assert M.MEASURES["fro/spec"](ctx) == pytest.approx(sum(f**2 / r**2 for f, r in zip(fro, reshaped)), rel=1e-12)
+    dist = [float(torch.linalg.matrix_norm((w - m0.weight).detach().double().reshape(w.shape[0], -1), 2))
+            for w, (_, m0) in zip(folded, M.layers(ctx.init))]
+    assert M.MEASURES["spec-dist"](ctx) == pytest.approx(sum(v**2 for v in dist), rel=1e-12)
+    spectral = [n for n in M.MEASURES if "spec" in n and not n.endswith("-exact") and "-exact/" not in n
+                and not n.startswith(("spec-norm", "bound-"))]
+    for name in spectral:   # every Jiang et al. spectral measure has its -exact twin
+        twin = name.replace("/margin", "-exact/margin") if name.endswith("/margin") else name + "-exact"
+        assert twin in M.MEASURES, name
+
+
 @pytest.mark.parametrize("mode", ["circular", "reflect", "replicate", "zeros"])
 @pytest.mark.parametrize("shape", [(1, 2, 6, 6), (1, 2, 48, 48)])   # dense matrix, and Lanczos above 4096 inputs
 def test_convolutions_by_the_operator_norm_of_their_padding_mode(mode, shape):
@@ -311,7 +344,7 @@ def test_every_measure_on_the_zoo_architectures():
     for make in (lambda: zoo.mlp(16), lambda: zoo.cnn(8), lambda: zoo.vit(16)):
         model, init = make(), make()
         for name in M.MEASURES:
-            if name.endswith("margin") or name.startswith("bound-") or name in ("spectral-init", "spectral-orig", "num-step-to-0.1-loss") or \
+            if name.endswith("margin") or name.startswith("bound-") or name.startswith(("spectral-init", "spectral-orig")) or name == "num-step-to-0.1-loss" or \
                     "pacbayes" in name or "sharpness" in name:
                 continue   # an untrained model's margin is negative; no recorded trajectory here; searches below
             assert math.isfinite(M.measure(name, model, x, y, init=init)), name
@@ -358,9 +391,12 @@ def test_pacbayes_and_sharpness_searches_hit_their_target_and_the_bounds_follow(
         assert near or (M._deviation(ctx, radius + step, worst, False) > M.ACCURACY_DEVIATION >= d)
     # a smaller radius moves it less (the searches are monotone where they look)
     assert M._deviation(ctx, sigma / 4, False, False) < M.ACCURACY_DEVIATION
-    w = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
-    w0 = torch.cat([p.detach().double().reshape(-1) for p in init.parameters()])
+    # the bounds count the layers' weights, biases left out (Dziugaite et al.'s code): omega = num-params
+    weights = lambda net: [m.weight for m in net.modules() if isinstance(m, nn.Linear)]
+    w = torch.cat([p.detach().double().reshape(-1) for p in weights(model)])
+    w0 = torch.cat([p.detach().double().reshape(-1) for p in weights(init)])
     m, omega = len(y), w.numel()
+    assert omega == M.MEASURES["num-params"](ctx) < sum(p.numel() for p in model.parameters())
     assert values["pacbayes-orig"] == pytest.approx(float(w @ w) / (4 * sigma**2) + math.log(m / sigma) + 10, rel=1e-12)
     assert values["pacbayes-init"] == pytest.approx(float((w - w0) @ (w - w0)) / (4 * sigma**2)
                                                     + math.log(m / sigma) + 10, rel=1e-12)
@@ -368,6 +404,14 @@ def test_pacbayes_and_sharpness_searches_hit_their_target_and_the_bounds_follow(
     s_alpha = alpha / math.sqrt(2 * math.log(2 * omega))
     assert values["sharpness-orig"] == pytest.approx(float(w @ w) * math.log(2 * omega) / (4 * alpha**2)
                                                      + math.log(m / s_alpha) + 10, rel=1e-12)
+    # bound_parameters="all": every parameter, at the same radius
+    every = M.Context(model, init, x, y, bound_parameters="all")
+    every._cache.update({k: v for k, v in ctx._cache.items() if k[0] == "radius"})
+    w_all = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+    assert M.MEASURES["pacbayes-orig"](every) == pytest.approx(float(w_all @ w_all) / (4 * sigma**2)
+                                                               + math.log(m / sigma) + 10, rel=1e-12)
+    with pytest.raises(ValueError, match="bound_parameters must be one of"):
+        M.Context(model, init, x, y, bound_parameters="biases")
     # the sharpness search's deviation is the worst case the sharpness function reports
     r = sharpfast.worst_case_sharpness(model, [(x, y)], rho=alpha, norm="linf", adaptive=False, n_iters=M.ASCENT_STEPS)
     assert M._deviation(ctx, alpha, True, False) == abs(r.err_sharpness)

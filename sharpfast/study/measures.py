@@ -9,15 +9,17 @@ Every measure is taken on a copy of the model with its BatchNorm folded into the
 (:func:`batchnorm_folded`; both codes do so; ``fold_batchnorm=False`` measures the layers as they
 are). Layers are the weight matrices and kernels of ``nn.Linear`` and ``nn.Conv{1,2}d`` modules, in
 module order (biases, normalization parameters and embeddings are not layers); ``d`` is their
-number. ``||W||_2`` is a layer's operator norm: the largest singular value for a linear layer; for
-a convolution the norm of the linear map it applies to its actual input shape (taken from a
-forward pass on the data; its padding mode, padding, stride, dilation and groups included), from
-the map's dense matrix up to 4096 inputs, else by Lanczos on ``A^T A``. The margin ``gamma`` is the
+number. ``||W||_2`` is the largest singular value of the layer's weight reshaped to ``[out, in *
+kernel]``, as both authors' code takes it (a linear layer's operator norm, a convolution's
+approximation); each spectral measure's ``-exact`` twin takes a convolution's operator norm, that
+of the linear map it applies to its actual input shape (taken from a forward pass on the data; its
+padding mode, padding, stride, dilation and groups included), from the map's dense matrix up to
+4096 inputs, else by Lanczos on ``A^T A``. The margin ``gamma`` is the
 ``(m // 10)``-th smallest over the ``m`` examples of ``f(x)_y - max_{j != y} f(x)_j`` (as
 Dziugaite et al.'s code takes it, ``kthvalue(m // 10)``); a measure divided by it needs ``gamma > 0``.
 
 * norms: ``param-norm = sum ||W||_F^2``; ``frob-distance = sum ||W - W0||_F^2``;
-  ``spec-dist = sum ||W - W0||_2^2``; ``fro/spec = sum ||W||_F^2 / ||W||_2^2``;
+  ``spec-dist = sum ||W - W0||_2^2``; ``fro/spec = sum ||W||_F^2 / ||W||_2^2`` (and the ``-exact`` forms);
   ``num-params``, the layers' weights (biases not counted, as in Dziugaite et al.'s code);
 * products and sums (logs of): ``prod-of-spec = log prod ||W||_2^2``, ``sum-of-spec =
   log(d (prod ||W||_2^2)^(1/d))``, the same ``-of-fro`` with ``||W||_F``, and each ``/margin``
@@ -44,8 +46,9 @@ Dziugaite et al.'s code takes it, ``kthvalue(m // 10)``); a measure divided by i
   eps^2)`` and search the box ``|u_i| <= alpha |w_i| + eps`` (``eps = 1e-3``), with
   ``pacbayes-mag-* = 1/4 sum_i log((eps^2 + (sigma^2 + 1) ||w_ref||^2 / omega) / (eps^2 + sigma^2
   (w - w0)_i^2)) + log(m / sigma) + 10``, ``pac-sharpness-mag-*`` the same at ``sigma_alpha``, and
-  ``1/sigma-pacbayes-mag``, ``1/alpha-sharpness-mag``. These use all parameters (``omega`` of
-  them).
+  ``1/sigma-pacbayes-mag``, ``1/alpha-sharpness-mag``. The searches perturb every parameter; the
+  bounds count the layers' weights (``w``, ``w0`` and ``omega``, biases left out, as Dziugaite et
+  al.'s code does; ``bound_parameters="all"``: every parameter).
 
 Neyshabur et al.'s (``NEYSHABUR``, preset ``neyshabur``; their values, not logs), with each layer's
 weight as the matrix ``[out, in * kernel]`` and ``gamma_5`` the 5th percentile of the margins (their
@@ -63,8 +66,8 @@ sqrt(m)`` (``h_l`` the layer's output units; spec etc. the products over the mar
 Departures, each deliberate: the searches' deviation is the training error's (Jiang et al.'s
 "accuracy deviation"), measured on the sweep's examples; Dziugaite et al.'s code takes the
 margin's absolute value where it is negative, here a ``/margin`` measure with ``gamma <= 0`` is an
-error, not a number; their spectral measures use a kernel's reshaped matrix (or, ``_fft``, circular
-padding), here a convolution is the map it applies; the folded network is exactly the model's
+error, not a number; their PAC-Bayes search draws noise of standard deviation ``sigma^2``, here
+``sigma`` (Jiang et al.'s definition; the bounds agree at the same radius); the folded network is exactly the model's
 function, where both codes keep each folded norm as a division by ``sqrt(1 + eps)``, so path-norms
 of a BatchNorm network differ from theirs by that factor per norm (1e-5 relative with eps = 1e-5,
 the same for every model of one architecture); ``fisher-rao`` uses all parameters (biases too), as
@@ -85,9 +88,11 @@ from torch import nn
 from torch.func import functional_call
 
 # The conventions' revision, part of every measure definition's key: 2 folds BatchNorm, takes the
-# margin as the authors' code does and a convolution's padding mode (values of revision 1, keyless,
-# are kept in old stores but not reused)
-MEASURES_REVISION = 2
+# margin as the authors' code does and a convolution's padding mode; 3 takes a convolution's
+# spectral norm as the authors' code does (its reshaped kernel's; the operator norm is the -exact
+# measures') and the PAC-Bayes bounds over the layers' weights (values of earlier revisions are kept
+# in old stores but not reused)
+MEASURES_REVISION = 3
 DENSE_LIMIT = 4096   # a convolution's operator norm from its dense matrix up to this many inputs, Lanczos above
 
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -157,6 +162,13 @@ def operator_norm(layer: nn.Module, weight: torch.Tensor, shape: tuple[int, ...]
     top = eigsh(LinearOperator((n_in, n_in), matvec=normal, dtype="float64"), k=1, which="LA", tol=1e-12, v0=v0,
                 return_eigenvectors=False)
     return float(math.sqrt(max(float(top[0]), 0.0)))
+
+
+def reshaped_spectral_norm(weight: torch.Tensor) -> float:
+    """``||W||_2`` as Dziugaite et al.'s and Neyshabur et al.'s code take it: the largest singular
+    value of the weight reshaped to ``[out, in * kernel]`` (a linear layer's operator norm; for a
+    convolution, Yoshida & Miyato's approximation of it)."""
+    return float(torch.linalg.matrix_norm(weight.detach().double().reshape(weight.shape[0], -1), ord=2))
 
 
 def margins(model: nn.Module, x, y) -> torch.Tensor:
@@ -272,7 +284,10 @@ class Context:
     """What the measures of one model share, computed once: layers, norms, the margin."""
 
     def __init__(self, model: nn.Module, init: nn.Module | None, x, y, metrics: dict | None = None,
-                 fold_batchnorm: bool = True):
+                 fold_batchnorm: bool = True, bound_parameters: str = "weights"):
+        if bound_parameters not in BOUND_PARAMETERS:
+            raise ValueError(f"bound_parameters must be one of {BOUND_PARAMETERS}, got {bound_parameters!r}")
+        self.bound_parameters = bound_parameters
         if not isinstance(x, torch.Tensor):
             raise TypeError("the Jiang et al. measures take models with one tensor input (their layers, margins and "
                             f"path-norm are defined for classifiers f(x)); got inputs of type {type(x).__name__}")
@@ -294,8 +309,19 @@ class Context:
     def d(self) -> int:
         return len(self.layers)
 
-    def spec(self) -> list[float]:
-        return self.cached("spec", lambda: [operator_norm(m, m.weight, self.shapes.get(n)) for n, m in self.layers])
+    def spec(self, exact: bool = False) -> list[float]:
+        """Each layer's ``||W||_2``: its reshaped ``[out, in * kernel]`` matrix's largest singular value
+        (the authors' code), or ``exact``, the operator norm of the map the layer applies."""
+        if exact:
+            return self.cached("spec-exact", lambda: [operator_norm(m, m.weight, self.shapes.get(n))
+                                                      for n, m in self.layers])
+        return self.cached("spec", lambda: [reshaped_spectral_norm(m.weight) for _, m in self.layers])
+
+    def dist_spec(self, exact: bool = False) -> list[float]:
+        """``||W - W0||_2`` of each layer, taken as :meth:`spec` takes ``||W||_2``."""
+        if exact:
+            return [operator_norm(m, dw, self.shapes.get(n)) for (n, m), dw in zip(self.layers, self.distances())]
+        return [reshaped_spectral_norm(dw) for dw in self.distances()]
 
     def fro(self) -> list[float]:
         return self.cached("fro", lambda: [float(m.weight.detach().double().norm()) for _, m in self.layers])
@@ -344,29 +370,38 @@ def _outputs(ctx: Context) -> torch.Tensor:
     return ctx.cached("out", lambda: ctx.model(ctx.x).detach().double())
 
 
-def _spectral(ctx: Context, reference: str) -> float:
-    spec = ctx.spec()
+def _spectral(ctx: Context, reference: str, exact: bool) -> float:
+    spec = ctx.spec(exact)
     terms = ([float(dw.double().norm()) ** 2 for dw in ctx.distances()] if reference == "init"
              else [f ** 2 for f in ctx.fro()])
     return _log_prod_sq(spec) - 2 * math.log(ctx.gamma()) + math.log(sum(t / s**2 for t, s in zip(terms, spec)))
 
 
+def _spectral_measures(exact: bool) -> dict[str, Callable[[Context], float]]:
+    """The measures built on ``||W||_2``: the reshaped kernel's, or (``exact``, named ``-exact``) the
+    convolution's operator norm."""
+    x = "-exact" if exact else ""
+    return {
+        f"spec-dist{x}": lambda c: sum(s**2 for s in c.dist_spec(exact)),
+        f"fro/spec{x}": lambda c: sum(f**2 / s**2 for f, s in zip(c.fro(), c.spec(exact))),
+        f"prod-of-spec{x}": lambda c: _log_prod_sq(c.spec(exact)),
+        f"prod-of-spec{x}/margin": lambda c: _log_prod_sq(c.spec(exact)) - 2 * math.log(c.gamma()),
+        f"sum-of-spec{x}": lambda c: math.log(c.d) + _log_prod_sq(c.spec(exact)) / c.d,
+        f"sum-of-spec{x}/margin": lambda c: math.log(c.d) + (_log_prod_sq(c.spec(exact)) - 2 * math.log(c.gamma()))
+        / c.d,
+        f"spectral-init{x}": lambda c: _spectral(c, "init", exact),
+        f"spectral-orig{x}": lambda c: _spectral(c, "origin", exact),
+    }
+
+
 MEASURES: dict[str, Callable[[Context], float]] = {
     "param-norm": lambda c: sum(f**2 for f in c.fro()),
     "frob-distance": lambda c: sum(float(dw.double().norm()) ** 2 for dw in c.distances()),
-    "spec-dist": lambda c: sum(operator_norm(m, dw, c.shapes.get(n)) ** 2
-                               for (n, m), dw in zip(c.layers, c.distances())),
-    "fro/spec": lambda c: sum(f**2 / s**2 for f, s in zip(c.fro(), c.spec())),
-    "prod-of-spec": lambda c: _log_prod_sq(c.spec()),
-    "prod-of-spec/margin": lambda c: _log_prod_sq(c.spec()) - 2 * math.log(c.gamma()),
-    "sum-of-spec": lambda c: math.log(c.d) + _log_prod_sq(c.spec()) / c.d,
-    "sum-of-spec/margin": lambda c: math.log(c.d) + (_log_prod_sq(c.spec()) - 2 * math.log(c.gamma())) / c.d,
+    **_spectral_measures(exact=False),
     "prod-of-fro": lambda c: _log_prod_sq(c.fro()),
     "prod-of-fro/margin": lambda c: _log_prod_sq(c.fro()) - 2 * math.log(c.gamma()),
     "sum-of-fro": lambda c: math.log(c.d) + _log_prod_sq(c.fro()) / c.d,
     "sum-of-fro/margin": lambda c: math.log(c.d) + (_log_prod_sq(c.fro()) - 2 * math.log(c.gamma())) / c.d,
-    "spectral-init": lambda c: _spectral(c, "init"),
-    "spectral-orig": lambda c: _spectral(c, "origin"),
     "path-norm": _path_norm,
     "path-norm/margin": lambda c: _path_norm(c) / c.gamma() ** 2,
     "1/margin": lambda c: 1.0 / c.gamma() ** 2,
@@ -374,8 +409,9 @@ MEASURES: dict[str, Callable[[Context], float]] = {
     "neg-entropy": lambda c: float((F.softmax(_outputs(c), 1) * F.log_softmax(_outputs(c), 1)).sum(1).mean()),
     "fisher-rao": _fisher_rao,
     "num-step-to-0.1-loss": lambda c: _recorded(c, "steps_to_loss_0.1"),
+    **_spectral_measures(exact=True),
 }
-NEEDS_INIT = ("frob-distance", "spec-dist", "spectral-init")
+NEEDS_INIT = ("frob-distance", "spec-dist", "spectral-init", "spec-dist-exact", "spectral-init-exact")
 
 
 # ----------------------------------------------------------------------------- Neyshabur et al.'s norms and bounds
@@ -411,11 +447,6 @@ def _over_margin(ctx: Context, norm: Callable[[torch.Tensor], float]) -> float:
     return _exp(_log_prod(ctx, norm) - math.log(ctx.gamma("percentile5")))
 
 
-def _reshaped_spec(ctx: Context) -> list[float]:
-    """Each layer's spectral norm as Neyshabur et al. take it (the reshaped kernel's), computed once."""
-    return ctx.cached("reshaped-spec", lambda: [schatten_norm(m.weight, math.inf) for _, m in ctx.layers])
-
-
 def _lp_path_norm(ctx: Context, p: float) -> float:
     """Neyshabur et al. (2015)'s l_p path-norm ``(sum_i f_{|w|^p}(1)_i)^(1/p)``."""
     return _powered_network(ctx, p) ** (1 / p)
@@ -440,13 +471,13 @@ def _spectral_ratio(ctx: Context, q: int, power: float) -> float:
     """``(sum_l (h_l^(1 - 1/q) ||W_l - W0_l||_{2,q} / ||W_l||_2)^power)^(1/power)``, ``h_l`` the layer's
     output units (Neyshabur et al.'s ``h_dist_op_norm`` summed under ``calc_measure(..., 'norm')``)."""
     terms = [(m.weight.shape[0] ** (1 - 1 / q) * lpq_norm(dw, 2, q) / spec) ** power
-             for (_, m), dw, spec in zip(ctx.layers, ctx.distances(), _reshaped_spec(ctx))]
+             for (_, m), dw, spec in zip(ctx.layers, ctx.distances(), ctx.spec())]
     return sum(terms) ** (1 / power)
 
 
 def _spectral_bound(ctx: Context, factor: float, q: int, power: float) -> float:
     """``factor * prod_l ||W_l||_2 / gamma * ratio / sqrt(m)`` (Bartlett 2017, Neyshabur 2018)."""
-    log_value = (math.log(factor) + sum(math.log(v) for v in _reshaped_spec(ctx))
+    log_value = (math.log(factor) + sum(math.log(v) for v in ctx.spec())
                  - math.log(ctx.gamma("percentile5")) + math.log(_spectral_ratio(ctx, q, power))
                  - 0.5 * math.log(len(ctx.y)))
     return _exp(log_value)
@@ -457,7 +488,7 @@ MEASURES.update({
     "l1,inf-norm/margin": lambda c: _over_margin(c, lambda w: lpq_norm(w, 1, math.inf)),
     "l3,1.5-norm/margin": lambda c: _over_margin(c, lambda w: lpq_norm(w, 3, 1.5)),
     "fro-norm/margin": lambda c: _over_margin(c, lambda w: lpq_norm(w, 2, 2)),
-    "spec-norm/margin": lambda c: _exp(sum(math.log(v) for v in _reshaped_spec(c)) - math.log(c.gamma("percentile5"))),
+    "spec-norm/margin": lambda c: _exp(sum(math.log(v) for v in c.spec()) - math.log(c.gamma("percentile5"))),
     "schatten-1.5-norm/margin": lambda c: _over_margin(c, lambda w: schatten_norm(w, 1.5)),
     "trace-norm/margin": lambda c: _over_margin(c, lambda w: schatten_norm(w, 1)),
     "l1-path-norm/margin": lambda c: _lp_path_norm(c, 1) / c.gamma("percentile5"),
@@ -535,14 +566,29 @@ def _radius(ctx: Context, worst: bool, magnitude: bool) -> float:
                       lambda: _search(lambda r: _deviation(ctx, r, worst, magnitude)))
 
 
+# Which parameters the PAC-Bayes and sharpness bounds count (their ||w||, ||w - w0|| and omega):
+# "weights": the layers' weights, biases left out, as Dziugaite et al.'s code does (omega is then
+#            num-params); "all": every parameter (Jiang et al.'s omega read as "parameters").
+BOUND_PARAMETERS = ("weights", "all")
+
+
+def _bound_vector(ctx: Context, model: nn.Module) -> torch.Tensor:
+    if ctx.bound_parameters == "all":
+        tensors = list(model.parameters())
+    else:
+        modules = dict(model.named_modules())
+        tensors = [modules[n].weight for n, _ in ctx.layers]
+    return torch.cat([p.detach().double().reshape(-1) for p in tensors])
+
+
 def _weights(ctx: Context, reference: str) -> torch.Tensor:
-    """All parameters as one vector, or their distance to the initial ones."""
-    w = torch.cat([p.detach().double().reshape(-1) for p in ctx.model.parameters()])
+    """The bounds' parameters (``ctx.bound_parameters``) as one vector, or their distance to the initial ones."""
+    w = _bound_vector(ctx, ctx.model)
     if reference == "orig":
         return w
     if ctx.init is None:
         raise ValueError("this measure needs the initial weights (the zoo's init_checkpoint)")
-    return w - torch.cat([p.detach().double().reshape(-1) for p in ctx.init.parameters()])
+    return w - _bound_vector(ctx, ctx.init)
 
 
 def _pacbayes(ctx: Context, reference: str, sigma: float) -> float:
@@ -562,14 +608,14 @@ def _pacbayes_mag(ctx: Context, reference: str, sigma: float) -> float:
 
 def _sharpness_sigma(ctx: Context, alpha: float) -> float:
     """The Gaussian scale whose bound a box of half-width ``alpha`` gives: ``alpha / sqrt(2 log(2 omega))``."""
-    omega = sum(p.numel() for p in ctx.model.parameters())
+    omega = _weights(ctx, "orig").numel()
     return alpha / math.sqrt(2 * math.log(2 * omega))
 
 
 def _sharpness(ctx: Context, reference: str) -> float:
     """``||w_ref||^2 log(2 omega) / (4 alpha^2) + log(m / sigma) + 10`` (eq. 50-51)."""
     alpha = _radius(ctx, worst=True, magnitude=False)
-    omega = sum(p.numel() for p in ctx.model.parameters())
+    omega = _weights(ctx, "orig").numel()
     sigma = _sharpness_sigma(ctx, alpha)
     return (float(_weights(ctx, reference).pow(2).sum()) * math.log(2 * omega) / (4 * alpha**2)
             + math.log(len(ctx.y) / sigma) + 10)
@@ -601,12 +647,14 @@ def _recorded(ctx: Context, metric: str) -> float:
 
 
 def measure(name: str, model: nn.Module, x, y, init: nn.Module | None = None, metrics: dict | None = None,
-            fold_batchnorm: bool = True) -> float:
+            fold_batchnorm: bool = True, bound_parameters: str = "weights") -> float:
     """The measure ``name`` (a key of :data:`MEASURES`) of ``model`` on the examples ``(x, y)``.
 
     ``fold_batchnorm`` (the default, as the authors' code does) measures the model with every
     foldable BatchNorm folded into the layer before it (:func:`batchnorm_folded`); ``False``
-    measures the layers' own weights, the norms' scale parameters left out. Neither model is changed."""
+    measures the layers' own weights, the norms' scale parameters left out. ``bound_parameters``
+    (:data:`BOUND_PARAMETERS`): what the PAC-Bayes and sharpness bounds count, the layers' weights
+    (Dziugaite et al.'s code) or every parameter. Neither model is changed."""
     if name not in MEASURES:
         raise ValueError(f"unknown measure {name!r}; known: {', '.join(MEASURES)}")
-    return float(MEASURES[name](Context(model, init, x, y, metrics, fold_batchnorm)))
+    return float(MEASURES[name](Context(model, init, x, y, metrics, fold_batchnorm, bound_parameters)))
