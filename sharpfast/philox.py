@@ -81,6 +81,15 @@ def _words_and_partners(seed, stream, sample, offset, numel, device):
     return words, partners
 
 
+def draw(distribution: str, seed: int, stream: int, sample: int, numel: int, dtype, device) -> torch.Tensor:
+    """:func:`philox_draw` of elements ``0 .. numel - 1``, by the fused op where the extension has
+    kernels for the device (the same bits, no float64 temporaries), else by the twin below."""
+    from . import _ops
+    if _ops.available(device):
+        return _ops.draw_(torch.empty(numel, dtype=dtype, device=device), seed, stream, sample, 0, distribution)
+    return philox_draw(distribution, seed, stream, sample, 0, numel, dtype=dtype, device=device)
+
+
 def philox_draw(distribution: str, seed: int, stream: int, sample: int, offset: int, numel: int,
                 dtype=torch.float32, device=None) -> torch.Tensor:
     """Draws for elements ``offset .. offset + numel - 1`` of sample ``sample`` in ``stream``.

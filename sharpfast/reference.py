@@ -61,7 +61,8 @@ def delta_l2_norm(delta: Tensors) -> float:
     largest = max((float(d.detach().abs().max()) for d in delta if d.numel()), default=0.0)
     if largest == 0.0 or not math.isfinite(largest):
         return largest
-    return largest * math.sqrt(sum(float((d.double() / largest).pow(2).sum()) for d in delta))
+    pieces = [piece for d in delta for piece in d.detach().reshape(-1).split(2**20)]   # float64 a piece at a time
+    return largest * math.sqrt(sum(float((piece.double() / largest).pow(2).sum()) for piece in pieces))
 
 
 def weighted_norm(delta: Tensors, c: Tensors) -> float:

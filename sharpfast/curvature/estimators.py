@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _ops
-from ..philox import philox_draw
+from ..philox import draw
 
 CURVATURE_SAMPLE_BASE = 1 << 30   # probe k of a batch is sample CURVATURE_SAMPLE_BASE + k of its stream
 PROBES_PER_PASS = 16              # probe vectors per vmapped product
@@ -25,12 +24,7 @@ def probes(dist: str, seed: int, stream: int, first: int, k: int, n: int, dtype,
     fused op where the extension has kernels for the device, else by its pure-PyTorch twin."""
     cols = []
     for j in range(k):
-        sample = CURVATURE_SAMPLE_BASE + first + j
-        if _ops.available(device):
-            col = _ops.draw_(torch.empty(n, dtype=dtype, device=device), seed, stream, sample, 0, dist)
-        else:
-            col = philox_draw(dist, seed, stream, sample, 0, n, dtype=dtype, device=device)
-        cols.append(col)
+        cols.append(draw(dist, seed, stream, CURVATURE_SAMPLE_BASE + first + j, n, dtype, device))
     return torch.stack(cols, dim=1)
 
 

@@ -32,14 +32,21 @@ class _Group:
         n = max(max(k.g.shape[1], k.hh.shape[1]) for k in heads)
         pad = lambda idx: torch.nn.functional.pad(idx, (0, 0, 0, n - idx.shape[1]), value=-1)
         index = torch.cat([pad(k.g) for k in heads] + [pad(k.hh) for k in heads])   # -1: a padding row
-        self.B = index.shape[0] // 2
+        self.B, self.shape = index.shape[0] // 2, index.shape
+        # int32 where the parameters allow it: the indices are as many as the blocks' entries
+        small = w0.numel() < 2**31
         real = index >= 0
         self.padded = not bool(real.all())
-        self.index = index.clamp(min=0)
-        if self.padded:
-            self.mask = real.to(w0.dtype)
+        if self.padded:   # the real entries' flat indices and their positions in T.view(-1)
             self.real_pos = real.reshape(-1).nonzero().squeeze(1)
-            self.real_index = index.reshape(-1)[self.real_pos]
+            self.index = index.reshape(-1)[self.real_pos]
+            if small:
+                self.real_pos = self.real_pos.int()
+        else:
+            self.index = index
+        if small:
+            self.index = self.index.int()
+        del index, real
         F = self.gather(w0).double()
         eye = torch.eye(F.shape[-1], dtype=torch.float64, device=w0.device)
         M = F.mT @ F + eps * eye
@@ -68,15 +75,15 @@ class _Group:
 
     def gather(self, flat):
         """A flat vector's block part, ``[2B, n, h]`` (padding rows 0)."""
-        T = flat[self.index]
-        return T * self.mask if self.padded else T
+        if not self.padded:
+            return flat[self.index]
+        T = flat.new_zeros(self.shape)
+        T.view(-1)[self.real_pos] = flat[self.index]
+        return T
 
     def scatter(self, out, T):
         """``T``'s real entries written into the flat vector ``out``."""
-        if self.padded:
-            out[self.real_index] = T.reshape(-1)[self.real_pos]
-        else:
-            out[self.index] = T
+        out[self.index] = T.reshape(-1)[self.real_pos] if self.padded else T
 
     def horizontal(self, metric, T):
         B, F = self.B, self.F
@@ -87,17 +94,17 @@ class _Group:
             K = T.mT @ self.F_partner_M
             left, R = self.Ut_P_minus_half, self.R
             L = (R @ ((left @ (K[B:].mT - K[:B]) @ R) * self.denominator) @ left).mT
-        return T + F @ torch.cat([L, -L.mT])
+        return T.add_(F @ torch.cat([L, -L.mT]))   # T: a gathered copy (block-sized results in place)
 
     def christoffel(self, metric, T):
         """``Gamma(T, T)`` and what its vector-Jacobian product reuses."""
         F = self.F
         S, TtT = sym(T.mT @ F), T.mT @ T   # S: (xG^T G + G^T xG | xH^T H + H^T xH)
         if metric == "mix":   # Gamma_G = (xG S_H - G xH^T xH) Q^-1, Gamma_H likewise with G, H swapped
-            gamma = (T @ self.partner(S) - F @ self.partner(TtT)) @ self.christoffel_M
+            gamma = (T @ self.partner(S)).sub_(F @ self.partner(TtT)) @ self.christoffel_M
         else:                 # Gamma_F = -xF M^-1 S_F + F M^-1 xF^T xF
             M_inv = self.christoffel_M
-            gamma = -T @ (M_inv @ S) + F @ (M_inv @ TtT)
+            gamma = (F @ (M_inv @ TtT)).sub_(T @ (M_inv @ S))
         return gamma, S
 
     def christoffel_vjp(self, metric, T, S, C):
@@ -106,9 +113,10 @@ class _Group:
         F, M = self.F, self.christoffel_M
         if metric == "mix":
             Ct = C @ M
-            return (Ct @ self.partner(S) + F @ self.partner(sym(T.mT @ Ct))
-                    - T @ self.partner(sym(F.mT @ Ct)))
-        return -C @ (S @ M) - F @ sym(M @ (T.mT @ C)) + T @ sym(M @ (F.mT @ C))
+            out = (Ct @ self.partner(S)).add_(F @ self.partner(sym(T.mT @ Ct)))
+            return out.sub_(T @ self.partner(sym(F.mT @ Ct)))
+        out = (C @ (S @ M)).neg_().sub_(F @ sym(M @ (T.mT @ C)))
+        return out.add_(T @ sym(M @ (F.mT @ C)))
 
 
 class BatchedGeometry(Geometry):
@@ -123,7 +131,7 @@ class BatchedGeometry(Geometry):
         total = torch.zeros((), dtype=xi.dtype, device=xi.device)
         for k in self.groups:
             T = k.gather(xi)
-            total = total + (T * (T @ k.norm_M)).sum()
+            total = total + (T @ k.norm_M).mul_(T).sum()
         return total
 
     def blocks_riemannian(self, g, out):
@@ -141,20 +149,21 @@ class BatchedGeometry(Geometry):
             k.scatter(out, k.gather(z) @ k.whiten_M)
         return out
 
-    def second_order_retract(self, xi):
-        """``w0 + xi - Gamma(xi, xi)/2`` and its pullback ``g -> g - grad <g, Gamma(xi, xi)> / 2``."""
-        v = self.w0 + xi
+    def second_order_retract(self, xi, out=None):
+        """``w0 + xi - Gamma(xi, xi)/2`` (into ``out`` where given) and its pullback ``g -> g - grad <g,
+        Gamma(xi, xi)> / 2``, computed in ``g``'s own buffer."""
+        v = torch.add(self.w0, xi, out=out)
         parts = []
         for k in self.groups:
             T = k.gather(xi)
             gamma, S = k.christoffel(self.metric, T)
-            k.scatter(v, k.gather(v) - gamma / 2)
+            k.scatter(v, k.gather(v).sub_(gamma.div_(2)))
+            del gamma
             parts.append((k, T, S))
 
-        def pullback(g):
-            out = g.clone()
+        def pullback(g):   # the groups' entries are disjoint: each reads its part before writing it
             for k, T, S in parts:
                 C = k.gather(g)
-                k.scatter(out, C - k.christoffel_vjp(self.metric, T, S, C) / 2)
-            return out
+                k.scatter(g, C.sub_(k.christoffel_vjp(self.metric, T, S, C).div_(2)))
+            return g
         return v, pullback

@@ -31,31 +31,42 @@ class Geometry:
         for group in heads:
             in_block[group.g.reshape(-1)] = True
             in_block[group.hh.reshape(-1)] = True
-        # the rest: c = |w| (or the settings' scale rule); c = 0 is frozen, never divided by
+        # the rest: c = |w| (or the settings' scale rule); c = 0 is frozen, never divided by. Two
+        # parameter-sized vectors (c^2 is formed where it is used)
         self.c_rest = torch.where(in_block, torch.zeros_like(c), c)
-        self.c2_rest = self.c_rest.square()
-        self.inv_c_rest = torch.where(self.c_rest > 0, 1 / self.c_rest.where(self.c_rest > 0, torch.ones_like(c)),
-                                      torch.zeros_like(c))
+        frozen = (c == 0) & ~in_block   # rarely any (a custom scale with zeros): then a mask
+        self.frozen = frozen if bool(frozen.any()) else None
+        del in_block, c, frozen
+        self.inv_c_rest = torch.where(self.c_rest > 0, 1 / self.c_rest.where(self.c_rest > 0, 1.0), 0.0)
 
     # the rest's parts, then the blocks' (subclasses)
     def sq_norm(self, xi: torch.Tensor) -> torch.Tensor:
-        return (xi * self.inv_c_rest).square().sum() + self.blocks_sq_norm(xi)
+        return torch.mul(xi, self.inv_c_rest).square_().sum() + self.blocks_sq_norm(xi)
 
     def riemannian(self, g: torch.Tensor) -> torch.Tensor:
-        return self.blocks_riemannian(g, self.c2_rest * g)
+        return self.blocks_riemannian(g, self.c_rest.square().mul_(g))
 
     def horizontal(self, xi: torch.Tensor) -> torch.Tensor:
-        return self.blocks_horizontal(xi, xi * (self.c_rest > 0))
+        return self.horizontal_(xi.clone())
+
+    def horizontal_(self, xi: torch.Tensor) -> torch.Tensor:
+        """:meth:`horizontal` in place: frozen coordinates to 0, the blocks' parts projected (each
+        block reads its part before writing it back)."""
+        if self.frozen is not None:
+            xi.masked_fill_(self.frozen, 0)
+        return self.blocks_horizontal(xi, xi)
 
     def whiten(self, z: torch.Tensor) -> torch.Tensor:
         """``M^-1/2 z``: a vector whose metric norm is ``||z||`` (``c z`` outside the blocks)."""
         return self.blocks_whiten(z, self.c_rest * z)
 
-    def retract(self, xi: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-        """``(v, pullback)``: the point ``w0 + xi - Gamma(xi, xi)/2`` and ``g_v -> g_xi``."""
+    def retract(self, xi: torch.Tensor, out: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """``(v, pullback)``: the point ``w0 + xi - Gamma(xi, xi)/2`` (written into ``out`` where the
+        geometry can) and ``g_v -> g_xi``, which may overwrite ``g_v``."""
         if not self.second_order:
-            return self.w0 + xi, lambda g: g
-        return self.second_order_retract(xi)
+            return torch.add(self.w0, xi, out=out), lambda g: g
+        return self.second_order_retract(xi, out)
 
     def project(self, xi: torch.Tensor, rho: float) -> torch.Tensor:
         """The metric projection onto ``{horizontal, ||xi|| <= rho}``: the horizontal projection
@@ -64,7 +75,11 @@ class Geometry:
 
     def shrink(self, xi: torch.Tensor, rho: float) -> torch.Tensor:
         """The radial part of :meth:`project`: ``xi`` rescaled onto the ball where it is outside."""
-        return xi * torch.clamp(rho / self.norm(xi), max=1.0)
+        return self.shrink_(xi.clone(), rho)
+
+    def shrink_(self, xi: torch.Tensor, rho: float) -> torch.Tensor:
+        """:meth:`shrink` in place."""
+        return xi.mul_(torch.clamp(rho / self.norm(xi), max=1.0))
 
     def norm(self, xi: torch.Tensor) -> torch.Tensor:
         return self.sq_norm(xi).sqrt()
@@ -82,7 +97,7 @@ class Geometry:
     def blocks_whiten(self, z, out):
         raise NotImplementedError
 
-    def second_order_retract(self, xi):
+    def second_order_retract(self, xi, out=None):
         raise NotImplementedError
 
 

@@ -91,7 +91,7 @@ class ReferenceGeometry(Geometry):
             out[ig], out[ih] = whiten(self.metric, P, Q, z[ig], z[ih])
         return out
 
-    def second_order_retract(self, xi):
+    def second_order_retract(self, xi, out=None):   # out: unused, the point is a fresh tensor
         """``v = w0 + xi - Gamma(xi, xi)/2``, its pullback by autograd through the formulas."""
         xi = xi.detach().requires_grad_(True)
         with torch.enable_grad():

@@ -21,7 +21,7 @@ import torch
 
 from .. import apgd, reference
 from ..objective import batches_on_device
-from ..philox import RAND_INIT_SAMPLE_BASE, philox_draw
+from ..philox import RAND_INIT_SAMPLE_BASE, draw
 from ..params import ParamSet
 from ..result import SharpnessResult, check_finite_loss
 from ..settings import GeodesicSettings
@@ -54,17 +54,21 @@ def geodesic_sharpness(model, batches, params: ParamSet, s: GeodesicSettings, ba
     per_batch, per_batch_err, init_losses, init_errs, delta_norm, correction = [], [], [], [], 0.0, 0.0
     improved = []
     for b, x, y in batches_on_device(batches, params.device):
-        L0, E0, best_loss, best_err, best_xi, best_v, n_improved = _solve_batch(point.at(x, y), geo, s, b)
+        L0, E0, best_loss, best_err, best_xi, n_improved = _solve_batch(point.at(x, y), geo, s, b, point.weights)
         improved.append(n_improved)
-        step = float(geo.norm(best_xi))
-        if s.second_order and step > 0:   # (without it the correction is 0: w0 + xi - w0 only rounds)
-            correction = max(correction, float(geo.norm(best_v - w0 - best_xi)) / step)
         per_batch.append(best_loss - L0)
         init_losses.append(L0)
         if E0 is not None:
             per_batch_err.append(best_err - E0)
             init_errs.append(E0)
-        delta_norm = max(delta_norm, reference.delta_l2_norm([best_v - w0]))
+        if best_xi is None:   # the unperturbed point was the best
+            continue
+        delta = geo.retract(best_xi)[0].sub_(w0)   # the best point, taken again rather than kept
+        delta_norm = max(delta_norm, reference.delta_l2_norm([delta]))
+        step = float(geo.norm(best_xi))
+        if s.second_order and step > 0:   # (without it the correction is 0: w0 + xi - w0 only rounds)
+            correction = max(correction, float(geo.norm(delta.sub_(best_xi))) / step)
+        del delta
     result = reference._result(s, backend, per_batch, per_batch_err, init_losses, init_errs, delta_norm)
     result.solver, result.geodesic_correction, result.restarts_improved = "geodesic", correction, improved
     result.gl_blocks = len(blocks)
@@ -76,10 +80,11 @@ def geodesic_sharpness(model, batches, params: ParamSet, s: GeodesicSettings, ba
     return result
 
 
-def _solve_batch(evaluate, geo, s: GeodesicSettings, stream: int):
+def _solve_batch(evaluate, geo, s: GeodesicSettings, stream: int, out=None):
     """One m-batch's runs, one per restart; the unperturbed point is the first candidate (as in
-    ``reference.worst_case_sharpness``). Returns ``(L0, E0, best loss, its error, best xi, its
-    point v, starts after the first that beat all before them)``."""
+    ``reference.worst_case_sharpness``). ``out``: where the points are written (the fast path's
+    flat weights), or None. Returns ``(L0, E0, best loss, its error, best xi (None: the unperturbed
+    point), starts after the first that beat all before them)``."""
     L0 = E0 = None
     if s.init != "zero":   # the runs start elsewhere: the loss at w0 needs a forward of its own
         L0, E0, _ = evaluate(geo.w0, False)
@@ -87,12 +92,13 @@ def _solve_batch(evaluate, geo, s: GeodesicSettings, stream: int):
     best = None
     n_improved = 0
     for start in range(s.n_restarts):
-        xi = torch.zeros_like(geo.w0) if s.init == "zero" else random_start(geo, s, stream, start)
-        L_start, E_start, run = _apgd(evaluate, geo, s, stream, xi)
+        # the start is passed, not kept: the run holds it only while it is its xi_prev or best point
+        L_start, E_start, run = _apgd(evaluate, geo, s, stream, torch.zeros_like(geo.w0) if s.init == "zero"
+                                      else random_start(geo, s, stream, start), out)
         if L0 is None:   # xi = 0: the start was w0
             L0, E0 = L_start, E_start
         if best is None:   # the unperturbed point, the first candidate
-            best = (L0, E0, torch.zeros_like(geo.w0), geo.w0.clone())
+            best = (L0, E0, None)
         if run[0] > best[0]:
             n_improved += start > 0
             best = run
@@ -104,22 +110,27 @@ def random_start(geo, s: GeodesicSettings, stream: int, start: int) -> torch.Ten
     a Gaussian ``z`` made isotropic in the metric (``M^-1/2 z``: ``c z`` outside the blocks), projected
     horizontally and put on the sphere of radius rho (outside the blocks the scaled solver's random
     start, ``c rho z / ||z||``)."""
-    z = philox_draw("normal", s.seed, stream, RAND_INIT_SAMPLE_BASE + start, 0, geo.w0.numel(),
-                    dtype=geo.w0.dtype, device=geo.w0.device)
-    xi = geo.horizontal(geo.whiten(z))
+    z = draw("normal", s.seed, stream, RAND_INIT_SAMPLE_BASE + start, geo.w0.numel(), geo.w0.dtype, geo.w0.device)
+    xi = geo.horizontal_(geo.whiten(z))
     return xi * (s.rho / geo.norm(xi))
 
 
-def _apgd(evaluate, geo, s: GeodesicSettings, stream: int, xi: torch.Tensor):
-    """One APGD run from ``xi``: ``(its loss, its error, (best loss, its error, best xi, its point v))``."""
-    def at(xi, i, with_grad):
-        v, pullback = geo.retract(xi)
-        L, E, g_v = evaluate(v, with_grad)
-        check_finite_loss(L, f"at an APGD iterate (batch {stream}, iteration {i})")
-        return L, E, v, (pullback(g_v) if with_grad else None)
+def _apgd(evaluate, geo, s: GeodesicSettings, stream: int, xi: torch.Tensor, out=None):
+    """One APGD run from ``xi``: ``(its loss, its error, (best loss, its error, best xi))``.
 
-    L_start, E_start, v, g = at(xi, "start", True)
-    best_loss, best_err, best_xi, best_v, best_g = L_start, E_start, xi, v, g
+    Parameter-sized vectors held: ``xi``, ``xi_prev``, the best ``xi`` and the gradients at the
+    current and the best point (the point ``v`` itself is written into ``out``, or made and dropped
+    by the evaluation); a step's new vectors are formed in place, each in a fresh buffer of its own
+    (``xi``, ``xi_prev`` and the best point can be one tensor, so none of them is written)."""
+    def at(xi, i, with_grad):
+        v, pullback = geo.retract(xi, out)
+        L, E, g_v = evaluate(v, with_grad)
+        del v
+        check_finite_loss(L, f"at an APGD iterate (batch {stream}, iteration {i})")
+        return L, E, (pullback(g_v) if with_grad else None)
+
+    L_start, E_start, g = at(xi, "start", True)
+    best_loss, best_err, best_xi, best_g = L_start, E_start, xi, g
     prev_loss, xi_prev = L_start, xi
     schedule = apgd.StepSchedule(s, best_loss)
     for i in range(s.n_iters):
@@ -127,23 +138,29 @@ def _apgd(evaluate, geo, s: GeodesicSettings, stream: int, xi: torch.Tensor):
         with torch.no_grad():
             # every iterate is a combination of horizontal directions, so of the metric projection
             # only the radial rescale remains to be done after the direction's projection
-            d = geo.horizontal(geo.riemannian(g))
-            d = d / (geo.norm(d) + 1e-12)
-            z = geo.shrink(xi + schedule.step * d, s.rho)
-            xi, xi_prev = geo.shrink(xi + alpha * (z - xi) + (1 - alpha) * (xi - xi_prev), s.rho), xi
+            d = geo.horizontal_(geo.riemannian(g))
+            g = None   # (the best point's gradient stays as best_g)
+            d.div_(geo.norm(d) + 1e-12)
+            z = geo.shrink_(d.mul_(schedule.step).add_(xi), s.rho)            # xi + step d, projected
+            momentum = torch.sub(xi, xi_prev).mul_(1 - alpha)                  # (1 - alpha)(xi - xi_prev)
+            z = z.sub_(xi).mul_(alpha).add_(xi).add_(momentum)               # xi + alpha (z - xi) + that
+            del d, momentum
+            xi, xi_prev = geo.shrink_(z, s.rho), xi
         final = i == s.n_iters - 1
-        L, E, v, g = at(xi, i, not final)
+        L, E, g = at(xi, i, not final)
         schedule.count(L > prev_loss)   # the steps that raised the loss over the previous iterate
         prev_loss = L
         if L > best_loss:
-            best_loss, best_err, best_xi, best_v, best_g = L, E, xi, v, g
+            best_loss, best_err, best_xi, best_g = L, E, xi, g
         if schedule.halves_at(i, best_loss):
             xi, g = best_xi, best_g   # back to the best point (xi_prev stays: the momentum continues)
-    return L_start, E_start, (best_loss, best_err, best_xi, best_v)
+    return L_start, E_start, (best_loss, best_err, best_xi)
 
 
 class _ReferencePoint:
     """The model's parameters pointed at a copy of each point (``sharpfast.reference``'s way)."""
+
+    weights = None   # each point is a fresh tensor
 
     def __init__(self, model, params: ParamSet, s: GeodesicSettings):
         self.model, self.params, self.s = model, params, s
@@ -167,11 +184,13 @@ class _FlatPoint:
         self.model, self.s = model, s
         self.flat = FlatState(params, s)
         self.flat.attach(with_grad=True)
+        self.weights = self.flat.current   # the geometry writes each point here
 
     def at(self, x, y):
         def evaluate(v, with_grad):
             flat = self.flat
-            flat.current.copy_(v)
+            if v is not flat.current:
+                flat.current.copy_(v)
             with torch.set_grad_enabled(with_grad):
                 loss, err = self.s.objective.loss_and_error(self.model, x, y)
             if with_grad:
