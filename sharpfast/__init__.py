@@ -6,7 +6,7 @@
 from .api import average_sharpness, evaluate_sharpness, geodesic_sharpness, worst_case_sharpness
 from .curvature import (adam_sharpness, hessian_diagonal, hessian_eigenvalues, hessian_spectrum, hessian_trace,
                         renyi_sharpness)
-from .geodesic import GLBlock, GLFactor, find_gl_blocks
+from .geodesic import GLBlock, GLFactor, NoGLBlockWarning, find_gl_blocks
 from .kernel_check import SelfTestReport, selftest
 from .many import evaluate_many
 from .objective import LOGIT_NORMALIZATIONS, map_tensors
@@ -14,7 +14,7 @@ from .result import SharpnessResult
 from .settings import NORMS, AverageCaseSettings, GeodesicSettings, WorstCaseSettings
 
 __version__ = "0.1.0"
-__all__ = ["worst_case_sharpness", "average_sharpness", "geodesic_sharpness", "GLBlock", "GLFactor", "find_gl_blocks",
+__all__ = ["worst_case_sharpness", "average_sharpness", "geodesic_sharpness", "GLBlock", "GLFactor", "find_gl_blocks", "NoGLBlockWarning",
            "GeodesicSettings", "evaluate_sharpness", "evaluate_many", "hessian_trace", "hessian_eigenvalues",
            "hessian_diagonal", "hessian_spectrum", "adam_sharpness", "renyi_sharpness", "WorstCaseSettings",
            "AverageCaseSettings", "SharpnessResult", "selftest", "SelfTestReport", "NORMS", "LOGIT_NORMALIZATIONS",

@@ -163,7 +163,8 @@ def geodesic_sharpness(
             (``tr(P^-1 xG^T xG) + tr(Q^-1 xH^T xH)``), ``P = G^T G + eps I``, ``Q = H^T H + eps I``.
         blocks: ``"auto"`` (:func:`sharpfast.find_gl_blocks`: ``nn.MultiheadAttention``, the zoo's
             ViT, Hugging Face BERT / ViT / CLIP / GPT-2 attention) or a list of
-            :class:`sharpfast.GLBlock`; ``[]`` treats every parameter adaptively.
+            :class:`sharpfast.GLBlock`; ``[]`` treats every parameter adaptively (``"auto"`` finding no
+            block does too, with a :class:`sharpfast.NoGLBlockWarning`).
         eps: the Gram matrices' relaxation (0: exact invariance; needs full-rank factors).
         second_order: include the geodesic correction ``-Gamma(xi, xi)/2`` (False: the paper's
             first-order ablation).
@@ -180,8 +181,8 @@ def geodesic_sharpness(
 
     Returns:
         A :class:`~sharpfast.result.SharpnessResult` (``kind="geodesic"``; ``delta_norm`` is the
-        largest ``||gamma_xi(1) - w||_2`` at a best point; ``geodesic_correction``; ``restarts_improved``
-        as for the worst case). With ``blocks=[]`` and
+        largest ``||gamma_xi(1) - w||_2`` at a best point; ``geodesic_correction``; ``gl_blocks``, the
+        blocks treated; ``restarts_improved`` as for the worst case). With ``blocks=[]`` and
         ``second_order=False`` it equals ``worst_case_sharpness(norm="l2", adaptive=True,
         solver="scaled")``.
     """
