@@ -189,3 +189,12 @@ def test_a_flag_applies_to_the_given_kinds_that_take_it(capsys):
 def test_ray_flags_without_the_ray_executor_are_refused(flag, tmp_path, capsys):
     assert main(["sweep", "--zoo", str(tmp_path / "none"), *flag]) == 2
     assert f"{flag[0]} is for --executor ray" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["report", "--store", "r.db"], ["esd", "--zoo", "z"], ["run"], ["zoo"]])
+def test_an_out_that_names_a_file_is_refused_before_any_work(command, tmp_path, capsys):
+    existing = tmp_path / "report.txt"
+    existing.write_text("kept")
+    assert main([*command, "--out", str(existing)]) == 2
+    assert f"--out {str(existing)!r} is a file, not a folder" in capsys.readouterr().err
+    assert existing.read_text() == "kept"

@@ -326,6 +326,7 @@ def test_esd_figure_for_chosen_checkpoints(tiny_zoo, tmp_path, capsys):
     assert main(["esd", "--zoo", tiny_zoo, "--out", str(tmp_path), "--n-examples", "128", "--m", "64"]) == 0
     assert (tmp_path / "esd.png").stat().st_size > 1000 and "esd: wrote" in capsys.readouterr().out
     assert main(["esd", "--zoo", tiny_zoo, "--out", str(tmp_path), "--ids", "nope", "--n-examples", "128"]) == 2
+    assert [e.id for e in chosen(m, [worst.id, best.id, worst.id])] == [worst.id, best.id]   # each once
 
 
 def test_both_solvers_sweep_side_by_side(tiny_zoo, tmp_path):

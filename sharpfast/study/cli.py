@@ -449,9 +449,17 @@ COMMANDS = {"zoo": cmd_zoo, "sweep": cmd_sweep, "report": cmd_report, "run": cmd
             "definitions": cmd_definitions, "esd": cmd_esd, "manifest": cmd_manifest, "doctor": cmd_doctor}
 
 
+def _check_out_folder(out: str | None) -> None:
+    """Every command's --out is a folder it writes into: a file there is refused before any work."""
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--out {out!r} is a file, not a folder: give a folder to write into (it is created if "
+                       "missing)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_out_folder(getattr(args, "out", None))
         COMMANDS[args.command](args)
         sys.stdout.flush()
     except (ConfigError, ManifestError, CheckpointError, StoreError, CLIError) as e:

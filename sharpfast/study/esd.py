@@ -13,6 +13,7 @@ def chosen(manifest: Manifest, ids: list[str] | None, target: str = "test_error"
     """The entries named by ``ids``, or by default the zoo's best and worst by ``target``."""
     by_id = {e.id: e for e in manifest.models}
     if ids:
+        ids = list(dict.fromkeys(ids))   # each checkpoint once, in the order first named
         missing = [i for i in ids if i not in by_id]
         if missing:
             raise ManifestError(f"no checkpoint(s) {missing} in the zoo (known: {sorted(by_id)[:5]}, ...)")
