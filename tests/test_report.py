@@ -126,3 +126,18 @@ def test_geodesic_rows_of_models_without_a_gl_block_are_left_out_and_said(tmp_pa
     text = report.markdown()
     assert f"{geo.name}: 2 checkpoint(s) without a GL block left out" in text
     assert f"Left out, no checkpoint has a GL block: {inv.name} (6 rows" in text
+
+
+def test_an_empty_store_and_a_filter_that_removes_every_model_say_what_happened(tmp_path):
+    """Neither is a zoo without targets: an empty store says it holds no results, a train-error
+    filter that keeps nothing says so with the lowest train error the store holds."""
+    models = [(f"m{i}", {"lr": i % 2, "width": i // 2}, {"test_error": 0.3, "train_error": 0.8 - 0.1 * i})
+              for i in range(4)]
+    store = write_store(tmp_path / "r.db", models, [1.0, 2.0, 3.0, 5.0])
+    text = build_report(store, None, n_boot=0, max_train_error=0.01).markdown()
+    assert "no checkpoint has a train error <= 0.01 (the store holds 4, the lowest train error 0.5)" in text
+    assert "records no target" not in text
+    with Store(str(tmp_path / "empty.db")):
+        pass
+    text = build_report(str(tmp_path / "empty.db"), None, n_boot=0).markdown()
+    assert "the store holds no results yet" in text and "records no target" not in text

@@ -233,6 +233,7 @@ def build_report(store_path: str, out_dir: str | None = None, target: str = "tes
         ckpts = st.checkpoints()
         defs = st.definitions()
         rows = list(st.rows())
+    stored = ckpts
     if max_train_error is not None:
         ckpts = {c: v for c, v in ckpts.items()
                  if v["metrics"].get("train_error", float("inf")) <= max_train_error}
@@ -254,14 +255,21 @@ def build_report(store_path: str, out_dir: str | None = None, target: str = "tes
                              for c in ckpts.values())
     targets = [t for t in TARGETS if recorded(t)]
     notes = []
-    if len(targets) < len(TARGETS):
+    if not ckpts:   # nothing to correlate, and not for want of a target
+        if stored:
+            lowest = min((v["metrics"].get("train_error", float("inf")) for v in stored.values()))
+            notes.append(f"Nothing to report: no checkpoint has a train error <= {max_train_error:g} (the store holds "
+                         f"{len(stored)}, the lowest train error {lowest:.3g}); raise --max-train-error.")
+        else:
+            notes.append("Nothing to report: the store holds no results yet (run `sharpfast sweep` on it first).")
+    elif len(targets) < len(TARGETS):
         notes.append("Not recorded by this zoo, so left out: " + ", ".join(TARGETS[t] for t in TARGETS
                                                                           if t not in targets) + ".")
     if targets and target not in targets:
         notes.append(f"The zoo does not record the {TARGETS[target]}: the per-hyperparameter statistics are "
                      f"against the {TARGETS[targets[0]]}.")
         target = targets[0]
-    elif not targets:
+    elif ckpts and not targets:
         notes.append("The zoo records no target (test error, generalization gap or OOD error): there is nothing to "
                      "correlate the measures with.")
 
