@@ -198,3 +198,20 @@ def test_an_out_that_names_a_file_is_refused_before_any_work(command, tmp_path, 
     assert main([*command, "--out", str(existing)]) == 2
     assert f"--out {str(existing)!r} is a file, not a folder" in capsys.readouterr().err
     assert existing.read_text() == "kept"
+
+
+def test_a_sweep_in_which_rows_failed_exits_with_status_3(tiny_zoo, tmp_path, capsys):
+    """A checkpoint whose file is not what the manifest recorded: its rows are stored as errors, the
+    others computed, and the exit status says rows failed (``sweep && report`` notices)."""
+    zoo = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, zoo)
+    from sharpfast.study.checkpoints import Manifest
+    entry = Manifest.load(str(zoo)).models[0]
+    with open(zoo / entry.checkpoint, "ab") as f:
+        f.write(b"changed")
+    flags = ["--store", str(tmp_path / "r.db"), "--kind", "avg", "--norm", "l2", "--rho", "0.1", "--n-samples", "2",
+             "--m", "64", "--n-examples", "128", "--quiet", "--jobs", "1"]
+    assert main(["sweep", "--zoo", str(zoo), *flags]) == 3
+    err = capsys.readouterr().err
+    assert "1 row(s) of this run failed" in err and "exit status 3" in err
+    assert main(["sweep", "--zoo", str(zoo), *flags, "--no-retry-errors"]) == 0   # nothing failed this time

@@ -8,6 +8,10 @@
     sharpfast definitions --preset paper          # list a preset's definitions
     sharpfast esd --zoo zoo --out report          # spectral densities of the best and worst checkpoints
     sharpfast doctor [--device cuda]              # build, devices and the fused ops' self-test
+
+Exit status: 0 done; 2 an error before any work (bad input, a store or zoo that cannot serve);
+3 (``sweep``, ``run``) done, but rows computed by this run failed (their errors are stored and the
+report counts them), so ``sharpfast sweep ... && sharpfast report ...`` notices; 130 interrupted.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from .store import StoreError
 
 
 DEFAULT_JOBS = max(1, min(os.cpu_count() or 1, 8))
+ROWS_FAILED = 3   # the exit status of a sweep (or run) in which rows failed
 
 
 class CLIError(ValueError):
@@ -276,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     import sharpfast
 
     p = argparse.ArgumentParser(prog="sharpfast", description="Sharpness of neural-network minima vs "
-                                "generalization over model zoos (Andriushchenko et al., ICML 2023).")
+                                "generalization over model zoos (Andriushchenko et al., ICML 2023).",
+                                epilog=f"exit status: 0 done; 2 an error before any work; {ROWS_FAILED} (sweep, run) "
+                                "done, but rows of this run failed; 130 interrupted")
     p.add_argument("--version", action="version", version=f"sharpfast {sharpfast.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -341,7 +348,8 @@ def cmd_zoo(args: argparse.Namespace) -> None:
     build_zoo(args.out, _zoo_spec(args), jobs=args.jobs, progress=not args.quiet)
 
 
-def _sweep(args: argparse.Namespace, zoo_path: str, store_path: str) -> None:
+def _sweep(args: argparse.Namespace, zoo_path: str, store_path: str) -> int:
+    """The sweep; its exit status (:data:`ROWS_FAILED` where rows of this run failed)."""
     from .sweep import run_sweep
 
     if args.executor != "ray":   # Ray's settings would change nothing: say so rather than run locally
@@ -357,12 +365,17 @@ def _sweep(args: argparse.Namespace, zoo_path: str, store_path: str) -> None:
                         cpus_per_task=1.0 if args.cpus_per_task is None else args.cpus_per_task, gpus_per_task=args.gpus_per_task,
                         fit_examples=args.n_examples is None, mix_zoos=args.mix_zoos, stack=args.stack)
     print(summary.text(store_path))
+    if summary.errors:
+        print(f"sharpfast sweep: {summary.errors} row(s) of this run failed (stored with their errors; "
+              f"`sharpfast report` counts them); exit status {ROWS_FAILED}", file=sys.stderr)
+        return ROWS_FAILED
+    return 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
+def cmd_sweep(args: argparse.Namespace) -> int:
     store = args.store or os.path.join(args.zoo if os.path.isdir(args.zoo) else os.path.dirname(args.zoo),
                                        "results.db")
-    _sweep(args, args.zoo, store)
+    return _sweep(args, args.zoo, store)
 
 
 def _report(args: argparse.Namespace, store: str, out: str | None) -> None:
@@ -384,7 +397,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     _report(args, args.store, args.out)
 
 
-def cmd_run(args: argparse.Namespace) -> None:
+def cmd_run(args: argparse.Namespace) -> int:
     from .zoo import build_zoo
 
     t0 = time.perf_counter()
@@ -394,7 +407,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     build_zoo(zoo_dir, _zoo_spec(args), jobs=args.jobs, progress=not args.quiet)
     t_zoo = time.perf_counter() - t
     t = time.perf_counter()
-    _sweep(args, zoo_dir, store)
+    status = _sweep(args, zoo_dir, store)
     t_sweep = time.perf_counter() - t
     t = time.perf_counter()
     print()
@@ -402,6 +415,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     t_report = time.perf_counter() - t
     print(f"run: done in {time.perf_counter() - t0:.1f}s (zoo {t_zoo:.1f}s, sweep {t_sweep:.1f}s, "
           f"report {t_report:.1f}s); rerun to resume, nothing is recomputed")
+    return status
 
 
 def cmd_definitions(args: argparse.Namespace) -> None:
@@ -460,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_out_folder(getattr(args, "out", None))
-        COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args) or 0
         sys.stdout.flush()
     except (ConfigError, ManifestError, CheckpointError, StoreError, CLIError) as e:
         print(f"sharpfast {args.command}: error: {e}", file=sys.stderr)
@@ -471,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:   # `sharpfast definitions | head`: the reader left; nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python's recipe: no second error at exit
         return 0
-    return 0
+    return status
 
 
 if __name__ == "__main__":
