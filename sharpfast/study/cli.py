@@ -11,14 +11,17 @@
 
 Exit status: 0 done; 2 an error before any work (bad input, a store or zoo that cannot serve);
 3 (``sweep``, ``run``) done, but rows computed by this run failed (their errors are stored and the
-report counts them), so ``sharpfast sweep ... && sharpfast report ...`` notices; 130 interrupted.
+report counts them), so ``sharpfast sweep ... && sharpfast report ...`` notices; 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM): both keep what finished and say so.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Sequence
 
@@ -283,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sharpfast", description="Sharpness of neural-network minima vs "
                                 "generalization over model zoos (Andriushchenko et al., ICML 2023).",
                                 epilog=f"exit status: 0 done; 2 an error before any work; {ROWS_FAILED} (sweep, run) "
-                                "done, but rows of this run failed; 130 interrupted")
+                                "done, but rows of this run failed; 130 interrupted; 143 terminated")
     p.add_argument("--version", action="version", version=f"sharpfast {sharpfast.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -470,8 +473,19 @@ def _check_out_folder(out: str | None) -> None:
                        "missing)")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as the interrupt every command already cleans up after (claims released,
+    finished rows kept)."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
         _check_out_folder(getattr(args, "out", None))
         status = COMMANDS[args.command](args) or 0
@@ -479,12 +493,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ManifestError, CheckpointError, StoreError, CLIError) as e:
         print(f"sharpfast {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"sharpfast {args.command}: interrupted; rerun to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"sharpfast {args.command}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; rerun "
+              "to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
     except BrokenPipeError:   # `sharpfast definitions | head`: the reader left; nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python's recipe: no second error at exit
         return 0
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return status
 
 
