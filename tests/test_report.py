@@ -141,3 +141,11 @@ def test_an_empty_store_and_a_filter_that_removes_every_model_say_what_happened(
         pass
     text = build_report(str(tmp_path / "empty.db"), None, n_boot=0).markdown()
     assert "the store holds no results yet" in text and "records no target" not in text
+
+
+def test_architectures_at_one_level_of_the_colour_differ_by_marker():
+    from sharpfast.study.report import scatter_markers
+    hparams = [{"lr": 0.5, "arch": a} for a in ("mlp", "vit", "cnn", "mlp")] + [{"lr": 2.0, "arch": "vit"}]
+    markers = scatter_markers(hparams)
+    assert set(markers) == {"mlp", "vit", "cnn"} and len(set(markers.values())) == 3
+    assert scatter_markers([{"lr": 1}]) == {"": "o"}

@@ -171,6 +171,16 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=_-]+", "_", s).strip("_")
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def scatter_markers(hparams: list[dict]) -> dict[str, str]:
+    """A marker per architecture (the ``arch`` hyperparameter), distinct for up to eight: the colour is
+    the ``color_by`` level, so two architectures at one level differ by their marker."""
+    archs = sorted({str(h.get("arch", "")) for h in hparams})
+    return {arch: MARKERS[i % len(MARKERS)] for i, arch in enumerate(archs)}
+
+
 def _plot(path: str, name: str, values: list[float], metrics: list[dict], hparams: list[dict],
           color_by: str | None, taus: dict[str, Any], targets: list[str]) -> None:
     import matplotlib
@@ -184,7 +194,7 @@ def _plot(path: str, name: str, values: list[float], metrics: list[dict], hparam
     levels = sorted(set(labels), key=lambda s: (len(s), s))
     cmap = plt.get_cmap("viridis" if len(levels) > 2 else "coolwarm")
     colors = {lv: cmap(i / max(1, len(levels) - 1)) for i, lv in enumerate(levels)}
-    markers = {"mlp": "o", "cnn": "s"}
+    markers = scatter_markers(hparams)
     log_x = bool(np.all(v > 0) and v.max() / v.min() > 20)
     for ax, t in zip(axes[0], targets):
         tname = TARGETS[t]
@@ -193,7 +203,7 @@ def _plot(path: str, name: str, values: list[float], metrics: list[dict], hparam
             for arch in sorted({str(h.get("arch", "")) for h in hparams}):
                 sel = [i for i in range(len(v)) if labels[i] == lv and str(hparams[i].get("arch", "")) == arch]
                 if sel:
-                    ax.scatter(v[sel], e[sel], color=colors[lv], marker=markers.get(arch, "o"), s=22,
+                    ax.scatter(v[sel], e[sel], color=colors[lv], marker=markers[arch], s=22,
                                alpha=0.85, edgecolors="none",
                                label=f"{color_by}={lv}" + (f" {arch}" if arch else "") if color_by else arch or None)
         if log_x:
