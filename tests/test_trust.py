@@ -272,9 +272,9 @@ def test_two_sweeps_on_one_store_share_the_work(tiny_zoo, tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         with Store(store) as st:
-            st.db.executemany("INSERT INTO claims VALUES (?, ?, ?, ?)",
+            st.db.executemany("INSERT INTO claims (checkpoint_id, host, pid, claimed_at) VALUES (?, ?, ?, ?)",
                               [(e.id, __import__("socket").gethostname(), other.pid, time.time())
-                               for e in m.models[1:4]])
+                               for e in m.models[1:4]])   # a claim of an older store: no start time
         s = run_sweep(m, [PARAM_NORM], store, progress=False)
         assert s.ok == 4 and len(s.claimed_elsewhere) == 3 and f"pid {other.pid}" in s.text(store)
     finally:
@@ -284,6 +284,31 @@ def test_two_sweeps_on_one_store_share_the_work(tiny_zoo, tmp_path):
     assert s.ok == 3 and not s.claimed_elsewhere
     with Store(store, readonly=True) as st:
         assert st.db.execute("SELECT COUNT(*) FROM claims").fetchone()[0] == 0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="the process start time is read from /proc")
+def test_a_claim_whose_pid_was_reused_by_another_process_is_taken_over(tiny_zoo, tmp_path):
+    """After a kill -9, the claimer's PID can belong to an unrelated live process: a claim records
+    its process's start, and a live process that started at another time does not hold it."""
+    import socket
+    from sharpfast.study.store import process_start
+    store = str(tmp_path / "r.db")
+    m = Manifest.load(tiny_zoo)
+    run_sweep(m, [PARAM_NORM], store, progress=False, limit=1)   # binds the store
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = process_start(other.pid)
+        assert start is not None and process_start(os.getpid()) != start
+        with Store(store) as st:
+            rows = [(e.id, socket.gethostname(), other.pid, time.time(), start if i < 2 else str(int(start) - 1))
+                    for i, e in enumerate(m.models[1:4])]   # two its own, one a dead process's of that PID
+            st.db.executemany("INSERT INTO claims (checkpoint_id, host, pid, claimed_at, started) "
+                              "VALUES (?, ?, ?, ?, ?)", rows)
+        s = run_sweep(m, [PARAM_NORM], store, progress=False)
+        assert s.ok == 5 and sorted(s.claimed_elsewhere) == sorted(e.id for e in m.models[1:3])
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_locked_store_says_so(tmp_path, monkeypatch):

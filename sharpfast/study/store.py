@@ -77,7 +77,8 @@ CREATE TABLE IF NOT EXISTS claims (
 );
 """
 # columns added after a store's tables were first written: added in place when it is opened for writing
-_ADDED_COLUMNS = {"results": [("threads", "INTEGER"), ("geodesic_correction", "REAL"), ("gl_blocks", "INTEGER")]}
+_ADDED_COLUMNS = {"results": [("threads", "INTEGER"), ("geodesic_correction", "REAL"), ("gl_blocks", "INTEGER")],
+                  "claims": [("started", "TEXT")]}   # the claiming process's start (a PID is reused)
 
 RESULT_FIELDS = ("checkpoint_id", "definition_key", "status", "value", "err_value", "per_batch",
                  "delta_norm", "error", "time_s", "device", "backend", "sharpfast_version",
@@ -91,8 +92,22 @@ class StoreError(RuntimeError):
 STALE_CLAIM_S = 24 * 3600   # a claim from another host is trusted this long
 
 
-def _alive(host: str, pid: int, claimed_at: float, now: float) -> bool:
-    """Whether the sweep behind a claim may still be running."""
+def process_start(pid: int) -> str | None:
+    """What tells the process ``pid`` from a later one given the same number: its start time in
+    clock ticks since boot (Linux's ``/proc/<pid>/stat``, field 22); None where the platform does
+    not say (there a claim's PID alone is checked)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()   # after the command name, which may hold spaces
+    return fields[19] if len(fields) > 19 else None
+
+
+def _alive(host: str, pid: int, claimed_at: float, now: float, started: str | None = None) -> bool:
+    """Whether the sweep behind a claim may still be running: on another host, for STALE_CLAIM_S;
+    on this one, while a process of that PID lives that started when the claimer did."""
     if host != socket.gethostname():
         return now - claimed_at < STALE_CLAIM_S
     try:
@@ -100,7 +115,11 @@ def _alive(host: str, pid: int, claimed_at: float, now: float) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:   # another user's live process
-        return True
+        pass
+    if started is not None:
+        current = process_start(pid)
+        if current is not None and current != started:   # the PID was reused by a later process
+            return False
     return True
 
 
@@ -285,16 +304,19 @@ class Store:
     def claim(self, checkpoint_ids: Iterable[str]) -> dict[str, tuple[str, int]]:
         """Claim the checkpoints for this process; return those another live sweep holds
         (``{id: (host, pid)}``), which this one must leave alone. A claim is taken over when its
-        process is gone (same host) or it is older than ``STALE_CLAIM_S`` (another host)."""
-        host, pid, now = socket.gethostname(), os.getpid(), time.time()
+        process is gone (same host: no process of its PID, or one that started later) or it is older
+        than ``STALE_CLAIM_S`` (another host)."""
+        host, pid, now, started = socket.gethostname(), os.getpid(), time.time(), process_start(os.getpid())
         held: dict[str, tuple[str, int]] = {}
         with self.transaction() as db:
             for cid in checkpoint_ids:
-                row = db.execute("SELECT host, pid, claimed_at FROM claims WHERE checkpoint_id=?", (cid,)).fetchone()
-                if row is not None and (row[0], row[1]) != (host, pid) and _alive(row[0], row[1], row[2], now):
+                row = db.execute("SELECT host, pid, claimed_at, started FROM claims WHERE checkpoint_id=?",
+                                 (cid,)).fetchone()
+                if row is not None and (row[0], row[1]) != (host, pid) and _alive(*row[:3], now, row[3]):
                     held[cid] = (row[0], row[1])
                     continue
-                db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)", (cid, host, pid, now))
+                db.execute("INSERT OR REPLACE INTO claims (checkpoint_id, host, pid, claimed_at, started) "
+                           "VALUES (?, ?, ?, ?, ?)", (cid, host, pid, now, started))
         return held
 
     def release(self, checkpoint_ids: Iterable[str] | None = None) -> None:
