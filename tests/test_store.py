@@ -64,3 +64,83 @@ def test_not_a_store(tmp_path):
         Store(str(p))
     with pytest.raises(StoreError, match="does not exist"):
         Store(str(tmp_path / "missing.db"), readonly=True)
+
+
+def test_a_store_whose_creation_is_under_way_or_was_cut_short_is_completed(tmp_path):
+    """The states another creator (or a full disk) leaves a new store in: an SQLite file with no
+    tables, or with only some of sharpfast's. A writer completes it; a reader says what it is; a
+    database with other tables is still refused."""
+    for i, tables in enumerate(([], ["meta"], ["meta", "checkpoints"])):
+        path = str(tmp_path / f"r{i}.db")
+        db = sqlite3.connect(path)
+        db.execute("PRAGMA user_version = 1")   # an SQLite header on disk, whatever the tables
+        for t in tables:
+            db.execute(f"CREATE TABLE {t} (x)" if t != "meta" else "CREATE TABLE meta (key TEXT PRIMARY KEY, value)")
+        db.commit()
+        db.close()
+        with pytest.raises(StoreError, match="is not complete.*a sweep on it completes it"):
+            Store(path, readonly=True)
+        if "checkpoints" in tables:   # a table of ours with other columns is not ours to complete
+            continue
+        with Store(path) as st:
+            st.put_results(None, [_row("c1", "k")])
+        with Store(path, readonly=True) as st:
+            assert [r.value for r in st.rows()] == [1.0]
+    path = str(tmp_path / "other.db")
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE meta (key, value)")
+    db.execute("CREATE TABLE people (name)")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="not a sharpfast results store \\(its tables: meta, people\\)"):
+        Store(path)
+
+
+def test_concurrent_creators_of_one_new_store_all_open_it(tmp_path):
+    import subprocess
+    import sys
+    path = str(tmp_path / "r.db")
+    code = f"from sharpfast.study.store import Store; Store({path!r}).close()"
+    starts = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    for p in starts:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+
+
+def test_a_full_disk_is_a_clear_error_and_the_store_stays_consistent(tmp_path):
+    """SQLite's "database or disk is full" (here a page limit), mid-write: a StoreError that says the
+    disk is full; the transaction is rolled back, what was written before is intact, and the store
+    takes writes again once there is room."""
+    path = str(tmp_path / "r.db")
+    with Store(path) as st:
+        st.put_results(None, [_row("c1", "k")])
+        pages = st.db.execute("PRAGMA page_count").fetchone()[0]
+        st.db.execute(f"PRAGMA max_page_count = {pages}")
+        big = [_row(f"c{i}", "k", error="x" * 4000) for i in range(2, 40)]
+        with pytest.raises(StoreError, match="disk is full; free space and rerun"):
+            st.put_results(None, big)
+        assert [r.checkpoint_id for r in st.rows()] == ["c1"]
+        st.db.execute("PRAGMA max_page_count = 1073741823")
+        st.put_results(None, big[:2])
+        assert len(list(st.rows())) == 3
+
+
+def test_a_read_only_store_is_read_and_a_writer_told_it_is_read_only(tmp_path, monkeypatch):
+    """On a read-only filesystem SQLite cannot make a WAL store's shared-memory file: the reader
+    falls back to an immutable connection; a writer is told the store is read-only."""
+    import sharpfast.study.store as store_mod
+    path = str(tmp_path / "r.db")
+    with Store(path) as st:
+        st.put_results(None, [_row("c1", "k")])
+    monkeypatch.setattr(store_mod, "writable", lambda p: False)
+    connect = sqlite3.connect
+
+    def no_shm(target, *a, **kw):   # what a read-only filesystem does to mode=ro on a WAL database
+        if isinstance(target, str) and "mode=ro" in target and "immutable=1" not in target:
+            raise sqlite3.OperationalError("unable to open database file")
+        return connect(target, *a, **kw)
+    monkeypatch.setattr(sqlite3, "connect", no_shm)
+    with Store(path, readonly=True) as st:
+        assert [r.checkpoint_id for r in st.rows()] == ["c1"]
+    with pytest.raises(StoreError, match="is read-only .*`sharpfast report` reads it as it is"):
+        Store(path)

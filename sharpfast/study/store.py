@@ -123,20 +123,54 @@ def _alive(host: str, pid: int, claimed_at: float, now: float, started: str | No
     return True
 
 
+def _said(e: sqlite3.Error) -> str:
+    """SQLite's message, with what to do where it is a disk or a filesystem that refuses writes."""
+    text = str(e)
+    if "full" in text:
+        return f"{text}: the disk is full; free space and rerun (the store stays consistent and resumes)"
+    if "readonly" in text or "read-only" in text:
+        return f"{text}: the store or its folder is read-only; `sharpfast report` reads it as it is"
+    return text
+
+
 def _uri(path: str) -> str:
     from urllib.parse import quote
 
     return "file:" + quote(os.path.abspath(path))
 
 
-def _check_is_store(path: str) -> None:
-    """Refuse a file that is not a sharpfast store, reading it only."""
+TABLES = frozenset({"meta", "checkpoints", "definitions", "results", "claims"})
+
+
+def writable(path: str) -> bool:
+    """Whether ``path`` (an existing store) and its folder can be written (SQLite's journal lives there)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.access(path, os.W_OK) and os.access(folder, os.W_OK)
+
+
+def _connect_readonly(path: str) -> sqlite3.Connection:
+    """A read-only connection; on a read-only filesystem, where SQLite cannot create a WAL store's
+    shared-memory file, an immutable one (nothing can write there while it is read)."""
+    try:
+        db = sqlite3.connect(f"{_uri(path)}?mode=ro", uri=True, timeout=30.0, isolation_level=None)
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        return db
+    except sqlite3.OperationalError:
+        if writable(path):
+            raise
+        return sqlite3.connect(f"{_uri(path)}?mode=ro&immutable=1", uri=True, timeout=30.0, isolation_level=None)
+
+
+def _check_is_store(path: str, readonly: bool = False) -> None:
+    """Refuse a file that is not a sharpfast store, reading it only. An SQLite database with only
+    sharpfast's tables, some of them missing, is a store whose creation is under way in another
+    process or was cut short (a full disk): a writer completes it, a reader is told so."""
     try:
         with open(path, "rb") as f:
             head = f.read(16)
         if head != b"SQLite format 3\x00":
             raise StoreError(f"{path!r} is not a sharpfast results store: it is not an SQLite database")
-        db = sqlite3.connect(f"{_uri(path)}?mode=ro", uri=True, timeout=30.0)
+        db = _connect_readonly(path)
         try:
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             has_version = "meta" in tables and db.execute(
@@ -145,9 +179,14 @@ def _check_is_store(path: str) -> None:
             db.close()
     except sqlite3.DatabaseError as e:
         raise StoreError(f"{path!r} is not a sharpfast results store: {e}") from e
-    if not has_version or not {"results", "checkpoints", "definitions"} <= tables:
-        raise StoreError(f"{path!r} is an SQLite database but not a sharpfast results store (its tables: "
-                         f"{', '.join(sorted(tables)) or 'none'}); nothing was written to it")
+    if has_version and {"results", "checkpoints", "definitions"} <= tables:
+        return
+    if tables <= TABLES and not readonly:
+        return   # being created, or its creation was cut short: the writer's schema script completes it
+    raise StoreError(f"{path!r} is an SQLite database but not a sharpfast results store (its tables: "
+                     f"{', '.join(sorted(tables)) or 'none'}); nothing was written to it" if not tables <= TABLES else
+                     f"store {path!r} is not complete (its tables: {', '.join(sorted(tables)) or 'none'}): its "
+                     "creation is under way or was cut short; a sweep on it completes it")
 
 
 @dataclass
@@ -181,11 +220,14 @@ class Store:
             raise StoreError(f"store {path!r} does not exist (run `sharpfast sweep` first)")
         fresh = not os.path.isfile(path) or os.path.getsize(path) == 0
         if not fresh:
-            _check_is_store(path)   # before anything writes to it
+            _check_is_store(path, readonly)   # before anything writes to it
+            if not readonly and not writable(path):
+                raise StoreError(f"store {path!r} is read-only (the file or its folder cannot be written): a sweep "
+                                 "writes its rows there; `sharpfast report` reads it as it is")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         try:
             if readonly:   # a read-only connection: no journal switch, no tables, nothing written
-                self.db = sqlite3.connect(f"{_uri(path)}?mode=ro", uri=True, timeout=30.0, isolation_level=None)
+                self.db = _connect_readonly(path)
             else:
                 self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None)  # autocommit; explicit BEGIN
                 self.db.execute("PRAGMA journal_mode=WAL")
@@ -205,7 +247,7 @@ class Store:
             if "locked" in str(e) or "busy" in str(e):
                 raise StoreError(f"store {path!r} is locked: another process has been writing to it for 30 s "
                                  f"({e}); try again when it is done") from e
-            raise StoreError(f"store {path!r} cannot be opened: {e}") from e
+            raise StoreError(f"store {path!r} cannot be opened: {_said(e)}") from None
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{path!r} is not a sharpfast results store: {e}") from e
         if v is None or int(v[0]) != SCHEMA_VERSION:
@@ -233,8 +275,15 @@ class Store:
                                  "rerun when it is done: what was not written is computed then") from e
             return self.db
 
-        def __exit__(self, typ, *_):
-            self.db.execute("COMMIT" if typ is None else "ROLLBACK")
+        def __exit__(self, typ, value, traceback):
+            try:
+                self.db.execute("COMMIT" if typ is None else "ROLLBACK")
+            except sqlite3.OperationalError as e:   # the commit itself failed: nothing of it was written
+                if typ is None:
+                    self.db.execute("ROLLBACK") if self.db.in_transaction else None
+                    raise StoreError(f"the store could not be written: {_said(e)}") from None
+            if isinstance(value, sqlite3.OperationalError):   # a write failed: the transaction is rolled back
+                raise StoreError(f"the store could not be written: {_said(value)}") from None
 
     def transaction(self) -> "_Tx":
         return Store._Tx(self.db)
