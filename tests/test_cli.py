@@ -215,3 +215,21 @@ def test_a_sweep_in_which_rows_failed_exits_with_status_3(tiny_zoo, tmp_path, ca
     err = capsys.readouterr().err
     assert "1 row(s) of this run failed" in err and "exit status 3" in err
     assert main(["sweep", "--zoo", str(zoo), *flags, "--no-retry-errors"]) == 0   # nothing failed this time
+
+
+def test_definitions_print_the_keys_a_sweep_on_the_zoo_stores(tiny_zoo, tmp_path, capsys):
+    """The tiny zoo's data hold 256 examples: the default preset's 512 are fitted by the sweep, and
+    `definitions --zoo` prints the keys it stores (which the rows carry)."""
+    assert main(["definitions", "--preset", "default"]) == 0
+    plain = capsys.readouterr().out
+    assert "`sharpfast definitions --zoo ZOO` prints those" in plain
+    assert main(["definitions", "--preset", "default", "--zoo", tiny_zoo]) == 0
+    fitted = capsys.readouterr().out
+    assert "as a sweep on" in fitted and "use 256" in fitted
+    keys = lambda text: {line.split()[0] for line in text.splitlines() if line.startswith("  ")}
+    store = str(tmp_path / "r.db")
+    assert main(["sweep", "--zoo", tiny_zoo, "--store", store, "--preset", "default", "--limit", "1", "--quiet",
+                 "--jobs", "1"]) == 0
+    with Store(store, readonly=True) as st:
+        stored = {r.definition_key for r in st.rows()}
+    assert stored == keys(fitted) and not stored & keys(plain)

@@ -318,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("definitions", help="list the definitions a preset/config/flags give")
     _add_definition_flags(q)
     q.add_argument("--yaml", action="store_true", help="print them as an editable YAML config")
+    q.add_argument("--zoo", help="the zoo a sweep would measure: the definitions (and keys) it would store, their "
+                                 "examples fitted to the zoo's data as the sweep fits them")
 
     q = sub.add_parser("esd", help="eigenvalue spectral densities of chosen checkpoints on one figure")
     q.add_argument("--zoo", required=True, help="zoo folder or manifest.json")
@@ -423,6 +425,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_definitions(args: argparse.Namespace) -> None:
     defs = _definitions(args)
+    fitted = None
+    if args.zoo and args.n_examples is None:   # the sweep's own fitting, so the keys are the ones it stores
+        from .sweep import fit_to_data
+        defs, fitted = fit_to_data(Manifest.load(args.zoo), defs)
     if args.yaml:
         import yaml
 
@@ -432,6 +438,11 @@ def cmd_definitions(args: argparse.Namespace) -> None:
     print(f"{len(defs)} definition(s):")
     for d in defs:
         print(f"  {d.key}  {d.name}")
+    if fitted:
+        print(f"(as a sweep on {args.zoo} stores them: {fitted})")
+    elif not args.zoo:
+        print("(keys for the examples asked; a sweep on a zoo whose data hold fewer stores them fitted: "
+              "`sharpfast definitions --zoo ZOO` prints those)")
 
 
 def cmd_esd(args: argparse.Namespace) -> None:
