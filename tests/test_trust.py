@@ -272,9 +272,10 @@ def test_two_sweeps_on_one_store_share_the_work(tiny_zoo, tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         with Store(store) as st:
-            st.db.executemany("INSERT INTO claims (checkpoint_id, host, pid, claimed_at) VALUES (?, ?, ?, ?)",
-                              [(e.id, __import__("socket").gethostname(), other.pid, time.time())
-                               for e in m.models[1:4]])   # a claim of an older store: no start time
+            st.db.executemany("INSERT INTO claims (checkpoint_id, definition_key, host, pid, claimed_at) "
+                              "VALUES (?, ?, ?, ?, ?)",   # no start time: a claim of an older sharpfast
+                              [(e.id, PARAM_NORM.key, __import__("socket").gethostname(), other.pid, time.time())
+                               for e in m.models[1:4]])
         s = run_sweep(m, [PARAM_NORM], store, progress=False)
         assert s.ok == 4 and len(s.claimed_elsewhere) == 3 and f"pid {other.pid}" in s.text(store)
     finally:
@@ -284,6 +285,29 @@ def test_two_sweeps_on_one_store_share_the_work(tiny_zoo, tmp_path):
     assert s.ok == 3 and not s.claimed_elsewhere
     with Store(store, readonly=True) as st:
         assert st.db.execute("SELECT COUNT(*) FROM claims").fetchone()[0] == 0
+
+
+def test_two_sweeps_of_other_definitions_on_one_store_each_compute_their_own(tiny_zoo, tmp_path):
+    """Claims are per (checkpoint, definition): a live sweep computing one definition leaves every
+    other definition of its checkpoints to a second sweep, which computes them all."""
+    import socket
+    store = str(tmp_path / "r.db")
+    m = Manifest.load(tiny_zoo)
+    other_definition = Definition.from_dict(dict(kind="measure", measure="num-params", n_examples=128))
+    run_sweep(m, [PARAM_NORM], store, progress=False, limit=1)   # binds the store
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with Store(store) as st:   # the live sweep computes PARAM_NORM on every checkpoint
+            st.db.executemany("INSERT INTO claims (checkpoint_id, definition_key, host, pid, claimed_at) "
+                              "VALUES (?, ?, ?, ?, ?)", [(e.id, PARAM_NORM.key, socket.gethostname(), other.pid,
+                                                          time.time()) for e in m.models[1:]])
+        s = run_sweep(m, [other_definition], store, progress=False)
+        assert s.ok == len(m.models) and not s.claimed_elsewhere
+        s = run_sweep(m, [PARAM_NORM, other_definition], store, progress=False)
+        assert s.ok == 0 and len(s.claimed_elsewhere) == len(m.models) - 1   # the live sweep's rows only
+    finally:
+        other.kill()
+        other.wait()
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="the process start time is read from /proc")
@@ -300,10 +324,11 @@ def test_a_claim_whose_pid_was_reused_by_another_process_is_taken_over(tiny_zoo,
         start = process_start(other.pid)
         assert start is not None and process_start(os.getpid()) != start
         with Store(store) as st:
-            rows = [(e.id, socket.gethostname(), other.pid, time.time(), start if i < 2 else str(int(start) - 1))
+            rows = [(e.id, PARAM_NORM.key, socket.gethostname(), other.pid, time.time(),
+                     start if i < 2 else str(int(start) - 1))
                     for i, e in enumerate(m.models[1:4])]   # two its own, one a dead process's of that PID
-            st.db.executemany("INSERT INTO claims (checkpoint_id, host, pid, claimed_at, started) "
-                              "VALUES (?, ?, ?, ?, ?)", rows)
+            st.db.executemany("INSERT INTO claims (checkpoint_id, definition_key, host, pid, claimed_at, started) "
+                              "VALUES (?, ?, ?, ?, ?, ?)", rows)
         s = run_sweep(m, [PARAM_NORM], store, progress=False)
         assert s.ok == 5 and sorted(s.claimed_elsewhere) == sorted(e.id for e in m.models[1:3])
     finally:

@@ -8,9 +8,9 @@ Tables
 ``checkpoints``  one row per checkpoint: its hyperparameters and metrics (from the manifest),
                  so a report needs only the store.
 ``definitions``  one row per definition key: its JSON and readable name.
-``claims``       the checkpoints a running sweep is computing (its host, pid and start), so two
-                 sweeps on one store do not compute the same checkpoint; a claim whose process is
-                 gone is taken over.
+``claims``       the (checkpoint, definition) rows a running sweep is computing (its host, pid and
+                 start), so two sweeps on one store never compute the same row and each computes
+                 the definitions the other does not; a claim whose process is gone is taken over.
 ``meta``         the schema version and the zoo the store belongs to (its data factory and root).
 
 A file that is not a sharpfast store (another SQLite database, anything else) is refused before
@@ -70,15 +70,17 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (checkpoint_id, definition_key)
 );
 CREATE TABLE IF NOT EXISTS claims (
-    checkpoint_id TEXT PRIMARY KEY,
-    host          TEXT NOT NULL,
-    pid           INTEGER NOT NULL,
-    claimed_at    REAL NOT NULL
+    checkpoint_id  TEXT NOT NULL,
+    definition_key TEXT NOT NULL,
+    host           TEXT NOT NULL,
+    pid            INTEGER NOT NULL,
+    claimed_at     REAL NOT NULL,
+    started        TEXT,            -- the claiming process's start (a PID is reused)
+    PRIMARY KEY (checkpoint_id, definition_key)
 );
 """
 # columns added after a store's tables were first written: added in place when it is opened for writing
-_ADDED_COLUMNS = {"results": [("threads", "INTEGER"), ("geodesic_correction", "REAL"), ("gl_blocks", "INTEGER")],
-                  "claims": [("started", "TEXT")]}   # the claiming process's start (a PID is reused)
+_ADDED_COLUMNS = {"results": [("threads", "INTEGER"), ("geodesic_correction", "REAL"), ("gl_blocks", "INTEGER")]}
 
 RESULT_FIELDS = ("checkpoint_id", "definition_key", "status", "value", "err_value", "per_batch",
                  "delta_norm", "error", "time_s", "device", "backend", "sharpfast_version",
@@ -234,6 +236,9 @@ class Store:
                 self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA busy_timeout=30000")
             if not readonly:
+                claims = {r[1] for r in self.db.execute("PRAGMA table_info(claims)")}
+                if claims and "definition_key" not in claims:   # per checkpoint before: claims are a
+                    self.db.execute("DROP TABLE claims")        # running sweep's, remade per definition
                 self.db.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS)
                 for table, columns in _ADDED_COLUMNS.items():
                     have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
@@ -350,22 +355,23 @@ class Store:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('zoo_data', ?)", (spec,))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('zoo_root', ?)", (os.path.abspath(root),))
 
-    def claim(self, checkpoint_ids: Iterable[str]) -> dict[str, tuple[str, int]]:
-        """Claim the checkpoints for this process; return those another live sweep holds
-        (``{id: (host, pid)}``), which this one must leave alone. A claim is taken over when its
+    def claim(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, int]]:
+        """Claim the ``(checkpoint_id, definition_key)`` rows for this process; return those another
+        live sweep holds (``{pair: (host, pid)}``), which this one must leave alone: two sweeps of
+        other definitions on one store each compute their own. A claim is taken over when its
         process is gone (same host: no process of its PID, or one that started later) or it is older
         than ``STALE_CLAIM_S`` (another host)."""
         host, pid, now, started = socket.gethostname(), os.getpid(), time.time(), process_start(os.getpid())
-        held: dict[str, tuple[str, int]] = {}
+        held: dict[tuple[str, str], tuple[str, int]] = {}
         with self.transaction() as db:
-            for cid in checkpoint_ids:
-                row = db.execute("SELECT host, pid, claimed_at, started FROM claims WHERE checkpoint_id=?",
-                                 (cid,)).fetchone()
+            for cid, key in pairs:
+                row = db.execute("SELECT host, pid, claimed_at, started FROM claims WHERE checkpoint_id=? AND "
+                                 "definition_key=?", (cid, key)).fetchone()
                 if row is not None and (row[0], row[1]) != (host, pid) and _alive(*row[:3], now, row[3]):
-                    held[cid] = (row[0], row[1])
+                    held[(cid, key)] = (row[0], row[1])
                     continue
-                db.execute("INSERT OR REPLACE INTO claims (checkpoint_id, host, pid, claimed_at, started) "
-                           "VALUES (?, ?, ?, ?, ?)", (cid, host, pid, now, started))
+                db.execute("INSERT OR REPLACE INTO claims (checkpoint_id, definition_key, host, pid, claimed_at, "
+                           "started) VALUES (?, ?, ?, ?, ?, ?)", (cid, key, host, pid, now, started))
         return held
 
     def release(self, checkpoint_ids: Iterable[str] | None = None) -> None:

@@ -239,8 +239,8 @@ class SweepSummary:
                  f"{self.skipped} already done; {self.seconds:.1f}s -> {store_path}"]
         if self.claimed_elsewhere:
             owners = sorted(set(self.claimed_elsewhere.values()))
-            lines.append(f"  {len(self.claimed_elsewhere)} checkpoint(s) left to another sweep on this store, which "
-                         f"is computing them ({', '.join(owners)}); rerun when it is done to see them all")
+            lines.append(f"  rows of {len(self.claimed_elsewhere)} checkpoint(s) left to another sweep on this store, "
+                         f"which is computing them ({', '.join(owners)}); rerun when it is done to see them all")
         for k, v in list(self.failed.items())[:10]:
             lines.append(f"  error: {k}: {v.splitlines()[0][:300]}")
         if len(self.failed) > 10:
@@ -475,10 +475,12 @@ def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, execu
         tasks, summary.skipped = plan(entries, defs, store, retry_errors)
         if limit is not None:
             tasks = tasks[:limit]
-        held = store.claim([t.entry.id for t in tasks])   # another sweep on this store computes these
+        # rows another sweep on this store computes are left to it (claims per checkpoint and definition)
+        held = store.claim([(t.entry.id, d.key) for t in tasks for d in t.definitions])
         if held:
-            summary.claimed_elsewhere = {cid: f"{host} pid {pid}" for cid, (host, pid) in held.items()}
-            tasks = [t for t in tasks if t.entry.id not in held]
+            summary.claimed_elsewhere = {cid: f"{host} pid {pid}" for (cid, _), (host, pid) in held.items()}
+            tasks = [Task(t.entry, [d for d in t.definitions if (t.entry.id, d.key) not in held]) for t in tasks]
+            tasks = [t for t in tasks if t.definitions]
         names = {d.key: d.name for d in defs}
         bar = tqdm(total=len(tasks), desc=f"sweep ({executor})", unit="ckpt",
                    disable=not progress or not tasks)
