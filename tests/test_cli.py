@@ -233,3 +233,18 @@ def test_definitions_print_the_keys_a_sweep_on_the_zoo_stores(tiny_zoo, tmp_path
     with Store(store, readonly=True) as st:
         stored = {r.definition_key for r in st.rows()}
     assert stored == keys(fitted) and not stored & keys(plain)
+
+
+def test_a_ray_address_where_nothing_listens_is_refused_at_once(tiny_zoo, tmp_path, capsys):
+    """Ray retries a wrong --address for minutes: the sweep checks that something accepts a
+    connection there first (a port just freed on this machine: refused at once)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["sweep", "--zoo", tiny_zoo, "--store", str(tmp_path / "r.db"), "--executor", "ray", "--preset", "quick",
+            "--quiet"]
+    assert main([*argv, "--address", f"127.0.0.1:{port}"]) == 2
+    assert f"no Ray cluster answers at '127.0.0.1:{port}'" in capsys.readouterr().err
+    assert main([*argv, "--address", "nowhere"]) == 2
+    assert "is not host:port, ray://host:port or auto" in capsys.readouterr().err

@@ -351,6 +351,7 @@ def _run_ray(manifest: Manifest, work: list[Stack], device: str, threads: int | 
     if not ray.is_initialized():
         kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         if address:
+            check_reachable(address)   # Ray itself retries a wrong address for minutes
             ray.init(address=address, **kw)
         else:
             ray.init(num_cpus=num_cpus or os.cpu_count(), **kw)
@@ -376,6 +377,26 @@ def _run_ray(manifest: Manifest, work: list[Stack], device: str, threads: int | 
     finally:
         if started:
             ray.shutdown()
+
+
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Refuse a Ray ``address`` (``host:port`` or ``ray://host:port``; ``auto`` is Ray's own lookup)
+    where nothing accepts a connection within ``timeout`` seconds."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address!r} is not host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"no Ray cluster answers at {address!r} ({e}): start one there with `ray start --head`, "
+                          "or give the address it printed") from None
 
 
 def _provides(manifest: Manifest, n: int) -> bool:
