@@ -149,3 +149,19 @@ def test_architectures_at_one_level_of_the_colour_differ_by_marker():
     markers = scatter_markers(hparams)
     assert set(markers) == {"mlp", "vit", "cnn"} and len(set(markers.values())) == 3
     assert scatter_markers([{"lr": 1}]) == {"": "o"}
+
+
+def test_the_report_says_what_it_covers_and_how_many_models_are_far_from_a_minimum(tmp_path):
+    models = [(f"m{i}", {"lr": i % 2, "arch": "mlp" if i < 3 else "vit", "epochs": 2},
+               {"test_error": 0.3 + 0.01 * i, "train_error": 0.005 if i == 0 else 0.8}) for i in range(4)]
+    store = write_store(tmp_path / "r.db", models, [1.0, 2.0, 3.0, 5.0])
+    with Store(store) as st:
+        st.bind_zoo({"factory": "sharpfast.study.digits:sharpness_data", "kwargs": {}}, str(tmp_path), ["m0"])
+    text = build_report(store, None, n_boot=0).markdown()
+    assert ("3 of 4 checkpoints have a train error above 1% (the lowest 0.005)" in text
+            and "`--max-train-error 0.01` restricts the report" in text)
+    assert f"Covers 4 checkpoints of the zoo at {tmp_path}, data sharpfast.study.digits:sharpness_data" in text
+    assert "architectures mlp (3), vit (1)" in text and "epochs 2 (4)" in text
+    assert "OOD error = the mean error over the zoo's shifted test sets" in text and "lognorm" in text
+    filtered = build_report(store, None, n_boot=0, max_train_error=0.01).markdown()
+    assert "train error above 1%" not in filtered

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import html
+from collections import Counter
 import math
 import os
 import re
@@ -60,6 +61,7 @@ class Report:
     files: list[str] = field(default_factory=list)
     targets: list[str] = field(default_factory=lambda: list(TARGETS))   # the targets the zoo records
     notes: list[str] = field(default_factory=list)                      # what was left out, and why
+    covers: list[str] = field(default_factory=list)                     # what the report is about, and its terms
 
     def markdown(self, ci: bool = True) -> str:
         return _markdown(self, ci)
@@ -79,6 +81,43 @@ def _cell(c: Any, ci: bool) -> str:
     if ci and not math.isnan(c.low):
         s += f" [{_fmt(c.low, 2)}, {_fmt(c.high, 2)}]"
     return s
+
+
+NEAR_MINIMUM = 0.01   # the train error below which Andriushchenko et al. study a model (near a minimum)
+
+
+def _near_minimum_note(ckpts: dict[str, dict], max_train_error: float | None) -> str | None:
+    """How many models are far from a minimum, and the filter that leaves them out, where none was given."""
+    errors = [c["metrics"]["train_error"] for c in ckpts.values() if "train_error" in c["metrics"]]
+    above = sum(e > NEAR_MINIMUM for e in errors)
+    if max_train_error is not None or not above:
+        return None
+    return (f"{above} of {len(errors)} checkpoints have a train error above {NEAR_MINIMUM:.0%} (the lowest "
+            f"{min(errors):.3g}): they are not near a minimum, where sharpness is defined and studied (Andriushchenko "
+            f"et al. keep train error <= 1%); `--max-train-error {NEAR_MINIMUM:g}` restricts the report to the others.")
+
+
+def _covers(ckpts: dict[str, dict], defs: dict[str, dict], zoo_data: dict | None, zoo_root: str | None) -> list[str]:
+    """What the report covers (the zoo, its data, architectures, epochs, examples) and what its terms mean."""
+    if not ckpts:
+        return []
+    hps = [c["hparams"] for c in ckpts.values()]
+    counted = lambda name: ", ".join(f"{v} ({n})" for v, n in sorted(Counter(str(h[name]) for h in hps
+                                                                              if name in h).items()))
+    examples = sorted({d["spec"]["n_examples"] for d in defs.values() if d["spec"].get("n_examples") is not None})
+    zoo = f"the zoo at {zoo_root}" if zoo_root else "a zoo"
+    data = "" if not zoo_data else f", data {zoo_data.get('factory')}{zoo_data.get('kwargs') or ''}"
+    parts = [f"Covers {len(ckpts)} checkpoints of {zoo}{data}"]
+    for name, what in (("arch", "architectures"), ("epochs", "epochs")):
+        if any(name in h for h in hps):
+            parts.append(f"{what} {counted(name)}")
+    if examples:
+        parts.append(f"examples per definition {', '.join(map(str, examples))}")
+    return ["; ".join(parts) + ".",
+            "Terms: gen. gap = test error - train error; OOD error = the mean error over the zoo's shifted test sets "
+            "(the built-in zoo: the digits-C corruptions of its test set); adaptive = perturbations scaled by |w|; "
+            "lognorm / logstd = logits centred and divided by their l2 norm / standard deviation before the loss; "
+            "tau > 0: sharper models generalize worse."]
 
 
 def _sign_error_note(r: Report) -> str | None:
@@ -140,6 +179,8 @@ def _markdown(r: Report, ci: bool) -> str:
         out += [""] + [n for n in (cmi_note, sign_note) if n]
     if r.notes:
         out += [""] + r.notes
+    if r.covers:
+        out += [""] + r.covers
     return "\n".join(out).rstrip("\n")
 
 
@@ -243,6 +284,7 @@ def build_report(store_path: str, out_dir: str | None = None, target: str = "tes
         ckpts = st.checkpoints()
         defs = st.definitions()
         rows = list(st.rows())
+        zoo_data, zoo_root = st.zoo()
     stored = ckpts
     if max_train_error is not None:
         ckpts = {c: v for c, v in ckpts.items()
@@ -335,8 +377,11 @@ def build_report(store_path: str, out_dir: str | None = None, target: str = "tes
             vals = {c: ckpts[c]["metrics"][metric] for c in ids_all if metric in ckpts[c]["metrics"]}
             if vals:
                 lines.append(line(name, None, vals))
+    near_minimum = _near_minimum_note(ckpts, max_train_error)
+    if near_minimum:
+        notes.append(near_minimum)
     report = Report(lines, factors, target, len(ids_all), n_err, max_train_error, n_test, targets=targets,
-                    notes=notes)
+                    notes=notes, covers=_covers(ckpts, defs, zoo_data, zoo_root))
     if out_dir is None:
         return report
     os.makedirs(out_dir, exist_ok=True)

@@ -355,6 +355,11 @@ class Store:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('zoo_data', ?)", (spec,))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('zoo_root', ?)", (os.path.abspath(root),))
 
+    def zoo(self) -> tuple[dict | None, str | None]:
+        """The data spec and root of the zoo the store is bound to (``bind_zoo``), or Nones."""
+        meta = dict(self.db.execute("SELECT key, value FROM meta WHERE key IN ('zoo_data', 'zoo_root')").fetchall())
+        return (json.loads(meta["zoo_data"]) if "zoo_data" in meta else None), meta.get("zoo_root")
+
     def claim(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, int]]:
         """Claim the ``(checkpoint_id, definition_key)`` rows for this process; return those another
         live sweep holds (``{pair: (host, pid)}``), which this one must leave alone: two sweeps of
