@@ -112,6 +112,28 @@ class Settings(Measurement):
         super().__post_init__()
 
 
+
+def _check_scale_squares(params: ParamSet) -> None:
+    """The published l2 projection divides by ``c^2 + 2 lambda``: refuse a scale whose square is
+    not a number of the parameters' dtype (weights near its largest value), which would project
+    nothing (a sharpness of 0) or give NaN."""
+    custom = params.scaling.custom or {}
+    peaks = []
+    for name, w in zip(params.names, params.tensors):   # the largest c of each tensor, without forming c
+        if w.numel() == 0:
+            continue
+        if name in custom:
+            peaks.append(custom[name].detach().abs().max().to(w.device, torch.float64))
+        elif params.scaling.is_adaptive_for(w):
+            low, high = torch.aminmax(w.detach())
+            peaks.append(torch.maximum(-low, high).double() + params.scaling.eta)
+    largest = float(torch.stack(peaks).max()) if peaks else 1.0
+    limit = math.sqrt(torch.finfo(params.tensors[0].dtype).max)
+    if not largest < limit:
+        raise ValueError(f"the scale c reaches {largest:.3g}, whose square overflows "
+                         f"{str(params.tensors[0].dtype).replace('torch.', '')} (the published l2 projection divides "
+                         "by c^2 + 2 lambda): use solver='scaled' or norm='linf', which never square c")
+
 @dataclass(frozen=True, kw_only=True)
 class WorstCaseSettings(Settings):
     """Worst-case sharpness by APGD in weight space: the published variant (DESIGN.md §2) or the
@@ -160,6 +182,12 @@ class WorstCaseSettings(Settings):
         if self.quadratic_model and self.norm != "l2":
             raise ValueError("quadratic_model=True is the l2 model rho ||c g|| + rho^2/2 lambda_max(C H C); "
                              "it needs norm='l2'")
+
+    def bind(self, model: nn.Module) -> ParamSet:
+        params = super().bind(model)
+        if self.norm == "l2" and self.solver == "published" and not params.unit_scale:
+            _check_scale_squares(params)
+        return params
 
     @property
     def bisection_tol(self) -> float:

@@ -216,3 +216,20 @@ def test_delta_norm_of_weights_near_the_largest_float(backend, norm, solver):
     got = sharpfast.evaluate_sharpness(large, [(x * 1e-306, y) for x, y in data], settings)
     assert got.sharpness == pytest.approx(want.sharpness, rel=1e-9)
     assert math.isfinite(got.delta_norm) and got.delta_norm == pytest.approx(want.delta_norm * 1e306, rel=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_the_published_l2_projection_refuses_a_scale_whose_square_overflows(backend):
+    """It divides by ``c^2 + 2 lambda``: at weights near the largest float it projected nothing (a
+    sharpness of 0, reference) or gave NaN (fused). Refused, naming the solvers that never square c."""
+    if backend == "fused":
+        pytest.importorskip("sharpfast._C")
+    torch.manual_seed(0)
+    large = torch.nn.Linear(4, 3, bias=False).double()
+    with torch.no_grad():
+        large.weight.mul_(1e306)
+    data = [(torch.randn(8, 4, dtype=torch.float64) * 1e-306, torch.randint(0, 3, (8,)))]
+    with pytest.raises(ValueError, match="whose square overflows float64.*solver='scaled' or norm='linf'"):
+        sharpfast.worst_case_sharpness(large, data, rho=0.05, norm="l2", n_iters=2, backend=backend)
+    assert math.isfinite(sharpfast.worst_case_sharpness(large, data, rho=0.05, norm="l2", solver="scaled", n_iters=2,
+                                                        backend=backend).delta_norm)
