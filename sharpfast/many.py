@@ -185,7 +185,7 @@ def _architecture(model: nn.Module) -> dict[str, dict]:
     for name, m in model.named_modules():
         prefix = f"{name}." if name else ""
         for attr, value in vars(m).items():
-            if attr not in _MODULE_BOOKKEEPING and attr not in _PROVENANCE:
+            if attr not in _MODULE_BOOKKEEPING and attr not in _PROVENANCE and not _compiled_wrapper(m):
                 settings[prefix + attr] = _Setting(value)
         for attr in _FORWARD_HOOKS:
             hooks = list(getattr(m, attr, {}).values())
@@ -264,6 +264,13 @@ def _difference(a, b, path: str = "") -> tuple[str, object, object] | None:
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _compiled_wrapper(module: nn.Module) -> bool:
+    """``torch.compile``'s wrapper: its own attributes are the compiler's (the model is its ``_orig_mod``,
+    compared as a submodule), different objects for every compiled model."""
+    optimized = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    return optimized is not None and isinstance(module, getattr(optimized, "OptimizedModule", ()))
 
 
 def _is_hf_config(value) -> bool:

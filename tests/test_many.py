@@ -180,6 +180,13 @@ def test_models_whose_modules_compute_differently_are_refused_not_evaluated_with
         [sharpfast.evaluate_sharpness(m, data, settings).sharpness for m in same], rel=1e-9)
 
 
+def test_compiled_models_are_compared_by_the_models_they_wrap():
+    """torch.compile's wrapper holds compiler objects of its own: the models it wraps decide."""
+    many.check_same_architecture([torch.compile(_leaky(0.01)), torch.compile(_leaky(0.01))])
+    with pytest.raises(ValueError, match="setting '_orig_mod.1.negative_slope' is 0.5"):
+        many.check_same_architecture([torch.compile(_leaky(0.01)), torch.compile(_leaky(0.5))])
+
+
 def test_hugging_face_models_of_one_config_are_one_architecture_from_any_folder(tmp_path):
     pytest.importorskip("transformers")
     from sharpfast.study import bert_example, hf
