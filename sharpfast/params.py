@@ -103,13 +103,17 @@ class ParamSet:
         if not missing:
             return
         kept = [self.tensors[i].data for i in missing]
-        with torch.no_grad():
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        # both losses with one random state (dropout in train mode), the caller's own left as it was
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(0)
             before = float(loss_at())
             generator = torch.Generator().manual_seed(0)
             try:
                 for i, w in zip(missing, kept):   # a pattern of signs: no uniform rescale a norm layer would undo
                     shift = torch.randn(w.shape, generator=generator, dtype=torch.float64).to(w.device, w.dtype)
                     self.tensors[i].data = w + (w.abs() + 1) * shift
+                torch.manual_seed(0)
                 after = float(loss_at())
             finally:
                 for i, w in zip(missing, kept):

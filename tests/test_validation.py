@@ -221,3 +221,23 @@ def test_parameters_that_change_the_loss_but_get_no_gradient_are_an_error(kind, 
     # a parameter the loss does not use gets no gradient and changes nothing: no error, the same value
     plain = call_(_Checkpointed(reentrant=None)).per_batch
     assert call_(_Checkpointed(reentrant=None, unused_head=True)).per_batch == pytest.approx(plain, rel=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_an_unused_parameter_of_a_model_with_dropout_in_train_mode_is_no_error(backend, setup):
+    """The check moves a parameter without a gradient and compares two losses: both are taken under
+    one random state, so dropout's masks do not make an unused parameter look used."""
+    _, data = setup
+
+    class WithDropout(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3))
+            self.unused = torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.body(x)
+    r = sharpfast.worst_case_sharpness(WithDropout(), data, rho=0.05, norm="l2", n_iters=3, eval_mode=False,
+                                       backend=backend)
+    assert math.isfinite(r.sharpness)
