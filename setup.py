@@ -62,7 +62,7 @@ setup(
                       "pyyaml", "matplotlib"],
     extras_require={"test": ["pytest", "hypothesis", "pytest-benchmark", "ray", "transformers"],
                     "ray": ["ray"], "hf": ["transformers"]},
-    entry_points={"console_scripts": ["sharpfast=sharpfast.study.cli:main"]},
+    entry_points={"console_scripts": ["sharpfast=sharpfast.__main__:main"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

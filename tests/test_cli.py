@@ -248,3 +248,21 @@ def test_a_ray_address_where_nothing_listens_is_refused_at_once(tiny_zoo, tmp_pa
     assert f"no Ray cluster answers at '127.0.0.1:{port}'" in capsys.readouterr().err
     assert main([*argv, "--address", "nowhere"]) == 2
     assert "is not host:port, ray://host:port or auto" in capsys.readouterr().err
+
+
+def test_importing_sharpfast_loads_no_torch_and_an_interrupt_while_torch_loads_is_said(monkeypatch, capsys):
+    """The package's names load on first use, so the command's entry point runs before torch loads
+    and a Ctrl-C in those seconds ends with the command's own message, not a traceback."""
+    import types
+    out = subprocess.run([sys.executable, "-c", "import sys, sharpfast; print('torch' in sys.modules, "
+                          "sharpfast.WorstCaseSettings.__name__, 'torch' in sys.modules)"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "WorstCaseSettings", "True"]
+
+    class Loading(types.ModuleType):   # the command line's module, interrupted while it loads
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+    monkeypatch.setitem(sys.modules, "sharpfast.study.cli", Loading("sharpfast.study.cli"))
+    from sharpfast.__main__ import main as entry
+    assert entry() == 130
+    assert capsys.readouterr().err == "sharpfast: interrupted; rerun to resume\n"
