@@ -44,7 +44,8 @@ def evaluate_many(models: Sequence[nn.Module], data: Iterable, settings: Setting
             buffer names, shapes, dtypes, ``requires_grad`` and device, and the same module
             settings (non-tensor attributes, tensors outside parameters and buffers, forward hooks),
             since a stack runs ``models[0]``'s modules on every model's weights (else ``ValueError``
-            naming the first difference; :func:`check_same_architecture`). Buffers (BatchNorm statistics) stay each model's own.
+            naming the first difference; :func:`check_same_architecture`). Buffers (BatchNorm
+            statistics) stay each model's own.
             Every model is left exactly as it was, also after an exception or an interrupt.
         data, settings: as :func:`sharpfast.evaluate_sharpness`.
         stack: models per pass; ``None``: :func:`auto_stack` (as many as :data:`MAX_STACK` and the
@@ -168,8 +169,9 @@ def check_same_architecture(models: Sequence[nn.Module]) -> None:
                 raise ValueError(f"models[{i}] is not of models[0]'s architecture: setting {name + where!r} is "
                                  f"{_short(theirs)} in models[{i}] but {_short(mine)} in models[0] (a stack "
                                  "runs models[0]'s modules on every model's weights)")
+            mine, theirs = a.get(name), b.get(name)
             raise ValueError(f"models[{i}] is not of models[0]'s architecture: {what} {name!r} is "
-                             f"{_said(b.get(name), a.get(name))} in models[{i}] but {_said(a.get(name), b.get(name))} in models[0]")
+                             f"{_said(theirs, mine)} in models[{i}] but {_said(mine, theirs)} in models[0]")
 
 
 # nn.Module's own bookkeeping; of it only the hooks that run in a forward or backward are compared
@@ -184,8 +186,9 @@ def _architecture(model: nn.Module) -> dict[str, dict]:
     settings = {}
     for name, m in model.named_modules():
         prefix = f"{name}." if name else ""
-        for attr, value in vars(m).items():
-            if attr not in _MODULE_BOOKKEEPING and attr not in _PROVENANCE and not _compiled_wrapper(m):
+        own = {} if _compiled_wrapper(m) else vars(m)
+        for attr, value in own.items():
+            if attr not in _MODULE_BOOKKEEPING and attr not in _PROVENANCE:
                 settings[prefix + attr] = _Setting(value)
         for attr in _FORWARD_HOOKS:
             hooks = list(getattr(m, attr, {}).values())

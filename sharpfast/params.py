@@ -8,6 +8,7 @@ backend draws the same noise for the same coordinate.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -93,6 +94,23 @@ class ParamSet:
     def uniform_rule(self) -> tuple[bool, float] | None:
         """See :meth:`ScaleSpec.uniform_rule`."""
         return self.scaling.uniform_rule(self)
+
+    @functools.cached_property
+    def largest_scale(self) -> float:
+        """``max c`` over every coordinate, without forming ``c`` (a pass over the weights, once a call)."""
+        custom = self.scaling.custom or {}
+        peaks = []
+        for name, w in zip(self.names, self.tensors):
+            if w.numel() == 0:
+                continue
+            if name in custom:
+                peaks.append(custom[name].detach().abs().max().to(w.device, torch.float64))
+            elif self.scaling.is_adaptive_for(w):
+                low, high = torch.aminmax(w.detach())
+                peaks.append(torch.maximum(-low, high).double() + self.scaling.eta)
+            else:
+                peaks.append(torch.ones((), dtype=torch.float64, device=w.device))
+        return float(torch.stack(peaks).max()) if peaks else 0.0
 
     def check_gradients(self, received: Sequence[bool], loss_at: Callable[[], torch.Tensor]) -> None:
         """Raise ``ValueError`` naming the parameters that receive no gradient (``received[i]`` False)

@@ -112,27 +112,16 @@ class Settings(Measurement):
         super().__post_init__()
 
 
-
 def _check_scale_squares(params: ParamSet) -> None:
     """The published l2 projection divides by ``c^2 + 2 lambda``: refuse a scale whose square is
     not a number of the parameters' dtype (weights near its largest value), which would project
     nothing (a sharpness of 0) or give NaN."""
-    custom = params.scaling.custom or {}
-    peaks = []
-    for name, w in zip(params.names, params.tensors):   # the largest c of each tensor, without forming c
-        if w.numel() == 0:
-            continue
-        if name in custom:
-            peaks.append(custom[name].detach().abs().max().to(w.device, torch.float64))
-        elif params.scaling.is_adaptive_for(w):
-            low, high = torch.aminmax(w.detach())
-            peaks.append(torch.maximum(-low, high).double() + params.scaling.eta)
-    largest = float(torch.stack(peaks).max()) if peaks else 1.0
-    limit = math.sqrt(torch.finfo(params.tensors[0].dtype).max)
-    if not largest < limit:
-        raise ValueError(f"the scale c reaches {largest:.3g}, whose square overflows "
-                         f"{str(params.tensors[0].dtype).replace('torch.', '')} (the published l2 projection divides "
-                         "by c^2 + 2 lambda): use solver='scaled' or norm='linf', which never square c")
+    dtype = params.tensors[0].dtype
+    if not params.largest_scale < math.sqrt(torch.finfo(dtype).max):
+        raise ValueError(f"the scale c reaches {params.largest_scale:.3g}, whose square overflows "
+                         f"{str(dtype).replace('torch.', '')} (the published l2 projection divides by c^2 + 2 "
+                         "lambda): use solver='scaled' or norm='linf', which never square c")
+
 
 @dataclass(frozen=True, kw_only=True)
 class WorstCaseSettings(Settings):

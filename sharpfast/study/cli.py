@@ -240,7 +240,8 @@ def _add_exec_flags(p: argparse.ArgumentParser) -> None:
                         "the same")
     g.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
     g.add_argument("--num-cpus", type=POSITIVE, help="CPUs of the local Ray cluster (default: all)")
-    g.add_argument("--cpus-per-task", type=_number(float, 0, low_open=True), help="Ray: CPUs requested per task (default 1)")
+    g.add_argument("--cpus-per-task", type=_number(float, 0, low_open=True),
+                   help="Ray: CPUs requested per task (default 1)")
     g.add_argument("--gpus-per-task", type=_number(float, 0),
                    help="Ray: GPUs requested per task (default 1 when the cluster has GPUs; 0.25 shares one)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -358,7 +359,8 @@ def _sweep(args: argparse.Namespace, zoo_path: str, store_path: str) -> int:
     from .sweep import run_sweep
 
     if args.executor != "ray":   # Ray's settings would change nothing: say so rather than run locally
-        ray_only = [f for f in ("address", "num_cpus", "cpus_per_task", "gpus_per_task") if getattr(args, f) is not None]
+        ray_only = [f for f in ("address", "num_cpus", "cpus_per_task", "gpus_per_task")
+                    if getattr(args, f) is not None]
         if ray_only:
             raise ConfigError(f"--{ray_only[0].replace('_', '-')} is for --executor ray; without it the sweep runs "
                               "in this process (--jobs worker processes)")
@@ -367,7 +369,8 @@ def _sweep(args: argparse.Namespace, zoo_path: str, store_path: str) -> int:
     summary = run_sweep(manifest, defs, store_path, executor=args.executor, device=_device(args.device),
                         threads=args.threads, backend=args.backend, jobs=args.jobs, retry_errors=not args.no_retry_errors,
                         progress=not args.quiet, address=args.address, num_cpus=args.num_cpus, limit=args.limit,
-                        cpus_per_task=1.0 if args.cpus_per_task is None else args.cpus_per_task, gpus_per_task=args.gpus_per_task,
+                        cpus_per_task=1.0 if args.cpus_per_task is None else args.cpus_per_task,
+                        gpus_per_task=args.gpus_per_task,
                         fit_examples=args.n_examples is None, mix_zoos=args.mix_zoos, stack=args.stack)
     print(summary.text(store_path))
     if summary.errors:

@@ -164,13 +164,6 @@ def operator_norm(layer: nn.Module, weight: torch.Tensor, shape: tuple[int, ...]
     return float(math.sqrt(max(float(top[0]), 0.0)))
 
 
-def reshaped_spectral_norm(weight: torch.Tensor) -> float:
-    """``||W||_2`` as Dziugaite et al.'s and Neyshabur et al.'s code take it: the largest singular
-    value of the weight reshaped to ``[out, in * kernel]`` (a linear layer's operator norm; for a
-    convolution, Yoshida & Miyato's approximation of it)."""
-    return float(torch.linalg.matrix_norm(weight.detach().double().reshape(weight.shape[0], -1), ord=2))
-
-
 def margins(model: nn.Module, x, y) -> torch.Tensor:
     """``f(x)_y - max_{j != y} f(x)_j`` of every example (float64)."""
     with torch.no_grad():
@@ -315,13 +308,13 @@ class Context:
         if exact:
             return self.cached("spec-exact", lambda: [operator_norm(m, m.weight, self.shapes.get(n))
                                                       for n, m in self.layers])
-        return self.cached("spec", lambda: [reshaped_spectral_norm(m.weight) for _, m in self.layers])
+        return self.cached("spec", lambda: [schatten_norm(m.weight, math.inf) for _, m in self.layers])
 
     def dist_spec(self, exact: bool = False) -> list[float]:
         """``||W - W0||_2`` of each layer, taken as :meth:`spec` takes ``||W||_2``."""
         if exact:
             return [operator_norm(m, dw, self.shapes.get(n)) for (n, m), dw in zip(self.layers, self.distances())]
-        return [reshaped_spectral_norm(dw) for dw in self.distances()]
+        return [schatten_norm(dw, math.inf) for dw in self.distances()]
 
     def fro(self) -> list[float]:
         return self.cached("fro", lambda: [float(m.weight.detach().double().norm()) for _, m in self.layers])
@@ -572,13 +565,20 @@ def _radius(ctx: Context, worst: bool, magnitude: bool) -> float:
 BOUND_PARAMETERS = ("weights", "all")
 
 
-def _bound_vector(ctx: Context, model: nn.Module) -> torch.Tensor:
+def _bound_tensors(ctx: Context, model: nn.Module) -> list[torch.Tensor]:
     if ctx.bound_parameters == "all":
-        tensors = list(model.parameters())
-    else:
-        modules = dict(model.named_modules())
-        tensors = [modules[n].weight for n, _ in ctx.layers]
-    return torch.cat([p.detach().double().reshape(-1) for p in tensors])
+        return list(model.parameters())
+    modules = dict(model.named_modules())
+    return [modules[n].weight for n, _ in ctx.layers]
+
+
+def _bound_vector(ctx: Context, model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().double().reshape(-1) for p in _bound_tensors(ctx, model)])
+
+
+def _omega(ctx: Context) -> int:
+    """The number of parameters the bounds count (``ctx.bound_parameters``)."""
+    return sum(p.numel() for p in _bound_tensors(ctx, ctx.model))
 
 
 def _weights(ctx: Context, reference: str) -> torch.Tensor:
@@ -608,14 +608,14 @@ def _pacbayes_mag(ctx: Context, reference: str, sigma: float) -> float:
 
 def _sharpness_sigma(ctx: Context, alpha: float) -> float:
     """The Gaussian scale whose bound a box of half-width ``alpha`` gives: ``alpha / sqrt(2 log(2 omega))``."""
-    omega = _weights(ctx, "orig").numel()
+    omega = _omega(ctx)
     return alpha / math.sqrt(2 * math.log(2 * omega))
 
 
 def _sharpness(ctx: Context, reference: str) -> float:
     """``||w_ref||^2 log(2 omega) / (4 alpha^2) + log(m / sigma) + 10`` (eq. 50-51)."""
     alpha = _radius(ctx, worst=True, magnitude=False)
-    omega = _weights(ctx, "orig").numel()
+    omega = _omega(ctx)
     sigma = _sharpness_sigma(ctx, alpha)
     return (float(_weights(ctx, reference).pow(2).sum()) * math.log(2 * omega) / (4 * alpha**2)
             + math.log(len(ctx.y) / sigma) + 10)

@@ -362,7 +362,8 @@ def build_report(store_path: str, out_dir: str | None = None, target: str = "tes
             n = without_blocks[key]
             notes.append(f"{_label(d)}: {n} checkpoint(s) without a GL block left out (there geodesic sharpness is "
                          "the adaptive worst case, which the adaptive definitions measure)" if key in by_def else
-                         f"Left out, no checkpoint has a GL block: {_label(d)} ({n} rows, each the adaptive worst case)")
+                         f"Left out, no checkpoint has a GL block: {_label(d)} ({n} rows, each the adaptive worst "
+                         "case)")
         if key in out_of_domain:
             notes.append(f"{_label(d)}: on {out_of_domain[key]} of {len(by_def[key])} checkpoints the geodesic's "
                          "second-order term outgrew the step (geodesic_correction > 1): there the second-order map "

@@ -183,12 +183,13 @@ def _check_is_store(path: str, readonly: bool = False) -> None:
         raise StoreError(f"{path!r} is not a sharpfast results store: {e}") from e
     if has_version and {"results", "checkpoints", "definitions"} <= tables:
         return
-    if tables <= TABLES and not readonly:
-        return   # being created, or its creation was cut short: the writer's schema script completes it
-    raise StoreError(f"{path!r} is an SQLite database but not a sharpfast results store (its tables: "
-                     f"{', '.join(sorted(tables)) or 'none'}); nothing was written to it" if not tables <= TABLES else
-                     f"store {path!r} is not complete (its tables: {', '.join(sorted(tables)) or 'none'}): its "
-                     "creation is under way or was cut short; a sweep on it completes it")
+    listed = ", ".join(sorted(tables)) or "none"
+    if not tables <= TABLES:
+        raise StoreError(f"{path!r} is an SQLite database but not a sharpfast results store (its tables: "
+                         f"{listed}); nothing was written to it")
+    if readonly:   # else: being created, or its creation was cut short; the writer's schema script completes it
+        raise StoreError(f"store {path!r} is not complete (its tables: {listed}): its creation is under way or "
+                         "was cut short; a sweep on it completes it")
 
 
 @dataclass
@@ -285,7 +286,8 @@ class Store:
                 self.db.execute("COMMIT" if typ is None else "ROLLBACK")
             except sqlite3.OperationalError as e:   # the commit itself failed: nothing of it was written
                 if typ is None:
-                    self.db.execute("ROLLBACK") if self.db.in_transaction else None
+                    if self.db.in_transaction:
+                        self.db.execute("ROLLBACK")
                     raise StoreError(f"the store could not be written: {_said(e)}") from None
             if isinstance(value, sqlite3.OperationalError):   # a write failed: the transaction is rolled back
                 raise StoreError(f"the store could not be written: {_said(value)}") from None
