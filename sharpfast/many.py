@@ -49,12 +49,14 @@ def evaluate_many(models: Sequence[nn.Module], data: Iterable, settings: Setting
             Every model is left exactly as it was, also after an exception or an interrupt.
         data, settings: as :func:`sharpfast.evaluate_sharpness`.
         stack: models per pass; ``None``: :func:`auto_stack` (as many as :data:`MAX_STACK` and the
-            buffers' memory budget :data:`STACK_BUFFER_BYTES` allow; on a CPU only models with small
-            forwards). ``1`` evaluates one model at a time; any other number stacks every model,
-            so the values do not depend on it (float32 stacked and one-at-a-time round differently).
-            Where the models cannot be stacked (the reference backend, train mode, batches of
-            several shapes, a model vmap cannot trace: said once in the log), they are evaluated
-            one at a time.
+            buffers' memory budget :data:`STACK_BUFFER_BYTES` allow). It sets only how many models
+            share a pass, never the values: whether models are stacked is decided by their
+            architecture, settings and device (:func:`not_stacked_because`), and a stackable
+            architecture is evaluated vmapped in every pass, one model per pass included (float32
+            stacked and one-at-a-time arithmetic round differently). Models that are not stacked
+            (the reference backend, train mode, batches of several shapes, on a CPU a forward
+            bound by arithmetic, a model vmap cannot trace: said once in the log) are evaluated
+            one at a time, each exactly as ``evaluate_sharpness``.
         errors: ``"raise"`` the first model's error, or ``"return"`` it in that model's place
             (a model with non-finite weights or loss then fails alone).
     """
@@ -71,12 +73,9 @@ def evaluate_many(models: Sequence[nn.Module], data: Iterable, settings: Setting
         raise ValueError(f"stack must be a positive integer or None, got {stack!r}")
     batches = check_batches(data)
     K = auto_stack(models[0], settings, batches) if stack is None else stack
-    if K == 1:
-        out = [_one(m, batches, settings) for m in models]
-    else:   # every stack stacked, also a last one of one model: values do not depend on K
-        out = []
-        for i in range(0, len(models), K):
-            out += _evaluate_stack(models[i:i + K], batches, settings)
+    out = []
+    for i in range(0, len(models), K):   # every pass stacked, a stack of one included: values do not depend on K
+        out += _evaluate_stack(models[i:i + K], batches, settings)
     if errors == "raise":
         for i, r in enumerate(out):
             if isinstance(r, BaseException):
@@ -90,16 +89,11 @@ def evaluate_many(models: Sequence[nn.Module], data: Iterable, settings: Setting
 
 def auto_stack(model: nn.Module, settings: Settings, batches: list) -> int:
     """Models per pass: as many as fit the device's buffer budget :data:`STACK_BUFFER_BYTES`, at
-    most :data:`MAX_STACK`; on a CPU, 1 for models whose forward computes more than
-    :data:`CPU_STACK_MAX_ACTIVATIONS` values per example (there the forward is bound by arithmetic,
-    not by the per-operation overhead that stacking removes, and stacking measured slower:
-    benchmarks/ZOO_RESULTS.md)."""
+    most :data:`MAX_STACK`."""
     params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
     if not params or settings.kind == "geodesic":   # geodesic: no stacked solver
         return 1
     device = params[0].device
-    if device.type == "cpu" and activations_per_example(model, batches[0]) > CPU_STACK_MAX_ACTIVATIONS:
-        return 1
     n, element = sum(p.numel() for p in params), max(4, params[0].element_size())   # half: a float32 copy
     if settings.kind == "worst":
         from .fused.problems import TOGETHER_BUFFERS
@@ -320,7 +314,7 @@ def _stacked(models: list[nn.Module], batches: list, settings: Settings) -> list
             out[i] = e
     if not bound:
         return out
-    why = _why_not_stacked(settings, bound[0][2], batches)
+    why = not_stacked_because(bound[0][1], settings, bound[0][2], batches)
     if why is None:
         try:
             with contextlib.ExitStack() as guards:
@@ -341,7 +335,12 @@ def _stacked(models: list[nn.Module], batches: list, settings: Settings) -> list
     return None
 
 
-def _why_not_stacked(settings: Settings, params, batches: list) -> str | None:
+def not_stacked_because(model: nn.Module, settings: Settings, params, batches: list) -> str | None:
+    """Why models of ``model``'s architecture are evaluated one at a time under ``settings`` on
+    their device, or None where they are stacked. On a CPU, models whose forward computes more
+    than :data:`CPU_STACK_MAX_ACTIVATIONS` values per example are not: there the forward is bound
+    by arithmetic, not by the per-operation overhead stacking removes, and the stacked forward
+    (even of one model) measured slower (benchmarks/ZOO_RESULTS.md)."""
     from .fused.problems import _stackable
     if settings.kind == "geodesic":
         return "geodesic sharpness has no stacked solver"
@@ -354,6 +353,11 @@ def _why_not_stacked(settings: Settings, params, batches: list) -> str | None:
     unpacked = [unpack_batch(b, i) for i, b in enumerate(batches)]
     if not (_stackable([x for x, _ in unpacked]) and _stackable([y for _, y in unpacked])):
         return "the batches differ in shape"
+    if params.device.type == "cpu":
+        values = activations_per_example(model, batches[0])
+        if values > CPU_STACK_MAX_ACTIVATIONS:
+            return (f"on a CPU its forward computes {values} values per example, more than "
+                    f"CPU_STACK_MAX_ACTIVATIONS = {CPU_STACK_MAX_ACTIVATIONS}: there stacking is slower")
     return None
 
 

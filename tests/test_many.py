@@ -320,20 +320,26 @@ def test_auto_stack_follows_the_memory_budget(monkeypatch):
     assert many.auto_stack(model, s, data) == many.MAX_STACK
 
 
-def test_on_a_cpu_only_small_forwards_are_stacked_by_default(monkeypatch):
-    model, data = model_and_data("cnn")
-    assert many.activations_per_example(model, data[0]) == 4 * 36 * 6 + 4 * 4 + 3   # 2 convs, BNs, ReLUs; pool; head
-    s = sharpfast.WorstCaseSettings(rho=0.05)
-    assert many.auto_stack(model, s, data) > 1
+def test_on_a_cpu_only_small_forwards_are_stacked(monkeypatch):
+    models, data = models_and_data("cnn", dtype=torch.float32)
+    assert many.activations_per_example(models[0], data[0]) == 4 * 36 * 6 + 4 * 4 + 3   # 2 convs, BNs, ReLUs; pool; head
+    s = sharpfast.WorstCaseSettings(rho=0.05, n_iters=4)
+    params = s.bind(models[0])
+    assert many.not_stacked_because(models[0], s, params, data) is None
     monkeypatch.setattr(many, "CPU_STACK_MAX_ACTIVATIONS", 100)
-    assert many.auto_stack(model, s, data) == 1
+    assert "883 values per example" in many.not_stacked_because(models[0], s, params, data)
+    # not stacked, whatever the stack asks for: each model exactly as alone
+    alone = [r.per_batch for r in one_at_a_time(models, data, s)]
+    for k in (None, 1, 3):
+        assert [r.per_batch for r in sharpfast.evaluate_many(models, data, s, stack=k)] == alone
 
 
 def test_values_do_not_depend_on_how_models_are_split_into_stacks(no_fallback):
     models, data = models_and_data("mlp", k=5, dtype=torch.float32)
     s = sharpfast.WorstCaseSettings(rho=0.05, n_iters=5)
-    by_stack = {k: [r.per_batch for r in sharpfast.evaluate_many(models, data, s, stack=k)] for k in (2, 3, 5)}
-    assert by_stack[2] == by_stack[3] == by_stack[5]   # bit for bit, also the last stack of one model
+    by_stack = {k: [r.per_batch for r in sharpfast.evaluate_many(models, data, s, stack=k)] for k in (None, 1, 2, 3, 5)}
+    # bit for bit, also one model per pass and the last stack of one model
+    assert by_stack[None] == by_stack[1] == by_stack[2] == by_stack[3] == by_stack[5]
 
 
 def test_half_precision_models_are_stacked_as_float32_copies(no_fallback):

@@ -236,8 +236,8 @@ def _add_exec_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stack", type=_stack, default=None, metavar="K",
                    help="checkpoints of one architecture evaluated together, K per pass (sharpfast.evaluate_many); "
                         "auto (default): each architecture's checkpoints split over the workers, the models per "
-                        "pass chosen by evaluate_many; 1: one checkpoint at a time. Values and store rows are "
-                        "the same")
+                        "pass chosen by evaluate_many; 1: one checkpoint per pass. The values stored are the "
+                        "same for every K")
     g.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
     g.add_argument("--num-cpus", type=POSITIVE, help="CPUs of the local Ray cluster (default: all)")
     g.add_argument("--cpus-per-task", type=_number(float, 0, low_open=True),

@@ -2,7 +2,7 @@
 
 The driver plans the work (every (checkpoint, definition) pair without an ``ok`` row for the
 checkpoint's current sha256), groups checkpoints of one factory and kwargs into stacks evaluated
-together (``sharpfast.evaluate_many``; ``stack=1``: one checkpoint at a time), hands one task per
+together (``sharpfast.evaluate_many``; ``stack=1``: one checkpoint per pass), hands one task per
 stack to an executor, and writes each checkpoint's rows in one transaction as its stack returns.
 Executors:
 
@@ -114,13 +114,19 @@ def evaluate_checkpoints(data_spec: dict[str, Any], root: str, entries: list[dic
                 rows[i].append(dict(bases[i], definition_key=d.key, status="error", error=_short_error(e), time_s=0.0))
             continue
         outcomes = None
-        if d.stackable and loaded and stack != 1:   # also a stack of one: the
-            # values do not depend on how the checkpoints were split into stacks
+        if d.stackable and loaded:   # evaluate_many also for a stack of one: the values do not
+            # depend on how the checkpoints were split into stacks (its arithmetic is the architecture's)
+            many = lambda ms, k: sharpfast.evaluate_many(ms, batches, d.settings(backend), stack=k, errors="return")
             try:
-                outcomes = sharpfast.evaluate_many([models[i] for i in loaded], batches, d.settings(backend),
-                                                   stack=stack, errors="return")
-            except Exception:  # noqa: BLE001 - e.g. checkpoints that load into other dtypes: one at a time,
-                pass           # where each gets its own row
+                outcomes = many([models[i] for i in loaded], stack)
+            except Exception:  # noqa: BLE001 - not one architecture (e.g. checkpoints that load into other
+                # dtypes): each alone, as a stack of one, where each gets its own row
+                outcomes = []
+                for i in loaded:
+                    try:
+                        outcomes += many([models[i]], 1)
+                    except Exception as e:  # noqa: BLE001 - its error row
+                        outcomes.append(e)
         if outcomes is not None:
             _synchronize(dev)
             seconds = (time.perf_counter() - t0) / len(loaded)   # the stack's time, shared
@@ -468,7 +474,7 @@ def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, execu
     to it (``summary.claimed_elsewhere``). ``stack``: checkpoints of one factory and kwargs
     evaluated together (:func:`stacks`, ``sharpfast.evaluate_many``); ``None`` (auto) splits each
     such group over the workers and lets ``evaluate_many`` choose the models per pass; ``1``
-    evaluates one checkpoint at a time. Store keys and rows do not depend on it.
+    evaluates one checkpoint per pass. Store keys and values do not depend on it.
     """
     from tqdm import tqdm
 
