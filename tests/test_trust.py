@@ -395,3 +395,45 @@ def test_an_interrupt_with_two_jobs_keeps_what_finished_and_says_so(tiny_zoo, tm
         claims = st.db.execute("SELECT COUNT(*) FROM claims").fetchone()[0]
     assert p.returncode == status and f"{said}; rerun to resume" in err
     assert counts.get("ok", 0) == half and counts.get("error", 0) == 0 and claims == 0
+
+
+def test_with_two_jobs_each_definitions_rows_are_stored_as_soon_as_they_exist(tiny_zoo, tmp_path):
+    """The second definition's data (256 examples) is served to the workers only once this test
+    writes a file, so the sweep is held after the first definition, however fast the machine:
+    its rows are in the store by then (a kill now would lose only the held definition's work)."""
+    import threading
+
+    zoo_dir = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, zoo_dir)
+    manifest = Manifest.load(str(zoo_dir))
+    release = tmp_path / "release"
+    manifest.data = {"factory": "tests.toy_models:gated_data",
+                     "kwargs": {"factory": manifest.data["factory"], "kwargs": manifest.data.get("kwargs", {}), "gate": 256, "release": str(release), "driver": os.getpid()}}
+    manifest.save(str(zoo_dir / "manifest.json"))
+    defs = [Definition("avg", "l2", 0.1, m=64, n_examples=n, n_samples=2) for n in (128, 256)]
+    store, done, outcome = str(tmp_path / "r.db"), 0, {}
+
+    def sweep():
+        try:
+            outcome["summary"] = run_sweep(Manifest.load(str(zoo_dir)), defs, store, jobs=2, progress=False)
+        except BaseException as e:  # noqa: BLE001 - said by the assertion below
+            outcome["error"] = e
+    thread = threading.Thread(target=sweep)
+    thread.start()
+    try:
+        deadline = time.time() + 600   # a guard against a hang, not a measure of speed
+        while done < len(manifest.models) and thread.is_alive() and time.time() < deadline:
+            time.sleep(0.2)
+            if os.path.exists(store):
+                try:
+                    with Store(store, readonly=True) as st:
+                        done = st.counts().get("ok", 0)
+                except StoreError:
+                    pass
+        held = thread.is_alive()
+    finally:
+        release.touch()
+        thread.join()
+    assert "error" not in outcome, outcome.get("error")
+    assert held and done == len(manifest.models), "the first definition's rows waited for the second's"
+    assert (outcome["summary"].ok, outcome["summary"].errors) == (2 * len(manifest.models), 0)

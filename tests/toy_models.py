@@ -149,3 +149,16 @@ def gated(factory: str, kwargs: dict, release: str | None = None) -> nn.Module:
     while release is not None and not os.path.exists(release):
         time.sleep(0.05)
     return import_factory(factory)(**kwargs)
+
+
+def gated_data(n_examples: int, factory: str, kwargs: dict, gate: int, release: str, driver: int):
+    """The examples the data factory ``factory(n_examples, **kwargs)`` gives; in a process other
+    than ``driver`` (a sweep's worker), ``gate`` examples only once the file ``release`` exists: a
+    zoo whose definitions on ``gate`` examples a test holds mid-way for as long as it needs."""
+    import os
+    import time
+
+    from sharpfast.study.checkpoints import import_factory
+    while n_examples == gate and os.getpid() != driver and not os.path.exists(release):
+        time.sleep(0.05)
+    return import_factory(factory)(n_examples=n_examples, **kwargs)

@@ -16,9 +16,8 @@ Tables
 A file that is not a sharpfast store (another SQLite database, anything else) is refused before
 anything is written to it; opening read-only writes nothing (no WAL switch, no tables).
 
-Every write is an upsert inside one transaction per checkpoint, so a process killed at any
-point (even ``kill -9``) leaves either all of a checkpoint's new rows or none of them; a rerun
-recomputes the missing ones and never duplicates a row. Only the driver process writes.
+Every write is an upsert inside a transaction, so a process killed at any point (even
+``kill -9``) leaves whole rows; a rerun recomputes the missing ones and never duplicates a row. Only the driver process writes.
 """
 from __future__ import annotations
 
@@ -311,14 +310,15 @@ class Store:
                            (d.key, d.name, d.family, 0.0 if d.rho is None else d.rho, d.to_json()))
 
     def put_results(self, checkpoint: dict[str, Any] | None, rows: Iterable[dict[str, Any]]) -> int:
-        """Upsert one checkpoint's rows (and its metadata) atomically; returns the row count."""
+        """Upsert one checkpoint's rows (and its metadata) atomically, releasing this process's
+        claims on them; returns the row count."""
         n = 0
         with self.transaction() as db:
             if checkpoint is not None:
                 self.put_checkpoint(db, **checkpoint)
-                db.execute("DELETE FROM claims WHERE checkpoint_id=? AND host=? AND pid=?",
-                           (checkpoint["checkpoint_id"], socket.gethostname(), os.getpid()))   # done
             for r in rows:
+                db.execute("DELETE FROM claims WHERE checkpoint_id=? AND definition_key=? AND host=? AND pid=?",
+                           (r["checkpoint_id"], r["definition_key"], socket.gethostname(), os.getpid()))   # done
                 r = dict(r)
                 r.setdefault("created_at", time.time())
                 if r.get("per_batch") is not None and not isinstance(r["per_batch"], str):

@@ -1,9 +1,10 @@
 """Sweeps: checkpoints x definitions -> results store, resumable and idempotent.
 
 The driver plans the work (every (checkpoint, definition) pair without an ``ok`` row for the
-checkpoint's current sha256), groups checkpoints of one factory and kwargs into stacks evaluated
+checkpoint's current sha256), groups the checkpoints of one factory and kwargs that lack one definition into stacks evaluated
 together (``sharpfast.evaluate_many``; ``stack=1``: one checkpoint per pass), hands one task per
-stack to an executor, and writes each checkpoint's rows in one transaction as its stack returns.
+stack to an executor, definition after definition, and writes the rows as each stack returns
+(each row in its own transaction), so a stopped sweep keeps every definition it finished.
 Executors:
 
 * ``local``: tasks run in this process (``jobs=1``) or in ``jobs`` spawned worker processes;
@@ -191,8 +192,9 @@ class Task:
 
 @dataclass
 class Stack:
-    """Tasks of checkpoints of one factory and kwargs that lack the same definitions: evaluated
-    together (:func:`evaluate_checkpoints`), each checkpoint's rows stored on their own."""
+    """Tasks of checkpoints of one factory and kwargs that lack one definition: evaluated together
+    (:func:`evaluate_checkpoints`), their rows stored as soon as the stack returns. One definition
+    per stack, so that a worker's rows reach the store definition by definition."""
     tasks: list[Task]
 
     @property
@@ -211,17 +213,22 @@ class Stack:
 
 
 def stacks(tasks: list[Task], size: int | None = None, jobs: int = 1) -> list[Stack]:
-    """The tasks grouped into stacks of ``size`` checkpoints of one factory and kwargs lacking the
-    same definitions, in the tasks' order; ``size=None``: each such group split evenly over the
-    ``jobs`` workers, at most ``sharpfast.many.MAX_STACK`` checkpoints per stack."""
+    """The tasks grouped into stacks of ``size`` checkpoints of one factory and kwargs lacking one
+    definition, definition after definition (a sweep stopped early has whole definitions), each in
+    the tasks' order; ``size=None``: each such group split evenly over the ``jobs`` workers, at most
+    ``sharpfast.many.MAX_STACK`` checkpoints per stack."""
     from sharpfast.many import MAX_STACK
 
     groups: dict[tuple, list[Task]] = {}
     for t in tasks:
-        key = (t.entry.factory, json.dumps(t.entry.kwargs, sort_keys=True), tuple(d.key for d in t.definitions))
-        groups.setdefault(key, []).append(t)
+        for d in t.definitions:
+            key = (d.key, t.entry.factory, json.dumps(t.entry.kwargs, sort_keys=True))
+            groups.setdefault(key, []).append(Task(t.entry, [d]))
+    first = {}   # each definition's place: where it first appears
+    for key in groups:
+        first.setdefault(key[0], len(first))
     out = []
-    for group in groups.values():
+    for _, group in sorted(groups.items(), key=lambda kv: first[kv[0][0]]):
         k = size or max(1, min(MAX_STACK, -(-len(group) // max(1, jobs))))
         out += [Stack(group[i:i + k]) for i in range(0, len(group), k)]
     return out
@@ -509,7 +516,7 @@ def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, execu
             tasks = [Task(t.entry, [d for d in t.definitions if (t.entry.id, d.key) not in held]) for t in tasks]
             tasks = [t for t in tasks if t.definitions]
         names = {d.key: d.name for d in defs}
-        bar = tqdm(total=len(tasks), desc=f"sweep ({executor})", unit="ckpt",
+        bar = tqdm(total=sum(len(t.definitions) for t in tasks), desc=f"sweep ({executor})", unit="row",
                    disable=not progress or not tasks)
 
         def on_result(task: Task, rows: list[dict]) -> None:
@@ -520,7 +527,7 @@ def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, execu
                 else:
                     summary.errors += 1
                     summary.failed[f"{r['checkpoint_id']} / {names.get(r['definition_key'], r['definition_key'])}"] = r["error"]
-            bar.update(1)
+            bar.update(len(rows))
             bar.set_postfix(ok=summary.ok, error=summary.errors, refresh=False)
 
         try:
