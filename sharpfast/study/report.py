@@ -10,13 +10,13 @@ A statistic that cannot be measured on the zoo at hand (a target it does not rec
 with one run per setting; a CMI that nothing is left to condition on) is left out, and the report
 says why. A positive tau means "sharper models generalize worse", the hypothesis under test.
 
-Writes ``report.md``, ``report.html``, ``results.csv`` and one PNG scatter plot per definition
-(measure vs each recorded target, colored by a hyperparameter) into the output folder.
+Writes ``report.md`` (with one PNG scatter plot per definition: measure vs each recorded target,
+coloured by a hyperparameter), ``report.html`` (the same report as a self-contained interactive page,
+:mod:`.report_html`) and ``results.csv`` into the output folder.
 """
 from __future__ import annotations
 
 import csv
-import html
 from collections import Counter
 import math
 import os
@@ -28,6 +28,7 @@ import numpy as np
 
 from sharpfast.geodesic import CORRECTION_WARNING
 
+from . import report_html
 from .measures import MEASURES_REVISION
 from .stats import bootstrap_tau, conditional_mutual_information, granulated_tau, robust_sign_error, varying_factors
 from .store import Store
@@ -65,6 +66,13 @@ class Report:
 
     def markdown(self, ci: bool = True) -> str:
         return _markdown(self, ci)
+
+    def granulated_table(self) -> tuple[str, list[str], list[list], list[str]] | None:
+        return granulated_table(self)
+
+    @staticmethod
+    def target_name(target: str) -> str:
+        return TARGETS[target]
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -143,6 +151,35 @@ def _cmi_note(r: Report) -> str | None:
             f"(the PGDL scoring program's rule), and {why}.")
 
 
+def granulated_table(r: Report) -> tuple[str, list[str], list[list], list[str]] | None:
+    """The per-hyperparameter table: its caption, columns and rows (a tau as a float, a score as
+    text), and the notes on the columns left out; None where the zoo has no factor or target."""
+    if not (r.factors and r.targets):
+        return None
+    sign_note, cmi_note = _sign_error_note(r), _cmi_note(r)
+    weighting = (f"Hoeffding-weighted, {r.n_test} test examples" if r.n_test else "unweighted: test-set size unknown")
+    columns = ["tau", "Psi"] + ([] if cmi_note else ["CMI"]) + ([] if sign_note else ["sign-err robust / mean"])
+    caption = (f"Granulated tau per hyperparameter (vs {TARGETS[r.target]}; Jiang et al. 2020's sign sum within each "
+               "group), overall tau, Psi")
+    if not cmi_note:
+        caption += (", the conditional mutual information score (CMI, as the PGDL scoring program computes it: "
+                    "the minimum over pairs of hyperparameters conditioned on)")
+    if not sign_note:
+        caption += (f", the sign-error over coupled pairs (Dziugaite et al. 2020: environments of two settings that "
+                    f"differ in one hyperparameter, every run against every run, {weighting}, effective sample size "
+                    ">= 12; robust = the worst environment, and the mean over them; 0.5 is a coin flip)")
+    rows = []
+    for ln in r.lines:
+        cells = [ln.name] + [ln.granulated.psi.get(f, float("nan")) for f in r.factors]
+        cells += [ln.taus[r.target].tau, ln.granulated.Psi]
+        if not cmi_note:
+            cells.append(_plain(ln.cmi.score))
+        if not sign_note:
+            cells.append(f"{_plain(ln.sign_error.robust)} / {_plain(ln.sign_error.mean)}")
+        rows.append(cells)
+    return caption, ["definition"] + r.factors + columns, rows, [n for n in (cmi_note, sign_note) if n]
+
+
 def _markdown(r: Report, ci: bool) -> str:
     head = ["definition", "n"] + [f"tau {TARGETS[t]}" for t in r.targets] + ["Psi"]
     sel = "" if r.max_train_error is None else f" with train error <= {r.max_train_error:g}"
@@ -153,59 +190,18 @@ def _markdown(r: Report, ci: bool) -> str:
     for ln in r.lines:
         cells = [ln.name, str(ln.n)] + [_cell(ln.taus[t], ci) for t in r.targets] + [_fmt(ln.granulated.Psi, 2)]
         out.append("| " + " | ".join(cells) + " |")
-    if r.factors and r.targets:
-        sign_note, cmi_note = _sign_error_note(r), _cmi_note(r)
-        weighting = (f"Hoeffding-weighted, {r.n_test} test examples" if r.n_test else "unweighted: test-set size unknown")
-        columns = ["tau", "Psi"] + ([] if cmi_note else ["CMI"]) + ([] if sign_note else ["sign-err robust / mean"])
-        text = (f"Granulated tau per hyperparameter (vs {TARGETS[r.target]}; Jiang et al. 2020's sign sum within each "
-                "group), overall tau, Psi")
-        if not cmi_note:
-            text += (", the conditional mutual information score (CMI, as the PGDL scoring program computes it: "
-                     "the minimum over pairs of hyperparameters conditioned on)")
-        if not sign_note:
-            text += (f", the sign-error over coupled pairs (Dziugaite et al. 2020: environments of two settings that "
-                     f"differ in one hyperparameter, every run against every run, {weighting}, effective sample size "
-                     ">= 12; robust = the worst environment, and the mean over them; 0.5 is a coin flip)")
-        out += ["", text + ":", "", "| definition | " + " | ".join(r.factors + columns) + " |",
-                "|" + "---|" * (len(r.factors) + len(columns) + 1)]
-        for ln in r.lines:
-            cells = [_fmt(ln.granulated.psi.get(f, float("nan")), 2) for f in r.factors]
-            cells += [_fmt(ln.taus[r.target].tau, 2), _fmt(ln.granulated.Psi, 2)]
-            if not cmi_note:
-                cells.append(_plain(ln.cmi.score))
-            if not sign_note:
-                cells.append(f"{_plain(ln.sign_error.robust)} / {_plain(ln.sign_error.mean)}")
-            out.append(f"| {ln.name} | " + " | ".join(cells) + " |")
-        out += [""] + [n for n in (cmi_note, sign_note) if n]
+    granulated = granulated_table(r)
+    if granulated:
+        caption, columns, rows, said = granulated
+        out += ["", caption + ":", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        for cells in rows:
+            out.append("| " + " | ".join(c if isinstance(c, str) else _fmt(c, 2) for c in cells) + " |")
+        out += [""] + said
     if r.notes:
         out += [""] + r.notes
     if r.covers:
         out += [""] + r.covers
     return "\n".join(out).rstrip("\n")
-
-
-def _html(r: Report, plots: list[tuple[str, str]]) -> str:
-    def table(md_lines: list[str]) -> str:
-        rows = [l for l in md_lines if l.startswith("|") and not l.startswith("|---")]
-        cells = [[c.strip() for c in l.strip("|").split("|")] for l in rows]
-        h = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells[0]) + "</tr>"
-        b = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[1:])
-        return f"<table>{h}{b}</table>"
-
-    md = r.markdown().split("\n")
-    split_at = next((i for i, l in enumerate(md) if l.startswith("Granulated")), len(md))
-    body = [f"<p>{html.escape(md[0])}</p>", table(md[:split_at])]
-    if split_at < len(md):
-        body += [f"<p>{html.escape(md[split_at])}</p>", table(md[split_at:])]
-    body += [f"<p>{html.escape(l)}</p>" for i, l in enumerate(md)   # the notes: what was left out and why
-             if i not in (0, split_at) and l and not l.startswith("|")]
-    for name, rel in plots:
-        body.append(f"<h3>{html.escape(name)}</h3><img src='{html.escape(rel)}' width='900'>")
-    style = ("body{font-family:sans-serif;margin:2em} table{border-collapse:collapse} "
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right} td:first-child{text-align:left}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>sharpfast report</title>"
-            f"<style>{style}</style></head><body><h1>sharpfast: sharpness vs generalization</h1>"
-            + "\n".join(body) + "</body></html>")
 
 
 def _slug(s: str) -> str:
@@ -386,7 +382,7 @@ def build_report(store_path: str, out_dir: str | None = None, target: str = "tes
     if out_dir is None:
         return report
     os.makedirs(out_dir, exist_ok=True)
-    plot_files = []
+    plot_files, figures = [], []
     if plots:
         pdir = os.path.join(out_dir, "plots")
         os.makedirs(pdir, exist_ok=True)
@@ -394,9 +390,11 @@ def build_report(store_path: str, out_dir: str | None = None, target: str = "tes
             if ln.key is None or ln.n < 2 or not targets:
                 continue
             fname = _slug(ln.name) + ".png"
-            _plot(os.path.join(pdir, fname), ln.name, ln.values, [ckpts[c]["metrics"] for c in ln.ids],
-                  [ckpts[c]["hparams"] for c in ln.ids], color_by, ln.taus, targets)
+            metrics, hparams = [ckpts[c]["metrics"] for c in ln.ids], [ckpts[c]["hparams"] for c in ln.ids]
+            _plot(os.path.join(pdir, fname), ln.name, ln.values, metrics, hparams, color_by, ln.taus, targets)
             plot_files.append((ln.name, os.path.join("plots", fname)))
+            figures.append(report_html.scatter_figure(ln.name, ln.values, ln.ids, metrics, hparams, color_by, ln.taus,
+                                                      {t: TARGETS[t] for t in targets}, scatter_markers(hparams)))
     md_path = os.path.join(out_dir, "report.md")
     with open(md_path, "w", encoding="utf-8") as f:
         f.write("# sharpfast report\n\n" + report.markdown() + "\n")
@@ -404,7 +402,7 @@ def build_report(store_path: str, out_dir: str | None = None, target: str = "tes
             f.write(f"\n![{name}]({rel})\n")
     html_path = os.path.join(out_dir, "report.html")
     with open(html_path, "w", encoding="utf-8") as f:
-        f.write(_html(report, plot_files))
+        f.write(report_html.page(report, ckpts, defs, figures))
     csv_path = os.path.join(out_dir, "results.csv")
     metric_names = sorted({k for c in ckpts.values() for k in c["metrics"]})
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
