@@ -46,7 +46,7 @@ def test_run_end_to_end_and_resume(tmp_path):
         assert st.counts() == {"ok": 16}
     assert (out / "report.md").read_text().startswith("# sharpfast report")
     html = (out / "report.html").read_text()
-    assert "<table>" in html and "plots/" in html
+    assert "<table>" in html and html.count("Plotly.newPlot(") == 2   # the tables, a scatter per definition
     pngs = sorted((out / "plots").glob("*.png"))
     assert len(pngs) == 2 and all(p.read_bytes()[:8] == PNG and p.stat().st_size > 5000 for p in pngs)
     with open(out / "results.csv") as f:
