@@ -19,9 +19,14 @@ claims the checkpoints it computes, so sweeps sharing a store split them (:meth:
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
+import re
+import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -254,10 +259,14 @@ class SweepSummary:
             owners = sorted(set(self.claimed_elsewhere.values()))
             lines.append(f"  rows of {len(self.claimed_elsewhere)} checkpoint(s) left to another sweep on this store, "
                          f"which is computing them ({', '.join(owners)}); rerun when it is done to see them all")
-        for k, v in list(self.failed.items())[:10]:
-            lines.append(f"  error: {k}: {v.splitlines()[0][:300]}")
-        if len(self.failed) > 10:
-            lines.append(f"  ... and {len(self.failed) - 10} more (see the store's results.error)")
+        by_message: dict[str, list[str]] = {}   # rows failing alike (a dead node's) on one line
+        for k, v in self.failed.items():
+            by_message.setdefault(v.splitlines()[0][:300], []).append(k)
+        for message, rows in list(by_message.items())[:10]:
+            which = rows[0] if len(rows) == 1 else f"{len(rows)} rows, the first {rows[0]}"
+            lines.append(f"  error: {which}: {message}")
+        if len(by_message) > 10:
+            lines.append(f"  ... and {len(by_message) - 10} more errors (see the store's results.error)")
         return "\n".join(lines)
 
 
@@ -355,21 +364,24 @@ def _run_local(manifest: Manifest, work: list[Stack], device: str, threads: int 
 def _run_ray(manifest: Manifest, work: list[Stack], device: str, threads: int | None, backend: str,
              on_result: Callable[[Task, list[dict]], None], address: str | None = None,
              num_cpus: int | None = None, cpus_per_task: float = 1.0,
-             gpus_per_task: float | None = None, size: int | None = None) -> None:
+             gpus_per_task: float | None = None, size: int | None = None, log_path: str | None = None) -> None:
+    """One Ray task per stack; what Ray itself prints goes to ``log_path`` (:class:`RayChatter`).
+    Where the cluster can no longer run the tasks left (their nodes died), those rows are errors."""
     try:
         import ray
     except ImportError as e:
         raise RuntimeError("the Ray executor needs ray: pip install 'ray' (or sharpfast[ray])") from e
-    started = False
-    if not ray.is_initialized():
-        kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        if address:
-            check_reachable(address)   # Ray itself retries a wrong address for minutes
-            ray.init(address=address, **kw)
-        else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), **kw)
-        started = True
+    chatter = RayChatter(sys.stdout, log_path)
+    sys.stdout, started = chatter, False
     try:
+        if not ray.is_initialized():
+            kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            if address:
+                check_reachable(address)   # Ray itself retries a wrong address for minutes
+                ray.init(address=address, **kw)
+            else:
+                ray.init(num_cpus=num_cpus or os.cpu_count(), **kw)
+            started = True
         gpus = ray.cluster_resources().get("GPU", 0) if device != "cpu" else 0
         num_gpus = (1.0 if gpus_per_task is None else gpus_per_task) if gpus > 0 else 0
         task_device = ("cuda" if num_gpus else "cpu") if device == "auto" else device
@@ -379,7 +391,16 @@ def _run_ray(manifest: Manifest, work: list[Stack], device: str, threads: int | 
             args = stack.arguments(manifest, task_device, threads or max(1, int(cpus_per_task)), backend, size)
             pending[remote.remote(*args)] = stack
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=RAY_POLL_S)
+            if not ready:   # nothing finished: can the cluster still run what is left?
+                missing = _missing_resources(ray.cluster_resources(), cpus_per_task, num_gpus)
+                if missing:
+                    for ref, stack in pending.items():
+                        ray.cancel(ref, force=True)
+                        for t, r in zip(stack.tasks, stack.failed(RuntimeError(missing))):
+                            on_result(t, r)
+                    break
+                continue
             stack = pending.pop(ready[0])
             try:
                 rows = ray.get(ready[0])
@@ -388,8 +409,74 @@ def _run_ray(manifest: Manifest, work: list[Stack], device: str, threads: int | 
             for t, r in zip(stack.tasks, rows):
                 on_result(t, r)
     finally:
-        if started:
-            ray.shutdown()
+        try:
+            if started:
+                with chatter.everything():   # shutdown prints the messages Ray held back as repeats
+                    ray.shutdown()
+        finally:
+            sys.stdout = chatter.out
+            chatter.close()
+
+
+RAY_POLL_S = 10.0   # how often a sweep waiting on Ray checks that the cluster can still run its tasks
+
+
+def _missing_resources(cluster: dict, cpus: float, gpus: float) -> str | None:
+    """Why no node of a cluster with ``cluster`` resources can run a task asking for ``cpus`` and
+    ``gpus`` any more (its nodes died), or None where one can."""
+    have_cpu, have_gpu = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    if have_cpu >= cpus and have_gpu >= gpus:
+        return None
+    return (f"no node of the Ray cluster can run this task any more: it asks for {cpus:g} CPU"
+            + (f" and {gpus:g} GPU" if gpus else "") + f", the live nodes have {have_cpu:g} CPU"
+            + (f" and {have_gpu:g} GPU" if gpus else "") + " (a node died?); rerun when the cluster is back")
+
+
+class RayChatter(io.TextIOBase):
+    """``sys.stdout`` while a sweep runs on Ray: Ray's driver threads print what the cluster reports
+    (a dead node's message comes with some 35 lines of its state dump) to ``sys.stdout``. Those
+    writes go to ``log_path``, and one line of each message to the sweep's output; every other
+    thread's writes pass through unchanged."""
+
+    def __init__(self, out, log_path: str | None):
+        self.out, self.log_path, self._log = out, log_path, None
+        self._said: set[str] = set()   # Ray reports a dead node's end more than once
+        self._everything = False
+
+    @contextlib.contextmanager
+    def everything(self):
+        """Every thread's writes count as Ray's meanwhile (a call into Ray that prints)."""
+        self._everything = True
+        try:
+            yield
+        finally:
+            self._everything = False
+
+    def write(self, text: str) -> int:
+        if not (self._everything or threading.current_thread().name.startswith("ray_")):
+            return self.out.write(text)
+        if self._log is None and self.log_path:
+            self._log = open(self.log_path, "a", encoding="utf-8")
+        if self._log is not None:
+            self._log.write(text)
+            self._log.flush()
+        for line in _ANSI.sub("", text).splitlines():
+            if line.startswith("(") and line not in self._said:   # a message's first line (the rest is indented)
+                self._said.add(line)
+                where = f"; all of it in {self.log_path}" if self.log_path else ""
+                self.out.write(f"sweep: Ray says: {line[:200]}{' ...' if len(line) > 200 else ''}{where}\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+        super().close()
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 RAY_CONNECT_TIMEOUT_S = 5.0
@@ -537,7 +624,7 @@ def run_sweep(manifest: Manifest, defs: list[Definition], store_path: str, execu
                 _run_local(manifest, work, device, threads, backend, on_result, jobs, stack)
             else:
                 _run_ray(manifest, work, device, threads, backend, on_result, address, num_cpus,
-                         cpus_per_task, gpus_per_task, stack)
+                         cpus_per_task, gpus_per_task, stack, log_path=store_path + ".ray.log")
         finally:
             bar.close()
             store.release()
