@@ -23,7 +23,7 @@ import sharpfast
 from benchmarks.bench_curvature import emit
 from benchmarks.bench_ops import device_name
 from benchmarks.bench_sharpness import DigitsCNN, bare_worst, clock, digits_batches, mlp25, small_model, trained
-from sharpfast import reference
+from sharpfast.worst_case import reference
 from sharpfast.params import ModelGuard
 
 RADII = {"l2": 0.5, "linf": 0.002}   # the default preset's adaptive radii

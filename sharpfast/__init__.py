@@ -17,12 +17,13 @@ _EXPORTS = {
     **dict.fromkeys(["worst_case_sharpness", "average_sharpness", "geodesic_sharpness", "evaluate_sharpness"], "api"),
     **dict.fromkeys(["hessian_trace", "hessian_eigenvalues", "hessian_diagonal", "hessian_spectrum", "adam_sharpness",
                      "renyi_sharpness"], "curvature"),
-    **dict.fromkeys(["GLBlock", "GLFactor", "find_gl_blocks", "NoGLBlockWarning"], "geodesic"),
+    **dict.fromkeys(["GLBlock", "GLFactor", "find_gl_blocks", "NoGLBlockWarning", "GeodesicCorrectionWarning",
+                     "GeodesicSettings"], "geodesic"),
     **dict.fromkeys(["selftest", "SelfTestReport"], "kernel_check"),
     "evaluate_many": "many",
     **dict.fromkeys(["LOGIT_NORMALIZATIONS", "map_tensors"], "objective"),
     "SharpnessResult": "result",
-    **dict.fromkeys(["NORMS", "WorstCaseSettings", "AverageCaseSettings", "GeodesicSettings"], "settings"),
+    **dict.fromkeys(["NORMS", "WorstCaseSettings", "AverageCaseSettings"], "settings"),
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -22,7 +22,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch  # must precede sharpfast._C (it links against libtorch)
 
-from . import apgd
+from .settings import MOMENTUM
 from .philox import DISTRIBUTIONS
 
 IMPORT_ERROR: Optional[str] = None
@@ -160,7 +160,7 @@ def perturb_batched_(out: torch.Tensor, w0: torch.Tensor, c: Scale, rho: float, 
 
 def apgd_step_linf_(params: torch.Tensor, delta: torch.Tensor, delta_prev: torch.Tensor, grad: torch.Tensor,
                     w0: torch.Tensor, c: Scale, step_size: torch.Tensor, rho: float,
-                    momentum: float = apgd.MOMENTUM) -> None:
+                    momentum: float = MOMENTUM) -> None:
     """One fused linf APGD step (one pass over memory):
 
     ``z = clamp(delta + step * sign(grad) * c, -rho c, rho c)``,
@@ -186,7 +186,7 @@ def ellipsoid_sq_norms(delta: torch.Tensor, grad: torch.Tensor, w0: torch.Tensor
 
 def apgd_step_l2_(params: torch.Tensor, delta: torch.Tensor, delta_prev: torch.Tensor, grad: torch.Tensor,
                   w0: torch.Tensor, c: Scale, grad_scale: torch.Tensor, lam: torch.Tensor,
-                  momentum: float = apgd.MOMENTUM) -> None:
+                  momentum: float = MOMENTUM) -> None:
     """One fused l2 APGD step: ``z = delta + grad_scale * grad * c``,
     ``zp = z c^2 / (c^2 + 2 lam)`` (0 where ``c = 0``; ``z`` where ``lam = 0``), then momentum,
     history shift and parameter write as in :func:`apgd_step_linf_`. ``lam``: 0-dim float64.

@@ -8,12 +8,12 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from . import precision, reference
+from . import precision
 from .params import ModelGuard, ParamSet
 from .result import SharpnessResult, check_batches
 from .settings import AverageCaseSettings as A
 from .settings import Settings
-from .settings import GEODESIC_EPS, GeodesicSettings
+from .geodesic.settings import GeodesicSettings as G
 from .settings import WorstCaseSettings as W
 
 
@@ -75,8 +75,9 @@ def worst_case_sharpness(
             ellipsoid by bisection, its momentum and step-size rule) or ``"scaled"``: the APGD of
             Croce & Hein in ``u = delta / c``, where the constraint is a plain ball or box, the l2
             ascent direction is ``c g / ||c g||`` and projection a rescale or a clamp (no bisection).
-            On the diagonal linear network adaptive l2 reaches 57% of the maximum with the first,
-            the maximum with the second.
+            On the diagonal linear network adaptive l2 reaches 89-95% of the closed-form maximum with
+            the first (random or eigen starts), the maximum with the second
+            (benchmarks/SOLVER_RESULTS.md).
         init: where each run starts: ``"zero"``, ``"random"`` (``rand_init``), or ``"eigen"``:
             ``+-rho`` times the top eigenvectors of ``C H C`` (one per restart, both signs: two runs
             per restart), the start that can move at a critical point, where the gradient is 0.
@@ -143,17 +144,17 @@ def average_sharpness(
 
 
 def geodesic_sharpness(
-    model: nn.Module, data: Iterable, rho: float, metric: str = "mix", blocks="auto", eps: float = GEODESIC_EPS,
-    second_order: bool = True, n_iters: int = W.n_iters, n_restarts: int = W.n_restarts, init: str = "zero",
-    adaptive: bool = W.adaptive,
+    model: nn.Module, data: Iterable, rho: float, metric: str = G.metric, blocks=G.blocks, eps: float = G.eps,
+    second_order: bool = G.second_order, n_iters: int = G.n_iters, n_restarts: int = G.n_restarts,
+    init: str = G.init, adaptive: bool = G.adaptive,
     scale: Mapping[str, torch.Tensor] | None = None, loss_fn: Callable | None = None,
-    normalize_logits: bool | str = W.normalize_logits, step_size_mult: float = W.step_size_mult,
-    seed: int = W.seed, backend: str = W.backend, adaptive_eta: float = W.adaptive_eta,
-    adaptive_weights_only: bool = W.adaptive_weights_only, eval_mode: bool = W.eval_mode,
-    min_update_ratio: float = W.min_update_ratio, error_fn: Callable | None = None,
-    low_precision: str = W.low_precision,
+    normalize_logits: bool | str = G.normalize_logits, step_size_mult: float = G.step_size_mult,
+    seed: int = G.seed, backend: str = G.backend, adaptive_eta: float = G.adaptive_eta,
+    adaptive_weights_only: bool = G.adaptive_weights_only, eval_mode: bool = G.eval_mode,
+    min_update_ratio: float = G.min_update_ratio, error_fn: Callable | None = None,
+    low_precision: str = G.low_precision,
 ) -> SharpnessResult:
-    """Geodesic sharpness (da Silva, Dangel, Oore, ICML 2025; GEODESIC.md): per m-batch,
+    """Geodesic sharpness (da Silva, Dangel, Oore, ICML 2025; DESIGN.md §2c): per m-batch,
     ``max L(gamma_xi(1)) - L(w)`` over horizontal ``xi`` with ``||xi||_w <= rho``, ``gamma_xi(1) ~=
     w + xi - Gamma(xi, xi)/2`` the geodesic to second order, in a metric invariant under attention's
     GL(h) symmetry, so that weights that compute the same function have the same sharpness.
@@ -186,7 +187,7 @@ def geodesic_sharpness(
         ``second_order=False`` it equals ``worst_case_sharpness(norm="l2", adaptive=True,
         solver="scaled")``.
     """
-    return evaluate_sharpness(model, data, GeodesicSettings(
+    return evaluate_sharpness(model, data, G(
         rho=rho, metric=metric, blocks=blocks, eps=eps, second_order=second_order, n_iters=n_iters,
         n_restarts=n_restarts, init=init,
         adaptive=adaptive, scale=scale, loss_fn=loss_fn, error_fn=error_fn, normalize_logits=normalize_logits,
@@ -197,7 +198,7 @@ def geodesic_sharpness(
 
 def evaluate_sharpness(model: nn.Module, data: Iterable, settings: Settings) -> SharpnessResult:
     """The sharpness ``settings`` define (:class:`~sharpfast.settings.WorstCaseSettings`,
-    :class:`~sharpfast.settings.AverageCaseSettings` or :class:`~sharpfast.settings.GeodesicSettings`)
+    :class:`~sharpfast.settings.AverageCaseSettings` or :class:`~sharpfast.geodesic.settings.GeodesicSettings`)
     of ``model`` on ``data``."""
     if not isinstance(settings, Settings):
         raise TypeError(f"settings must be WorstCaseSettings, AverageCaseSettings or GeodesicSettings, got "
@@ -210,11 +211,13 @@ def evaluate_sharpness(model: nn.Module, data: Iterable, settings: Settings) -> 
             from .geodesic.solver import geodesic_sharpness as geodesic
             return geodesic(model, batches, params, settings,
                             "reference" if settings.backend == "reference" else "fused")
-        if resolve_backend(settings.backend, params) == "fused":
-            from . import fused
-            impl = fused.worst_case_sharpness if settings.kind == "worst" else fused.average_sharpness
+        backend = resolve_backend(settings.backend, params)   # the fused paths load the extension
+        if settings.kind == "worst":
+            from .worst_case import fused, reference
+            impl = fused.worst_case_sharpness if backend == "fused" else reference.worst_case_sharpness
         else:
-            impl = reference.worst_case_sharpness if settings.kind == "worst" else reference.average_sharpness
+            from .average_case import fused, reference
+            impl = fused.average_sharpness if backend == "fused" else reference.average_sharpness
         return impl(model, batches, params, settings)
 
 
@@ -224,8 +227,8 @@ def resolve_backend(backend: str, params: ParamSet) -> str:
     the reference (with a warning when the self-test failed). ``"fused"`` raises instead."""
     if backend == "reference":
         return "reference"
-    from . import fused, kernel_check  # imported lazily: the reference needs no extension
-    available, why = fused.available(params)
+    from . import engine, kernel_check  # imported lazily: the reference needs no extension
+    available, why = engine.available(params)
     if available:
         report = kernel_check.verified(params.device)
         if not report.ok:

@@ -16,7 +16,7 @@ bisection keeps the published absolute tolerance 1e-5 here (the main API tighten
 """
 from __future__ import annotations
 
-from . import apgd
+from .settings import MIN_UPDATE_RATIO, PUBLISHED_BISECTION_TOL
 from .api import average_sharpness, worst_case_sharpness
 
 
@@ -29,7 +29,7 @@ def _log(kind: str, result) -> str:
 
 def eval_APGD_sharpness(model, batches, loss_f, train_err=None, train_loss=None, rho=0.01,
                         step_size_mult=1, n_iters=200, layer_name_pattern="all", n_restarts=1,
-                        min_update_ratio=apgd.MIN_UPDATE_RATIO, rand_init=False, no_grad_norm=False, verbose=False,
+                        min_update_ratio=MIN_UPDATE_RATIO, rand_init=False, no_grad_norm=False, verbose=False,
                         return_output=False, adaptive=False, version="default", norm="linf",
                         seed=0, backend="auto", **kwargs):
     """Worst-case sharpness by APGD; returns ``(sharpness, err_sharpness, max ||delta||_2)``
@@ -40,7 +40,7 @@ def eval_APGD_sharpness(model, batches, loss_f, train_err=None, train_loss=None,
                              n_iters=n_iters, n_restarts=n_restarts, rand_init=rand_init,
                              step_size_mult=step_size_mult, seed=seed, backend=backend,
                              eval_mode=False, min_update_ratio=min_update_ratio,
-                             projection_tol=apgd.PUBLISHED_BISECTION_TOL)
+                             projection_tol=PUBLISHED_BISECTION_TOL)
     vals = (r.sharpness, r.err_sharpness, r.delta_norm)
     output = _log("Sharpness", r)
     if verbose:

@@ -28,7 +28,7 @@ log = logging.getLogger("sharpfast.many")
 MAX_STACK = 64   # models per pass at most (auto)
 CPU_STACK_MAX_ACTIVATIONS = 2048   # on a CPU, models computing more values per example are not stacked (auto)
 # the memory the stack's [rows, N] buffers may take (auto): per model, its solver's buffers per
-# m-batch (fused.problems.TOGETHER_BUFFERS, + the flat w0) or the perturbed copy (average case)
+# m-batch (engine.problems.TOGETHER_BUFFERS, + the flat w0) or the perturbed copy (average case)
 STACK_BUFFER_BYTES = {"cuda": 2**30, "cpu": 2**28}
 ERRORS = ("raise", "return")
 _said_unstackable: set = set()   # architectures the log already said cannot be stacked
@@ -96,7 +96,7 @@ def auto_stack(model: nn.Module, settings: Settings, batches: list) -> int:
     device = params[0].device
     n, element = sum(p.numel() for p in params), max(4, params[0].element_size())   # half: a float32 copy
     if settings.kind == "worst":
-        from .fused.problems import TOGETHER_BUFFERS
+        from .engine.problems import TOGETHER_BUFFERS
         per_model = (TOGETHER_BUFFERS[settings.solver] * len(batches) + 1) * n * element
     else:
         per_model = 2 * n * element
@@ -341,7 +341,7 @@ def not_stacked_because(model: nn.Module, settings: Settings, params, batches: l
     than :data:`CPU_STACK_MAX_ACTIVATIONS` values per example are not: there the forward is bound
     by arithmetic, not by the per-operation overhead stacking removes, and the stacked forward
     (even of one model) measured slower (benchmarks/ZOO_RESULTS.md)."""
-    from .fused.problems import _stackable
+    from .engine.problems import _stackable
     if settings.kind == "geodesic":
         return "geodesic sharpness has no stacked solver"
     if resolve_backend(settings.backend, params) != "fused":
@@ -362,14 +362,15 @@ def not_stacked_because(model: nn.Module, settings: Settings, params, batches: l
 
 
 def _fused_stack(models, batches, params_list, settings: Settings) -> list:
-    from . import fused
     if settings.kind != "worst":
-        return fused.average_many(models, batches, params_list, settings)
+        from .average_case.fused import average_many
+        return average_many(models, batches, params_list, settings)
     device = params_list[0].device
     unpacked = [unpack_batch(b, i) for i, b in enumerate(batches)]
     xs = [to_device(x, device) for x, _ in unpacked]
     ys = [to_device(y, device) for _, y in unpacked]
-    return fused.worst_case_many(models, batches, params_list, settings, xs, ys)
+    from .worst_case.fused import worst_case_many
+    return worst_case_many(models, batches, params_list, settings, xs, ys)
 
 
 __all__ = ["evaluate_many", "auto_stack", "check_same_architecture", "MAX_STACK", "STACK_BUFFER_BYTES"]

@@ -155,3 +155,19 @@ def resolve_logit_normalization(normalize_logits_arg: bool | str | None) -> str 
     if isinstance(normalize_logits_arg, str) and normalize_logits_arg in LOGIT_NORMALIZATIONS:
         return normalize_logits_arg
     raise ValueError(f"normalize_logits must be False, True, 'norm' or 'std', got {normalize_logits_arg!r}")
+
+
+def evaluate(model, objective: Objective, x, y) -> tuple[float, float | None]:
+    """The loss (and error) of ``model`` on one batch, as Python floats."""
+    loss, err = objective.loss_and_error(model, x, y)
+    return float(loss), (None if err is None else float(err))
+
+
+def gradient(model, objective: Objective, params, x, y) -> list[torch.Tensor]:
+    """The loss's gradient for each parameter of ``params`` (a ``ParamSet``); zeros for parameters
+    the loss does not use (``params.check_gradients`` refuses those it uses without a gradient)."""
+    loss = objective.loss(objective.logits(model, x), y)
+    grads = (torch.autograd.grad(loss, params.tensors, allow_unused=True) if loss.requires_grad
+             else [None] * len(params))   # no parameter is seen: check_gradients says which matter
+    params.check_gradients([g is not None for g in grads], lambda: objective.loss(objective.logits(model, x), y))
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.tensors)]

@@ -203,3 +203,17 @@ class ModelGuard(contextlib.AbstractContextManager):
             module._buffers[name] = buf
         self._autograd.close()
         return False
+
+
+def set_weights(params: ParamSet, values: list[torch.Tensor]) -> None:
+    """Point each parameter at ``values`` (the reference's tensors of its own, never the caller's:
+    the caller's ``ModelGuard`` points them back)."""
+    for p, v in zip(params.tensors, values):
+        p.data = v
+
+
+def set_kept(params: ParamSet, kept: list[torch.Tensor]) -> None:
+    """Point the parameters at a copy of a kept point (``w0``, which is the caller's storage, or the
+    best point): a forward that writes into its own weights (an in-place clamp or weight norm) must
+    change neither the caller's model nor the point kept."""
+    set_weights(params, [v.clone() for v in kept])

@@ -125,3 +125,11 @@ RAND_INIT_SAMPLE_BASE = 1 << 31
 def noise_distribution(norm: str) -> str:
     """Gaussian noise for the l2 definitions, uniform(-1, 1) for linf (DESIGN.md §1)."""
     return "normal" if norm == "l2" else "uniform"
+
+
+def draw_noise(params, s, stream: int, sample: int) -> list[torch.Tensor]:
+    """``xi`` for every parameter of ``params`` (a ``ParamSet``) under settings ``s`` (its norm picks
+    the distribution, its seed the key): one draw over the concatenated parameter vector."""
+    xi = philox_draw(noise_distribution(s.norm), s.seed, stream, sample, 0, params.numel,
+                     dtype=torch.float64, device=params.device)
+    return [x.to(p.dtype) for x, p in zip(params.split(xi), params.tensors)]

@@ -64,3 +64,29 @@ def check_batches(data: Any) -> list:
     if not batches:
         raise ValueError("data is empty: pass at least one (x, y) batch")
     return batches
+
+
+def mean(values) -> float:
+    return sum(values) / len(values)
+
+
+def summarize(s, backend: str, per_batch, per_batch_err, init_losses, init_errs, delta_norm: float) -> SharpnessResult:
+    """The result of per-batch outcomes under settings ``s``: the means over the m-batches; the
+    error's only where every batch has one."""
+    has_err = len(per_batch_err) == len(per_batch)
+    return SharpnessResult(
+        sharpness=mean(per_batch), err_sharpness=mean(per_batch_err) if has_err else None,
+        per_batch=per_batch, per_batch_err=per_batch_err if has_err else None,
+        delta_norm=delta_norm, init_loss=mean(init_losses),
+        init_err=mean(init_errs) if has_err else None, backend=backend, kind=s.kind,
+        settings=s.describe())
+
+
+def delta_l2_norm(delta: list[torch.Tensor]) -> float:
+    """``||delta||_2``, reported as the result's ``delta_norm``: summed over ``delta / max|delta_i|``, so
+    that float64 perturbations of weights near the largest float have a finite norm where it is one."""
+    largest = max((float(d.detach().abs().max()) for d in delta if d.numel()), default=0.0)
+    if largest == 0.0 or not math.isfinite(largest):
+        return largest
+    pieces = [piece for d in delta for piece in d.detach().reshape(-1).split(2**20)]   # float64 a piece at a time
+    return largest * math.sqrt(sum(float((piece.double() / largest).pow(2).sum()) for piece in pieces))

@@ -17,10 +17,26 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import nn
 
-from . import apgd
 from .objective import Objective, resolve_logit_normalization
 from .params import ParamSet, ScaleSpec
 from .precision import check_policy
+
+# APGD's constants (Croce & Hein 2020, as the published code sets them), written once here
+MOMENTUM = 0.75            # alpha: delta_new = alpha * z + (1 - alpha) * delta_prev
+MIN_UPDATE_RATIO = 0.75    # halve the step when fewer than this fraction of steps improved
+PUBLISHED_BISECTION_TOL = 1e-5  # the published code stops at | ||z_lambda / c|| - rho | <= 1e-5
+
+
+def bisection_tolerance(rho: float, projection_tol: float | None = None) -> float:
+    """Absolute tolerance of the ellipsoid bisection.
+
+    The published 1e-5 is absolute: at the small radii used with adaptive sharpness
+    (rho ~ 5e-4) it lets an iterate leave the ellipsoid by 2% of its radius. By default
+    sharpfast uses ``1e-5 * min(1, rho)``: the published value for rho >= 1, 1e-5 relative below.
+    ``projection_tol`` overrides it (``sharpfast.compat`` passes the published 1e-5).
+    """
+    return PUBLISHED_BISECTION_TOL * min(1.0, rho) if projection_tol is None else projection_tol
+
 
 NORMS = ("l2", "linf")
 BACKENDS = ("auto", "reference", "fused")
@@ -124,9 +140,27 @@ def _check_scale_squares(params: ParamSet) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class WorstCaseSettings(Settings):
+class ApgdSettings(Settings):
+    """The fields of every measure solved by APGD (the worst case, geodesic sharpness), checked here
+    once: iterations per batch and run, runs, the step's multiplier and the halving rule's ratio."""
+
+    n_iters: int = 20
+    n_restarts: int = 1
+    step_size_mult: float = 1.0
+    min_update_ratio: float = MIN_UPDATE_RATIO
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("n_iters", _positive_int("n_iters", self.n_iters))
+        self._set("n_restarts", _positive_int("n_restarts", self.n_restarts))
+        self._set("step_size_mult", _positive_float("step_size_mult", self.step_size_mult))
+        self._set("min_update_ratio", _positive_float("min_update_ratio", self.min_update_ratio, allow_zero=True))
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorstCaseSettings(ApgdSettings):
     """Worst-case sharpness by APGD in weight space: the published variant (DESIGN.md §2) or the
-    scaled solver (``solver="scaled"``, :mod:`sharpfast.scaled`), from the start ``init``.
+    scaled solver (``solver="scaled"``, DESIGN.md §2b), from the start ``init``.
 
     ``init=None`` follows ``rand_init`` (``"random"`` where it is set, else ``"zero"``), and
     ``rand_init`` is normalized to ``init == "random"``. ``init="eigen"`` runs two starts per restart,
@@ -134,12 +168,8 @@ class WorstCaseSettings(Settings):
 
     kind: ClassVar[str] = "worst"
     norm: str = "linf"
-    n_iters: int = 20
-    n_restarts: int = 1
     rand_init: bool = False
-    step_size_mult: float = 1.0
-    min_update_ratio: float = apgd.MIN_UPDATE_RATIO
-    projection_tol: float | None = None   # None: apgd.bisection_tolerance(rho)
+    projection_tol: float | None = None   # None: bisection_tolerance(rho)
     solve_batches_together: bool | None = None
     solver: str = "published"
     init: str | None = None
@@ -147,8 +177,6 @@ class WorstCaseSettings(Settings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._set("n_iters", _positive_int("n_iters", self.n_iters))
-        self._set("n_restarts", _positive_int("n_restarts", self.n_restarts))
         if self.solver not in SOLVERS:
             raise ValueError(f"unknown solver {self.solver!r}; expected one of {SOLVERS}")
         if self.init is None:
@@ -163,8 +191,6 @@ class WorstCaseSettings(Settings):
                              "delta = 0 are identical")
         if self.solve_batches_together is not None and not isinstance(self.solve_batches_together, bool):
             raise TypeError(f"solve_batches_together must be True, False or None, got {self.solve_batches_together!r}")
-        self._set("step_size_mult", _positive_float("step_size_mult", self.step_size_mult))
-        self._set("min_update_ratio", _positive_float("min_update_ratio", self.min_update_ratio, allow_zero=True))
         if self.projection_tol is not None:
             self._set("projection_tol", _positive_float("projection_tol", self.projection_tol))
         self._set("quadratic_model", bool(self.quadratic_model))
@@ -181,7 +207,7 @@ class WorstCaseSettings(Settings):
     @property
     def bisection_tol(self) -> float:
         """The absolute tolerance the l2 ellipsoid bisection stops at."""
-        return apgd.bisection_tolerance(self.rho, self.projection_tol)
+        return bisection_tolerance(self.rho, self.projection_tol)
 
     @property
     def with_quadratic_model(self) -> bool:
@@ -212,7 +238,7 @@ class AverageCaseSettings(Settings):
     norm: str = "l2"
     n_samples: int = 20
     antithetic: bool = False
-    samples_per_pass: int | None = None   # None: by device (fused.average_case.samples_per_pass)
+    samples_per_pass: int | None = None   # None: by device (average_case.fused.samples_per_pass)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -224,68 +250,13 @@ class AverageCaseSettings(Settings):
             self._set("samples_per_pass", _positive_int("samples_per_pass", self.samples_per_pass))
 
 
-GEODESIC_EPS = 1e-8   # the Gram matrices' relaxation P + eps I, Q + eps I (GEODESIC.md §2)
-
-
-@dataclass(frozen=True, kw_only=True)
-class GeodesicSettings(Settings):
-    """Geodesic sharpness (GEODESIC.md): the worst case over a geodesic ball of radius ``rho`` in a
-    GL-invariant metric (``metric="mix"`` or ``"inv"``) on the attention blocks ``blocks``
-    (``"auto"``: :func:`sharpfast.find_gl_blocks`; or a list of :class:`sharpfast.GLBlock`), the
-    other parameters in the adaptive geometry of the scale rule (``||xi / c||_2``), solved by the
-    scaled solver's APGD from ``xi = 0`` (``init="zero"``) or from ``n_restarts`` random points of the
-    sphere (``init="random"``). ``second_order=False`` drops the geodesic correction."""
-
-    kind: ClassVar[str] = "geodesic"
-    norm: str = "l2"
-    metric: str = "mix"
-    blocks: Any = "auto"
-    eps: float = GEODESIC_EPS
-    second_order: bool = True
-    n_iters: int = 20
-    n_restarts: int = 1
-    init: str = "zero"
-    step_size_mult: float = 1.0
-    min_update_ratio: float = apgd.MIN_UPDATE_RATIO
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        from .geodesic.blocks import GLBlock
-        from .geodesic.metric import check_metric
-        if self.norm != "l2":
-            raise ValueError(f"geodesic sharpness is a ball in a Riemannian metric: norm must be 'l2', got {self.norm!r}")
-        check_metric(self.metric)
-        if isinstance(self.blocks, str):
-            if self.blocks != "auto":
-                raise ValueError(f"blocks must be 'auto' or a list of GLBlock, got {self.blocks!r}")
-        else:
-            blocks = tuple(self.blocks) if not isinstance(self.blocks, GLBlock) else None
-            if blocks is None or not all(isinstance(b, GLBlock) for b in blocks):
-                raise TypeError("blocks must be 'auto' or a list of sharpfast.GLBlock")
-            self._set("blocks", blocks)
-        self._set("eps", _positive_float("eps", self.eps, allow_zero=True))
-        self._set("second_order", bool(self.second_order))
-        self._set("n_iters", _positive_int("n_iters", self.n_iters))
-        self._set("n_restarts", _positive_int("n_restarts", self.n_restarts))
-        if self.init not in ("zero", "random"):
-            raise ValueError(f"geodesic sharpness starts at init='zero' or 'random', got {self.init!r}")
-        if self.n_restarts > 1 and self.init == "zero":
-            raise ValueError("n_restarts > 1 needs init='random': restarts from xi = 0 are identical")
-        self._set("step_size_mult", _positive_float("step_size_mult", self.step_size_mult))
-        self._set("min_update_ratio", _positive_float("min_update_ratio", self.min_update_ratio, allow_zero=True))
-
-    def describe(self) -> dict:
-        d = super().describe()
-        if not isinstance(self.blocks, str):
-            d["blocks"] = [b.describe() for b in self.blocks]
-        return d
-
-
 def _positive_int(name: str, v: Any, minimum: int = 1) -> int:
+    """The one check of a count, for every measure: ``TypeError`` for what is not an integer,
+    ``ValueError`` below ``minimum``."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
     if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+        raise ValueError(f"{name} must be {'a positive integer' if minimum == 1 else f'>= {minimum}'}, got {v}")
     return int(v)
 
 

@@ -2,7 +2,7 @@
 
 Per-parameter dictionaries keyed by the parameter, full ``state_dict`` copies of the best
 point, the loss at every new point from a separate no-grad forward, the norms in the
-parameter dtype, the bisection inline. It shares nothing with ``sharpfast.reference`` but the
+parameter dtype, the bisection inline. It shares nothing with ``sharpfast.worst_case.reference`` but the
 checkpoint schedule (which has its own test vectors), so agreement checks the reference.
 Deterministic paths only (no random init); CPU or any device.
 """
@@ -10,7 +10,7 @@ import copy
 
 import torch
 
-from sharpfast.apgd import checkpoint_schedule
+from sharpfast.worst_case.apgd import checkpoint_schedule
 
 
 def _loss_err(model, loss_f, x, y):

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from sharpfast import apgd
+from sharpfast import settings
+from sharpfast.worst_case import apgd
 
 
 @pytest.mark.parametrize("n_iters,expected", [
@@ -62,9 +63,9 @@ def test_bisection_doubles_its_bracket_for_large_multipliers():
 
 
 def test_bisection_tolerance_is_relative_below_rho_one():
-    assert apgd.bisection_tolerance(5.0) == 1e-5
-    assert apgd.bisection_tolerance(0.01) == pytest.approx(1e-7)
-    assert apgd.bisection_tolerance(0.01, 1e-5) == 1e-5
+    assert settings.bisection_tolerance(5.0) == 1e-5
+    assert settings.bisection_tolerance(0.01) == pytest.approx(1e-7)
+    assert settings.bisection_tolerance(0.01, 1e-5) == 1e-5
 
 
 def _ellipsoid_problem(seed):
@@ -78,7 +79,7 @@ def _ellipsoid_problem(seed):
     keep = c > 0
     norm_at = lambda lam: float(np.sqrt(np.sum((z[keep] * c[keep] / (c[keep] ** 2 + 2 * lam)) ** 2)))
     rho = 10 ** rng.uniform(-4, 0.5)
-    tol = apgd.bisection_tolerance(rho) if seed % 3 else apgd.PUBLISHED_BISECTION_TOL
+    tol = settings.bisection_tolerance(rho) if seed % 3 else settings.PUBLISHED_BISECTION_TOL
     return norm_at, rho, tol, rng
 
 

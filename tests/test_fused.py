@@ -14,8 +14,8 @@ from torch import nn
 
 import sharpfast
 from sharpfast import _ops
-from sharpfast.fused import problems
-from sharpfast.fused.problems import TOGETHER_DEVICES
+from sharpfast.engine import problems
+from sharpfast.engine.problems import TOGETHER_DEVICES
 from tests.memory_probe import peak_cpu_bytes
 from tests.toy_models import MODEL_KINDS, model_and_data
 

@@ -1,4 +1,4 @@
-"""Geodesic sharpness (GEODESIC.md): the geometry's closed forms and invariances, the two backends
+"""Geodesic sharpness (DESIGN.md §2c): the geometry's closed forms and invariances, the two backends
 against each other, the reduction to the scaled adaptive solver, the diagonal linear network's
 closed forms, the rho -> 0 limit, block finding on real attention layers, and bad input."""
 from __future__ import annotations
@@ -114,7 +114,7 @@ def attention_model():
 @pytest.mark.parametrize("Geo", GEOMETRIES)
 @pytest.mark.parametrize("metric", METRICS)
 def test_horizontal_projection_is_the_metric_projection(attention_model, Geo, metric):
-    """Idempotent, horizontal (GEODESIC.md §4's conditions), metric-orthogonal, and zero on vertical vectors."""
+    """Idempotent, horizontal (DESIGN.md §2c.4's conditions), metric-orthogonal, and zero on vertical vectors."""
     blocks = sharpfast.find_gl_blocks(attention_model)
     geo, params = geometry(Geo, attention_model, blocks, metric)
     g = torch.Generator().manual_seed(1)
@@ -192,7 +192,7 @@ def test_batched_geometry_equals_the_reference(metric, eps, second_order):
 
 
 def test_elementwise_geodesics_match_the_exact_ones_to_third_order():
-    """Diagonal network: the second-order map against the exact geodesics of GEODESIC.md §7,
+    """Diagonal network: the second-order map against the exact geodesics of DESIGN.md §2c (checked),
     inv ``(u e^b, v e^b)`` and mix ``(u sqrt(1 + 2b), v sqrt(1 + 2b))``: the error is O(|b|^3)."""
     torch.manual_seed(0)
     model = Diagonal(torch.rand(6, dtype=torch.float64) + 0.5, torch.randn(6, dtype=torch.float64)).double()
@@ -215,7 +215,7 @@ def test_elementwise_geodesics_match_the_exact_ones_to_third_order():
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("backend", ["reference", "fused"])
 def test_invariant_under_the_symmetry_where_adaptive_sharpness_moves(attention_model, metric, backend):
-    """GEODESIC.md §7: per-head A of scales 1e-2 .. 1e2 leave the function and the geodesic
+    """DESIGN.md §2c (checked): per-head A of scales 1e-2 .. 1e2 leave the function and the geodesic
     sharpness unchanged (float64, eps = 0); adaptive sharpness moves."""
     blocks = sharpfast.find_gl_blocks(attention_model)
     data = attention_data()
@@ -356,7 +356,7 @@ def test_random_starts_lie_on_the_horizontal_sphere_and_restarts_only_add(attent
 
 @pytest.mark.parametrize("backend", ["reference", "fused"])
 def test_diagonal_network_closed_forms(backend):
-    """GEODESIC.md §7, X^T X = I: mix ``S = 2 sqrt2 rho ||beta0 - beta*|| + 2 rho^2`` (to the
+    """DESIGN.md §2c (checked), X^T X = I: mix ``S = 2 sqrt2 rho ||beta0 - beta*|| + 2 rho^2`` (to the
     second-order map's O(rho^3)); inv, the trust-region maximum of ``4 b^T r + 4 b^T D b`` over
     ``||b|| <= rho / sqrt2`` (to O(rho^3)), whose first order is ``2 sqrt2 rho ||beta0 (beta0 - beta*)||``."""
     from scipy.optimize import brentq
@@ -474,7 +474,7 @@ def test_a_correction_larger_than_the_step_is_reported_and_warned(attention_mode
     assert 0 < small < 1e-2
     model = Diagonal(torch.tensor([1.0, 0.5], dtype=torch.float64), torch.tensor([1.0, 1e-6], dtype=torch.float64))
     X, y = torch.eye(2, dtype=torch.float64), torch.tensor([2.0, 1.0], dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="second-order term"):
+    with pytest.warns(sharpfast.GeodesicCorrectionWarning, match="second-order term"):
         r = sharpfast.geodesic_sharpness(model, [(X, y)], rho=0.1, metric="mix", eps=0.0, loss_fn=sse,
                                          blocks=[GLBlock("u", "v", elementwise=True)])
     assert r.geodesic_correction > 1

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import sharpfast
-from sharpfast import _ops, reference
+from sharpfast import _ops
+from sharpfast.worst_case import reference
 from sharpfast.settings import WorstCaseSettings
 from sharpfast.params import ModelGuard
 from tests.toy_models import SmallCNN, mlp, model_and_data

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import sharpfast
-from sharpfast import reference
+from sharpfast.average_case import reference as average_reference
+from sharpfast.worst_case import reference
 from sharpfast.settings import AverageCaseSettings, WorstCaseSettings
 from sharpfast.params import ModelGuard, ParamSet, ScaleSpec
 from sharpfast.philox import RAND_INIT_SAMPLE_BASE, philox_draw
@@ -19,7 +20,7 @@ def run_reference(kind, model, data, on_iterate=None, **kw):
     with ModelGuard(model):
         if kind == "worst":
             return reference.worst_case_sharpness(model, data, params, s, on_iterate=on_iterate), params
-        return reference.average_sharpness(model, data, params, s), params
+        return average_reference.average_sharpness(model, data, params, s), params
 
 
 def constraint_checker(rho, norm, tol=1e-5):

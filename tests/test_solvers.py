@@ -154,7 +154,7 @@ def test_every_scaled_iterate_is_feasible(init, c_kind, norm):
     rho = 0.05
     kw = dict(n_restarts=2) if init == "random" else {}
     # reference.worst_case_sharpness takes the iterate hook the public function does not expose
-    from sharpfast import reference
+    from sharpfast.worst_case import reference
     from sharpfast.params import ModelGuard
     s = sharpfast.WorstCaseSettings(rho=rho, norm=norm, adaptive=c_kind == "adaptive", n_iters=15, init=init,
                                     solver="scaled", **kw)

@@ -30,7 +30,7 @@ from .. import precision
 from ..objective import batches_on_device
 from ..params import ModelGuard
 from ..result import check_batches, check_finite_loss
-from ..settings import Measurement
+from ..settings import Measurement, _positive_int
 from . import estimators
 from .operator import CURVATURES, CurvatureOperator
 
@@ -332,12 +332,6 @@ def _per_batch(model, data, s: CurvatureSettings, fn, with_params: bool = False)
         batches = precision.apply_policy(model, params, batches, s.low_precision)
         out = [fn(b, operator(b, x, y)) for b, x, y in batches_on_device(batches, params.device)]
     return (out, names) if with_params else out
-
-
-def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return int(v)
 
 
 __all__ = ["hessian_trace", "hessian_eigenvalues", "hessian_diagonal", "hessian_spectrum", "adam_sharpness",

@@ -11,7 +11,7 @@ swaps the halves: the mix metric weighs ``xG`` by ``Q`` (its partner's Gram matr
 
 Precomputed (float64, whatever the parameters' dtype): ``M``, ``M^-1``, the products the
 projections need (mix ``F M^-1``, inv ``F partner(M)``), and for inv the Sylvester solve's
-eigenbasis (GEODESIC.md §4): ``C = P^1/2 Q P^1/2 = U diag(c) U^T``, with which a projection is
+eigenbasis (DESIGN.md §2c.4): ``C = P^1/2 Q P^1/2 = U diag(c) U^T``, with which a projection is
 ``X = R ((U^T P^-1/2 B R) * D) U^T P^-1/2``, ``R = P^1/2 U``, ``D_ij = 1 / (c_i + c_j)``,
 ``B = P H^T xH - xG^T G Q``.
 """

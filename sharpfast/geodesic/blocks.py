@@ -1,5 +1,5 @@
 """GL(h) blocks: pairs of parameters that enter a network only through ``G H^T`` per head, so that
-``(G, H) -> (G A^{-1}, H A^T)`` moves the weights without moving the function (GEODESIC.md §2).
+``(G, H) -> (G A^{-1}, H A^T)`` moves the weights without moving the function (DESIGN.md §2c.2).
 
 A :class:`GLFactor` says how one side's matrix is read from the model's parameters: ``G`` is
 ``n x (heads * h)``, its columns the acted-on axis (``axis`` of the stored tensor, restricted to

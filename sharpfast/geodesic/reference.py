@@ -1,4 +1,4 @@
-"""The reference geometry: GEODESIC.md §3-5 written head by head, one small matrix at a time.
+"""The reference geometry: DESIGN.md §2c.3-5 written head by head, one small matrix at a time.
 
 For a head, ``G`` (``n x h``) and ``H`` (``m x h``) are its two factors at the base point and
 ``P = G^T G + eps I``, ``Q = H^T H + eps I``. A tangent vector has the parts ``xG``, ``xH``.

@@ -1,7 +1,7 @@
-"""Geodesic sharpness (GEODESIC.md §1, §6): per m-batch, the maximum of ``L(w0 + xi - Gamma(xi, xi)/2)``
+"""Geodesic sharpness (DESIGN.md §2c.1, §2c.6): per m-batch, the maximum of ``L(w0 + xi - Gamma(xi, xi)/2)``
 over horizontal ``xi`` with ``||xi||_w0 <= rho``, found by APGD in the tangent space at ``w0``.
 
-The solver is the scaled solver's APGD (``reference.scaled_apgd_restart``: Croce & Hein's step,
+The solver is the scaled solver's APGD (``worst_case.reference.scaled_apgd_restart``: Croce & Hein's step,
 momentum 0.75, checkpoints and halving rule, best point kept), with the geometry's parts in the
 places of the plain ball's: the ascent direction is the horizontal Riemannian gradient normalized in
 the metric, and the projection is the metric projection onto ``{horizontal, ||xi|| <= rho}``. The
@@ -10,7 +10,7 @@ Without blocks and without ``Gamma`` every step is the scaled solver's in ``xi =
 solvers give the same numbers.
 
 Two backends: ``"reference"`` (head-by-head geometry, the model's parameters pointed at fresh tensors
-at every point, as ``sharpfast.reference``) and the fast path (batched geometry, the model viewing
+at every point, as ``worst_case.reference``) and the fast path (batched geometry, the model viewing
 one flat buffer that every point is written into; one forward+backward per step).
 """
 from __future__ import annotations
@@ -19,19 +19,26 @@ import warnings
 
 import torch
 
-from .. import apgd, reference
+from .. import objective
 from ..objective import batches_on_device
 from ..philox import RAND_INIT_SAMPLE_BASE, draw
-from ..params import ParamSet
-from ..result import SharpnessResult, check_finite_loss
-from ..settings import GeodesicSettings
+from ..params import ParamSet, set_kept
+from ..result import SharpnessResult, check_finite_loss, delta_l2_norm, summarize
+from ..worst_case import apgd
+from ..settings import MOMENTUM
 from .batched import BatchedGeometry
 from .blocks import find_gl_blocks, resolve
 from .metric import flat_scale
 from .reference import ReferenceGeometry
+from .settings import GeodesicSettings
 
 CORRECTION_WARNING = 1.0   # ||Gamma/2|| / ||xi|| above which the second-order map is out of its depth
 WARNING_TEXT = "sharpfast: at the best point the geodesic's second-order term"
+
+
+class GeodesicCorrectionWarning(RuntimeWarning):
+    """At the best point the second-order term outgrew the step (``result.geodesic_correction`` >
+    ``CORRECTION_WARNING``): the second-order map no longer follows the geodesic there."""
 
 
 class NoGLBlockWarning(RuntimeWarning):
@@ -64,25 +71,25 @@ def geodesic_sharpness(model, batches, params: ParamSet, s: GeodesicSettings, ba
         if best_xi is None:   # the unperturbed point was the best
             continue
         delta = geo.retract(best_xi)[0].sub_(w0)   # the best point, taken again rather than kept
-        delta_norm = max(delta_norm, reference.delta_l2_norm([delta]))
+        delta_norm = max(delta_norm, delta_l2_norm([delta]))
         step = float(geo.norm(best_xi))
         if s.second_order and step > 0:   # (without it the correction is 0: w0 + xi - w0 only rounds)
             correction = max(correction, float(geo.norm(delta.sub_(best_xi))) / step)
         del delta
-    result = reference._result(s, backend, per_batch, per_batch_err, init_losses, init_errs, delta_norm)
+    result = summarize(s, backend, per_batch, per_batch_err, init_losses, init_errs, delta_norm)
     result.solver, result.geodesic_correction, result.restarts_improved = "geodesic", correction, improved
     result.gl_blocks = len(blocks)
     if correction > CORRECTION_WARNING:
-        warnings.warn(f"{WARNING_TEXT} is {correction:.3g} times the "
-                      f"step (in the metric): the second-order map no longer approximates the geodesic. rho={s.rho:g} "
-                      "is too large for it, or a factor is near zero where the metric degenerates (raise eps)",
-                      RuntimeWarning, stacklevel=4)
+        warnings.warn(GeodesicCorrectionWarning(
+            f"{WARNING_TEXT} is {correction:.3g} times the step (in the metric): the second-order map no longer "
+            f"approximates the geodesic. rho={s.rho:g} is too large for it, or a factor is near zero where the metric "
+            "degenerates (raise eps)"), stacklevel=4)
     return result
 
 
 def _solve_batch(evaluate, geo, s: GeodesicSettings, stream: int, out=None):
     """One m-batch's runs, one per restart; the unperturbed point is the first candidate (as in
-    ``reference.worst_case_sharpness``). ``out``: where the points are written (the fast path's
+    ``worst_case.reference.worst_case_sharpness``). ``out``: where the points are written (the fast path's
     flat weights), or None. Returns ``(L0, E0, best loss, its error, best xi (None: the unperturbed
     point), starts after the first that beat all before them)``."""
     L0 = E0 = None
@@ -134,7 +141,7 @@ def _apgd(evaluate, geo, s: GeodesicSettings, stream: int, xi: torch.Tensor, out
     prev_loss, xi_prev = L_start, xi
     schedule = apgd.StepSchedule(s, best_loss)
     for i in range(s.n_iters):
-        alpha = 1.0 if i == 0 else apgd.MOMENTUM
+        alpha = 1.0 if i == 0 else MOMENTUM
         with torch.no_grad():
             # every iterate is a combination of horizontal directions, so of the metric projection
             # only the radial rescale remains to be done after the direction's projection
@@ -158,7 +165,7 @@ def _apgd(evaluate, geo, s: GeodesicSettings, stream: int, xi: torch.Tensor, out
 
 
 class _ReferencePoint:
-    """The model's parameters pointed at a copy of each point (``sharpfast.reference``'s way)."""
+    """The model's parameters pointed at a copy of each point (``worst_case.reference``'s way)."""
 
     weights = None   # each point is a fresh tensor
 
@@ -167,9 +174,9 @@ class _ReferencePoint:
 
     def at(self, x, y):
         def evaluate(v, with_grad):
-            reference.set_kept(self.params, self.params.split(v))
-            L, E = reference.evaluate(self.model, self.s.objective, x, y)
-            g = (torch.cat([t.reshape(-1) for t in reference.gradient(self.model, self.s.objective, self.params, x, y)])
+            set_kept(self.params, self.params.split(v))
+            L, E = objective.evaluate(self.model, self.s.objective, x, y)
+            g = (torch.cat([t.reshape(-1) for t in objective.gradient(self.model, self.s.objective, self.params, x, y)])
                  if with_grad else None)
             return L, E, g
         return evaluate
@@ -180,7 +187,7 @@ class _FlatPoint:
     one forward+backward gives its loss, error and gradient."""
 
     def __init__(self, model, params: ParamSet, s: GeodesicSettings):
-        from ..fused.flat import FlatState   # the flat buffers only: no kernel is needed
+        from ..engine.flat import FlatState   # the flat buffers only: no kernel is needed
         self.model, self.s = model, s
         self.flat = FlatState(params, s)
         self.flat.attach(with_grad=True)

@@ -28,8 +28,7 @@ from typing import Any, Iterable
 
 from sharpfast import LOGIT_NORMALIZATIONS, NORMS
 from sharpfast.geodesic import GEODESIC_EPS, METRICS
-from sharpfast.geodesic import WARNING_TEXT as GEODESIC_WARNING
-from sharpfast.geodesic import NoGLBlockWarning
+from sharpfast.geodesic import GeodesicCorrectionWarning, NoGLBlockWarning
 
 from .measures import MEASURES_REVISION, NEYSHABUR as MEASURE_NAMES_NEYSHABUR
 
@@ -271,8 +270,8 @@ class Definition:
         if not self.is_curvature:
             with warnings.catch_warnings():
                 if self.kind == GEODESIC_KIND:   # the row keeps geodesic_correction and gl_blocks; the report
-                    warnings.filterwarnings("ignore", message=GEODESIC_WARNING, category=RuntimeWarning)  # counts
-                    warnings.simplefilter("ignore", category=NoGLBlockWarning)                            # them
+                    warnings.simplefilter("ignore", category=GeodesicCorrectionWarning)   # counts them
+                    warnings.simplefilter("ignore", category=NoGLBlockWarning)
                 return self.measured(sharpfast.evaluate_sharpness(model, batches, self.settings(backend)))
         common = dict(self._model_side(), curvature=self.curvature)
         if self.kind == "trace":

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ops, apgd, starts
-from ..result import SharpnessResult
-from ..settings import Settings
+from .. import _ops
+from ..engine import problems
+from ..engine.flat import FlatState, read_back, results_by_model
 from ..params import ParamSet
 from ..philox import RAND_INIT_SAMPLE_BASE, noise_distribution
-from . import problems
+from ..result import SharpnessResult
+from ..settings import MOMENTUM, Settings
+from . import apgd, starts
 from .bookkeeping import Bookkeeping
-from .flat import FlatState, read_back, results_by_model
 from .scaled import ScaledRun
 
 # bisection steps speculated per pass over memory: each costs an fp64 division per coordinate
@@ -35,7 +36,7 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharp
 
 def worst_case_many(models, batches, params_list: list[ParamSet], s: Settings, xs, ys) -> list:
     """Worst-case sharpness of K models of one architecture, every (model, m-batch) problem a row
-    of one group (:class:`~sharpfast.fused.problems.ManyModels`; ``xs``, ``ys``: the batches,
+    of one group (:class:`~sharpfast.engine.problems.ManyModels`; ``xs``, ``ys``: the batches,
     equally shaped, on the device); a result per model, or the exception its values raise."""
     local = [starts.for_call(m, p, s, batches) for m, p in zip(models, params_list)]
     flats, w0 = problems.stacked_flats(params_list, s)
@@ -150,11 +151,11 @@ class _Run(problems.GroupRun):
             w0, c = self.w0s[r], self.cs[r]
             if s.norm == "linf":
                 _ops.apgd_step_linf_(current, delta, delta_prev, grad, w0, c, self.at(step_size, r), s.rho,
-                                     apgd.MOMENTUM)
+                                     MOMENTUM)
             else:
                 grad_scale = self.at(step_size, r) / (_ops.sum_squares(grad).sqrt() + 1e-12)
                 lam = self.projections[r](delta, grad, grad_scale)
-                _ops.apgd_step_l2_(current, delta, delta_prev, grad, w0, c, grad_scale, lam, apgd.MOMENTUM)
+                _ops.apgd_step_l2_(current, delta, delta_prev, grad, w0, c, grad_scale, lam, MOMENTUM)
 
 
 class _Projection:

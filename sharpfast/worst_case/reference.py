@@ -1,16 +1,14 @@
-"""The pure-PyTorch reference: sharpness exactly as defined in DESIGN.md §1-2, written to be read.
+"""The pure-PyTorch reference of worst-case sharpness, exactly as defined in DESIGN.md §1-2, written
+to be read.
 
 For weights ``w``, a batch ``S``, radius ``rho`` and per-coordinate scale ``c``:
+``S_max = E_S max_{||delta / c||_p <= rho} L_S(w + delta) - L_S(w)``, the inner max found by APGD in
+weight space: the published variant (momentum 0.75, step halving at fixed checkpoints, the
+gradient taken at the best point found when the step is halved), or the scaled solver, Croce &
+Hein's APGD in ``u = delta / c`` (see :func:`scaled_apgd_restart`).
 
-* average-case  ``S_avg = E_S E_xi [L_S(w + rho * c * xi) - L_S(w)]``, ``xi ~ N(0, I)`` (l2)
-  or ``U(-1, 1)`` (linf), estimated with ``n_samples`` draws per batch;
-* worst-case    ``S_max = E_S max_{||delta / c||_p <= rho} L_S(w + delta) - L_S(w)``, the inner
-  max found by APGD in weight space: the published variant (momentum 0.75, step halving at fixed
-  checkpoints, the gradient taken at the best point found when the step is halved), or the
-  scaled solver, Croce & Hein's APGD in ``u = delta / c`` (see :func:`scaled_apgd_restart`).
-
-Every batch is one m-sharpness batch with a perturbation of its own. The noise comes from the
-counter-based sampler (``sharpfast.philox``), so the fused backend draws the same numbers.
+Every batch is one m-sharpness batch with a perturbation of its own. The random starts come from
+the counter-based sampler (``sharpfast.philox``), so the fused backend draws the same numbers.
 This module works on lists of per-parameter tensors and never touches the user's storage:
 it points each ``param.data`` at tensors of its own; the caller's ``ModelGuard`` points them back.
 """
@@ -20,49 +18,20 @@ import math
 
 import torch
 
+from ..objective import batches_on_device, evaluate, gradient
+from ..params import ParamSet, set_kept, set_weights
+from ..philox import RAND_INIT_SAMPLE_BASE, draw_noise, noise_distribution, philox_draw
+from ..result import SharpnessResult, check_finite_loss, delta_l2_norm, summarize
+from ..settings import MOMENTUM, Settings
 from . import apgd, starts
-from .result import SharpnessResult, check_finite_loss
-from .settings import Settings
-from .objective import Objective, batches_on_device
-from .params import ParamSet
-from .philox import AVERAGE_SAMPLE_BASE, RAND_INIT_SAMPLE_BASE, noise_distribution, philox_draw
 
 Tensors = list[torch.Tensor]
 
 
-# ----------------------------------------------------------------------------- helpers
-
-def set_weights(params: ParamSet, values: Tensors) -> None:
-    for p, v in zip(params.tensors, values):
-        p.data = v
-
-
-def set_kept(params: ParamSet, kept: Tensors) -> None:
-    """Point the parameters at a copy of a kept point (``w0``, which is the caller's storage, or the
-    best point): a forward that writes into its own weights (an in-place clamp or weight norm) must
-    change neither the caller's model nor the point kept."""
-    set_weights(params, [v.clone() for v in kept])
-
-
-def draw_noise(params: ParamSet, s: Settings, stream: int, sample: int) -> Tensors:
-    """``xi`` for every parameter: one draw over the concatenated parameter vector."""
-    xi = philox_draw(noise_distribution(s.norm), s.seed, stream, sample, 0, params.numel,
-                     dtype=torch.float64, device=params.device)
-    return [x.to(p.dtype) for x, p in zip(params.split(xi), params.tensors)]
-
+# ----------------------------------------------------------------------------- norms
 
 def l2_norm(tensors: Tensors) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
-
-
-def delta_l2_norm(delta: Tensors) -> float:
-    """``||delta||_2``, reported as the result's ``delta_norm``: summed over ``delta / max|delta_i|``, so
-    that float64 perturbations of weights near the largest float have a finite norm where it is one."""
-    largest = max((float(d.detach().abs().max()) for d in delta if d.numel()), default=0.0)
-    if largest == 0.0 or not math.isfinite(largest):
-        return largest
-    pieces = [piece for d in delta for piece in d.detach().reshape(-1).split(2**20)]   # float64 a piece at a time
-    return largest * math.sqrt(sum(float((piece.double() / largest).pow(2).sum()) for piece in pieces))
 
 
 def weighted_norm(delta: Tensors, c: Tensors) -> float:
@@ -77,53 +46,6 @@ def weighted_norm(delta: Tensors, c: Tensors) -> float:
 def shrink(z: Tensors, c: Tensors, lam: float) -> Tensors:
     """The ellipsoid projection's ``z / (1 + 2 lambda / c^2)``; 0 where ``c = 0``."""
     return [torch.where(ci > 0, zi / (1 + 2 * lam / ci**2), torch.zeros_like(zi)) for zi, ci in zip(z, c)]
-
-
-@torch.no_grad()
-def evaluate(model, objective: Objective, x, y) -> tuple[float, float | None]:
-    loss, err = objective.loss_and_error(model, x, y)
-    return float(loss), (None if err is None else float(err))
-
-
-def gradient(model, objective: Objective, params: ParamSet, x, y) -> Tensors:
-    loss = objective.loss(objective.logits(model, x), y)
-    grads = (torch.autograd.grad(loss, params.tensors, allow_unused=True) if loss.requires_grad
-             else [None] * len(params))   # no parameter is seen: check_gradients says which matter
-    params.check_gradients([g is not None for g in grads], lambda: objective.loss(objective.logits(model, x), y))
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.tensors)]
-
-
-def _mean(values):
-    return sum(values) / len(values)
-
-
-# ----------------------------------------------------------------------------- average-case
-
-def average_sharpness(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
-    w0 = [p.data for p in params.tensors]
-    c = params.scales()
-    per_batch, per_batch_err, init_losses, init_errs = [], [], [], []
-    for b, x, y in batches_on_device(batches, params.device):
-        set_kept(params, w0)
-        L0, E0 = evaluate(model, s.objective, x, y)
-        check_finite_loss(L0, f"at the unperturbed weights (batch {b})")
-        losses, errs = [], []
-        for k in range(s.n_samples):
-            # Antithetic pairs share one draw: sample 2j uses +xi_j, sample 2j+1 uses -xi_j.
-            sample, sign = (k // 2, (-1) ** k) if s.antithetic else (k, 1)
-            xi = draw_noise(params, s, stream=b, sample=AVERAGE_SAMPLE_BASE + sample)
-            set_weights(params, [w + (sign * s.rho) * ci * x_ for w, ci, x_ in zip(w0, c, xi)])
-            L, E = evaluate(model, s.objective, x, y)
-            check_finite_loss(L, f"at a perturbed point (batch {b}, sample {k})")
-            losses.append(L)
-            errs.append(E)
-        per_batch.append(_mean(losses) - L0)
-        init_losses.append(L0)
-        if E0 is not None:
-            per_batch_err.append(_mean(errs) - E0)
-            init_errs.append(E0)
-    set_kept(params, w0)
-    return _result(s, "reference", per_batch, per_batch_err, init_losses, init_errs, delta_norm=0.0)
 
 
 # ----------------------------------------------------------------------------- worst-case
@@ -162,7 +84,7 @@ def published_start(params: ParamSet, s: Settings, c: Tensors, stream: int, rest
 
 
 def start_in_u(params: ParamSet, s: Settings, c: torch.Tensor, local, stream: int, start: int) -> Tensors:
-    """``u = delta / c`` where run ``start`` begins (:mod:`sharpfast.starts`; ``c`` flat)."""
+    """``u = delta / c`` where run ``start`` begins (:mod:`.starts`; ``c`` flat)."""
     if s.init == "eigen":
         u = starts.eigen_start(local[stream], start, s, c, torch.empty_like(c))
     elif s.init == "random":
@@ -189,7 +111,7 @@ def apgd_restart(model, params: ParamSet, s: Settings, x, y, w0: Tensors, c: Ten
         g = gradient(model, s.objective, params, x, y)               # at the current weights
         with torch.no_grad():
             z = project(ascent(delta, g, c, schedule.step, s.norm), c, s.rho, s.norm, c_is_one, s.bisection_tol)
-            delta, delta_prev = [apgd.MOMENTUM * zi + (1 - apgd.MOMENTUM) * dp
+            delta, delta_prev = [MOMENTUM * zi + (1 - MOMENTUM) * dp
                                  for zi, dp in zip(z, delta_prev)], delta
             set_weights(params, [w + d for w, d in zip(w0, delta)])
         if on_iterate is not None:
@@ -249,7 +171,7 @@ def scaled_apgd_restart(model, params: ParamSet, s: Settings, x, y, w0: Tensors,
     u_prev = u
     for i in range(s.n_iters):
         g_u = [ci * gi for ci, gi in zip(c, gradient(model, s.objective, params, x, y))]   # at u
-        alpha = 1.0 if i == 0 else apgd.MOMENTUM
+        alpha = 1.0 if i == 0 else MOMENTUM
         with torch.no_grad():
             z = project_ball([ui + schedule.step * di for ui, di in zip(u, scaled_direction(g_u, s.norm))],
                              s.rho, s.norm)
@@ -298,15 +220,5 @@ def worst_case_sharpness(model, batches, params: ParamSet, s: Settings, on_itera
             per_batch_err.append(worst_err - E0)
             init_errs.append(E0)
         delta_norm = max(delta_norm, worst_norm)
-    result = _result(s, "reference", per_batch, per_batch_err, init_losses, init_errs, delta_norm)
+    result = summarize(s, "reference", per_batch, per_batch_err, init_losses, init_errs, delta_norm)
     return starts.with_diagnostics(result, s, improved, local)
-
-
-def _result(s: Settings, backend: str, per_batch, per_batch_err, init_losses, init_errs, delta_norm):
-    has_err = len(per_batch_err) == len(per_batch)
-    return SharpnessResult(
-        sharpness=_mean(per_batch), err_sharpness=_mean(per_batch_err) if has_err else None,
-        per_batch=per_batch, per_batch_err=per_batch_err if has_err else None,
-        delta_norm=delta_norm, init_loss=_mean(init_losses),
-        init_err=_mean(init_errs) if has_err else None, backend=backend, kind=s.kind,
-        settings=s.describe())

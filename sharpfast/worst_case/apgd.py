@@ -1,4 +1,4 @@
-"""Scalar parts of APGD in weight space shared by every backend (DESIGN.md §2).
+"""The APGD schedule in weight space, shared by every backend and the geodesic solver (DESIGN.md §2).
 
 The step-size checkpoints and the bisection that finds the Lagrange multiplier of the
 ellipsoid projection are plain Python on scalars: the backends differ only in how they
@@ -11,23 +11,9 @@ import copy
 import math
 from typing import Callable
 
-MOMENTUM = 0.75            # alpha: delta_new = alpha * z + (1 - alpha) * delta_prev
-MIN_UPDATE_RATIO = 0.75    # halve the step when fewer than this fraction of steps improved
 STEP_SIZE_SCALER = 0.5
-PUBLISHED_BISECTION_TOL = 1e-5  # the published code stops at | ||z_lambda / c|| - rho | <= 1e-5
 CROSSING_RESOLUTION = 0.1   # replayed bisection: a crossing this close (fraction of the band) is found
 BISECTION_MAX_STEPS = 500  # guard: the published loop could spin forever when tol < float resolution
-
-
-def bisection_tolerance(rho: float, projection_tol: float | None = None) -> float:
-    """Absolute tolerance of the ellipsoid bisection.
-
-    The published 1e-5 is absolute: at the small radii used with adaptive sharpness
-    (rho ~ 5e-4) it lets an iterate leave the ellipsoid by 2% of its radius. By default
-    sharpfast uses ``1e-5 * min(1, rho)``: the published value for rho >= 1, 1e-5 relative below.
-    ``projection_tol`` overrides it (``sharpfast.compat`` passes the published 1e-5).
-    """
-    return PUBLISHED_BISECTION_TOL * min(1.0, rho) if projection_tol is None else projection_tol
 
 
 def checkpoint_schedule(n_iters: int) -> list[int]:
@@ -58,7 +44,7 @@ def too_few_updates(n_updates, ratio: float, gap: int):
 
 class StepSchedule:
     """APGD's step size and its halving rule on host scalars, as the reference runs it (the fused
-    backend's device twin is ``fused.bookkeeping.Bookkeeping``). ``count`` records whether a step
+    backend's device twin is ``bookkeeping.Bookkeeping``). ``count`` records whether a step
     counts toward the first condition (published: it improved the best; scaled: it raised the loss
     over the previous iterate); :meth:`halves_at` applies both conditions at the checkpoints."""
 

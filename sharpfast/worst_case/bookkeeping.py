@@ -7,11 +7,9 @@ the loop never waits for the host.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .. import apgd
+from . import apgd
 from ..settings import Settings
 
 
@@ -61,18 +59,3 @@ class Bookkeeping:
     def delta_norm(self, L0: torch.Tensor) -> torch.Tensor:
         """``||delta||`` at the best point, 0 where nothing beat the start."""
         return torch.where(self.best_loss > L0, self.best_sq.sqrt() * self.norm_scale, torch.zeros_like(self.best_sq))
-
-
-SAFE_NORM = 1e150   # norms below this have squares (and sums of up to 1e8 of them) far from float64's maximum
-
-
-def norm_scale(flats, rho: float) -> float:
-    """What ``||delta||^2`` is summed over, as a divisor of ``delta``: 1, or where float64 weights are
-    so large that the squares could overflow, ``k = rho * max c``. Every constraint set lies in the
-    box ``|delta_i| <= rho c_i``, so ``||delta / k||^2 <= N`` and ``||delta|| = k ||delta / k||`` is
-    finite wherever the norm itself is (``max c`` is each call's ``ParamSet.largest_scale``)."""
-    w0 = flats[0].w0
-    if w0.dtype != torch.float64:   # float32/half: summed in float64, no square can overflow
-        return 1.0
-    k = rho * max(f.params.largest_scale for f in {id(f): f for f in flats}.values())
-    return k if k * math.sqrt(w0.numel()) > SAFE_NORM else 1.0

@@ -28,8 +28,7 @@ from torch.func import functional_call, vmap
 from ..settings import Settings
 from ..objective import batches_on_device, to_device, unpack_batch
 from ..params import ParamSet
-from .bookkeeping import norm_scale
-from .flat import FlatState, loss_and_error
+from .flat import FlatState, loss_and_error, norm_scale
 
 log = logging.getLogger("sharpfast.fused")
 

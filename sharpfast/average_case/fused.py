@@ -19,8 +19,8 @@ from ..settings import Settings
 from ..objective import batches_on_device
 from ..params import ParamSet
 from ..philox import AVERAGE_SAMPLE_BASE, noise_distribution
-from .flat import FlatState, finish, loss_and_error, read_back, results_by_model
-from .problems import loss_and_error_at_row, stacked_flats, stacked_state
+from ..engine.flat import FlatState, finish, loss_and_error, read_back, results_by_model
+from ..engine.problems import loss_and_error_at_row, stacked_flats, stacked_state
 
 log = logging.getLogger("sharpfast.fused")
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ops, apgd, starts
+from .. import _ops
+from ..engine.problems import GroupRun
 from ..philox import RAND_INIT_SAMPLE_BASE, noise_distribution
-from ..settings import Settings
+from ..settings import MOMENTUM, Settings
+from . import starts
 from .bookkeeping import Bookkeeping
-from .problems import GroupRun
 
 DD = _ops.GRAM_ENTRIES.index("dd")
 
@@ -34,7 +35,7 @@ class ScaledRun(GroupRun):
         self.views = [(group.current[r], group.grad[r], self.u[r], self.u_prev[r]) for r in self.rows]
 
     def start(self, start: int) -> None:
-        """``u`` of this start (``sharpfast.starts``); the weights to ``w0 + c u``."""
+        """``u`` of this start (``.starts``); the weights to ``w0 + c u``."""
         s = self.s
         for r, stream in zip(self.rows, self.group.streams):
             u = self.u[r]
@@ -56,7 +57,7 @@ class ScaledRun(GroupRun):
         self.u_best.copy_(self.u)
         self.best_grad.copy_(self.group.grad)
         for i in range(s.n_iters):
-            self.step(book.step, 1.0 if i == 0 else apgd.MOMENTUM)
+            self.step(book.step, 1.0 if i == 0 else MOMENTUM)
             final = i == s.n_iters - 1
             loss, err, results.labelled = self.group.evaluate(with_grad=not final)   # final: its loss only
             self.loss_sum += loss

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .curvature import estimators
-from .curvature.operator import CurvatureOperator
-from .objective import batches_on_device
-from .params import ParamSet
-from .result import SharpnessResult
-from .settings import WorstCaseSettings
+from ..curvature import estimators
+from ..curvature.operator import CurvatureOperator
+from ..objective import batches_on_device
+from ..params import ParamSet
+from ..result import SharpnessResult
+from ..settings import WorstCaseSettings
 
 EIGEN_TOL = 1e-4        # Lanczos residual tolerance of the eigen start's vectors
 EIGEN_MAX_ITER = 100

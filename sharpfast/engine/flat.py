@@ -166,3 +166,18 @@ def results_by_model(s: Settings, host: list[list[float]], owners: list[int], n_
         except Exception as e:  # noqa: BLE001 - one model's non-finite loss is its own error
             out.append((e, mine[6:]))
     return out
+
+
+SAFE_NORM = 1e150   # norms below this have squares (and sums of up to 1e8 of them) far from float64's maximum
+
+
+def norm_scale(flats, rho: float) -> float:
+    """What ``||delta||^2`` is summed over, as a divisor of ``delta``: 1, or where float64 weights are
+    so large that the squares could overflow, ``k = rho * max c``. Every constraint set lies in the
+    box ``|delta_i| <= rho c_i``, so ``||delta / k||^2 <= N`` and ``||delta|| = k ||delta / k||`` is
+    finite wherever the norm itself is (``max c`` is each call's ``ParamSet.largest_scale``)."""
+    w0 = flats[0].w0
+    if w0.dtype != torch.float64:   # float32/half: summed in float64, no square can overflow
+        return 1.0
+    k = rho * max(f.params.largest_scale for f in {id(f): f for f in flats}.values())
+    return k if k * math.sqrt(w0.numel()) > SAFE_NORM else 1.0

@@ -1,0 +1,1 @@
+"""Average-case sharpness: the reference (reference.py) beside its fast path (fused.py)."""

@@ -1,0 +1,1 @@
+"""Worst-case sharpness: the reference (reference.py) beside its fast path (fused.py, scaled.py), the APGD schedule (apgd.py), its bookkeeping on the device (bookkeeping.py) and the starts (starts.py)."""
