@@ -57,7 +57,7 @@ def trajectories(model, batches, s):
     params = s.bind(model)
     deltas = []
     with ModelGuard(model):
-        reference.worst_case_sharpness(model, batches, params, s, on_iterate=lambda d, c: deltas.append(
+        reference.solve(model, batches, params, s, on_iterate=lambda d, c: deltas.append(
             [t.detach().clone() for t in d]))
     out = []
     with ModelGuard(model), torch.no_grad():

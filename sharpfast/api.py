@@ -208,17 +208,15 @@ def evaluate_sharpness(model: nn.Module, data: Iterable, settings: Settings) -> 
     with ModelGuard(model, eval_mode=settings.eval_mode):
         batches = precision.apply_policy(model, params, batches, settings.low_precision)
         if settings.kind == "geodesic":
-            from .geodesic.solver import geodesic_sharpness as geodesic
-            return geodesic(model, batches, params, settings,
+            from .geodesic import solver
+            return solver.solve(model, batches, params, settings,
                             "reference" if settings.backend == "reference" else "fused")
         backend = resolve_backend(settings.backend, params)   # the fused paths load the extension
         if settings.kind == "worst":
             from .worst_case import fused, reference
-            impl = fused.worst_case_sharpness if backend == "fused" else reference.worst_case_sharpness
         else:
             from .average_case import fused, reference
-            impl = fused.average_sharpness if backend == "fused" else reference.average_sharpness
-        return impl(model, batches, params, settings)
+        return (fused if backend == "fused" else reference).solve(model, batches, params, settings)
 
 
 def resolve_backend(backend: str, params: ParamSet) -> str:

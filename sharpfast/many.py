@@ -363,14 +363,14 @@ def not_stacked_because(model: nn.Module, settings: Settings, params, batches: l
 
 def _fused_stack(models, batches, params_list, settings: Settings) -> list:
     if settings.kind != "worst":
-        from .average_case.fused import average_many
-        return average_many(models, batches, params_list, settings)
+        from .average_case import fused as average
+        return average.solve_many(models, batches, params_list, settings)
     device = params_list[0].device
     unpacked = [unpack_batch(b, i) for i, b in enumerate(batches)]
     xs = [to_device(x, device) for x, _ in unpacked]
     ys = [to_device(y, device) for _, y in unpacked]
-    from .worst_case.fused import worst_case_many
-    return worst_case_many(models, batches, params_list, settings, xs, ys)
+    from .worst_case import fused as worst
+    return worst.solve_many(models, batches, params_list, settings, xs, ys)
 
 
 __all__ = ["evaluate_many", "auto_stack", "check_same_architecture", "MAX_STACK", "STACK_BUFFER_BYTES"]

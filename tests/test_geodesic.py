@@ -291,7 +291,7 @@ def test_hugging_face_blocks_leave_the_function_unchanged(arch):
 @pytest.mark.parametrize("which", ["mlp", "cnn", "attention"])
 @pytest.mark.parametrize("backend", ["reference", "fused"])
 def test_reduction_to_the_scaled_solver(which, backend):
-    """DESIGN.md §7: ``blocks=[], second_order=False`` equals ``worst_case_sharpness(norm="l2",
+    """DESIGN.md §2c (checked): ``blocks=[], second_order=False`` equals ``worst_case_sharpness(norm="l2",
     adaptive=True, solver="scaled")``, float64 to 1e-9 (a BatchNorm CNN in eval mode included)."""
     from tests import toy_models
     torch.manual_seed(0)

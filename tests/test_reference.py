@@ -19,8 +19,8 @@ def run_reference(kind, model, data, on_iterate=None, **kw):
     params = s.bind(model)
     with ModelGuard(model):
         if kind == "worst":
-            return reference.worst_case_sharpness(model, data, params, s, on_iterate=on_iterate), params
-        return average_reference.average_sharpness(model, data, params, s), params
+            return reference.solve(model, data, params, s, on_iterate=on_iterate), params
+        return average_reference.solve(model, data, params, s), params
 
 
 def constraint_checker(rho, norm, tol=1e-5):

@@ -153,14 +153,14 @@ def test_every_scaled_iterate_is_feasible(init, c_kind, norm):
 
     rho = 0.05
     kw = dict(n_restarts=2) if init == "random" else {}
-    # reference.worst_case_sharpness takes the iterate hook the public function does not expose
+    # reference.solve takes the iterate hook the public function does not expose
     from sharpfast.worst_case import reference
     from sharpfast.params import ModelGuard
     s = sharpfast.WorstCaseSettings(rho=rho, norm=norm, adaptive=c_kind == "adaptive", n_iters=15, init=init,
                                     solver="scaled", **kw)
     params = s.bind(model)
     with ModelGuard(model):
-        reference.worst_case_sharpness(model, data, params, s, on_iterate=on_iterate)
+        reference.solve(model, data, params, s, on_iterate=on_iterate)
     assert len(seen) == 15 * s.n_starts * len(data)
     assert max(seen) <= rho * (1 + 1e-6)
     assert max(seen) > 0.9 * rho   # the iterates do reach the boundary

@@ -19,7 +19,7 @@ from ..settings import Settings
 from ..objective import batches_on_device
 from ..params import ParamSet
 from ..philox import AVERAGE_SAMPLE_BASE, noise_distribution
-from ..engine.flat import FlatState, finish, loss_and_error, read_back, results_by_model
+from ..engine.flat import FlatState, Outcomes, finish, loss_and_error, read_back, results_by_model
 from ..engine.problems import loss_and_error_at_row, stacked_flats, stacked_state
 
 log = logging.getLogger("sharpfast.fused")
@@ -28,7 +28,7 @@ MAX_SAMPLES_PER_PASS = 32           # perturbed copies evaluated in one forward 
 SAMPLE_BUFFER_BYTES = 256 * 2**20   # ... within this much memory for the [K, N] buffer
 
 
-def average_sharpness(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
+def solve(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
     flat = FlatState(params, s)
     samples = _Sequential(model, s, flat)
     K = samples_per_pass(s, params)
@@ -55,7 +55,7 @@ def average_sharpness(model, batches, params: ParamSet, s: Settings) -> Sharpnes
             init_errs.append(E0)
             nonfinite.append(bad)
     zeros = [torch.zeros((), dtype=torch.float64, device=device)] * len(per_batch)
-    return finish(s, per_batch, per_batch_err, init_losses, init_errs, zeros, labelled, nonfinite)
+    return finish(s, Outcomes(per_batch, per_batch_err, init_losses, init_errs, zeros, nonfinite), labelled)
 
 
 def samples_per_pass(s: Settings, params: ParamSet, stacked: bool = False) -> int:
@@ -137,7 +137,7 @@ class _Batched:
         return self.fallback.evaluate(b, start, k, x, y)
 
 
-def average_many(models, batches, params_list: list[ParamSet], s: Settings) -> list:
+def solve_many(models, batches, params_list: list[ParamSet], s: Settings) -> list:
     """Average-case sharpness of K models of one architecture: per batch, their losses at ``w0``
     in one vmapped forward, then ``k`` perturbed copies of each model (``[K, k, N]`` rows, each
     model's written from its own ``w0`` and ``c`` with the draws of the one-model call) in one
@@ -181,6 +181,6 @@ def average_many(models, batches, params_list: list[ParamSet], s: Settings) -> l
             nonfinite.append(bad)
     rows_by_model = lambda values: [v[k] for v in values for k in range(K)]   # batch-major: problem (b, k)
     zeros = [torch.zeros((), **f64)] * (len(per_batch) * K)
-    host = read_back(*map(rows_by_model, (per_batch, per_batch_err, init_losses, init_errs)), zeros,
-                     rows_by_model(nonfinite))
-    return [r for r, _ in results_by_model(s, host, list(range(K)) * len(per_batch), K, labelled[0])]
+    host, _ = read_back(Outcomes(*map(rows_by_model, (per_batch, per_batch_err, init_losses, init_errs)), zeros,
+                                 rows_by_model(nonfinite)))
+    return [r for r, _ in results_by_model(s, host, [], list(range(K)) * len(per_batch), K, labelled[0])]

@@ -18,7 +18,7 @@ from ..result import SharpnessResult, check_finite_loss, mean, summarize
 from ..settings import Settings
 
 
-def average_sharpness(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
+def solve(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
     w0 = [p.data for p in params.tensors]
     c = params.scales()
     per_batch, per_batch_err, init_losses, init_errs = [], [], [], []

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from .. import _ops
-from ..result import SharpnessResult, check_finite_loss
+from ..result import SharpnessResult, check_finite_loss, summarize
 from ..settings import Settings
 from ..params import ParamSet
 
@@ -127,44 +127,54 @@ def loss_and_error(s: Settings, model, x, y):
     return loss, (err if has_err else torch.zeros((), device=loss.device)), has_err
 
 
-def finish(s: Settings, per_batch, per_batch_err, init_losses, init_errs, delta_norms, has_err, nonfinite):
-    """The one read-back of a call: everything stacked and copied to the host together."""
-    return result_of(s, *read_back(per_batch, per_batch_err, init_losses, init_errs, delta_norms, nonfinite), has_err)
+class Outcomes(NamedTuple):
+    """What each problem (an m-batch of a model) of a call ends with, one entry per problem: on the
+    device while the call runs, read back to the host once (:func:`read_back`)."""
+
+    per_batch: list
+    per_batch_err: list
+    init_losses: list
+    init_errs: list
+    delta_norms: list
+    nonfinite: list   # a perturbed loss was not finite
 
 
-def read_back(*rows) -> list[list[float]]:
-    """Lists of per-problem device scalars, copied to the host in one transfer (as float64)."""
-    return torch.stack([torch.stack(v).double() for v in rows]).tolist()
+def finish(s: Settings, outcomes: Outcomes, has_err: bool) -> SharpnessResult:
+    """One model's result from its problems' device values: one read-back."""
+    return result_of(s, read_back(outcomes)[0], has_err)
 
 
-def result_of(s: Settings, per_batch, per_batch_err, init_losses, init_errs, delta_norms, nonfinite,
-              has_err) -> SharpnessResult:
+def read_back(outcomes: Outcomes, extras: tuple = ()) -> tuple[Outcomes, list[list[float]]]:
+    """The per-problem device scalars of ``outcomes`` and of ``extras`` (more lists, one entry per
+    problem), copied to the host in one transfer (as float64)."""
+    host = torch.stack([torch.stack(v).double() for v in (*outcomes, *extras)]).tolist()
+    return Outcomes(*host[:len(Outcomes._fields)]), host[len(Outcomes._fields):]
+
+
+def result_of(s: Settings, host: Outcomes, has_err: bool) -> SharpnessResult:
     """One model's result from its problems' host values; a non-finite loss is an error naming where."""
-    for b, (bad, l0) in enumerate(zip(nonfinite, init_losses)):
+    for b, (bad, l0) in enumerate(zip(host.nonfinite, host.init_losses)):
         check_finite_loss(l0, f"at the unperturbed weights (batch {b})")
         if bad:
             check_finite_loss(math.nan, f"at a perturbed point (batch {b})")
-    mean = lambda v: sum(v) / len(v)
-    return SharpnessResult(
-        sharpness=mean(per_batch), err_sharpness=mean(per_batch_err) if has_err else None,
-        per_batch=per_batch, per_batch_err=per_batch_err if has_err else None,
-        delta_norm=max(delta_norms), init_loss=mean(init_losses), init_err=mean(init_errs) if has_err else None,
-        backend="fused", kind=s.kind, settings=s.describe())
+    return summarize(s, "fused", host.per_batch, host.per_batch_err if has_err else [], host.init_losses,
+                     host.init_errs if has_err else [], max(host.delta_norms))
 
 
-def results_by_model(s: Settings, host: list[list[float]], owners: list[int], n_models: int,
+def results_by_model(s: Settings, host: Outcomes, extras: list[list[float]], owners: list[int], n_models: int,
                      has_err: bool) -> list[tuple]:
-    """``(result, extra)`` per model from the host values of every problem (``host``: :func:`read_back`'s
-    lists, in :func:`result_of`'s order, then any ``extra`` ones; ``owners``: each problem's model,
-    whose problems are taken in order); ``result`` is the exception its values raise where they do."""
+    """``(result, its extras)`` per model from the host values of every problem (``owners``: each
+    problem's model, whose problems are taken in order); ``result`` is the exception its values raise
+    where they do."""
     out = []
     for k in range(n_models):
         rows = [r for r, owner in enumerate(owners) if owner == k]
-        mine = [[values[r] for r in rows] for values in host]
+        mine = Outcomes(*([values[r] for r in rows] for values in host))
+        own_extras = [[values[r] for r in rows] for values in extras]
         try:
-            out.append((result_of(s, *mine[:6], has_err), mine[6:]))
+            out.append((result_of(s, mine, has_err), own_extras))
         except Exception as e:  # noqa: BLE001 - one model's non-finite loss is its own error
-            out.append((e, mine[6:]))
+            out.append((e, own_extras))
     return out
 
 

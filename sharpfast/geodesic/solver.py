@@ -45,7 +45,7 @@ class NoGLBlockWarning(RuntimeWarning):
     """``blocks="auto"`` found no GL block: the geodesic value is the adaptive worst case there."""
 
 
-def geodesic_sharpness(model, batches, params: ParamSet, s: GeodesicSettings, backend: str) -> SharpnessResult:
+def solve(model, batches, params: ParamSet, s: GeodesicSettings, backend: str) -> SharpnessResult:
     blocks = find_gl_blocks(model) if s.blocks == "auto" else list(s.blocks)
     if s.blocks == "auto" and not blocks:
         warnings.warn(NoGLBlockWarning(
@@ -89,7 +89,7 @@ def geodesic_sharpness(model, batches, params: ParamSet, s: GeodesicSettings, ba
 
 def _solve_batch(evaluate, geo, s: GeodesicSettings, stream: int, out=None):
     """One m-batch's runs, one per restart; the unperturbed point is the first candidate (as in
-    ``worst_case.reference.worst_case_sharpness``). ``out``: where the points are written (the fast path's
+    ``worst_case.reference.solve``). ``out``: where the points are written (the fast path's
     flat weights), or None. Returns ``(L0, E0, best loss, its error, best xi (None: the unperturbed
     point), starts after the first that beat all before them)``."""
     L0 = E0 = None

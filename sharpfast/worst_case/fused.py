@@ -13,7 +13,7 @@ import torch
 
 from .. import _ops
 from ..engine import problems
-from ..engine.flat import FlatState, read_back, results_by_model
+from ..engine.flat import FlatState, Outcomes, read_back, results_by_model
 from ..params import ParamSet
 from ..philox import RAND_INIT_SAMPLE_BASE, noise_distribution
 from ..result import SharpnessResult
@@ -27,14 +27,14 @@ from .scaled import ScaledRun
 BISECTION_LEVELS = {"cpu": 1, "cuda": 4}
 
 
-def worst_case_sharpness(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
+def solve(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
     # the eigen start's vectors, computed at w0 before anything is attached (both backends alike)
     local = starts.for_call(model, params, s, batches)
     flat = FlatState(params, s)
     return _solve(problems.plan(model, batches, params, s, flat), s, [local])[0]
 
 
-def worst_case_many(models, batches, params_list: list[ParamSet], s: Settings, xs, ys) -> list:
+def solve_many(models, batches, params_list: list[ParamSet], s: Settings, xs, ys) -> list:
     """Worst-case sharpness of K models of one architecture, every (model, m-batch) problem a row
     of one group (:class:`~sharpfast.engine.problems.ManyModels`; ``xs``, ``ys``: the batches,
     equally shaped, on the device); a result per model, or the exception its values raise."""
@@ -219,9 +219,9 @@ class _Results:
     def finish(self, s: Settings, local: list) -> list:
         """Each model's result (its rows, in batch order, with its restarts that improved and its
         local models' diagnostics), or the exception its values raise: one read-back for all."""
-        host = read_back(self.per_batch, self.per_batch_err, self.init_losses, self.init_errs, self.delta_norms,
-                         self.nonfinite, self.improved)
+        host, extras = read_back(Outcomes(self.per_batch, self.per_batch_err, self.init_losses, self.init_errs,
+                                          self.delta_norms, self.nonfinite), (self.improved,))
         return [r if isinstance(r, BaseException) else
                 starts.with_diagnostics(r, s, [int(n) for n in improved], model_local)
-                for (r, (improved,)), model_local in zip(results_by_model(s, host, self.owners, len(local),
+                for (r, (improved,)), model_local in zip(results_by_model(s, host, extras, self.owners, len(local),
                                                                           self.labelled), local)]

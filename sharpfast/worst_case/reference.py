@@ -190,7 +190,7 @@ def scaled_apgd_restart(model, params: ParamSet, s: Settings, x, y, w0: Tensors,
     return best_loss, best_err, delta_l2_norm([ci * ui for ci, ui in zip(c, best_u)])
 
 
-def worst_case_sharpness(model, batches, params: ParamSet, s: Settings, on_iterate=None) -> SharpnessResult:
+def solve(model, batches, params: ParamSet, s: Settings, on_iterate=None) -> SharpnessResult:
     w0 = [p.data for p in params.tensors]
     c = params.scales()
     c_flat = torch.cat([ci.reshape(-1) for ci in c])
