@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from . import precision
+from .engine import budget
+from .engine.budget import MAX_STACK, STACK_BUFFER_BYTES
 from .api import evaluate_sharpness, resolve_backend
 from .objective import map_tensors, to_device, unpack_batch
 from .params import ModelGuard
@@ -25,11 +27,7 @@ from .settings import Settings
 
 log = logging.getLogger("sharpfast.many")
 
-MAX_STACK = 64   # models per pass at most (auto)
 CPU_STACK_MAX_ACTIVATIONS = 2048   # on a CPU, models computing more values per example are not stacked (auto)
-# the memory the stack's [rows, N] buffers may take (auto): per model, its solver's buffers per
-# m-batch (engine.problems.TOGETHER_BUFFERS, + the flat w0) or the perturbed copy (average case)
-STACK_BUFFER_BYTES = {"cuda": 2**30, "cpu": 2**28}
 ERRORS = ("raise", "return")
 _said_unstackable: set = set()   # architectures the log already said cannot be stacked
 
@@ -89,19 +87,13 @@ def evaluate_many(models: Sequence[nn.Module], data: Iterable, settings: Setting
 
 def auto_stack(model: nn.Module, settings: Settings, batches: list) -> int:
     """Models per pass: as many as fit the device's buffer budget :data:`STACK_BUFFER_BYTES`, at
-    most :data:`MAX_STACK`."""
+    most :data:`MAX_STACK` (:func:`sharpfast.engine.budget.models_per_pass`)."""
     params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
     if not params or settings.kind == "geodesic":   # geodesic: no stacked solver
         return 1
-    device = params[0].device
     n, element = sum(p.numel() for p in params), max(4, params[0].element_size())   # half: a float32 copy
-    if settings.kind == "worst":
-        from .engine.problems import TOGETHER_BUFFERS
-        per_model = (TOGETHER_BUFFERS[settings.solver] * len(batches) + 1) * n * element
-    else:
-        per_model = 2 * n * element
-    budget = STACK_BUFFER_BYTES.get(device.type, STACK_BUFFER_BYTES["cuda"])
-    return max(1, min(MAX_STACK, budget // per_model))
+    return budget.models_per_pass(params[0].device.type, settings.kind, getattr(settings, "solver", None),
+                                  len(batches), n, element)
 
 
 def activations_per_example(model: nn.Module, batch) -> int:
@@ -341,7 +333,7 @@ def not_stacked_because(model: nn.Module, settings: Settings, params, batches: l
     than :data:`CPU_STACK_MAX_ACTIVATIONS` values per example are not: there the forward is bound
     by arithmetic, not by the per-operation overhead stacking removes, and the stacked forward
     (even of one model) measured slower (benchmarks/ZOO_RESULTS.md)."""
-    from .engine.problems import _stackable
+    from .engine.problems import stackable
     if settings.kind == "geodesic":
         return "geodesic sharpness has no stacked solver"
     if resolve_backend(settings.backend, params) != "fused":
@@ -351,7 +343,7 @@ def not_stacked_because(model: nn.Module, settings: Settings, params, batches: l
     if settings.kind == "worst" and settings.solve_batches_together is False:
         return "solve_batches_together=False"
     unpacked = [unpack_batch(b, i) for i, b in enumerate(batches)]
-    if not (_stackable([x for x, _ in unpacked]) and _stackable([y for _, y in unpacked])):
+    if not (stackable([x for x, _ in unpacked]) and stackable([y for _, y in unpacked])):
         return "the batches differ in shape"
     if params.device.type == "cpu":
         values = activations_per_example(model, batches[0])

@@ -15,7 +15,8 @@ from torch import nn
 import sharpfast
 from sharpfast import _ops
 from sharpfast.engine import problems
-from sharpfast.engine.problems import TOGETHER_DEVICES
+from sharpfast.engine import budget
+from sharpfast.engine.budget import TOGETHER_DEVICES
 from tests.memory_probe import peak_cpu_bytes
 from tests.toy_models import MODEL_KINDS, model_and_data
 
@@ -195,7 +196,7 @@ def test_fused_reports_non_finite_losses():
 
 @pytest.mark.parametrize("definition", [dict(norm="linf", rho=0.05), dict(norm="l2", rho=0.1, rand_init=True, n_restarts=2)])
 def test_batches_solved_together_by_default_where_enabled(monkeypatch, definition):
-    monkeypatch.setattr(problems, "TOGETHER_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(budget, "TOGETHER_DEVICES", ("cpu", "cuda"))
     vmapped = []
     evaluate = problems.AllBatches.evaluate
     monkeypatch.setattr(problems.AllBatches, "evaluate", lambda self, **kw: vmapped.append(1) or evaluate(self, **kw))
@@ -218,7 +219,7 @@ def test_a_single_batch_asked_to_be_solved_together_is_solved_on_its_own():
 
 
 def test_batches_solved_one_by_one_when_the_model_cannot_be_vmapped(monkeypatch, caplog):
-    monkeypatch.setattr(problems, "TOGETHER_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(budget, "TOGETHER_DEVICES", ("cpu", "cuda"))
     torch.manual_seed(0)
     model = NotVmappable()
     data = [(torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,))) for _ in range(3)]

@@ -19,13 +19,12 @@ from ..settings import Settings
 from ..objective import batches_on_device
 from ..params import ParamSet
 from ..philox import AVERAGE_SAMPLE_BASE, noise_distribution
+from ..engine import budget
 from ..engine.flat import FlatState, Outcomes, finish, loss_and_error, read_back, results_by_model
 from ..engine.problems import loss_and_error_at_row, stacked_flats, stacked_state
 
 log = logging.getLogger("sharpfast.fused")
 
-MAX_SAMPLES_PER_PASS = 32           # perturbed copies evaluated in one forward ...
-SAMPLE_BUFFER_BYTES = 256 * 2**20   # ... within this much memory for the [K, N] buffer
 
 
 def solve(model, batches, params: ParamSet, s: Settings) -> SharpnessResult:
@@ -68,8 +67,7 @@ def samples_per_pass(s: Settings, params: ParamSet, stacked: bool = False) -> in
     elif params.device.type == "cpu" or stacked:
         k = 1
     else:
-        row_bytes = params.numel * params.tensors[0].element_size()
-        k = min(MAX_SAMPLES_PER_PASS, max(1, SAMPLE_BUFFER_BYTES // max(1, row_bytes)))
+        k = budget.samples_per_pass(params.numel, params.tensors[0].element_size())
     k = min(k, s.n_samples)
     if s.antithetic and k % 2 and (k > 1 or stacked):   # pairs in one pass (n_samples is even)
         k += -1 if k > 1 else 1

@@ -28,15 +28,11 @@ from torch.func import functional_call, vmap
 from ..settings import Settings
 from ..objective import batches_on_device, to_device, unpack_batch
 from ..params import ParamSet
+from . import budget
 from .flat import FlatState, loss_and_error, norm_scale
 
 log = logging.getLogger("sharpfast.fused")
 
-TOGETHER_DEVICES = ("cuda",)   # where m-batches are solved together by default ...
-TOGETHER_BUFFER_BYTES = 2**30  # ... when their [B, N] buffers fit in this much memory
-# [B, N] buffers by solver: current, grad, the vmapped gradient, best_grad, and delta, delta_prev
-# (published) or u, u_prev, u_best (scaled)
-TOGETHER_BUFFERS = {"published": 6, "scaled": 7}
 
 
 class OneBatch:
@@ -219,12 +215,12 @@ def plan(model, batches, params: ParamSet, s: Settings, flat: FlatState) -> list
     and the model's parameters are attached to the flat buffers first)."""
     unpacked = [unpack_batch(batch, index) for index, batch in enumerate(batches)]   # still on the host
     xs, ys = [x for x, _ in unpacked], [y for _, y in unpacked]
-    stackable = _stackable(xs) and _stackable(ys)
+    same_shapes = stackable(xs) and stackable(ys)
     device = flat.w0.device
     on_device = lambda values: [to_device(v, device) for v in values]
     together = s.solve_batches_together
     if together:
-        if not stackable:
+        if not same_shapes:
             raise ValueError("solve_batches_together=True needs batches of one shape (the m-batches are "
                              "stacked into one vmapped forward); the batches given differ")
         if not s.eval_mode:
@@ -232,7 +228,7 @@ def plan(model, batches, params: ParamSet, s: Settings, flat: FlatState) -> list
                              "as BatchNorm update their buffers batch after batch")
         if len(ys) > 1:   # asked for: errors (e.g. a model vmap cannot trace) reach the caller
             return [AllBatches(model, s, params, flat, on_device(xs), on_device(ys))]
-    elif together is None and _together_by_default(s, flat, len(ys), stackable):
+    elif together is None and _together_by_default(s, flat, len(ys), same_shapes):
         group = AllBatches(model, s, params, flat, on_device(xs), on_device(ys))
         try:
             group.probe()
@@ -244,11 +240,10 @@ def plan(model, batches, params: ParamSet, s: Settings, flat: FlatState) -> list
     return (OneBatch(model, s, flat, b, x, y) for b, x, y in batches_on_device(batches, device))
 
 
-def _together_by_default(s: Settings, flat: FlatState, n_batches: int, stackable: bool) -> bool:
-    """On a GPU, in eval mode, for several batches of one shape whose [B, N] buffers fit."""
-    memory = TOGETHER_BUFFERS[s.solver] * n_batches * flat.w0.numel() * flat.w0.element_size()
-    return (flat.w0.device.type in TOGETHER_DEVICES and s.eval_mode and n_batches > 1 and stackable
-            and memory <= TOGETHER_BUFFER_BYTES)
+def _together_by_default(s: Settings, flat: FlatState, n_batches: int, same_shapes: bool) -> bool:
+    """On a GPU, in eval mode, for several batches of one shape whose [B, N] buffers fit (:mod:`.budget`)."""
+    return s.eval_mode and same_shapes and budget.together(flat.w0.device.type, s.solver, n_batches, flat.w0.numel(),
+                                                         flat.w0.element_size())
 
 
 def _stack(xs):
@@ -271,6 +266,7 @@ def _signature(v):
     return None
 
 
-def _stackable(items) -> bool:
+def stackable(items) -> bool:
+    """Whether batches (or their inputs, or labels) have one structure of shapes and dtypes."""
     first = _signature(items[0])
     return first is not None and all(_signature(v) == first for v in items[1:])
