@@ -20,7 +20,8 @@ import sharpfast
 from benchmarks.bench_sharpness import clock
 from benchmarks.results import write_section
 from sharpfast.objective import call_model, unwrap_logits
-from sharpfast.study import bert_example, zoo
+from sharpfast.study import zoo
+from sharpfast.study.experiments import bert_example
 
 RHO, N_ITERS, N_BATCHES, BATCH = 0.1, 20, 4, 64
 

@@ -77,7 +77,7 @@ def test_subcommands_in_process(tmp_path, capsys):
     assert "Psi = mean granulated tau vs gen. gap" in out
     assert len(list((rep / "plots").glob("*.png"))) == 3
     # the paper's near-minimum selection keeps only low-train-error models
-    from sharpfast.study.report import build_report
+    from sharpfast.study.analysis.report import build_report
     with Store(str(store), readonly=True) as st:
         train_err = sorted(c["metrics"]["train_error"] for c in st.checkpoints().values())
     cut = train_err[3]

@@ -16,7 +16,7 @@ from sharpfast.geodesic import blocks as gl
 from sharpfast.geodesic.batched import BatchedGeometry
 from sharpfast.geodesic.reference import ReferenceGeometry
 from sharpfast.params import ParamSet
-from sharpfast.study.diagonal_networks import DiagonalNetwork as Diagonal   # y = X (u * v)
+from sharpfast.study.experiments.diagonal_networks import DiagonalNetwork as Diagonal   # y = X (u * v)
 
 METRICS = ("mix", "inv")
 GEOMETRIES = (ReferenceGeometry, BatchedGeometry)
@@ -497,10 +497,10 @@ def test_a_model_without_gl_blocks_is_said_and_counted(attention_model):
 
 
 def test_diagonal_network_experiment_runs_end_to_end():
-    """The paper's diagonal-network experiment (sharpfast.study.diagonal_networks), small: every
+    """The paper's diagonal-network experiment (sharpfast.study.experiments.diagonal_networks), small: every
     network interpolates, the gap is the exact population loss, taus are computed, and the
     adaptive column is the scaled solver's adaptive worst case."""
-    from sharpfast.study import diagonal_networks as dn
+    from sharpfast.study.experiments import diagonal_networks as dn
     r = dn.run(n_nets=4, n_iters=5)
     assert max(r["train_loss"]) <= dn.TARGET_LOSS and len(r["gap"]) == 4
     assert all(-1 <= t <= 1 for t in r["taus"].values()) and set(r["taus"]) == set(dn.PAPER_TAU)

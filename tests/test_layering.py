@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "sharpfast"
 CORE = {"settings", "params", "objective", "precision", "philox", "_ops", "result"}
 MEASURES = {"worst_case", "average_case", "geodesic", "curvature"}
 PUBLIC = {"api", "many", "compat", "kernel_check", "doctor", "__init__"}
-ANALYSIS = {"report", "report_html", "stats"}   # in sharpfast.study
+ANALYSIS = {"analysis"}   # in sharpfast.study
 
 
 def modules() -> dict[str, pathlib.Path]:

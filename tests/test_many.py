@@ -189,7 +189,8 @@ def test_compiled_models_are_compared_by_the_models_they_wrap():
 
 def test_hugging_face_models_of_one_config_are_one_architecture_from_any_folder(tmp_path):
     pytest.importorskip("transformers")
-    from sharpfast.study import bert_example, hf
+    from sharpfast.study import hf
+    from sharpfast.study.experiments import bert_example
     for seed in (0, 1):
         bert_example.tiny_bert(seed).save_pretrained(tmp_path / str(seed))
     many.check_same_architecture([hf.from_folder(str(tmp_path / "0")), hf.from_folder(str(tmp_path / "1"))])

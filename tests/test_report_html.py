@@ -11,9 +11,9 @@ import shutil
 
 import pytest
 
-from sharpfast.study import report_html
+from sharpfast.study.analysis import report_html
 from sharpfast.study.definitions import Definition
-from sharpfast.study.report import build_report
+from sharpfast.study.analysis.report import build_report
 from sharpfast.study.store import Store
 
 DEFINITIONS = [Definition.from_dict(dict(kind="max", norm="linf", rho=r, n_iters=3, m=32, n_examples=64))
@@ -63,7 +63,7 @@ def test_tau_cells_are_coloured_on_a_diverging_scale_with_their_interval():
     assert report_html.tau_colour(1.0) == "rgb(178,24,43)" and report_html.tau_colour(-1.0) == "rgb(33,102,172)"
     assert report_html.tau_colour(0.0) == "rgb(255,255,255)" and report_html.tau_colour(float("nan")) == "#eeeeee"
     assert report_html.tau_colour(0.5) == "rgb(216,140,149)"   # halfway to red (216.5, rounded to even)
-    from sharpfast.study.stats import BootstrapCI
+    from sharpfast.study.analysis.stats import BootstrapCI
     cell = report_html.tau_cell(BootstrapCI(tau=0.42, low=0.1, high=0.7, n_boot=20, level=0.95), "m vs test error")
     assert "+0.42" in cell and "[+0.10, +0.70]" in cell and "<svg" in cell
     assert "title='m vs test error: tau = +0.420, 95% bootstrap CI [+0.10, +0.70]'" in cell

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import kendalltau
 
-from sharpfast.study import stats
-from sharpfast.study.stats import bootstrap_tau, granulated_tau, kendall_tau_b, varying_factors
+from sharpfast.study.analysis import stats
+from sharpfast.study.analysis.stats import bootstrap_tau, granulated_tau, kendall_tau_b, varying_factors
 
 
 def test_tau_b_hand_computed_with_ties():

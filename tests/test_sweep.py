@@ -309,14 +309,14 @@ def test_curvature_definitions_sweep_and_report(tiny_zoo, tmp_path):
     status, value, err, per_batch = rows[(entry.id, defs[0].key)]
     assert status == "ok" and err is None and value == pytest.approx(want, rel=1e-6) and len(per_batch) == 2
     assert run_sweep(m, defs, store, progress=False).skipped == 32
-    from sharpfast.study.report import build_report
+    from sharpfast.study.analysis.report import build_report
     text = build_report(store, None, plots=False).markdown()
     assert "trace-hessian-adaptive" in text and "renyi-ggn-adaptive" in text and "lambda_max-hessian-standard" in text
 
 
 def test_esd_figure_for_chosen_checkpoints(tiny_zoo, tmp_path, capsys):
     from sharpfast.study.cli import main
-    from sharpfast.study.esd import chosen
+    from sharpfast.study.analysis.esd import chosen
     m = Manifest.load(tiny_zoo)
     best, worst = chosen(m, None)
     assert best.metrics["test_error"] <= worst.metrics["test_error"]
@@ -350,7 +350,7 @@ def test_both_solvers_sweep_side_by_side(tiny_zoo, tmp_path):
     rows = _values(store)
     for entry in m.models:
         assert rows[(entry.id, new.key)][1] >= rows[(entry.id, pub.key)][1] * (1 - 1e-6)
-    from sharpfast.study.report import build_report
+    from sharpfast.study.analysis.report import build_report
     text = build_report(store, None, plots=False).markdown()
     assert "max-l2-adaptive m=64 n_examples=128 n_iters=6 solver=scaled" in text
     assert "solver=scaled init=eigen" in text
@@ -381,7 +381,7 @@ def test_jiang_measures_sweep_and_report(tiny_zoo, tmp_path):
     assert all(r[0] == "ok" and r[1] == e.metrics["steps_to_loss_0.1"] if "steps_to_loss_0.1" in e.metrics
                else r[0] == "error" for r, e in zip(steps, m.models))
     assert s.ok >= 4 * len(m.models)
-    from sharpfast.study.report import build_report
+    from sharpfast.study.analysis.report import build_report
     text = build_report(store, None, plots=False).markdown()
     assert "| param-norm n_examples=128 |" in text and "| frob-distance n_examples=128 |" in text
 
@@ -392,7 +392,7 @@ def test_measures_of_an_earlier_revision_are_not_reused(tiny_zoo, tmp_path):
     keeps the old rows apart, marked."""
     import hashlib
     import json as json_
-    from sharpfast.study.report import build_report
+    from sharpfast.study.analysis.report import build_report
     from sharpfast.study.store import Store
     d = Definition.from_dict(dict(kind="measure", measure="1/margin", n_examples=128))
     old_spec = {"kind": "measure", "measure": "1/margin", "n_examples": 128}
@@ -429,19 +429,19 @@ def test_a_small_zoos_data_sets_the_number_of_examples(tiny_zoo, tmp_path, capsy
         defs = st.definitions()
         assert len(defs) == 6 and all(d["spec"]["n_examples"] == 256 for d in defs.values())
         assert st.counts() == {"ok": 6}
-    fitted, message = sweep_mod.fit_to_data(Manifest.load(tiny_zoo), D.preset("jiang"))
+    fitted, message = D.fit_to_data(Manifest.load(tiny_zoo), D.preset("jiang"))
     assert {d.n_examples for d in fitted} == {256} and len(fitted) == 34 and "use 256" in message
     mixed = [Definition.from_dict(dict(kind="avg", norm="l2", rho=0.1, m=96, n_examples=384)),
              Definition.from_dict(dict(kind="avg", norm="l2", rho=0.1, m=64, n_examples=128))]
-    fitted, message = sweep_mod.fit_to_data(Manifest.load(tiny_zoo), mixed)   # lcm(96, 64) = 192 <= 256
+    fitted, message = D.fit_to_data(Manifest.load(tiny_zoo), mixed)   # lcm(96, 64) = 192 <= 256
     assert [d.n_examples for d in fitted] == [192, 128] and "asking for 384 use 192" in message
-    assert sweep_mod.fit_to_data(Manifest.load(tiny_zoo), QUICK) == (QUICK, None)   # 128 fit: unchanged
+    assert D.fit_to_data(Manifest.load(tiny_zoo), QUICK) == (QUICK, None)   # 128 fit: unchanged
     coprime = [Definition.from_dict(dict(kind="avg", norm="l2", rho=0.1, m=m, n_examples=m)) for m in (192, 256)]
     with pytest.raises(ConfigError, match="cannot provide 768 examples, the smallest multiple of every"):
-        sweep_mod.fit_to_data(Manifest.load(tiny_zoo), coprime + [Definition.from_dict(
+        D.fit_to_data(Manifest.load(tiny_zoo), coprime + [Definition.from_dict(
             dict(kind="avg", norm="l2", rho=0.1, m=128, n_examples=512))])
     big_m = [Definition.from_dict(dict(kind="avg", norm="l2", rho=0.1, m=384, n_examples=384))]
-    assert sweep_mod.fit_to_data(Manifest.load(tiny_zoo), big_m) == (big_m, None)   # nothing fits: said below
+    assert D.fit_to_data(Manifest.load(tiny_zoo), big_m) == (big_m, None)   # nothing fits: said below
     with pytest.raises(ConfigError, match="cannot provide 384 examples.*--n-examples"):
         run_sweep(Manifest.load(tiny_zoo), big_m, str(tmp_path / "big.db"), progress=False, fit_examples=True)
     assert main(["sweep", "--zoo", tiny_zoo, "--store", store, "--quiet", "--n-examples", "512"]) == 2
@@ -540,7 +540,7 @@ def test_geodesic_definitions_sweep_and_report(tmp_path):
     on a ViT the three differ, on an MLP (no attention) inv and mix are the adaptive value."""
     from sharpfast.study import zoo
     from sharpfast.study.cli import _definitions, build_parser
-    from sharpfast.study.report import build_report
+    from sharpfast.study.analysis.report import build_report
     # the keys the existing kinds had before kind geodesic and its fields existed (the measure's is
     # revision 3's: a measure's key changes with its conventions' revision, and only then)
     assert [d.key for d in (Definition("max", "linf", 0.002), Definition("max", "l2", 0.5, solver="scaled"),

@@ -111,8 +111,9 @@ def test_hugging_face_models_from_save_pretrained_folders(tmp_path):
     save_pretrained, listed by hf_folder, swept (dict inputs) and reported; no hub is reached."""
     pytest.importorskip("transformers")
     import sharpfast
-    from sharpfast.study import bert_example
+    from sharpfast.study.experiments import bert_example
     table = bert_example.build(str(tmp_path), epochs=1, grid=bert_example.GRID[:2])
+    # the factory's name before the experiments moved into sharpfast.study.experiments: still loads
     m = manifest_from_table(table, "sharpfast.study.bert_example:data")
     entry = m.models[0]
     assert entry.factory == "sharpfast.study.hf:from_folder" and entry.checkpoint.endswith("model.safetensors")
@@ -129,11 +130,11 @@ def test_hugging_face_models_from_save_pretrained_folders(tmp_path):
     with Store(store, readonly=True) as st:
         got = {r.checkpoint_id: r.value for r in st.rows()}
     assert got[entry.id] == pytest.approx(want, rel=1e-6)
-    from sharpfast.study.report import build_report
+    from sharpfast.study.analysis.report import build_report
     assert "max-linf-adaptive-lognorm m=32 n_examples=64 n_iters=3 rho=0.0005" in build_report(
         store, None, plots=False).markdown()
     # a folder without save_pretrained's files is refused by row and column
     (tmp_path / "models.csv").write_text(open(table).read().replace("bert-lr0.0003-s0,bert-lr0.0003-s0",
                                                                     "bert-lr0.0003-s0,nowhere"))
     with pytest.raises(TableError, match="row 2.*hf_folder.*no config.json"):
-        manifest_from_table(str(tmp_path / "models.csv"), "sharpfast.study.bert_example:data")
+        manifest_from_table(str(tmp_path / "models.csv"), "sharpfast.study.experiments.bert_example:data")

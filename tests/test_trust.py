@@ -106,7 +106,7 @@ class NaNCurvature(torch.nn.Module):
 
 
 def test_a_non_finite_value_is_an_error_row_and_the_report_says_what_it_left_out(tiny_zoo, tmp_path):
-    from sharpfast.study.report import build_report
+    from sharpfast.study.analysis.report import build_report
     from sharpfast.study.sweep import evaluate_checkpoint
     m = Manifest.load(tiny_zoo)
     trace = Definition.from_dict(dict(kind="trace", n_probes=2, m=64, n_examples=64, adaptive=False))

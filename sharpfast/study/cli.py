@@ -270,7 +270,7 @@ def _add_zoo_flags(p: argparse.ArgumentParser, preset_flag: str = "--preset") ->
 
 
 def _add_report_flags(p: argparse.ArgumentParser) -> None:
-    from .report import TARGETS
+    from .analysis.report import TARGETS
 
     p.add_argument("--target", choices=sorted(TARGETS), default="test_error",
                    help="target of the granulated tau / Psi (default test_error)")
@@ -387,7 +387,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace, store: str, out: str | None) -> None:
-    from .report import build_report
+    from .analysis.report import build_report
 
     try:
         r = build_report(store, out, target=args.target, color_by=args.color_by, n_boot=args.n_boot,
@@ -430,7 +430,7 @@ def cmd_definitions(args: argparse.Namespace) -> None:
     defs = _definitions(args)
     fitted = None
     if args.zoo and args.n_examples is None:   # the sweep's own fitting, so the keys are the ones it stores
-        from .sweep import fit_to_data
+        from .definitions import fit_to_data
         defs, fitted = fit_to_data(Manifest.load(args.zoo), defs)
     if args.yaml:
         import yaml
@@ -449,7 +449,7 @@ def cmd_definitions(args: argparse.Namespace) -> None:
 
 
 def cmd_esd(args: argparse.Namespace) -> None:
-    from .esd import plot_esd
+    from .analysis.esd import plot_esd
 
     print(f"esd: wrote {plot_esd(args.zoo, args.out, args.ids, args.n_examples, args.m, args.adaptive, args.curvature)}")
 

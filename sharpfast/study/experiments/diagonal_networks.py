@@ -1,7 +1,7 @@
 """The diagonal linear network experiment of da Silva, Dangel and Oore (ICML 2025, §5): does
 sharpness rank the generalization of networks that fit the same data perfectly?
 
-    python -m sharpfast.study.diagonal_networks [--n-nets 50] [--rho 0.1] [--eps 1e-8] [--init gaussian|zero-v]
+    python -m sharpfast.study.experiments.diagonal_networks [--n-nets 50] [--rho 0.1] [--eps 1e-8] [--init gaussian|zero-v]
                                                 [--out DIR]
 
 ``n`` training points in ``d > n`` dimensions, ``y = X beta*`` with a 90%-sparse ``beta*``; each

@@ -1,8 +1,8 @@
 """A worked own-zoo example: tiny BERTs built from a config (no downloads), fine-tuned on a
 synthetic text task, saved with ``save_pretrained``, and the table ``sharpfast manifest`` reads.
 
-    python -m sharpfast.study.bert_example --out bert-zoo
-    sharpfast manifest --table bert-zoo/models.csv --data sharpfast.study.bert_example:data --out bert-zoo
+    python -m sharpfast.study.experiments.bert_example --out bert-zoo
+    sharpfast manifest --table bert-zoo/models.csv --data sharpfast.study.experiments.bert_example:data --out bert-zoo
     sharpfast sweep --zoo bert-zoo --kind max --norm linf --rho 0.0005 --normalize-logits norm
     sharpfast report --store bert-zoo/results.db
 

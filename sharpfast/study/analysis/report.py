@@ -29,9 +29,9 @@ import numpy as np
 from sharpfast.geodesic import CORRECTION_WARNING
 
 from . import report_html
-from .measures import MEASURES_REVISION
+from ..measures import MEASURES_REVISION
 from .stats import bootstrap_tau, conditional_mutual_information, granulated_tau, robust_sign_error, varying_factors
-from .store import Store
+from ..store import Store
 
 TARGETS = {"test_error": "test error", "gap": "gen. gap", "ood_error": "OOD error"}
 BASELINES = {"train_loss": "(baseline) train loss", "train_error": "(baseline) train error"}

@@ -6,7 +6,7 @@ import os
 
 import sharpfast
 
-from .checkpoints import Manifest, ManifestError, load_model
+from ..checkpoints import Manifest, ManifestError, load_model
 
 
 def chosen(manifest: Manifest, ids: list[str] | None, target: str = "test_error"):
@@ -31,8 +31,7 @@ def plot_esd(zoo: str, out_dir: str, ids: list[str] | None = None, n_examples: i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .definitions import Definition
-    from .sweep import check_data, fit_to_data
+    from ..definitions import Definition, check_data, fit_to_data
 
     manifest = Manifest.load(zoo)
     entries = chosen(manifest, ids)
