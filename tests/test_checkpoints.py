@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from sharpfast.study.checkpoints import (CheckpointError, Manifest, ManifestError, ModelEntry, file_sha256,
+from sharpfast.study.zoo.checkpoints import (CheckpointError, Manifest, ManifestError, ModelEntry, file_sha256,
                                    import_factory, load_model, load_state_dict, save_state_dict)
 from sharpfast.study.zoo import mlp
 

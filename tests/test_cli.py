@@ -205,7 +205,7 @@ def test_a_sweep_in_which_rows_failed_exits_with_status_3(tiny_zoo, tmp_path, ca
     others computed, and the exit status says rows failed (``sweep && report`` notices)."""
     zoo = tmp_path / "zoo"
     shutil.copytree(tiny_zoo, zoo)
-    from sharpfast.study.checkpoints import Manifest
+    from sharpfast.study.zoo.checkpoints import Manifest
     entry = Manifest.load(str(zoo)).models[0]
     with open(zoo / entry.checkpoint, "ab") as f:
         f.write(b"changed")

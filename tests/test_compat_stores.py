@@ -6,7 +6,7 @@ import os
 import shutil
 
 from sharpfast.study import definitions as D
-from sharpfast.study.checkpoints import Manifest, load_model
+from sharpfast.study.zoo.checkpoints import Manifest, load_model
 from sharpfast.study.store import Store
 from sharpfast.study.sweep import run_sweep
 

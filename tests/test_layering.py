@@ -91,6 +91,21 @@ def test_the_analysis_reads_stores_without_the_sweeps():
     assert broken == []
 
 
+STUDY_ORDER = ["workers", "zoo", "measures", "definitions", "store", "sweep", "analysis", "experiments", "cli"]
+
+
+def test_the_study_imports_in_pipeline_order():
+    """A step of the study imports only the steps before it (the zoo nothing after it, the sweep no
+    analysis): the folders read in the order the pipeline runs."""
+    place = lambda module: STUDY_ORDER.index(module.split(".")[2])
+    study = {n: p for n, p in modules().items() if n.startswith("sharpfast.study.")}
+    assert {n.split(".")[2] for n in study} == set(STUDY_ORDER)
+    broken = sorted(f"{name} imports {imported}" for name, path in study.items()
+                    for imported in imports_of(name, path)
+                    if imported.startswith("sharpfast.study.") and place(imported) > place(name))
+    assert broken == []
+
+
 def test_the_rules_see_every_kind_of_import():
     found = imports_of("sharpfast.worst_case.fused", ROOT / "worst_case" / "fused.py")
     assert {"sharpfast._ops", "sharpfast.engine.problems", "sharpfast.engine.flat", "sharpfast.worst_case.apgd",

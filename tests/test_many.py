@@ -189,7 +189,7 @@ def test_compiled_models_are_compared_by_the_models_they_wrap():
 
 def test_hugging_face_models_of_one_config_are_one_architecture_from_any_folder(tmp_path):
     pytest.importorskip("transformers")
-    from sharpfast.study import hf
+    from sharpfast.study.zoo import hf
     from sharpfast.study.experiments import bert_example
     for seed in (0, 1):
         bert_example.tiny_bert(seed).save_pretrained(tmp_path / str(seed))

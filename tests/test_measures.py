@@ -368,7 +368,7 @@ def test_the_jiang_preset_names_the_table_rows():
 
 
 def trained_digits_mlp():
-    from sharpfast.study import digits
+    from sharpfast.study.zoo import digits
     cfg = dict(zoo.DEFAULT_TRAIN, width=32, epochs=10, n_train=256)
     x, y, _, _ = digits.split(256)
     return zoo.train(cfg)[0], zoo.initialized(cfg), x, y

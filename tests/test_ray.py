@@ -7,7 +7,7 @@ ray = pytest.importorskip("ray")
 
 from sharpfast.study import definitions as D  # noqa: E402
 from sharpfast.study import zoo  # noqa: E402
-from sharpfast.study.checkpoints import Manifest  # noqa: E402
+from sharpfast.study.zoo.checkpoints import Manifest  # noqa: E402
 from sharpfast.study.store import Store  # noqa: E402
 from sharpfast.study.sweep import run_sweep  # noqa: E402
 

@@ -208,7 +208,7 @@ def test_rand_init_means_init_random_and_the_published_default_is_unchanged():
 def test_scaled_solver_on_trained_networks_finds_at_least_what_the_published_one_finds():
     """Digits MLPs trained briefly, adaptive l2 at the paper's radius scale and linf: the scaled solver
     is at least as high per batch (the ratio's distribution is in benchmarks/SOLVER_RESULTS.md)."""
-    from sharpfast.study import digits
+    from sharpfast.study.zoo import digits
     x, y, _, _ = digits.split(512, 64, 0)
     ratios = {"l2": [], "linf": []}
     for seed in range(3):

@@ -13,7 +13,7 @@ import torch
 import sharpfast
 from sharpfast.study import definitions as D
 from sharpfast.study import sweep as sweep_mod
-from sharpfast.study.checkpoints import Manifest, load_model
+from sharpfast.study.zoo.checkpoints import Manifest, load_model
 from sharpfast.study.definitions import ConfigError, Definition
 from sharpfast.study.measures import MEASURES_REVISION
 from sharpfast.study.store import Store
@@ -486,7 +486,7 @@ def test_a_failing_checkpoint_gets_its_own_error_row_and_leaves_its_stack_unchan
 
     from safetensors.torch import load_file, save_file
 
-    from sharpfast.study.checkpoints import file_sha256
+    from sharpfast.study.zoo.checkpoints import file_sha256
 
     zoo = tmp_path / "zoo"
     shutil.copytree(tiny_zoo, zoo)

@@ -5,12 +5,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sharpfast.study.checkpoints import Manifest, load_model
+from sharpfast.study.zoo.checkpoints import Manifest, load_model
 from sharpfast.study.cli import main
 from sharpfast.study.definitions import Definition
 from sharpfast.study.store import Store
 from sharpfast.study.sweep import run_sweep
-from sharpfast.study.table import TableError, manifest_from_table
+from sharpfast.study.zoo.table import TableError, manifest_from_table
 
 
 class KeywordClassifier(nn.Module):

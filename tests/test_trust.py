@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sharpfast.study import definitions as D
-from sharpfast.study.checkpoints import Manifest
+from sharpfast.study.zoo.checkpoints import Manifest
 from sharpfast.study.cli import main
 from sharpfast.study.definitions import Definition
 from sharpfast.study.store import Store, StoreError
@@ -247,14 +247,14 @@ def test_a_closed_pipe_is_not_a_traceback():
 
 def test_a_table_written_by_excel_with_a_byte_order_mark(tmp_path):
     from tests.test_table import write_zoo
-    from sharpfast.study.table import manifest_from_table
+    from sharpfast.study.zoo.table import manifest_from_table
     table = write_zoo(tmp_path)
     table.write_bytes(b"\xef\xbb\xbf" + table.read_bytes())
     assert [e.id for e in manifest_from_table(str(table), "tests.test_table:keyword_data").models] == ["m0", "m1", "m2"]
 
 
 def test_a_checkpoint_of_other_shapes_names_them(tiny_zoo, tmp_path):
-    from sharpfast.study.checkpoints import CheckpointError, load_model
+    from sharpfast.study.zoo.checkpoints import CheckpointError, load_model
     m = Manifest.load(tiny_zoo)
     entry = m.models[0]
     entry.kwargs = {**entry.kwargs, "width": 5}

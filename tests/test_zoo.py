@@ -5,8 +5,9 @@ import os
 import pytest
 import torch
 
-from sharpfast.study import digits, zoo
-from sharpfast.study.checkpoints import Manifest, load_model
+from sharpfast.study import zoo
+from sharpfast.study.zoo import digits
+from sharpfast.study.zoo.checkpoints import Manifest, load_model
 
 
 @pytest.fixture

@@ -145,7 +145,7 @@ def gated(factory: str, kwargs: dict, release: str | None = None) -> nn.Module:
     import os
     import time
 
-    from sharpfast.study.checkpoints import import_factory
+    from sharpfast.study.zoo.checkpoints import import_factory
     while release is not None and not os.path.exists(release):
         time.sleep(0.05)
     return import_factory(factory)(**kwargs)
@@ -158,7 +158,7 @@ def gated_data(n_examples: int, factory: str, kwargs: dict, gate: int, release: 
     import os
     import time
 
-    from sharpfast.study.checkpoints import import_factory
+    from sharpfast.study.zoo.checkpoints import import_factory
     while n_examples == gate and os.getpid() != driver and not os.path.exists(release):
         time.sleep(0.05)
     return import_factory(factory)(n_examples=n_examples, **kwargs)

@@ -26,7 +26,7 @@ import time
 from typing import Any, Sequence
 
 from . import definitions as defs_mod
-from .checkpoints import CheckpointError, Manifest, ManifestError
+from .zoo.checkpoints import CheckpointError, Manifest, ManifestError
 from .definitions import ConfigError, Definition
 from .store import StoreError
 
@@ -465,7 +465,7 @@ def cmd_doctor(args: argparse.Namespace) -> None:
 
 
 def cmd_manifest(args: argparse.Namespace) -> None:
-    from .table import write_manifest
+    from .zoo.table import write_manifest
 
     try:
         kwargs = json.loads(args.data_kwargs)

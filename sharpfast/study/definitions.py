@@ -34,7 +34,7 @@ from sharpfast.geodesic import GeodesicCorrectionWarning, NoGLBlockWarning
 from .measures import MEASURES_REVISION, NEYSHABUR as MEASURE_NAMES_NEYSHABUR
 
 if TYPE_CHECKING:
-    from .checkpoints import Manifest
+    from .zoo.checkpoints import Manifest
 
 # The kinds the core calls average- and worst-case, named as the paper and the published code
 # name them; definition names and keys of existing stores carry these spellings (DESIGN.md §7).

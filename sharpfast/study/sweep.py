@@ -35,9 +35,10 @@ import torch
 
 from sharpfast import map_tensors
 
-from .checkpoints import Manifest, ModelEntry, file_sha256, load_model
+from .zoo.checkpoints import Manifest, ModelEntry, file_sha256, load_model
 from .measures import NEEDS_INIT
 from .definitions import ConfigError, Definition, check_data, fit_to_data
+from .workers import exit_with_parent
 from .store import Store
 
 _DATA_CACHE: dict[tuple, tuple[Any, torch.Tensor]] = {}
@@ -301,20 +302,6 @@ def plan(entries: list[ModelEntry], defs: list[Definition], store: Store,
 
 
 # ----------------------------------------------------------------------------- executors
-
-def exit_with_parent(parent_pid: int, interval: float = 0.5) -> None:
-    """Worker-pool initializer: end this worker when the driver dies (even by ``kill -9``),
-    instead of leaving it orphaned. A daemon thread polls the parent pid."""
-    import threading
-
-    def watch() -> None:
-        while True:
-            if os.getppid() != parent_pid:
-                os._exit(1)
-            time.sleep(interval)
-
-    threading.Thread(target=watch, daemon=True, name="sharpfast-parent-watch").start()
-
 
 def _checkpoint_meta(e: ModelEntry) -> dict[str, Any]:
     return dict(checkpoint_id=e.id, sha256=e.sha256, factory=e.factory, hparams=e.hparams, metrics=e.metrics)

@@ -6,7 +6,7 @@ import os
 
 import sharpfast
 
-from ..checkpoints import Manifest, ManifestError, load_model
+from ..zoo.checkpoints import Manifest, ManifestError, load_model
 
 
 def chosen(manifest: Manifest, ids: list[str] | None, target: str = "test_error"):

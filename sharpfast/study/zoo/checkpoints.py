@@ -129,8 +129,11 @@ def load_state_dict(path: str, sha256: str | None = None, key: str | None = None
 
 # Where the built-in factories lived before the study moved to ``sharpfast.study`` (0.1.0):
 # manifests written then name them so and must keep loading.
-MOVED_MODULES = {"sharpfast.digits": "sharpfast.study.digits", "sharpfast.zoo": "sharpfast.study.zoo",
-                 # and the experiments' factories, since they moved into sharpfast.study.experiments
+MOVED_MODULES = {"sharpfast.digits": "sharpfast.study.zoo.digits", "sharpfast.zoo": "sharpfast.study.zoo",
+                 # and where they lived in sharpfast.study before its folders: zoos and stores record
+                 # these names (the built-in zoo's data and Hugging Face folders are still written so)
+                 "sharpfast.study.digits": "sharpfast.study.zoo.digits",
+                 "sharpfast.study.hf": "sharpfast.study.zoo.hf",
                  "sharpfast.study.bert_example": "sharpfast.study.experiments.bert_example",
                  "sharpfast.study.diagonal_networks": "sharpfast.study.experiments.diagonal_networks"}
 

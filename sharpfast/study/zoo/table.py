@@ -7,7 +7,7 @@ One row per model. Columns:
   ``factory`` (``package.module:function`` building the model) and optionally ``factory_kwargs``
   (a JSON object); or ``hf_folder``: a folder written by Hugging Face's ``save_pretrained``, with
   ``hf_class`` (default ``AutoModelForSequenceClassification``), built from its config and loaded
-  from its ``model.safetensors``, never from a hub (``sharpfast.study.hf``);
+  from its ``model.safetensors``, never from a hub (:mod:`.hf`);
 * ``init_checkpoint``: optionally, the weights the model started training from (safetensors);
 * ``hp_<name>``: hyperparameter ``<name>`` (JSON values are parsed: ``0.1``, ``true``, ``"sgd"``;
   anything else is kept as a string);
@@ -80,6 +80,7 @@ def _hf_row(folder: str, hf_class: str, base: str, where: str) -> tuple[str, str
         path = hf.weights_path(full)
     except FileNotFoundError as e:
         raise TableError(f"{where}, column 'hf_folder': {e}") from None
+    # the name manifests record (resolved through checkpoints.MOVED_MODULES)
     return path, "sharpfast.study.hf:from_folder", {"folder": full, "hf_class": hf_class or hf.DEFAULT_CLASS}
 
 
