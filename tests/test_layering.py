@@ -75,7 +75,7 @@ ALLOWED = {   # layer -> the layers it may import
 }
 
 
-EXECUTION = {"sharpfast.study.sweep", "sharpfast.study.cli"}   # what the analysis never needs
+EXECUTION = (["sharpfast", "study", "sweep"], ["sharpfast", "study", "cli"])   # what the analysis never needs
 
 
 @pytest.mark.parametrize("own", sorted(ALLOWED))
@@ -87,7 +87,7 @@ def test_each_layer_imports_only_the_layers_below_it(own):
 
 def test_the_analysis_reads_stores_without_the_sweeps():
     broken = sorted(f"{name} imports {imported}" for name, path in modules().items() if layer(name) == "analysis"
-                    for imported in imports_of(name, path) & EXECUTION)
+                    for imported in imports_of(name, path) if imported.split(".")[:3] in EXECUTION)
     assert broken == []
 
 

@@ -77,7 +77,7 @@ def test_what_ray_prints_goes_to_a_log_and_one_line_of_each_message_to_the_sweep
 
 
 def test_a_cluster_that_can_no_longer_run_the_tasks_is_said():
-    from sharpfast.study.sweep import _missing_resources
+    from sharpfast.study.sweep.executors import _missing_resources
 
     assert _missing_resources({"CPU": 2.0}, 1.0, 0) is None
     assert _missing_resources({"CPU": 2.0, "GPU": 1.0}, 1.0, 0.25) is None
