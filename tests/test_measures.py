@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sharpfast.study import measures as M
+from sharpfast.study.measures import pacbayes as P
 from sharpfast.study import zoo
 from sharpfast.study.definitions import Definition, preset
 
@@ -383,14 +384,14 @@ def test_pacbayes_and_sharpness_searches_hit_their_target_and_the_bounds_follow(
     values = {n: M.MEASURES[n](ctx) for n in ("pacbayes-init", "pacbayes-orig", "1/sigma-pacbayes", "sharpness-orig",
                                              "1/alpha-sharpness", "pacbayes-mag-orig", "1/alpha-sharpness-mag")}
     sigma, alpha = ctx.cached(("radius", False, False), None), ctx.cached(("radius", True, False), None)
-    assert 0 < alpha < sigma < M.SEARCH_MAX   # the worst case of a box moves the error sooner than noise
-    step = M.SEARCH_MAX / 2**M.SEARCH_STEPS
+    assert 0 < alpha < sigma < P.SEARCH_MAX   # the worst case of a box moves the error sooner than noise
+    step = P.SEARCH_MAX / 2**P.SEARCH_STEPS
     for radius, worst in ((sigma, False), (alpha, True)):
-        d = M._deviation(ctx, radius, worst, magnitude=False)
-        near = abs(d - M.ACCURACY_DEVIATION) < M.DEVIATION_TOLERANCE
-        assert near or (M._deviation(ctx, radius + step, worst, False) > M.ACCURACY_DEVIATION >= d)
+        d = P._deviation(ctx, radius, worst, magnitude=False)
+        near = abs(d - P.ACCURACY_DEVIATION) < P.DEVIATION_TOLERANCE
+        assert near or (P._deviation(ctx, radius + step, worst, False) > P.ACCURACY_DEVIATION >= d)
     # a smaller radius moves it less (the searches are monotone where they look)
-    assert M._deviation(ctx, sigma / 4, False, False) < M.ACCURACY_DEVIATION
+    assert P._deviation(ctx, sigma / 4, False, False) < P.ACCURACY_DEVIATION
     # the bounds count the layers' weights, biases left out (Dziugaite et al.'s code): omega = num-params
     weights = lambda net: [m.weight for m in net.modules() if isinstance(m, nn.Linear)]
     w = torch.cat([p.detach().double().reshape(-1) for p in weights(model)])
@@ -413,5 +414,5 @@ def test_pacbayes_and_sharpness_searches_hit_their_target_and_the_bounds_follow(
     with pytest.raises(ValueError, match="bound_parameters must be one of"):
         M.Context(model, init, x, y, bound_parameters="biases")
     # the sharpness search's deviation is the worst case the sharpness function reports
-    r = sharpfast.worst_case_sharpness(model, [(x, y)], rho=alpha, norm="linf", adaptive=False, n_iters=M.ASCENT_STEPS)
-    assert M._deviation(ctx, alpha, True, False) == abs(r.err_sharpness)
+    r = sharpfast.worst_case_sharpness(model, [(x, y)], rho=alpha, norm="linf", adaptive=False, n_iters=P.ASCENT_STEPS)
+    assert P._deviation(ctx, alpha, True, False) == abs(r.err_sharpness)
