@@ -144,7 +144,7 @@ def test_an_empty_store_and_a_filter_that_removes_every_model_say_what_happened(
 
 
 def test_architectures_at_one_level_of_the_colour_differ_by_marker():
-    from sharpfast.study.analysis.report import scatter_markers
+    from sharpfast.study.analysis.render import scatter_markers
     hparams = [{"lr": 0.5, "arch": a} for a in ("mlp", "vit", "cnn", "mlp")] + [{"lr": 2.0, "arch": "vit"}]
     markers = scatter_markers(hparams)
     assert set(markers) == {"mlp", "vit", "cnn"} and len(set(markers.values())) == 3

@@ -18,7 +18,7 @@ from .stats import BootstrapCI
 # A diverging scale for tau in [-1, 1]: blue where sharper models generalize better, red where
 # they generalize worse (the hypothesis under test), white at 0 (ColorBrewer RdBu's ends).
 NEGATIVE, POSITIVE = (33, 102, 172), (178, 24, 43)
-# Plotly's names for the PNGs' matplotlib markers (report.MARKERS), in the same order
+# Plotly's names for the PNGs' matplotlib markers (render.MARKERS), in the same order
 SYMBOLS = {"o": "circle", "s": "square", "^": "triangle-up", "D": "diamond", "v": "triangle-down", "P": "cross",
            "X": "x", "*": "star"}
 
