@@ -43,5 +43,5 @@ assert not missing, f"ops without a kernel: {missing}"
 print(f"cuda_build: torch {torch.__version__}, CUDA {info['cuda_version']}, archs {info['cuda_archs']}: "
       f"CPU and CUDA kernels registered for all {len(info['ops'])} ops")
 EOF
-"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_ops.py
+"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/core/test_ops.py
 "$venv/bin/python" -m sharpfast doctor --device cpu

@@ -3,7 +3,7 @@
     python -m benchmarks.bench_solvers [--device cpu|cuda] [--repeats 5] [--out benchmarks/SOLVER_RESULTS.md]
 
 Three tables, all from one run:
-  * the diagonal linear network at zero loss (closed-form maxima, ``tests/test_closed_forms.py``):
+  * the diagonal linear network at zero loss (closed-form maxima, ``tests/properties/test_closed_forms.py``):
     the fraction of the maximum each solver and start reaches;
   * trained digits networks (the models of ``bench_sharpness``), adaptive l2 and linf at the
     default preset's radii, 20 iterations: the distribution over m-batches of scaled / published,
@@ -34,7 +34,7 @@ MODELS = {"mlp-small": (small_model, 8), "mlp-25x64": (lambda: mlp25(64), 4), "m
 
 def dln_rows():
     """(solver, start, norm, scale, fraction of the closed-form maximum)."""
-    from tests.test_closed_forms import diagonal_network, exact_worst_case, scale_kwargs, scales
+    from tests.properties.test_closed_forms import diagonal_network, exact_worst_case, scale_kwargs, scales
     from tests.toy_models import half_squared_error
     model, X, y, u, v = diagonal_network()
     rows = []

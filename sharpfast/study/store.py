@@ -91,6 +91,7 @@ class StoreError(RuntimeError):
 
 
 STALE_CLAIM_S = 24 * 3600   # a claim from another host is trusted this long
+LOCK_TIMEOUT_S = 30.0       # how long a connection waits for another process's write lock
 
 
 def process_start(pid: int) -> str | None:
@@ -153,13 +154,13 @@ def _connect_readonly(path: str) -> sqlite3.Connection:
     """A read-only connection; on a read-only filesystem, where SQLite cannot create a WAL store's
     shared-memory file, an immutable one (nothing can write there while it is read)."""
     try:
-        db = sqlite3.connect(f"{_uri(path)}?mode=ro", uri=True, timeout=30.0, isolation_level=None)
+        db = sqlite3.connect(f"{_uri(path)}?mode=ro", uri=True, timeout=LOCK_TIMEOUT_S, isolation_level=None)
         db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
         return db
     except sqlite3.OperationalError:
         if writable(path):
             raise
-        return sqlite3.connect(f"{_uri(path)}?mode=ro&immutable=1", uri=True, timeout=30.0, isolation_level=None)
+        return sqlite3.connect(f"{_uri(path)}?mode=ro&immutable=1", uri=True, timeout=LOCK_TIMEOUT_S, isolation_level=None)
 
 
 def _check_is_store(path: str, readonly: bool = False) -> None:
@@ -231,10 +232,10 @@ class Store:
             if readonly:   # a read-only connection: no journal switch, no tables, nothing written
                 self.db = _connect_readonly(path)
             else:
-                self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None)  # autocommit; explicit BEGIN
+                self.db = sqlite3.connect(path, timeout=LOCK_TIMEOUT_S, isolation_level=None)  # autocommit; explicit BEGIN
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA busy_timeout=30000")
+            self.db.execute(f"PRAGMA busy_timeout={int(LOCK_TIMEOUT_S * 1000)}")
             if not readonly:
                 claims = {r[1] for r in self.db.execute("PRAGMA table_info(claims)")}
                 if claims and "definition_key" not in claims:   # per checkpoint before: claims are a

@@ -9,8 +9,9 @@ from sharpfast.study import definitions as D
 from sharpfast.study.zoo.checkpoints import Manifest, load_model
 from sharpfast.study.store import Store
 from sharpfast.study.sweep import run_sweep
+from tests.helpers import DATA_DIR
 
-OLD_ZOO = os.path.join(os.path.dirname(__file__), "data", "zoo_v0_1")
+OLD_ZOO = os.path.join(DATA_DIR, "zoo_v0_1")
 
 
 def rows(store):

@@ -21,6 +21,7 @@ def _cli(*args, timeout=300):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_run_end_to_end_and_resume(tmp_path):
     out = tmp_path / "out"
     r = _cli("run", "--out", str(out), "--zoo-preset", "tiny", "--preset", "quick", "--n-boot", "50",

@@ -8,6 +8,7 @@ import torch
 from sharpfast.study import zoo
 from sharpfast.study.zoo import digits
 from sharpfast.study.zoo.checkpoints import Manifest, load_model
+from tests.helpers import DATA_DIR
 
 
 @pytest.fixture
@@ -90,7 +91,7 @@ def test_initial_weights_and_trajectory_facts_are_recorded(tmp_path, one_thread)
     _, met = zoo.train(dict(zoo.DEFAULT_TRAIN, width=64, epochs=40, n_train=128, batch_size=32))
     assert met["train_steps"] == 160 and met["steps_to_loss_0.1"] % 4 == 0 and met["steps_to_loss_0.1"] <= 160
     # a zoo trained before init checkpoints existed says so by name
-    old = Manifest.load(os.path.join(os.path.dirname(__file__), "data", "zoo_v0_1"))
+    old = Manifest.load(os.path.join(DATA_DIR, "zoo_v0_1"))
     with pytest.raises(Exception, match="no init_checkpoint"):
         load_model(old, old.models[0], initial=True)
 

@@ -45,7 +45,7 @@ def write_zoo(tmp_path, n=3):
             for p in model.parameters():
                 p.mul_(1.0 + i)
         save_file(model.state_dict(), str(tmp_path / f"m{i}.safetensors"))
-        lines.append(f'm{i},m{i}.safetensors,tests.test_table:KeywordClassifier,"{{""dim"": 8}}",init{i}.safetensors,'
+        lines.append(f'm{i},m{i}.safetensors,tests.study.zoo.test_table:KeywordClassifier,"{{""dim"": 8}}",init{i}.safetensors,'
                      f'{0.1 * (i + 1):g},"sgd",{0.2 + 0.1 * i:.2f},{0.05 * i:.2f},{0.3 + 0.1 * i:.2f}')
     (tmp_path / "models.csv").write_text("\n".join(lines) + "\n")
     return tmp_path / "models.csv"
@@ -54,7 +54,7 @@ def write_zoo(tmp_path, n=3):
 def test_a_table_becomes_a_manifest_that_sweeps(tmp_path, capsys):
     table = write_zoo(tmp_path)
     out = tmp_path / "zoo"
-    assert main(["manifest", "--table", str(table), "--data", "tests.test_table:keyword_data",
+    assert main(["manifest", "--table", str(table), "--data", "tests.study.zoo.test_table:keyword_data",
                  "--data-kwargs", '{"seed": 1}', "--out", str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
     m = Manifest.load(str(out))
@@ -65,7 +65,7 @@ def test_a_table_becomes_a_manifest_that_sweeps(tmp_path, capsys):
     assert e.kwargs == {"dim": 8} and len(e.sha256) == 64 and e.init_sha256
     model, init = load_model(m, e), load_model(m, e, initial=True)
     assert torch.allclose(model.head.weight, 2 * init.head.weight)
-    assert m.data == {"factory": "tests.test_table:keyword_data", "kwargs": {"seed": 1}}
+    assert m.data == {"factory": "tests.study.zoo.test_table:keyword_data", "kwargs": {"seed": 1}}
     # dict inputs are sliced into m-batches: each batch gets its own rows of every key
     defs = [Definition.from_dict(dict(kind="max", norm="linf", rho=0.01, n_iters=3, m=32, n_examples=64)),
             Definition.from_dict(dict(kind="avg", norm="l2", rho=0.05, n_samples=3, m=32, n_examples=64))]
@@ -86,22 +86,22 @@ def test_a_table_becomes_a_manifest_that_sweeps(tmp_path, capsys):
     (lambda t: t.replace("m2.safetensors,", "m2.pt,"), "row 4.*not a .safetensors file"),
     (lambda t: t.replace("m1.safetensors,", "missing.safetensors,"), "row 3.*column 'checkpoint'.*does not exist"),
     (lambda t: t.replace(',0.30,0.05,', ',high,0.05,'), "row 3.*column 'test_error'.*must be a number"),
-    (lambda t: t.replace('tests.test_table:KeywordClassifier,"{""dim"": 8}",init1',
-                         'tests.test_table:KeywordClassifier,"{dim}",init1'), "row 3.*factory_kwargs.*not JSON"),
+    (lambda t: t.replace('tests.study.zoo.test_table:KeywordClassifier,"{""dim"": 8}",init1',
+                         'tests.study.zoo.test_table:KeywordClassifier,"{dim}",init1'), "row 3.*factory_kwargs.*not JSON"),
     (lambda t: t.replace("id,checkpoint", "name,checkpoint"), "needs an 'id' column"),
 ])
 def test_bad_rows_are_named_by_row_and_column(tmp_path, edit, message):
     table = write_zoo(tmp_path)
     table.write_text(edit(table.read_text()))
     with pytest.raises(TableError, match=message):
-        manifest_from_table(str(table), "tests.test_table:keyword_data")
+        manifest_from_table(str(table), "tests.study.zoo.test_table:keyword_data")
 
 
 def test_bad_data_factory_and_cli_exit_code(tmp_path, capsys):
     table = write_zoo(tmp_path, n=1)
     with pytest.raises(TableError, match="package.module:function"):
         manifest_from_table(str(table), "keyword_data")
-    assert main(["manifest", "--table", str(table), "--data", "tests.test_table:keyword_data", "--data-kwargs",
+    assert main(["manifest", "--table", str(table), "--data", "tests.study.zoo.test_table:keyword_data", "--data-kwargs",
                  "[1", "--out", str(tmp_path / "z")]) == 2
     assert "--data-kwargs is not JSON" in capsys.readouterr().err
 

@@ -121,7 +121,8 @@ def test_entropy_and_cross_entropy():
 @pytest.mark.parametrize("conv, shape", [(nn.Conv2d(2, 3, 3, padding=1, stride=2), (1, 2, 8, 8)),
                                          (nn.Conv2d(1, 4, 3, padding=1), (1, 1, 8, 8)),
                                          (nn.Conv2d(2, 2, 3, stride=2), (1, 2, 7, 7)),
-                                         (nn.Conv2d(16, 16, 3, padding=1), (1, 16, 20, 20))])   # power iteration
+                                         pytest.param(nn.Conv2d(16, 16, 3, padding=1), (1, 16, 20, 20),
+                                                      marks=pytest.mark.slow)])   # power iteration
 def test_convolutions_by_their_operator_norm(conv, shape):
     """Against the convolution's dense matrix on that input shape (zero padding, stride)."""
     w = conv.weight.detach().double()

@@ -1,5 +1,6 @@
 """Every extension op against a plain torch expression (CPU always; CUDA when built and a GPU
 is present), masks with c = 0, errors on bad inputs, opcheck and torch.compile."""
+import re
 import sys
 
 import pytest
@@ -539,37 +540,40 @@ def _opcheck_cases(device):
     c = scale_with_zeros(n, torch.float32, device, g)
     s = scalar(0.1, device)
     lam = torch.tensor([0.0, 0.5], dtype=torch.float64, device=device)
-    return [
-        (OPS.draw_, (f(), 1, 2, 3, 4, "normal")),
-        (OPS.perturb_, (f(), f(), c, False, 0.0, 0.1, 1, 2, 3, 4, "uniform")),
-        (OPS.perturb_batched_, (torch.zeros(4, n, device=device), f(), c, False, 0.0, 0.1, 1, 2, 3, 4, "normal", True)),
-        (OPS.apgd_step_linf_, (f(), f(), f(), f(), f(), c, False, 0.0, s, 0.1, 0.75)),
-        (OPS.apgd_step_l2_, (f(), f(), f(), f(), f(), c, False, 0.0, s, scalar(0.2, device), 0.75)),
-        (OPS.ellipsoid_sq_norms, (f(), f(), f(), c, False, 0.0, s, lam)),
-        (OPS.copy_if_, (f(), f(), torch.tensor(True, device=device))),
-        (OPS.sum_squares, (f(),)),
-        (OPS.perturb_tensors_, ([f()[:30], f()[:7]], [f()[:30], f()[:7]], [c[:30], c[:7]], False, 0.0, 0.1, 1, 2, 3,
-                                [0, 30], "normal")),
+    return {
+        "draw_": (OPS.draw_, (f(), 1, 2, 3, 4, "normal")),
+        "perturb_": (OPS.perturb_, (f(), f(), c, False, 0.0, 0.1, 1, 2, 3, 4, "uniform")),
+        "perturb_batched_": (OPS.perturb_batched_, (torch.zeros(4, n, device=device), f(), c, False, 0.0, 0.1, 1, 2,
+                                                    3, 4, "normal", True)),
+        "apgd_step_linf_": (OPS.apgd_step_linf_, (f(), f(), f(), f(), f(), c, False, 0.0, s, 0.1, 0.75)),
+        "apgd_step_l2_": (OPS.apgd_step_l2_, (f(), f(), f(), f(), f(), c, False, 0.0, s, scalar(0.2, device), 0.75)),
+        "ellipsoid_sq_norms": (OPS.ellipsoid_sq_norms, (f(), f(), f(), c, False, 0.0, s, lam)),
+        "copy_if_": (OPS.copy_if_, (f(), f(), torch.tensor(True, device=device))),
+        "sum_squares": (OPS.sum_squares, (f(),)),
+        "perturb_tensors_": (OPS.perturb_tensors_, ([f()[:30], f()[:7]], [f()[:30], f()[:7]], [c[:30], c[:7]], False,
+                                                    0.0, 0.1, 1, 2, 3, [0, 30], "normal")),
         # c derived from w0 in the kernels (no scale buffer)
-        (OPS.perturb_, (f(), f(), None, True, 0.01, 0.1, 1, 2, 3, 4, "normal")),
-        (OPS.perturb_batched_, (torch.zeros(2, n, device=device), f(), None, False, 0.0, 0.1, 1, 2, 3, 4, "normal",
-                                False)),
-        (OPS.apgd_step_linf_, (f(), f(), f(), f(), f(), None, True, 0.0, s, 0.1, 0.75)),
-        (OPS.apgd_step_l2_, (f(), f(), f(), f(), f(), None, True, 0.0, s, scalar(0.2, device), 0.75)),
-        (OPS.ellipsoid_sq_norms, (f(), f(), f(), None, False, 0.0, s, lam)),
-        (OPS.perturb_tensors_, ([f()[:30], f()[:7]], [f()[:30], f()[:7]], [], True, 0.0, 0.1, 1, 2, 3, [0, 30],
-                                "uniform")),
+        "perturb_/derived-scale": (OPS.perturb_, (f(), f(), None, True, 0.01, 0.1, 1, 2, 3, 4, "normal")),
+        "perturb_batched_/derived-scale": (OPS.perturb_batched_, (torch.zeros(2, n, device=device), f(), None, False,
+                                                                  0.0, 0.1, 1, 2, 3, 4, "normal", False)),
+        "apgd_step_linf_/derived-scale": (OPS.apgd_step_linf_, (f(), f(), f(), f(), f(), None, True, 0.0, s, 0.1,
+                                                                0.75)),
+        "apgd_step_l2_/derived-scale": (OPS.apgd_step_l2_, (f(), f(), f(), f(), f(), None, True, 0.0, s,
+                                                            scalar(0.2, device), 0.75)),
+        "ellipsoid_sq_norms/unit-scale": (OPS.ellipsoid_sq_norms, (f(), f(), f(), None, False, 0.0, s, lam)),
+        "perturb_tensors_/derived-scale": (OPS.perturb_tensors_, ([f()[:30], f()[:7]], [f()[:30], f()[:7]], [], True,
+                                                                  0.0, 0.1, 1, 2, 3, [0, 30], "uniform")),
         # the scaled solver
-        (OPS.scaled_step_linf_, (f(), f(), f(), f(), f(), c, False, 0.0, s, 0.1, 0.75)),
-        (OPS.scaled_step_l2_, (f(), f(), f(), f(), f(), None, True, 0.0,
-                               torch.tensor([0.9, 0.1, 1.0, 0.2, -0.1, 2.0, 0.5], dtype=torch.float64, device=device),
-                               s, 0.1, 0.75)),
-        (OPS.scaled_gram, (f(), f(), f(), f(), c, False, 0.0)),
-    ]
+        "scaled_step_linf_": (OPS.scaled_step_linf_, (f(), f(), f(), f(), f(), c, False, 0.0, s, 0.1, 0.75)),
+        "scaled_step_l2_/derived-scale": (OPS.scaled_step_l2_, (
+            f(), f(), f(), f(), f(), None, True, 0.0,
+            torch.tensor([0.9, 0.1, 1.0, 0.2, -0.1, 2.0, 0.5], dtype=torch.float64, device=device), s, 0.1, 0.75)),
+        "scaled_gram": (OPS.scaled_gram, (f(), f(), f(), f(), c, False, 0.0)),
+    }
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", range(18))
+@pytest.mark.parametrize("case", list(_opcheck_cases("cpu")))
 def test_opcheck(device, case):
     op, args = _opcheck_cases(device)[case]
     torch.library.opcheck(op, args)
@@ -601,6 +605,44 @@ def test_torch_compile_fullgraph(device):
         assert torch.equal(a, b)
     for a, b in zip(eager_out, comp_out):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_the_other_ops(device):
+    """The ops test_torch_compile_fullgraph leaves out (draws, the list and batched perturbations,
+    the scaled solver's steps and Gram matrix): every op traces into one graph and computes the
+    eager bits."""
+    n = 131
+    _, u, u_prev, grad, w0, c = step_inputs(n, torch.float32, device)
+
+    def step(params, u, u_prev, grad, w0, c, rows, step_size, gram):
+        OPS.draw_(grad, 3, 1, 2, 0, "rademacher")
+        OPS.perturb_tensors_([params[:100], params[100:]], [w0[:100], w0[100:]], [c[:100], c[100:]], False, 0.0,
+                             0.05, 5, 0, 1, [0, 100], "uniform")
+        OPS.perturb_batched_(rows, w0, c, False, 0.0, 0.05, 5, 0, 2, 0, "normal", True)
+        OPS.scaled_step_linf_(params, u, u_prev, grad, w0, c, False, 0.0, step_size, 0.1, 0.75)
+        OPS.scaled_step_l2_(params, u, u_prev, grad, w0, None, True, 0.0, gram, step_size, 0.1, 0.75)
+        return OPS.scaled_gram(u, u_prev, grad, w0, c, False, 0.0), rows.sum()
+
+    def run(fn):
+        bufs = [t.clone() for t in (w0, u, u_prev, grad, w0, c)] + [torch.zeros(4, n, device=device)]
+        gram = torch.tensor([0.9, 0.1, 1.0, 0.2, -0.1, 2.0, 0.5], dtype=torch.float64, device=device)
+        out = fn(*bufs, scalar(0.3, device), gram)
+        return bufs, out
+
+    eager_bufs, eager_out = run(step)
+    torch._dynamo.reset()
+    comp_bufs, comp_out = run(torch.compile(step, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(eager_bufs + list(eager_out), comp_bufs + list(comp_out)):
+        assert torch.equal(a, b)
+
+
+def test_the_compile_tests_cover_every_op():
+    import inspect
+    called = set()
+    for test in (test_torch_compile_fullgraph, test_torch_compile_fullgraph_the_other_ops):
+        called |= set(re.findall(r"OPS\.(\w+)\(", inspect.getsource(test)))
+    assert called == {op for op, _ in _opcheck_cases("cpu").values() for op in [op._qualified_op_name.split("::")[1]]}
 
 
 # ------------------------------------------------------------------------------ CPU vs CUDA

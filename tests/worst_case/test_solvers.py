@@ -17,7 +17,7 @@ from torch import nn
 
 import sharpfast
 from sharpfast import _ops
-from tests.test_closed_forms import diagonal_network, exact_worst_case, scale_kwargs, scales
+from tests.properties.test_closed_forms import diagonal_network, exact_worst_case, scale_kwargs, scales
 from tests.toy_models import MODEL_KINDS, half_squared_error, model_and_data
 
 BACKENDS = ["reference", pytest.param("fused", marks=pytest.mark.skipif(not _ops.available("cpu"),

@@ -18,6 +18,7 @@ from sharpfast.study import definitions as D
 from sharpfast.study.zoo.checkpoints import Manifest
 from sharpfast.study.cli import main
 from sharpfast.study.definitions import Definition
+from sharpfast.study import store as store_mod
 from sharpfast.study.store import Store, StoreError
 from sharpfast.study.sweep import run_sweep
 
@@ -110,7 +111,7 @@ def test_a_non_finite_value_is_an_error_row_and_the_report_says_what_it_left_out
     from sharpfast.study.sweep import evaluate_checkpoint
     m = Manifest.load(tiny_zoo)
     trace = Definition.from_dict(dict(kind="trace", n_probes=2, m=64, n_examples=64, adaptive=False))
-    entry = dict(m.models[0].to_dict(), factory="tests.test_trust:NaNCurvature", kwargs={})
+    entry = dict(m.models[0].to_dict(), factory="tests.properties.test_trust:NaNCurvature", kwargs={})
     shutil.copy(os.path.join(tiny_zoo, m.models[0].checkpoint), tmp_path / "x.safetensors")
     save_file(NaNCurvature().state_dict(), str(tmp_path / "x.safetensors"))
     entry.update(checkpoint=str(tmp_path / "x.safetensors"), sha256=None)
@@ -209,11 +210,11 @@ def test_devices_color_by_and_data_factories_are_errors_not_tracebacks(tiny_zoo,
         capsys.readouterr().err
     zoo = copy_zoo(tiny_zoo, tmp_path)
     raw = json.load(open(os.path.join(zoo, "manifest.json")))
-    raw["data"] = {"factory": "tests.test_trust:raising_data", "kwargs": {}}
+    raw["data"] = {"factory": "tests.properties.test_trust:raising_data", "kwargs": {}}
     json.dump(raw, open(os.path.join(zoo, "manifest.json"), "w"))
     assert main(["sweep", "--zoo", zoo, "--store", str(tmp_path / "x.db"), "--preset", "quick"]) == 2
     err = capsys.readouterr().err
-    assert "data factory tests.test_trust:raising_data failed: RuntimeError: the data server is down" in err
+    assert "data factory tests.properties.test_trust:raising_data failed: RuntimeError: the data server is down" in err
     assert "fewer examples" not in err
 
 
@@ -246,11 +247,11 @@ def test_a_closed_pipe_is_not_a_traceback():
 
 
 def test_a_table_written_by_excel_with_a_byte_order_mark(tmp_path):
-    from tests.test_table import write_zoo
+    from tests.study.zoo.test_table import write_zoo
     from sharpfast.study.zoo.table import manifest_from_table
     table = write_zoo(tmp_path)
     table.write_bytes(b"\xef\xbb\xbf" + table.read_bytes())
-    assert [e.id for e in manifest_from_table(str(table), "tests.test_table:keyword_data").models] == ["m0", "m1", "m2"]
+    assert [e.id for e in manifest_from_table(str(table), "tests.study.zoo.test_table:keyword_data").models] == ["m0", "m1", "m2"]
 
 
 def test_a_checkpoint_of_other_shapes_names_them(tiny_zoo, tmp_path):
@@ -341,15 +342,13 @@ def test_a_locked_store_says_so(tmp_path, monkeypatch):
     Store(store).close()
     holder = sqlite3.connect(store, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
-    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: _connect(*a, **{**k, "timeout": 0.1}))
+    monkeypatch.setattr(store_mod, "LOCK_TIMEOUT_S", 0.1)
     try:
         with pytest.raises(StoreError, match="is locked: another process"):
             Store(store)
     finally:
         holder.execute("ROLLBACK")
 
-
-_connect = sqlite3.connect
 
 
 @pytest.mark.parametrize("signum, status, said", [(signal.SIGINT, 130, "interrupted"),

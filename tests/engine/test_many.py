@@ -2,7 +2,7 @@
 
 Tolerances: float64 stacked and one-at-a-time differ only in how the vmapped forward sums
 (1e-9 relative, with an absolute floor of 1e-12 for values that are differences of nearby
-losses); float32 as the m-batches-together mode of tests/test_fused.py (1e-4 relative, 1e-5 of
+losses); float32 as the m-batches-together mode of tests/engine/test_fused.py (1e-4 relative, 1e-5 of
 the loss scale absolute).
 """
 import logging
@@ -15,7 +15,7 @@ from torch import nn
 import sharpfast
 import sharpfast.many as many
 from tests.helpers import requires_extension
-from tests.test_fused import AVERAGE, WORST
+from tests.engine.test_fused import AVERAGE, WORST
 from tests.toy_models import MODEL_KINDS, mlp, model_and_data
 
 pytestmark = requires_extension

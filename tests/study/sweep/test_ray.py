@@ -19,6 +19,7 @@ def _rows(path):
         return {(r.checkpoint_id, r.definition_key): r for r in st.rows()}
 
 
+@pytest.mark.slow
 def test_ray_matches_local(tmp_path):
     zdir = tmp_path / "zoo"
     zoo.build_zoo(str(zdir), TINY, progress=False, log=lambda s: None)
@@ -100,6 +101,7 @@ def _raylet_of(port):
     return None
 
 
+@pytest.mark.slow
 def test_a_worker_node_dying_mid_sweep_gives_error_rows_a_short_output_and_an_end(tiny_zoo, tmp_path):
     """A two-node cluster on this machine (a head without CPUs, a worker node with one), the
     worker's raylet killed once the sweep stored its first row: the tasks it ran fail with Ray's

@@ -54,7 +54,7 @@ def test_sweep_rows_match_the_api_and_rerun_is_idempotent(tiny_zoo, tmp_path):
     finally:
         torch.set_num_threads(before)
     status, value, err_value, per_batch = rows[(entry.id, d.key)]
-    # the sweep stacks the MLPs (sharpfast.evaluate_many): float32 rounds as in tests/test_many.py
+    # the sweep stacks the MLPs (sharpfast.evaluate_many): float32 rounds as in tests/engine/test_many.py
     assert status == "ok" and value == pytest.approx(r.sharpness, rel=1e-4, abs=1e-5 * r.init_loss)
     assert list(per_batch) == pytest.approx(r.per_batch, rel=1e-4, abs=1e-5 * r.init_loss)
     assert len(per_batch) == d.n_examples // d.m
@@ -146,6 +146,7 @@ def _alive(pid):
         return False
 
 
+@pytest.mark.slow
 def test_kill_9_mid_sweep_then_resume(tiny_zoo, tmp_path):
     """SIGKILL the sweep driver (2 worker processes) while it writes; its workers exit, a rerun
     (in-process) completes without loss or duplicates, and the values equal those of an
