@@ -1,9 +1,8 @@
-"""Geodesic sharpness (DESIGN.md §2c): the geometry's closed forms and invariances, the two backends
-against each other, the reduction to the scaled adaptive solver, the diagonal linear network's
-closed forms, the rho -> 0 limit, block finding on real attention layers, and bad input."""
+"""Geodesic sharpness (DESIGN.md §2c.6): invariance where adaptive sharpness moves, the reduction to
+the scaled adaptive solver, random starts, the diagonal linear network's closed forms, the rho -> 0
+limit, restoration, half precision, the warnings, bad input and the fast path's memory."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -11,206 +10,14 @@ import torch
 from torch import nn
 
 import sharpfast
-from sharpfast import GLBlock, GLFactor
+from sharpfast import GLBlock
 from sharpfast.geodesic import blocks as gl
 from sharpfast.geodesic.batched import BatchedGeometry
 from sharpfast.geodesic.reference import ReferenceGeometry
 from sharpfast.params import ParamSet
 from sharpfast.study.experiments.diagonal_networks import DiagonalNetwork as Diagonal   # y = X (u * v)
+from tests.geodesic.models import METRICS, Attention, act, attention_data, bert_data, geometry, sse, tiny_bert
 
-METRICS = ("mix", "inv")
-GEOMETRIES = (ReferenceGeometry, BatchedGeometry)
-
-
-# ----------------------------------------------------------------------------- models
-
-class Attention(nn.Module):
-    """``nn.MultiheadAttention`` on a short sequence, mean-pooled, and a linear head."""
-
-    def __init__(self, dim=8, heads=2, classes=3):
-        super().__init__()
-        self.att = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x):
-        return self.head(self.norm(x + self.att(x, x, x, need_weights=False)[0]).mean(1))
-
-
-def sse(out, y):
-    return ((out - y) ** 2).sum()
-
-
-def attention_data(dim=8, seed=0, n_batches=2):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(6, 5, dim, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g))
-            for _ in range(n_batches)]
-
-
-def tiny_bert(seed=0):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=16, num_labels=3,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return transformers.BertForSequenceClassification(config).double()
-
-
-def bert_data(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [({"input_ids": torch.randint(1, 20, (4, 7), generator=g)}, torch.randint(0, 3, (4,), generator=g))]
-
-
-def random_group_element(h, lo=-2.0, hi=2.0, generator=None):
-    """``U diag(10^s) V`` with ``s ~ U(lo, hi)``: singular values from 10^lo to 10^hi."""
-    U, _ = torch.linalg.qr(torch.randn(h, h, generator=generator, dtype=torch.float64))
-    V, _ = torch.linalg.qr(torch.randn(h, h, generator=generator, dtype=torch.float64))
-    return U @ torch.diag(10 ** (torch.rand(h, generator=generator, dtype=torch.float64) * (hi - lo) + lo)) @ V
-
-
-def act(model, blocks, seed=0, lo=-2.0, hi=2.0):
-    """A copy of ``model`` with ``(G, H) -> (G A^-1, H A^T)`` on every head, A random per head."""
-    model = copy.deepcopy(model)
-    params = ParamSet(model)
-    w = torch.cat([p.detach().reshape(-1) for p in params.tensors])
-    g = torch.Generator().manual_seed(seed)
-    for group in gl.resolve(blocks, params):
-        for ig, ih in zip(group.g, group.hh):
-            A = random_group_element(ig.shape[-1], lo, hi, g).to(w.dtype)
-            w[ig], w[ih] = w[ig] @ torch.linalg.inv(A), w[ih] @ A.T
-    with torch.no_grad():
-        for p, value in zip(params.tensors, params.split(w)):
-            p.copy_(value)
-    return model
-
-
-def geometry(Geo, model, blocks, metric, eps=0.0, second_order=True):
-    params = ParamSet(model)
-    w0 = torch.cat([p.detach().reshape(-1) for p in params.tensors])
-    return Geo(w0, w0.abs(), gl.resolve(blocks, params), metric, eps, second_order), params
-
-
-def vertical(geo_model, blocks, seed=0):
-    """A random vertical vector: ``(G X, -H X^T)`` per head (the group's orbit direction)."""
-    params = ParamSet(geo_model)
-    w0 = torch.cat([p.detach().reshape(-1) for p in params.tensors])
-    out = torch.zeros_like(w0)
-    g = torch.Generator().manual_seed(seed)
-    for group in gl.resolve(blocks, params):
-        for ig, ih in zip(group.g, group.hh):
-            X = torch.randn(ig.shape[-1], ig.shape[-1], generator=g, dtype=w0.dtype)
-            out[ig], out[ih] = w0[ig] @ X, -w0[ih] @ X.T
-    return out
-
-
-@pytest.fixture
-def attention_model():
-    torch.manual_seed(0)
-    return Attention().double()
-
-
-# ----------------------------------------------------------------------------- the geometry
-
-@pytest.mark.parametrize("Geo", GEOMETRIES)
-@pytest.mark.parametrize("metric", METRICS)
-def test_horizontal_projection_is_the_metric_projection(attention_model, Geo, metric):
-    """Idempotent, horizontal (DESIGN.md §2c.4's conditions), metric-orthogonal, and zero on vertical vectors."""
-    blocks = sharpfast.find_gl_blocks(attention_model)
-    geo, params = geometry(Geo, attention_model, blocks, metric)
-    g = torch.Generator().manual_seed(1)
-    xi = torch.randn(params.numel, generator=g, dtype=torch.float64)
-    eta = torch.randn(params.numel, generator=g, dtype=torch.float64)
-    h = geo.horizontal(xi)
-    torch.testing.assert_close(geo.horizontal(h), h, rtol=1e-10, atol=1e-12)
-    inner = lambda a, b: (geo.sq_norm(a + b) - geo.sq_norm(a - b)) / 4   # polarization
-    assert abs(float(inner(xi - h, geo.horizontal(eta)))) < 1e-10 * float(geo.norm(xi) * geo.norm(eta))
-    assert float(geo.norm(geo.horizontal(vertical(attention_model, blocks)))) < 1e-9
-    w0 = geo.w0
-    for group in gl.resolve(blocks, params):
-        for ig, ih in zip(group.g, group.hh):
-            G, H, xG, xH = w0[ig], w0[ih], h[ig], h[ih]
-            P, Q = G.T @ G, H.T @ H
-            lhs, rhs = ((G.T @ xG @ Q, P @ xH.T @ H) if metric == "mix" else (xG.T @ G @ Q, P @ H.T @ xH))
-            torch.testing.assert_close(lhs, rhs, rtol=1e-9, atol=1e-11)
-
-
-@pytest.mark.parametrize("Geo", GEOMETRIES)
-@pytest.mark.parametrize("metric", METRICS)
-def test_perturbed_product_is_invariant_under_the_group(attention_model, Geo, metric):
-    """With eps = 0, ``G' H'^T`` (second-order map included) is the same for ``(G A^-1, H A^T)`` and
-    the transported velocity ``(xG A^-1, xH A^T)``; the metric norm is invariant too."""
-    blocks = sharpfast.find_gl_blocks(attention_model)
-    moved = act(attention_model, blocks, seed=3)
-    geo, params = geometry(Geo, attention_model, blocks, metric)
-    geo2, _ = geometry(Geo, moved, blocks, metric)
-    xi = 0.1 * geo.horizontal(torch.randn(params.numel, generator=torch.Generator().manual_seed(2),
-                                          dtype=torch.float64))
-    xi2 = xi.clone()
-    gen = torch.Generator().manual_seed(3)   # the same A's as act(seed=3)
-    for group in gl.resolve(blocks, params):
-        for ig, ih in zip(group.g, group.hh):
-            A = random_group_element(ig.shape[-1], generator=gen)
-            xi2[ig], xi2[ih] = xi[ig] @ torch.linalg.inv(A), xi[ih] @ A.T
-    torch.testing.assert_close(geo2.norm(xi2), geo.norm(xi), rtol=1e-9, atol=0)
-    torch.testing.assert_close(geo2.horizontal(xi2), xi2, rtol=1e-7, atol=1e-9)
-    v, _ = geo.retract(xi)
-    v2, _ = geo2.retract(xi2)
-    for group in gl.resolve(blocks, params):
-        for ig, ih in zip(group.g, group.hh):
-            # A's singular values span 1e-2 .. 1e2, so cond(P) reaches ~1e8: float64 rounding ~1e-8
-            torch.testing.assert_close(v2[ig] @ v2[ih].T, v[ig] @ v[ih].T, rtol=1e-6, atol=1e-9)
-
-
-@pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("eps", [0.0, 1e-3])
-@pytest.mark.parametrize("second_order", [True, False])
-def test_batched_geometry_equals_the_reference(metric, eps, second_order):
-    """Every operation of the batched geometry against the head-by-head one: several shapes of
-    heads (an attention layer, an elementwise pair), float64."""
-    torch.manual_seed(0)
-
-    class Mixed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.att = nn.MultiheadAttention(12, 3, batch_first=True)
-            self.u, self.v = nn.Parameter(torch.randn(5) + 2), nn.Parameter(torch.randn(5) - 2)
-            self.head = nn.Linear(12, 5)
-
-    model = Mixed().double()
-    blocks = sharpfast.find_gl_blocks(model) + [GLBlock("u", "v", elementwise=True)]
-    ref, params = geometry(ReferenceGeometry, model, blocks, metric, eps, second_order)
-    fast, _ = geometry(BatchedGeometry, model, blocks, metric, eps, second_order)
-    g = torch.Generator().manual_seed(0)
-    xi, grad = (torch.randn(params.numel, generator=g, dtype=torch.float64) for _ in range(2))
-    for op in ("sq_norm", "riemannian", "horizontal"):
-        torch.testing.assert_close(getattr(fast, op)(xi), getattr(ref, op)(xi), rtol=1e-10, atol=1e-12)
-    (v_ref, pull_ref), (v_fast, pull_fast) = ref.retract(xi), fast.retract(xi)
-    torch.testing.assert_close(v_fast, v_ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(pull_fast(grad.clone()), pull_ref(grad), rtol=1e-10, atol=1e-12)   # (may overwrite)
-    torch.testing.assert_close(fast.project(10 * xi, 0.3), ref.project(10 * xi, 0.3), rtol=1e-10, atol=1e-12)
-    assert abs(float(fast.norm(fast.project(10 * xi, 0.3))) - 0.3) < 1e-12
-
-
-def test_elementwise_geodesics_match_the_exact_ones_to_third_order():
-    """Diagonal network: the second-order map against the exact geodesics of DESIGN.md §2c (checked),
-    inv ``(u e^b, v e^b)`` and mix ``(u sqrt(1 + 2b), v sqrt(1 + 2b))``: the error is O(|b|^3)."""
-    torch.manual_seed(0)
-    model = Diagonal(torch.rand(6, dtype=torch.float64) + 0.5, torch.randn(6, dtype=torch.float64)).double()
-    blocks = [GLBlock("u", "v", elementwise=True)]
-    u0, v0 = model.u.detach(), model.v.detach()
-    b = torch.randn(6, dtype=torch.float64)
-    for metric, exact in (("inv", lambda t: torch.exp(t)), ("mix", lambda t: torch.sqrt(1 + 2 * t))):
-        geo, _ = geometry(BatchedGeometry, model, blocks, metric)
-        errors = []
-        for t in (1e-1, 1e-2):
-            v, _ = geo.retract(torch.cat([u0 * b * t, v0 * b * t]))
-            errors.append(float((v - torch.cat([u0 * exact(b * t), v0 * exact(b * t)])).abs().max()))
-        assert 500 < errors[0] / errors[1] < 2000   # 1000 = 10^3: third order
-        assert abs(float(geo.norm(torch.cat([u0 * b, v0 * b]))) -
-                   math.sqrt(2) * float((b if metric == "inv" else u0 * v0 * b).norm())) < 1e-12
-
-
-# ----------------------------------------------------------------------------- the measure
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("backend", ["reference", "fused"])
@@ -248,44 +55,6 @@ def test_invariant_on_a_hugging_face_bert(metric):
     adaptive = [sharpfast.worst_case_sharpness(m, data, rho=0.05, norm="l2", solver="scaled", n_iters=10).sharpness
                 for m in (model, moved)]
     assert not adaptive[1] == pytest.approx(adaptive[0], rel=0.05)
-
-
-def test_zoo_vit_blocks_leave_its_function_unchanged():
-    from sharpfast.study import zoo
-    torch.manual_seed(0)
-    model = zoo.vit(width=16, heads=2).double()
-    blocks = sharpfast.find_gl_blocks(model)
-    assert len(blocks) == 4
-    x = torch.randn(3, 8, 8, dtype=torch.float64)
-    torch.testing.assert_close(act(model, blocks)(x), model(x), rtol=1e-9, atol=1e-11)
-
-
-@pytest.mark.parametrize("arch", ["vit", "clip", "gpt2"])
-def test_hugging_face_blocks_leave_the_function_unchanged(arch):
-    """The blocks found in Hugging Face ViT, CLIP and GPT-2 are symmetries: the group's action on
-    them changes no output."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    if arch == "vit":
-        model = transformers.ViTModel(transformers.ViTConfig(
-            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=8,
-            patch_size=4, num_channels=1), add_pooling_layer=False)
-        x = {"pixel_values": torch.randn(2, 1, 8, 8)}
-    elif arch == "clip":
-        model = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-            vocab_size=20, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=8))
-        x = {"input_ids": torch.randint(0, 20, (2, 6))}
-    else:
-        model = transformers.GPT2Model(transformers.GPT2Config(vocab_size=20, n_embd=16, n_layer=1, n_head=2,
-                                                               n_positions=8))
-        x = {"input_ids": torch.randint(0, 20, (2, 6))}
-    model = model.double().eval()
-    blocks = sharpfast.find_gl_blocks(model)
-    assert len(blocks) == 2
-    moved = act(model, blocks, lo=-1, hi=1).eval()
-    out = lambda m: m(**x).last_hidden_state
-    torch.testing.assert_close(out(moved), out(model), rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("which", ["mlp", "cnn", "attention"])
@@ -402,8 +171,6 @@ def test_small_rho_limit_is_the_horizontal_riemannian_gradient_norm(attention_mo
     assert abs(ratios[1] / limit - 1) < abs(ratios[0] / limit - 1)
 
 
-# ----------------------------------------------------------------------------- API, restore, bad input
-
 def test_model_is_restored_and_float32_backends_agree(attention_model):
     model = attention_model.float()
     data = [(x.float(), y) for x, y in attention_data()]
@@ -447,23 +214,6 @@ def test_bad_input_is_a_clear_error(attention_model, kwargs, error, match):
         sharpfast.geodesic_sharpness(attention_model, attention_data(), **kwargs)
 
 
-def test_singular_gram_matrix_needs_eps():
-    torch.manual_seed(0)
-    model = Attention().double()
-    with torch.no_grad():
-        model.att.in_proj_weight[:4] = 0   # head 0's queries
-        model.att.in_proj_bias[:4] = 0
-    with pytest.raises(ValueError, match="singular.*eps"):
-        sharpfast.geodesic_sharpness(model, attention_data(), rho=0.1, eps=0.0)
-    assert math.isfinite(sharpfast.geodesic_sharpness(model, attention_data(), rho=0.1, eps=1e-6).sharpness)
-
-
-def test_find_gl_blocks_leaves_add_bias_kv_alone():
-    model = nn.MultiheadAttention(8, 2, add_bias_kv=True)
-    assert sharpfast.find_gl_blocks(model) == []
-    assert GLBlock("a", "b").g == GLFactor("a")
-
-
 def test_a_correction_larger_than_the_step_is_reported_and_warned(attention_model):
     """``geodesic_correction`` is ``||Gamma/2|| / ||xi||`` at the best point: 0 without the correction,
     O(rho) at small rho, and a warning once the second-order map leaves its domain (a diagonal
@@ -496,23 +246,6 @@ def test_a_model_without_gl_blocks_is_said_and_counted(attention_model):
         assert sharpfast.geodesic_sharpness(attention_model, attention_data(), rho=0.1, n_iters=3).gl_blocks == 2
 
 
-def test_diagonal_network_experiment_runs_end_to_end():
-    """The paper's diagonal-network experiment (sharpfast.study.experiments.diagonal_networks), small: every
-    network interpolates, the gap is the exact population loss, taus are computed, and the
-    adaptive column is the scaled solver's adaptive worst case."""
-    from sharpfast.study.experiments import diagonal_networks as dn
-    r = dn.run(n_nets=4, n_iters=5)
-    assert max(r["train_loss"]) <= dn.TARGET_LOSS and len(r["gap"]) == 4
-    assert all(-1 <= t <= 1 for t in r["taus"].values()) and set(r["taus"]) == set(dn.PAPER_TAU)
-    X, y, beta = dn.data(0)
-    _, U, V, _ = dn.train(X, y, 4, 0)
-    net = dn.DiagonalNetwork(U[0], V[0])
-    assert r["gap"][0] == pytest.approx(float((U[0] * V[0] - beta).square().sum() - dn.mse(net(X), y)), rel=1e-9)
-    want = sharpfast.worst_case_sharpness(net, [(X, y)], rho=0.1, norm="l2", solver="scaled", loss_fn=dn.mse,
-                                          n_iters=5).sharpness
-    assert r["sharpness"]["adaptive"][0] == pytest.approx(want, rel=1e-9)
-
-
 def test_evaluate_many_takes_geodesic_settings_one_model_at_a_time():
     torch.manual_seed(0)
     models = [Attention().double() for _ in range(3)]
@@ -522,22 +255,6 @@ def test_evaluate_many_takes_geodesic_settings_one_model_at_a_time():
         got = sharpfast.evaluate_many(models, data, s, stack=stack)
         for m, r in zip(models, got):
             assert r.per_batch == sharpfast.evaluate_sharpness(m, data, s).per_batch and r.kind == "geodesic"
-
-
-@pytest.mark.parametrize("kwargs", [dict(), dict(bias=False), dict(kdim=6, vdim=5, bias=False)])
-def test_multihead_attention_blocks_leave_the_function_unchanged(kwargs):
-    """Fused and separate in-projections (kdim, vdim), with and without biases."""
-    torch.manual_seed(0)
-    m = nn.MultiheadAttention(8, 2, batch_first=True, **kwargs).double()
-    blocks = sharpfast.find_gl_blocks(m)
-    assert len(blocks) == 2
-    q = torch.randn(3, 4, 8, dtype=torch.float64)
-    k = torch.randn(3, 5, kwargs.get("kdim", 8), dtype=torch.float64)
-    v = torch.randn(3, 5, kwargs.get("vdim", 8), dtype=torch.float64)
-    out = lambda mod: mod(q, k, v, need_weights=False)[0]
-    torch.testing.assert_close(out(act(m, blocks)), out(m), rtol=1e-9, atol=1e-11)
-    separate_with_bias = nn.MultiheadAttention(8, 2, kdim=6, vdim=5)   # one [3E] bias: left adaptive
-    assert sharpfast.find_gl_blocks(separate_with_bias) == []
 
 
 class _AttentionStack(nn.Module):
