@@ -70,16 +70,18 @@ def mean(values) -> float:
     return sum(values) / len(values)
 
 
-def summarize(s, backend: str, per_batch, per_batch_err, init_losses, init_errs, delta_norm: float) -> SharpnessResult:
+def summarize(s, backend: str, per_batch, per_batch_err, init_losses, init_errs, delta_norm: float,
+              **diagnostics) -> SharpnessResult:
     """The result of per-batch outcomes under settings ``s``: the means over the m-batches; the
-    error's only where every batch has one."""
+    error's only where every batch has one; ``diagnostics``: a measure's own fields of the result
+    (the solver, the restarts that improved, the quadratic model, the geodesic correction)."""
     has_err = len(per_batch_err) == len(per_batch)
     return SharpnessResult(
         sharpness=mean(per_batch), err_sharpness=mean(per_batch_err) if has_err else None,
         per_batch=per_batch, per_batch_err=per_batch_err if has_err else None,
         delta_norm=delta_norm, init_loss=mean(init_losses),
         init_err=mean(init_errs) if has_err else None, backend=backend, kind=s.kind,
-        settings=s.describe())
+        settings=s.describe(), **diagnostics)
 
 
 def delta_l2_norm(delta: list[torch.Tensor]) -> float:

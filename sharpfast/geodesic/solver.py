@@ -76,9 +76,8 @@ def solve(model, batches, params: ParamSet, s: GeodesicSettings, backend: str) -
         if s.second_order and step > 0:   # (without it the correction is 0: w0 + xi - w0 only rounds)
             correction = max(correction, float(geo.norm(delta.sub_(best_xi))) / step)
         del delta
-    result = summarize(s, backend, per_batch, per_batch_err, init_losses, init_errs, delta_norm)
-    result.solver, result.geodesic_correction, result.restarts_improved = "geodesic", correction, improved
-    result.gl_blocks = len(blocks)
+    result = summarize(s, backend, per_batch, per_batch_err, init_losses, init_errs, delta_norm, solver="geodesic",
+                       geodesic_correction=correction, restarts_improved=improved, gl_blocks=len(blocks))
     if correction > CORRECTION_WARNING:
         warnings.warn(GeodesicCorrectionWarning(
             f"{WARNING_TEXT} is {correction:.3g} times the step (in the metric): the second-order map no longer "

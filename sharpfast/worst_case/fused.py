@@ -9,6 +9,8 @@ a restart costs ``n_iters`` forward+backward passes and one forward.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .. import _ops
@@ -222,6 +224,6 @@ class _Results:
         host, extras = read_back(Outcomes(self.per_batch, self.per_batch_err, self.init_losses, self.init_errs,
                                           self.delta_norms, self.nonfinite), (self.improved,))
         return [r if isinstance(r, BaseException) else
-                starts.with_diagnostics(r, s, [int(n) for n in improved], model_local)
+                dataclasses.replace(r, **starts.diagnostics(s, [int(n) for n in improved], model_local))
                 for (r, (improved,)), model_local in zip(results_by_model(s, host, extras, self.owners, len(local),
                                                                           self.labelled), local)]

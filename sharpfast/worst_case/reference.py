@@ -220,5 +220,5 @@ def solve(model, batches, params: ParamSet, s: Settings, on_iterate=None) -> Sha
             per_batch_err.append(worst_err - E0)
             init_errs.append(E0)
         delta_norm = max(delta_norm, worst_norm)
-    result = summarize(s, "reference", per_batch, per_batch_err, init_losses, init_errs, delta_norm)
-    return starts.with_diagnostics(result, s, improved, local)
+    return summarize(s, "reference", per_batch, per_batch_err, init_losses, init_errs, delta_norm,
+                     **starts.diagnostics(s, improved, local))

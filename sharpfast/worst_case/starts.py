@@ -24,7 +24,6 @@ from ..curvature import estimators
 from ..curvature.operator import CurvatureOperator
 from ..objective import batches_on_device
 from ..params import ParamSet
-from ..result import SharpnessResult
 from ..settings import WorstCaseSettings
 
 EIGEN_TOL = 1e-4        # Lanczos residual tolerance of the eigen start's vectors
@@ -54,14 +53,14 @@ def for_call(model, params: ParamSet, s: WorstCaseSettings, batches) -> list[Loc
     return local_models(model, params, s, batches, s.n_restarts if s.init == "eigen" else 1)
 
 
-def with_diagnostics(result: SharpnessResult, s: WorstCaseSettings, improved: list[int],
-                     local: list[LocalModel] | None) -> SharpnessResult:
-    """``result`` with the worst-case diagnostics (:class:`~sharpfast.result.SharpnessResult`) set."""
-    result.solver, result.restarts_improved = s.solver, improved
+def diagnostics(s: WorstCaseSettings, improved: list[int], local: list[LocalModel] | None) -> dict:
+    """The worst-case diagnostics of a result (:class:`~sharpfast.result.SharpnessResult`'s fields):
+    the solver, the restarts that improved each batch's best, and the quadratic model where asked."""
+    out = dict(solver=s.solver, restarts_improved=improved)
     if s.with_quadratic_model:
-        result.per_batch_quadratic_model = [m.quadratic_model(s.rho) for m in local]
-        result.quadratic_model = sum(result.per_batch_quadratic_model) / len(local)
-    return result
+        per_batch = [m.quadratic_model(s.rho) for m in local]
+        out.update(per_batch_quadratic_model=per_batch, quadratic_model=sum(per_batch) / len(local))
+    return out
 
 
 def local_models(model, params: ParamSet, s: WorstCaseSettings, batches, k: int) -> list[LocalModel]:
