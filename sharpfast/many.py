@@ -295,18 +295,22 @@ def _stacked(models: list[nn.Module], batches: list, settings: Settings) -> list
     """The stack evaluated in one pass, or None where it cannot be (then one at a time). Models
     whose parameters fail the checks get their error; the others are stacked."""
     out: list = [None] * len(models)
-    bound = []
+    bound, why = [], None
     for i, m in enumerate(models):
         try:
             params = settings.bind(m)
             if settings.low_precision == "error":   # refuses a half-precision model, touching nothing
                 precision.apply_policy(m, params, batches, "error")
-            bound.append((i, m, params))
         except Exception as e:  # noqa: BLE001 - non-finite weights, a bad scale, half precision: its error
             out[i] = e
-    if not bound:
+            continue
+        if not bound:   # the architecture's answer, before the others are bound for nothing
+            why = not_stacked_because(m, settings, params, batches)
+            if why is not None:
+                break
+        bound.append((i, m, params))
+    if not bound and why is None:
         return out
-    why = not_stacked_because(bound[0][1], settings, bound[0][2], batches)
     if why is None:
         try:
             with contextlib.ExitStack() as guards:

@@ -3,6 +3,7 @@ imports no other part, the engine no measure, the measures nothing from the publ
 study, the public face nothing from the study, and the study's analysis nothing from its sweeps.
 Each rule names the imports that break it."""
 import ast
+import functools
 import pathlib
 
 import pytest
@@ -15,6 +16,7 @@ PUBLIC = {"api", "many", "compat", "kernel_check", "doctor", "__init__"}
 ANALYSIS = {"analysis"}   # in sharpfast.study
 
 
+@functools.cache
 def modules() -> dict[str, pathlib.Path]:
     """Every module of the package by dotted name."""
     out = {}

@@ -21,6 +21,7 @@ from sharpfast.study.definitions import Definition
 from sharpfast.study import store as store_mod
 from sharpfast.study.store import Store, StoreError
 from sharpfast.study.sweep import run_sweep
+from tests.helpers import wait_for_rows
 
 QUICK = D.preset("quick")
 PARAM_NORM = Definition.from_dict(dict(kind="measure", measure="param-norm", n_examples=128))
@@ -374,15 +375,7 @@ def test_an_interrupt_with_two_jobs_keeps_what_finished_and_says_so(tiny_zoo, tm
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                          env=env)
-    done, deadline = 0, time.time() + 600   # a guard against a hang, not a measure of speed
-    while done < half and p.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-        if os.path.exists(store):
-            try:
-                with Store(store, readonly=True) as st:
-                    done = st.counts().get("ok", 0)
-            except StoreError:
-                pass
+    done = wait_for_rows(store, half, lambda: p.poll() is None)
     assert done == half and p.poll() is None, "the free half's rows were not written, or the sweep ended"
     if signum == signal.SIGINT:
         os.killpg(p.pid, signum)
@@ -407,10 +400,11 @@ def test_with_two_jobs_each_definitions_rows_are_stored_as_soon_as_they_exist(ti
     manifest = Manifest.load(str(zoo_dir))
     release = tmp_path / "release"
     manifest.data = {"factory": "tests.toy_models:gated_data",
-                     "kwargs": {"factory": manifest.data["factory"], "kwargs": manifest.data.get("kwargs", {}), "gate": 256, "release": str(release), "driver": os.getpid()}}
+                     "kwargs": {"factory": manifest.data["factory"], "kwargs": manifest.data.get("kwargs", {}),
+                                "gate": 256, "release": str(release), "driver": os.getpid()}}
     manifest.save(str(zoo_dir / "manifest.json"))
     defs = [Definition("avg", "l2", 0.1, m=64, n_examples=n, n_samples=2) for n in (128, 256)]
-    store, done, outcome = str(tmp_path / "r.db"), 0, {}
+    store, outcome = str(tmp_path / "r.db"), {}
 
     def sweep():
         try:
@@ -420,15 +414,7 @@ def test_with_two_jobs_each_definitions_rows_are_stored_as_soon_as_they_exist(ti
     thread = threading.Thread(target=sweep)
     thread.start()
     try:
-        deadline = time.time() + 600   # a guard against a hang, not a measure of speed
-        while done < len(manifest.models) and thread.is_alive() and time.time() < deadline:
-            time.sleep(0.2)
-            if os.path.exists(store):
-                try:
-                    with Store(store, readonly=True) as st:
-                        done = st.counts().get("ok", 0)
-                except StoreError:
-                    pass
+        done = wait_for_rows(store, len(manifest.models), thread.is_alive)
         held = thread.is_alive()
     finally:
         release.touch()

@@ -11,10 +11,7 @@ from typing import Any
 import numpy as np
 
 from . import report_html
-
-
-def _fmt(x: float, digits: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.{digits}f}"
+from .report_html import signed
 
 
 def _plain(x: float) -> str:
@@ -23,9 +20,9 @@ def _plain(x: float) -> str:
 
 
 def _cell(c: Any, ci: bool) -> str:
-    s = _fmt(c.tau, 2)
+    s = signed(c.tau)
     if ci and not math.isnan(c.low):
-        s += f" [{_fmt(c.low, 2)}, {_fmt(c.high, 2)}]"
+        s += f" [{signed(c.low)}, {signed(c.high)}]"
     return s
 
 
@@ -89,14 +86,14 @@ def markdown(r, ci: bool) -> str:
            + ("; [95% bootstrap CI]" if ci else "") + f"; Psi = mean granulated tau vs {r.target_name(r.target)}.",
            "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ln in r.lines:
-        cells = [ln.name, str(ln.n)] + [_cell(ln.taus[t], ci) for t in r.targets] + [_fmt(ln.granulated.Psi, 2)]
+        cells = [ln.name, str(ln.n)] + [_cell(ln.taus[t], ci) for t in r.targets] + [signed(ln.granulated.Psi)]
         out.append("| " + " | ".join(cells) + " |")
     granulated = granulated_table(r)
     if granulated:
         caption, columns, rows, said = granulated
         out += ["", caption + ":", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for cells in rows:
-            out.append("| " + " | ".join(c if isinstance(c, str) else _fmt(c, 2) for c in cells) + " |")
+            out.append("| " + " | ".join(c if isinstance(c, str) else signed(c) for c in cells) + " |")
         out += [""] + said
     if r.notes:
         out += [""] + r.notes
@@ -148,7 +145,7 @@ def _plot(path: str, name: str, values: list[float], metrics: list[dict], hparam
             ax.set_xscale("log")
         ax.set_xlabel("sharpness")
         ax.set_ylabel(tname)
-        ax.set_title(f"tau = {_fmt(taus[t].tau, 2)}", fontsize=10)
+        ax.set_title(f"tau = {signed(taus[t].tau)}", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle(name, fontsize=10)
@@ -182,7 +179,7 @@ def write(report, out_dir: str, plots: bool = True) -> list[str]:
             f.write(f"\n![{name}]({rel})\n")
     html_path = os.path.join(out_dir, "report.html")
     with open(html_path, "w", encoding="utf-8") as f:
-        f.write(report_html.page(report, ckpts, defs, figures))
+        f.write(report_html.page(report, figures))
     csv_path = os.path.join(out_dir, "results.csv")
     metric_names = sorted({k for c in ckpts.values() for k in c["metrics"]})
     with open(csv_path, "w", newline="", encoding="utf-8") as f:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import math
-from collections import Counter
 
 import numpy as np
 
@@ -52,7 +51,8 @@ def tau_colour(tau: float) -> str:
     return "rgb({},{},{})".format(*(round(255 + (e - 255) * a) for e in end))
 
 
-def _signed(x: float, digits: int = 2) -> str:
+def signed(x: float, digits: int = 2) -> str:
+    """A statistic with its sign, as every table of the report writes it ("n/a" where undefined)."""
     return "n/a" if x is None or math.isnan(x) else f"{x:+.{digits}f}"
 
 
@@ -69,37 +69,36 @@ def _ci_bar(c: BootstrapCI, dark: bool) -> str:
     return f"<svg width='90' height='10' aria-hidden='true'>{''.join(parts)}</svg>"
 
 
+def _cell_style(tau: float) -> tuple[str, bool]:
+    """A tau cell's colours, and whether its ink is light (on a dark cell)."""
+    dark = not math.isnan(tau) and abs(tau) > 0.55
+    return f"background:{tau_colour(tau)};color:{'#fff' if dark else '#222'}", dark
+
+
 def tau_cell(c: BootstrapCI, what: str) -> str:
     """A tau with its 95% bootstrap interval: the number, the interval in words and drawn, the colour."""
-    dark = not math.isnan(c.tau) and abs(c.tau) > 0.55
+    style, dark = _cell_style(c.tau)
     has_ci = not (math.isnan(c.low) or math.isnan(c.high))
-    ci = f"[{_signed(c.low)}, {_signed(c.high)}]" if has_ci else ""
-    title = f"{what}: tau = {_signed(c.tau, 3)}" + (f", 95% bootstrap CI {ci}" if has_ci else "")
-    style = f"background:{tau_colour(c.tau)};color:{'#fff' if dark else '#222'}"
-    return (f"<td class='tau' style='{style}' title='{html.escape(title)}'><span class='v'>{_signed(c.tau)}</span>"
+    ci = f"[{signed(c.low)}, {signed(c.high)}]" if has_ci else ""
+    title = f"{what}: tau = {signed(c.tau, 3)}" + (f", 95% bootstrap CI {ci}" if has_ci else "")
+    return (f"<td class='tau' style='{style}' title='{html.escape(title)}'><span class='v'>{signed(c.tau)}</span>"
             f"<span class='ci'>{ci}</span>{_ci_bar(c, dark) if has_ci else ''}</td>")
 
 
 def _plain_tau_cell(tau: float, what: str) -> str:
-    dark = not math.isnan(tau) and abs(tau) > 0.55
-    style = f"background:{tau_colour(tau)};color:{'#fff' if dark else '#222'}"
-    title = html.escape(f"{what}: {_signed(tau, 3)}")
-    return f"<td class='tau' style='{style}' title='{title}'><span class='v'>{_signed(tau)}</span></td>"
+    title = html.escape(f"{what}: {signed(tau, 3)}")
+    return f"<td class='tau' style='{_cell_style(tau)[0]}' title='{title}'><span class='v'>{signed(tau)}</span></td>"
 
 
-def _summary(r, ckpts: dict[str, dict], defs: dict[str, dict]) -> str:
-    """What was measured, on what, and what was left out: the first thing on the page."""
-    hps = [c["hparams"] for c in ckpts.values()]
-    counted = lambda name: ", ".join(f"{v} ({n})" for v, n in sorted(Counter(str(h[name]) for h in hps
-                                                                              if name in h).items()))
+def _summary(r) -> str:
+    """What was measured, on what (the zoo, its data, architectures and examples: ``r.covers``), and
+    what was left out: the first thing on the page."""
     measured = [ln for ln in r.lines if ln.key is not None]
     items = [("Models", f"{r.n_checkpoints} checkpoints"
               + (f" with train error <= {r.max_train_error:g}" if r.max_train_error is not None else ""))]
-    if any("arch" in h for h in hps):
-        items.append(("Architectures", counted("arch")))
     if r.factors:
         items.append(("Varied", ", ".join(r.factors)))
-    items.append(("Definitions", f"{len(measured)} reported of {len(defs)} in the store"
+    items.append(("Definitions", f"{len(measured)} reported of {len(r.defs)} in the store"
                   + (f"; {r.n_errors} failed rows left out" if r.n_errors else "")))
     items.append(("Targets", ", ".join(r.target_name(t) for t in r.targets) or "none recorded"))
     dl = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in items)
@@ -164,7 +163,7 @@ def scatter_figure(name: str, values: list[float], ids: list[str], metrics: list
     about = [f"<b>{html.escape(i)}</b><br>" + "<br>".join(f"{html.escape(str(k))} = {html.escape(str(x))}"
                                                            for k, x in sorted(h.items())) for i, h in zip(ids, hparams)]
     fig = make_subplots(rows=1, cols=len(targets), horizontal_spacing=0.07,
-                        subplot_titles=[f"{tname}: tau = {_signed(taus[t].tau)}" for t, tname in targets.items()])
+                        subplot_titles=[f"{tname}: tau = {signed(taus[t].tau)}" for t, tname in targets.items()])
     for col, (t, tname) in enumerate(targets.items(), start=1):
         e = np.asarray([m.get(t, np.nan) for m in metrics], dtype=float)
         for lv in levels:
@@ -190,10 +189,10 @@ def scatter_figure(name: str, values: list[float], ids: list[str], metrics: list
     return fig
 
 
-def page(r, ckpts: dict[str, dict], defs: dict[str, dict], figures: list) -> str:
+def page(r, figures: list) -> str:
     """The report's HTML: summary, tau tables, then ``figures`` (Plotly figures) with Plotly's
     JavaScript inlined once."""
-    body = [_summary(r, ckpts, defs)]
+    body = [_summary(r)]
     if r.lines and r.targets:
         body += [_tau_table(r), _granulated_table(r)]
     if figures:

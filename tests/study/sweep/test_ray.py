@@ -10,6 +10,7 @@ from sharpfast.study import zoo  # noqa: E402
 from sharpfast.study.zoo.checkpoints import Manifest  # noqa: E402
 from sharpfast.study.store import Store  # noqa: E402
 from sharpfast.study.sweep import run_sweep  # noqa: E402
+from tests.helpers import wait_for_rows  # noqa: E402
 
 TINY = zoo.ZooSpec({"lr": [0.5, 2.0], "width": [8, 16]}, {"arch": "mlp", "epochs": 2, "n_train": 256})
 
@@ -112,7 +113,6 @@ def test_a_worker_node_dying_mid_sweep_gives_error_rows_a_short_output_and_an_en
     import socket
     import subprocess
     import sys
-    import time
 
     def free_port():
         with socket.socket() as s:
@@ -137,15 +137,7 @@ def test_a_worker_node_dying_mid_sweep_gives_error_rows_a_short_output_and_an_en
                "--executor", "ray", "--address", address, "--kind", "max", "--norm", "linf", "l2", "--rho", "0.001",
                "0.01", "--m", "64", "--n-examples", "128", "--n-iters", "100"]
         sweep = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        done, deadline = 0, time.time() + 300   # a guard against a hang, not a measure of speed
-        while not done and sweep.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-            if store.exists():
-                try:
-                    with Store(str(store), readonly=True) as st:
-                        done = sum(st.counts().values())
-                except Exception:  # noqa: BLE001 - the store is still being created
-                    pass
+        done = wait_for_rows(str(store), 1, lambda: sweep.poll() is None, status=None, guard_s=300)
         assert done and sweep.poll() is None, "no row was stored, or the sweep ended, before the node was killed"
         os.kill(_raylet_of(node_port), signal.SIGKILL)
         out, err = sweep.communicate(timeout=300)
