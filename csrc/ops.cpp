@@ -51,6 +51,10 @@ constexpr OpSchema kOps[] = {
     {"scaled_gram", "(Tensor u, Tensor u_prev, Tensor grad, Tensor w0, Tensor? c, bool adaptive, float eta) -> Tensor"},
     {"copy_if_", "(Tensor(a!) dst, Tensor src, Tensor cond) -> ()"},
     {"sum_squares", "(Tensor x) -> Tensor"},
+    // SAM (sharpfast.optim) over a parameter list, T = |w| + eta (adaptive) or 1: sum_p ||T g_p||^2
+    // (float64); then saved = w and w += T^2 g s in one pass (s: a 0-dim float64 device tensor)
+    {"sam_sq_norm", "(Tensor[] grad, Tensor[] w, bool adaptive, float eta) -> Tensor"},
+    {"sam_perturb_", "(Tensor(a!)[] w, Tensor(b!)[] saved, Tensor[] grad, bool adaptive, float eta, Tensor s) -> ()"},
 };
 
 TORCH_LIBRARY(sharpfast, m) {

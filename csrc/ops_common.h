@@ -384,4 +384,29 @@ inline StepCall check_ellipsoid_sq_norms(const at::Tensor& delta, const at::Tens
   return {cc, ScaleRule{adaptive, eta}};
 }
 
+// Checks of SAM's op family over a parameter list: grad[p] (and saved[p], where given) like w[p],
+// one dtype and device for all; nothing written shares memory with anything else.
+inline void check_sam(at::TensorList w, const at::TensorList* saved, at::TensorList grad, double eta, const char* op) {
+  const size_t P = w.size();
+  TORCH_CHECK(grad.size() == P && (saved == nullptr || saved->size() == P), "sharpfast: ", op,
+              " needs as many 'grad' tensors (", grad.size(), ")", saved != nullptr ? " and 'saved' tensors (" : "",
+              saved != nullptr ? std::to_string(saved->size()) + ")" : std::string(), " as 'w' tensors (", P, ")");
+  check_eta(eta);
+  std::vector<Span> spans;
+  for (size_t p = 0; p < P; ++p) {
+    check_flat(w[p], "w");
+    TORCH_CHECK(w[p].scalar_type() == w[0].scalar_type() && w[p].device() == w[0].device(), "sharpfast: ", op,
+                ": the 'w' tensors must share one dtype and device");
+    check_like(grad[p], "grad", w[p], "w");
+    const auto i = static_cast<int64_t>(p);
+    add_span(spans, &w[p], "w", saved != nullptr, i);
+    add_span(spans, &grad[p], "grad", false, i);
+    if (saved != nullptr) {
+      check_like((*saved)[p], "saved", w[p], "w");
+      add_span(spans, &(*saved)[p], "saved", true, i);
+    }
+  }
+  check_no_overlap(std::move(spans), op);
+}
+
 }  // namespace sharpfast

@@ -237,6 +237,18 @@ def sum_squares(x: torch.Tensor) -> torch.Tensor:
     return _ops().sum_squares(x)
 
 
+def sam_sq_norm(grad: list, w: list, adaptive: bool, eta: float = 0.0) -> torch.Tensor:
+    """``sum_p ||T g_p||^2`` over a list of flat tensors of one dtype and device, ``T = |w_p| + eta``
+    where ``adaptive``, else 1, accumulated in float64 (0-dim float64 tensor on their device), deterministic."""
+    return _ops().sam_sq_norm(grad, w, bool(adaptive), float(eta))
+
+
+def sam_perturb_(w: list, saved: list, grad: list, adaptive: bool, eta: float, s: torch.Tensor) -> None:
+    """``saved[p] = w[p]`` and ``w[p] += T^2 g[p] s`` in one pass over each flat tensor (``T`` as in
+    :func:`sam_sq_norm`; ``s``: a 0-dim float64 tensor on their device, read there)."""
+    _ops().sam_perturb_(w, saved, grad, bool(adaptive), float(eta), s)
+
+
 # ----------------------------------------------------------------------------- fake impls
 
 def _fake_check_flat(t, name):
@@ -348,3 +360,23 @@ if _C is not None:
     def _sum_squares_fake(x):
         _fake_check_flat(x, "x")
         return x.new_empty((), dtype=torch.float64)
+
+    def _fake_check_sam(w, grad, saved=None):
+        torch._check(len(grad) == len(w) and (saved is None or len(saved) == len(w)),
+                     lambda: "sharpfast: the SAM ops need one grad (and saved) tensor per w tensor")
+        for p, t in enumerate(w):
+            _fake_check_flat(t, "w")
+            _fake_check_like(grad[p], "grad", t, "w")
+            if saved is not None:
+                _fake_check_like(saved[p], "saved", t, "w")
+
+    @torch.library.register_fake("sharpfast::sam_sq_norm")
+    def _sam_sq_norm_fake(grad, w, adaptive, eta):
+        _fake_check_sam(w, grad)
+        return w[0].new_empty((), dtype=torch.float64)
+
+    @torch.library.register_fake("sharpfast::sam_perturb_")
+    def _sam_perturb_fake(w, saved, grad, adaptive, eta, s):
+        _fake_check_sam(w, grad, saved)
+        torch._check(s.dim() == 0, lambda: "sharpfast: argument 's' must be a 0-dim tensor")
+        return None

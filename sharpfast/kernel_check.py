@@ -255,6 +255,29 @@ def _check_reductions(chk: _Checker, t: _Inputs) -> None:
                                                        t.grad.double().pow(2).sum(), reduction=True))
 
 
+def _check_sam(chk: _Checker, t: _Inputs) -> None:
+    """SAM's ops over two pieces (one read through an unaligned view), for |w| + eta and 1."""
+    cut = 400
+    w = [t.w0[:cut], t.w0[cut:]]
+    g = [t.grad[:cut], t.grad[cut:]]
+    for adaptive, eta in ((True, ETA), (False, 0.0)):
+        case = f"{t.name} {'T = |w| + eta' if adaptive else 'T = 1'}"
+        T = [x.abs() + eta if adaptive else torch.ones_like(x) for x in w]
+
+        def norm(T=T, adaptive=adaptive, eta=eta):
+            want = sum((ti * gi).double().pow(2).sum() for ti, gi in zip(T, g))
+            chk.compare("sam_sq_norm", case, _ops.sam_sq_norm(g, w, adaptive, eta), want, reduction=True)
+        chk.run("sam_sq_norm", case, norm)
+
+        def perturb(T=T, adaptive=adaptive, eta=eta):
+            out, saved = [x.clone() for x in w], [torch.empty_like(x) for x in w]
+            _ops.sam_perturb_(out, saved, g, adaptive, eta, t.scalar(RHO))
+            for o, sv, x, ti, gi in zip(out, saved, w, T, g):
+                chk.compare("sam_perturb_", case, sv, x)
+                chk.compare("sam_perturb_", case, o, x + ((ti * ti) * gi) * RHO)
+        chk.run("sam_perturb_", case, perturb)
+
+
 def selftest(device=None) -> SelfTestReport:
     """Run every fused op on ``device`` (default: the current CUDA device where there is one,
     else the CPU) against the pure-PyTorch math; returns a report with ``.ok``, ``.errors``
@@ -273,7 +296,7 @@ def selftest(device=None) -> SelfTestReport:
     with torch.no_grad():
         for dtype in DTYPES:
             inputs = _Inputs(dtype, device)
-            for check in (_check_sampling, _check_steps, _check_reductions):
+            for check in (_check_sampling, _check_steps, _check_reductions, _check_sam):
                 check(chk, inputs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

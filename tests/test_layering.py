@@ -12,6 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "sharpfast"
 
 CORE = {"settings", "params", "objective", "precision", "philox", "_ops", "result"}
 MEASURES = {"worst_case", "average_case", "geodesic", "curvature"}
+TRAINING = {"optim"}   # sharpness-aware training: the core's ops, no measure
 PUBLIC = {"api", "many", "compat", "kernel_check", "doctor", "__init__"}
 ANALYSIS = {"analysis"}   # in sharpfast.study
 
@@ -58,6 +59,8 @@ def layer(module: str) -> str:
         return "engine"
     if head in MEASURES:
         return "measure"
+    if head in TRAINING:
+        return "training"
     if head == "study":
         return "analysis" if len(parts) > 2 and parts[2] in ANALYSIS else "study"
     if head == "__main__":
@@ -70,9 +73,10 @@ ALLOWED = {   # layer -> the layers it may import
     "core": {"core"},
     "engine": {"core", "engine"},
     "measure": {"core", "engine", "measure"},
-    "public": {"core", "engine", "measure", "public"},
+    "training": {"core", "training"},
+    "public": {"core", "engine", "measure", "training", "public"},
     "analysis": {"core", "engine", "measure", "public", "analysis", "study"},
-    "study": {"core", "engine", "measure", "public", "analysis", "study"},
+    "study": {"core", "engine", "measure", "training", "public", "analysis", "study"},
     "entry": {"public", "study", "analysis"},
 }
 

@@ -76,6 +76,25 @@ __device__ __forceinline__ typename AccOf<S>::type scale_at(const S* __restrict_
   return c != nullptr ? to_acc(c[i]) : derived_scale_of<S>(w, rule);
 }
 
+__device__ __forceinline__ double warp_sum(double x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Fixed-order block sum of one value per thread (result valid in thread 0).
+__device__ __forceinline__ double block_sum(double x, double* smem /* [kReduceThreads / 32] */) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  x = warp_sum(x);
+  __syncthreads();
+  if (lane == 0) smem[warp] = x;
+  __syncthreads();
+  double t = 0.0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < kReduceThreads / 32; ++w) t += smem[w];
+  return t;
+}
+
 inline bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 int sm_count() {

@@ -94,6 +94,33 @@ struct ApgdArgs {
 
 cudaError_t apgd_step(Step kind, const ApgdArgs& a, cudaStream_t stream);
 
+// out[0] = partials[0] + partials[1] + ... in that order (float64).
+cudaError_t sum_partials(const double* partials, int64_t n_partials, double* out, cudaStream_t stream);
+
+// One tensor of a SAM call (sharpfast.optim): n elements of w, saved (nullptr for the norm) and
+// grad, handled by the launch's blocks first_block .. first_block + sam_blocks(n) - 1.
+struct SamPiece {
+  void* w;
+  void* saved;
+  const void* grad;
+  int64_t n;
+  int64_t first_block;
+};
+
+// Elements per block: a function of n only, so the norm's partial sums, and their sum, are the
+// same on every device.
+constexpr int64_t kSamBlockElements = 4096;
+inline int64_t sam_blocks(int64_t n) { return (n + kSamBlockElements - 1) / kSamBlockElements; }
+
+// out[0] = sum over the pieces of (T g)^2, T = |w| + eta (rule.adaptive) or 1, in float64;
+// partials: total_blocks doubles of scratch. `pieces`: n_pieces non-empty pieces in device memory,
+// ordered by first_block.
+cudaError_t sam_sq_norm(const SamPiece* pieces, int64_t n_pieces, int64_t total_blocks, ScaleRule rule, DType dtype,
+                        double* partials, double* out, cudaStream_t stream);
+// saved = w, w = w + T^2 g s (elementwise.h sam_ascent) for every piece; s: a device scalar.
+cudaError_t sam_perturb(const SamPiece* pieces, int64_t n_pieces, int64_t total_blocks, ScaleRule rule, DType dtype,
+                        const double* s, cudaStream_t stream);
+
 // out[0] = sum x^2 (float64). partials: reduce_partials(n) doubles of scratch.
 cudaError_t sum_squares(const void* x, DType dtype, int64_t n, double* partials, double* out, cudaStream_t stream);
 

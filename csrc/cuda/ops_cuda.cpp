@@ -9,7 +9,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "../ops_common.h"
@@ -223,6 +225,60 @@ void copy_if_cuda(at::Tensor& dst, const at::Tensor& src, const at::Tensor& cond
                                           cond.data_ptr<bool>(), c10::cuda::getCurrentCUDAStream()));
 }
 
+// The device table of a SAM call's tensors (pinned host memory, copied asynchronously; the caching
+// host allocator keeps it alive until the copy is done) and its number of blocks.
+std::pair<at::Tensor, int64_t> sam_table(at::TensorList w, const at::TensorList* saved, at::TensorList grad,
+                                          size_t* n_pieces) {
+  std::vector<SamPiece> table;
+  int64_t total_blocks = 0;
+  for (size_t p = 0; p < w.size(); ++p) {
+    if (w[p].numel() == 0) continue;
+    table.push_back({w[p].data_ptr(), saved != nullptr ? (*saved)[p].data_ptr() : nullptr, grad[p].data_ptr(),
+                     w[p].numel(), total_blocks});
+    total_blocks += sam_blocks(w[p].numel());
+  }
+  *n_pieces = table.size();
+  const auto bytes = static_cast<int64_t>(std::max<size_t>(table.size(), 1) * sizeof(SamPiece));
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  if (!table.empty()) std::memcpy(host.data_ptr(), table.data(), table.size() * sizeof(SamPiece));
+  at::Tensor device_table = at::empty({bytes}, w[0].options().dtype(at::kByte));
+  device_table.copy_(host, /*non_blocking=*/true);
+  return {device_table, total_blocks};
+}
+
+at::Tensor sam_sq_norm_cuda(at::TensorList grad, at::TensorList w, bool adaptive, double eta) {
+  check_sam(w, nullptr, grad, eta, "sam_sq_norm");
+  TORCH_CHECK(!w.empty(), "sharpfast: sam_sq_norm needs at least one tensor on CUDA (the device of its result)");
+  check_cuda(w[0], "w");
+  const c10::cuda::CUDAGuard guard(w[0].device());
+  at::Tensor out = at::zeros({}, w[0].options().dtype(at::kDouble));
+  size_t n_pieces = 0;
+  const auto [table, total_blocks] = sam_table(w, nullptr, grad, &n_pieces);
+  if (n_pieces == 0) return out;
+  at::Tensor partials = at::empty({total_blocks}, w[0].options().dtype(at::kDouble));
+  C10_CUDA_CHECK(sharpfast::cuda::sam_sq_norm(static_cast<const SamPiece*>(table.data_ptr()),
+                                              static_cast<int64_t>(n_pieces), total_blocks, ScaleRule{adaptive, eta},
+                                              dtype_of(w[0]), partials.data_ptr<double>(), out.data_ptr<double>(),
+                                              c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+void sam_perturb_cuda(at::TensorList w, at::TensorList saved, at::TensorList grad, bool adaptive, double eta,
+                      const at::Tensor& s) {
+  check_sam(w, &saved, grad, eta, "sam_perturb_");
+  if (w.empty()) return;
+  check_cuda(w[0], "w");
+  check_scalar(s, "s", w[0].device(), false);
+  const c10::cuda::CUDAGuard guard(w[0].device());
+  size_t n_pieces = 0;
+  const auto [table, total_blocks] = sam_table(w, &saved, grad, &n_pieces);
+  if (n_pieces == 0) return;
+  C10_CUDA_CHECK(sharpfast::cuda::sam_perturb(static_cast<const SamPiece*>(table.data_ptr()),
+                                              static_cast<int64_t>(n_pieces), total_blocks, ScaleRule{adaptive, eta},
+                                              dtype_of(w[0]), s.data_ptr<double>(),
+                                              c10::cuda::getCurrentCUDAStream()));
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace sharpfast
@@ -241,4 +297,6 @@ TORCH_LIBRARY_IMPL(sharpfast, CUDA, m) {
   m.impl("scaled_gram", &scaled_gram_cuda);
   m.impl("copy_if_", &copy_if_cuda);
   m.impl("sum_squares", &sum_squares_cuda);
+  m.impl("sam_sq_norm", &sam_sq_norm_cuda);
+  m.impl("sam_perturb_", &sam_perturb_cuda);
 }

@@ -7,25 +7,6 @@ namespace cuda {
 
 namespace {
 
-__device__ __forceinline__ double warp_sum(double x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
-  return x;
-}
-
-// Fixed-order block sum of one value per thread (result valid in thread 0).
-__device__ __forceinline__ double block_sum(double x, double* smem /* [kReduceThreads / 32] */) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  x = warp_sum(x);
-  __syncthreads();
-  if (lane == 0) smem[warp] = x;
-  __syncthreads();
-  double t = 0.0;
-  if (threadIdx.x == 0)
-    for (int w = 0; w < kReduceThreads / 32; ++w) t += smem[w];
-  return t;
-}
-
 template <typename S>
 __global__ void sum_squares_kernel(const S* __restrict__ x, int64_t n, double* __restrict__ partials) {
   __shared__ double smem[kReduceThreads / 32];
@@ -200,6 +181,11 @@ int64_t reduce_partials(int64_t n) {
   int64_t b = (n + per_block - 1) / per_block;
   if (b < 1) b = 1;
   return b < kMaxPartials ? b : kMaxPartials;
+}
+
+cudaError_t sum_partials(const double* partials, int64_t n_partials, double* out, cudaStream_t stream) {
+  finish_kernel<<<1, kReduceThreads, 0, stream>>>(partials, n_partials, 1, out);
+  return cudaGetLastError();
 }
 
 cudaError_t sum_squares(const void* x, DType dtype, int64_t n, double* partials, double* out, cudaStream_t stream) {

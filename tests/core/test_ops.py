@@ -531,6 +531,70 @@ def test_cpu_ops_are_built_parallel():
     assert _ops.build_info()["openmp"] is True
 
 
+# ------------------------------------------------------------------------------ SAM (sharpfast.optim)
+
+def sam_pieces(sizes, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = [rand(n, dtype, device, g) for n in sizes]
+    grad = [rand(n, dtype, device, g) for n in sizes]
+    for x in grad:
+        x[::5] = 0.0
+    return w, grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rule", [(True, 0.0), (True, 0.01), (False, 0.0)], ids=["abs", "abs+eta", "one"])
+def test_sam_ops(device, dtype, rule):
+    """The squared norm of T g over a list (float64) and the save-and-perturb pass, against torch
+    expressions in the compute type, over pieces of odd sizes (empty ones and several blocks too)."""
+    adaptive, eta = rule
+    sizes = [5, 0, 1, 1000, 3, 9001, 2]
+    w, grad = sam_pieces(sizes, dtype, device)
+    ct = compute_dtype(dtype)
+    T = [(x.to(ct).abs() + torch.tensor(eta, dtype=dtype).to(ct)) if adaptive else torch.ones_like(x, dtype=ct)
+         for x in w]
+    T = [t.to(dtype).to(ct) for t in T]   # the scale rounded to the storage dtype, as the derived rule
+    norm = OPS.sam_sq_norm(grad, w, adaptive, eta)
+    assert norm.dtype == torch.float64 and norm.dim() == 0 and norm.device.type == torch.device(device).type
+    want = sum(((t * x.to(ct)).double().pow(2).sum() for t, x in zip(T, grad)))
+    torch.testing.assert_close(norm, want.to(norm.device), rtol=1e-10, atol=1e-12)
+    out, saved = [x.clone() for x in w], [torch.full_like(x, float("nan")) for x in w]
+    OPS.sam_perturb_(out, saved, grad, adaptive, eta, scalar(0.037, device))
+    for o, sv, x, t, gr in zip(out, saved, w, T, grad):
+        assert torch.equal(sv, x)
+        torch.testing.assert_close(o, (x.to(ct) + ((t * t) * gr.to(ct)) * 0.037).to(dtype), **tol(dtype, device))
+
+
+def test_sam_sq_norm_thread_count_independent():
+    w, grad = sam_pieces([700_001, 3, 40_000], torch.float32, "cpu", seed=1)
+    prev = torch.get_num_threads()
+    res = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            res.append(OPS.sam_sq_norm(grad, w, True, 0.01))
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(res[0], res[1])
+
+
+def test_sam_ops_refuse_bad_lists():
+    w, grad = sam_pieces([4, 6], torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="as many 'grad' tensors"):
+        OPS.sam_sq_norm(grad[:1], w, True, 0.0)
+    with pytest.raises(RuntimeError, match="'grad' has 6 elements but 'w' has 4"):
+        OPS.sam_sq_norm(grad[::-1], w, True, 0.0)
+    with pytest.raises(RuntimeError, match="one dtype and device"):
+        OPS.sam_sq_norm(grad, [w[0], w[1].double()], True, 0.0)
+    with pytest.raises(RuntimeError, match="eta"):
+        OPS.sam_sq_norm(grad, w, True, -1.0)
+    with pytest.raises(RuntimeError, match="shares memory"):
+        OPS.sam_perturb_(w, [w[0].clone(), grad[1]], grad, True, 0.0, scalar(0.1, "cpu"))
+    with pytest.raises(RuntimeError, match="'s' must be a float64"):
+        OPS.sam_perturb_(w, [x.clone() for x in w], grad, True, 0.0, torch.tensor(0.1))
+
+
 # ------------------------------------------------------------------------------ opcheck / compile
 
 def _opcheck_cases(device):
@@ -569,6 +633,11 @@ def _opcheck_cases(device):
             f(), f(), f(), f(), f(), None, True, 0.0,
             torch.tensor([0.9, 0.1, 1.0, 0.2, -0.1, 2.0, 0.5], dtype=torch.float64, device=device), s, 0.1, 0.75)),
         "scaled_gram": (OPS.scaled_gram, (f(), f(), f(), f(), c, False, 0.0)),
+        # SAM's op family over a parameter list
+        "sam_sq_norm": (OPS.sam_sq_norm, ([f()[:30], f()[:7]], [f()[:30], f()[:7]], True, 0.01)),
+        "sam_sq_norm/unit-scale": (OPS.sam_sq_norm, ([f()], [f()], False, 0.0)),
+        "sam_perturb_": (OPS.sam_perturb_, ([f()[:30], f()[:7]], [f()[:30], f()[:7]], [f()[:30], f()[:7]], True, 0.0,
+                                            s)),
     }
 
 
@@ -610,7 +679,7 @@ def test_torch_compile_fullgraph(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph_the_other_ops(device):
     """The ops test_torch_compile_fullgraph leaves out (draws, the list and batched perturbations,
-    the scaled solver's steps and Gram matrix): every op traces into one graph and computes the
+    the scaled solver's steps and Gram matrix, SAM's norm and ascent): every op traces into one graph and computes the
     eager bits."""
     n = 131
     _, u, u_prev, grad, w0, c = step_inputs(n, torch.float32, device)
@@ -622,7 +691,10 @@ def test_torch_compile_fullgraph_the_other_ops(device):
         OPS.perturb_batched_(rows, w0, c, False, 0.0, 0.05, 5, 0, 2, 0, "normal", True)
         OPS.scaled_step_linf_(params, u, u_prev, grad, w0, c, False, 0.0, step_size, 0.1, 0.75)
         OPS.scaled_step_l2_(params, u, u_prev, grad, w0, None, True, 0.0, gram, step_size, 0.1, 0.75)
-        return OPS.scaled_gram(u, u_prev, grad, w0, c, False, 0.0), rows.sum()
+        norm = OPS.sam_sq_norm([grad[:100], grad[100:]], [params[:100], params[100:]], True, 0.01)
+        OPS.sam_perturb_([params[:100], params[100:]], [u_prev[:100], u_prev[100:]], [grad[:100], grad[100:]], True,
+                         0.01, 0.05 / (norm.sqrt() + 1e-12))
+        return OPS.scaled_gram(u, u_prev, grad, w0, c, False, 0.0), rows.sum(), norm
 
     def run(fn):
         bufs = [t.clone() for t in (w0, u, u_prev, grad, w0, c)] + [torch.zeros(4, n, device=device)]
@@ -707,3 +779,12 @@ def test_cpu_cuda_agree(dtype):
     ga = _ops.scaled_gram(cpu[1], cpu[2], cpu[3], cpu[4], cpu[5])
     gb = _ops.scaled_gram(gpu[1], gpu[2], gpu[3], gpu[4], gpu[5])
     torch.testing.assert_close(gb.cpu(), ga, rtol=1e-12, atol=1e-300)
+    # SAM's ascent over many pieces (one launch on CUDA): the same bits; its norm to rounding
+    for adaptive, eta in ((True, 0.01), (False, 0.0)):
+        ws = [[cpu[4][a:b].clone() for a, b in zip(cuts, cuts[1:])], [gpu[4][a:b].clone() for a, b in zip(cuts, cuts[1:])]]
+        gs = [[cpu[3][a:b] for a, b in zip(cuts, cuts[1:])], [gpu[3][a:b] for a, b in zip(cuts, cuts[1:])]]
+        na, nb = (_ops.sam_sq_norm(g, w, adaptive, eta) for g, w in zip(gs, ws))
+        torch.testing.assert_close(nb.cpu(), na, rtol=1e-12, atol=0)
+        for w, g, dev in zip(ws, gs, ("cpu", "cuda")):
+            _ops.sam_perturb_(w, [torch.empty_like(x) for x in w], g, adaptive, eta, scalar(0.05, dev))
+        assert torch.equal(torch.cat(ws[0]), torch.cat(ws[1]).cpu())

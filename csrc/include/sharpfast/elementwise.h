@@ -172,4 +172,11 @@ SF_HOST_DEVICE ScaledL2Coefficients scaled_l2_coefficients(const double* gram, d
   return {f2 * A, f2 * B / gn, -f2 * E};
 }
 
+// SAM's ascent (sharpfast.optim): w + T^2 g s in the public code's operation order ((T T) g) s,
+// with T the tensor's scale (|w| + eta where it is scaled, else 1) and s = rho / (||T g|| + eps).
+template <typename T>
+SF_HOST_DEVICE T sam_ascent(T w, T g, T scale, T s) {
+  return w + ((scale * scale) * g) * s;
+}
+
 }  // namespace sharpfast

@@ -1,0 +1,212 @@
+"""Sharpness-aware minimization (Foret et al. 2021) and adaptive SAM (Kwon et al. 2021), drop-ins
+for davda54/sam's ``SAM`` and SamsungLabs/ASAM's ``ASAM``.
+
+One step, given the gradient ``g`` at ``w`` (the caller's first forward and backward):
+``first_step`` moves to ``w + e``, ``e = rho T^2 g / (||T g|| + eps)`` with ``T = |w| + eta`` where
+adaptive (else 1), and ``second_step`` puts ``w`` back and lets the base optimizer step with the
+gradient taken at ``w + e``. The |w|-scaled ascent is the scale rule the sharpness measures use
+(``adaptive``, ``adaptive_eta``).
+
+``compat=None`` (the default) runs the fused ops (:mod:`.fused`): the norm accumulated in float64,
+``w`` saved and ``e`` added in one pass, the restore an in-place copy. ``compat="davda54"`` /
+``"samsung"`` run the public code's arithmetic tensor by tensor (:mod:`.reference`), which gives its
+weights bit for bit.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import fused, reference
+
+COMPATS = (None, "davda54", "samsung")
+
+
+def _check_radius(rho) -> float:
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
+        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+    return float(rho)
+
+
+class SAM(torch.optim.Optimizer):
+    """SAM around a base optimizer, as davda54/sam builds it: ``SAM(params, torch.optim.SGD, rho=0.05,
+    adaptive=False, lr=0.1, momentum=0.9)``; the base optimizer is built on the same ``param_groups``.
+
+    Args:
+        params: parameters or parameter groups (a group may set its own ``rho``, ``adaptive``, ``eta``).
+        base_optimizer: the optimizer class that takes the step at ``w`` with the gradient at ``w + e``.
+        rho: the ascent's radius (``0``: the base optimizer's step, bit for bit).
+        adaptive: scale the ascent by ``T = |w| + eta`` (ASAM's ascent; davda54's ``adaptive``).
+        compat: ``"davda54"`` for davda54/sam's arithmetic bit for bit (``eta`` must be 0);
+            ``"samsung"`` for SamsungLabs/ASAM's ``SAM`` class (its restore subtracts ``e``).
+        eta: added to ``|w|`` where adaptive.
+        eps: added to the norm (None: 1e-12 as davda54/sam; 1e-16 with ``compat="samsung"``).
+        model: the model, to keep the BatchNorm running statistics of the first pass only (as the
+            original JAX code keeps them; the second pass's update is undone in ``second_step``).
+            Without it both passes update them, as in davda54/sam.
+        **base_kwargs: the base optimizer's arguments (``lr``, ``momentum``, ``weight_decay``, ...).
+
+    ``state_dict()`` is the base optimizer's (its momentum or moments; no copy of the weights), so
+    a save and load continues exactly where an uninterrupted run would be.
+    """
+
+    _scales_by_name = False   # ASAM: only parameters whose name holds "weight" are scaled
+
+    def __init__(self, params, base_optimizer: Callable[..., torch.optim.Optimizer], rho: float = 0.05,
+                 adaptive: bool = False, *, compat: str | None = None, eta: float = 0.0,
+                 eps: float | None = None, model: nn.Module | None = None, **base_kwargs):
+        if compat not in COMPATS:
+            raise ValueError(f"compat must be one of {COMPATS}, got {compat!r}")
+        rho = _check_radius(rho)
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        public_eps = reference.SAMSUNG_EPS if compat == "samsung" else reference.DAVDA54_EPS
+        eps = public_eps if eps is None else eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        if compat is not None and eps != public_eps:
+            raise ValueError(f"compat={compat!r} is the public code's arithmetic: its eps is {public_eps:g}")
+        if compat == "davda54" and eta != 0:
+            raise ValueError("compat='davda54' is davda54/sam's arithmetic: it scales by |w|, eta must be 0")
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer class (e.g. torch.optim.SGD), "
+                            f"got {base_optimizer!r}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        super().__init__(params, dict(rho=rho, adaptive=bool(adaptive), eta=float(eta), **base_kwargs))
+        for group in self.param_groups:
+            _check_radius(group["rho"])
+        self.compat, self.eps, self.model = compat, float(eps), model
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self.state = self.base_optimizer.state   # one state, the base optimizer's: state_dict() carries it
+        self._saved: dict[torch.Tensor, torch.Tensor] = {}   # w before the ascent: one copy, reused
+        self._ascent: dict[torch.Tensor, torch.Tensor] = {}  # compat="samsung": e, for its restore
+        self._perturbed: list[torch.Tensor] | None = None    # between first_step and second_step
+        self._bn_saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # -- the two steps ------------------------------------------------------------------------
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move every parameter with a gradient to ``w + e``."""
+        if self._perturbed is not None:
+            raise RuntimeError("first_step() called twice: second_step() puts the weights back in between")
+        groups = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
+        params = [p for _, ps in groups for p in ps]
+        for p in params:
+            if p not in self._saved:
+                self._saved[p] = torch.empty_like(p)
+        self._keep_batchnorm_statistics()
+        if params:
+            self._ascend(groups)
+        self._perturbed = params
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Put back every parameter ``first_step`` moved (also one without a gradient now), then
+        take the base optimizer's step with the gradient at ``w + e``."""
+        self._restore()
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        """``first_step(zero_grad=True)``, ``closure()`` (a full forward and backward at ``w + e``),
+        ``second_step()``; the caller has done the first forward and backward. Returns the closure's
+        loss. If the closure raises, the weights are put back before the exception propagates."""
+        if closure is None:
+            raise ValueError("SAM.step needs a closure that does a full forward and backward pass")
+        self.first_step(zero_grad=True)
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        except BaseException:
+            self._restore()
+            raise
+        self.second_step()
+        return loss
+
+    # -- the ascent and the restore -----------------------------------------------------------
+    def _scaled(self, group: dict) -> list[bool]:
+        """Whether each parameter of ``group`` is scaled by ``|w| + eta``."""
+        if not group["adaptive"]:
+            return [False] * len(group["params"])
+        if not self._scales_by_name:
+            return [True] * len(group["params"])
+        names = group.get("param_names")
+        if names is None:
+            raise ValueError(f"{type(self).__name__} scales the parameters whose name holds 'weight' "
+                             "(SamsungLabs/ASAM): pass model.named_parameters()")
+        return ["weight" in n for n in names]
+
+    def _ascend(self, groups: list) -> None:
+        if self.compat == "davda54":
+            reference.davda54_perturb([(g["rho"], g["adaptive"], ps) for g, ps in groups], self._saved)
+            return
+        flags = [dict(zip(g["params"], self._scaled(g))) for g, _ in groups]
+        if self.compat == "samsung":
+            for _, ps in groups:
+                for p in ps:
+                    if p not in self._ascent:
+                        self._ascent[p] = torch.empty_like(p)
+            reference.samsung_perturb([(g["rho"], g["eta"], [(p, f[p]) for p in ps])
+                                       for (g, ps), f in zip(groups, flags)], self._saved, self._ascent)
+            return
+        items = [[fused.Item(p, f[p], g["eta"]) for p in ps] for (g, ps), f in zip(groups, flags)]
+        device = self.param_groups[0]["params"][0].device   # as davda54/sam: the first parameter's
+        norm = fused.sq_norm([it for its in items for it in its], device).sqrt()
+        for (group, _), its in zip(groups, items):
+            if its:
+                fused.perturb(its, self._saved, group["rho"] / (norm + self.eps))
+
+    def _restore(self) -> None:
+        if self._perturbed is None:
+            raise RuntimeError("second_step() without first_step(): no weights to put back")
+        with torch.no_grad():
+            if self.compat == "samsung":
+                reference.samsung_restore(self._perturbed, self._ascent)
+            else:
+                fused.restore(self._perturbed, self._saved)
+            for saved, buf in self._bn_saved:
+                buf.copy_(saved)
+        self._perturbed = None
+
+    def _keep_batchnorm_statistics(self) -> None:
+        """With a model: its BatchNorm buffers now (after the first pass), put back in ``_restore``."""
+        if self.model is None:
+            return
+        if not self._bn_saved:
+            self._bn_saved = [(buf.clone(), buf) for m in self.model.modules()
+                              if isinstance(m, nn.modules.batchnorm._BatchNorm) for buf in m.buffers()]
+        for saved, buf in self._bn_saved:
+            saved.copy_(buf)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+
+class ASAM(SAM):
+    """Adaptive SAM as SamsungLabs/ASAM computes it: ``T = |w| + eta`` on the parameters whose
+    name holds ``"weight"`` (pass ``model.named_parameters()``), 1 on the others (biases); ``rho=0.5``,
+    ``eta=0.01``, ``eps=1e-16`` added to the norm. ``compat="samsung"`` gives its weights bit for bit
+    (its restore subtracts ``e``); the default restores by copy."""
+
+    _scales_by_name = True
+
+    def __init__(self, params, base_optimizer, rho: float = 0.5, eta: float = 0.01, *, compat: str | None = None,
+                 eps: float = reference.SAMSUNG_EPS, model: nn.Module | None = None, **base_kwargs):
+        if compat == "davda54":
+            raise ValueError("ASAM's compat is 'samsung' (davda54/sam's adaptive SAM is SAM(adaptive=True, "
+                             "compat='davda54'))")
+        super().__init__(params, base_optimizer, rho=rho, adaptive=True, compat=compat, eta=eta, eps=eps, model=model,
+                         **base_kwargs)
