@@ -7,6 +7,9 @@ fused ops, equal to the public code (``compat=``) where it has one.
     loss_fn(model(x), y).backward()
     optimizer.second_step(zero_grad=True)
 """
+from .gsam import GSAM, ProportionScheduler
+from .looksam import LookSAM
+from .rsam import RSAM
 from .sam import ASAM, SAM
 
-__all__ = ["SAM", "ASAM"]
+__all__ = ["SAM", "ASAM", "GSAM", "ProportionScheduler", "LookSAM", "RSAM"]

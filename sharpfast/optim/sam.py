@@ -14,6 +14,7 @@ weights bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -23,6 +24,7 @@ from torch import nn
 from . import fused, reference
 
 COMPATS = (None, "davda54", "samsung")
+PERTURBATIONS = ("replica", "global")
 
 
 def _check_radius(rho) -> float:
@@ -47,6 +49,16 @@ class SAM(torch.optim.Optimizer):
         model: the model, to keep the BatchNorm running statistics of the first pass only (as the
             original JAX code keeps them; the second pass's update is undone in ``second_step``).
             Without it both passes update them, as in davda54/sam.
+        accumulation_steps: micro-batches per step, each with its own perturbation (m-SAM, as
+            tml-epfl's understanding-sam does): each ``first_step``/``second_step`` pair is one
+            micro-batch, and every ``accumulation_steps``-th ``second_step`` steps the base optimizer
+            with the sum of their second-pass gradients (scale the loss by 1/K as for any
+            accumulation). One perturbation for all micro-batches ("global") needs nothing here:
+            accumulate both passes' gradients as usual around one pair of steps.
+        perturbation: under DistributedDataParallel (``model=`` the DDP module), ``"replica"``: each
+            replica perturbs with its own gradient (Foret et al.; m = the per-replica batch), the
+            first backward run inside :meth:`first_pass` (``no_sync``); ``"global"``: one
+            perturbation from the all-reduced gradient (:meth:`first_pass` syncs as usual).
         **base_kwargs: the base optimizer's arguments (``lr``, ``momentum``, ``weight_decay``, ...).
 
     ``state_dict()`` is the base optimizer's (its momentum or moments; no copy of the weights), so
@@ -57,7 +69,8 @@ class SAM(torch.optim.Optimizer):
 
     def __init__(self, params, base_optimizer: Callable[..., torch.optim.Optimizer], rho: float = 0.05,
                  adaptive: bool = False, *, compat: str | None = None, eta: float = 0.0,
-                 eps: float | None = None, model: nn.Module | None = None, **base_kwargs):
+                 eps: float | None = None, model: nn.Module | None = None, accumulation_steps: int = 1,
+                 perturbation: str = "replica", **base_kwargs):
         if compat not in COMPATS:
             raise ValueError(f"compat must be one of {COMPATS}, got {compat!r}")
         rho = _check_radius(rho)
@@ -74,6 +87,10 @@ class SAM(torch.optim.Optimizer):
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer class (e.g. torch.optim.SGD), "
                             f"got {base_optimizer!r}")
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be a positive integer, got {accumulation_steps!r}")
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         super().__init__(params, dict(rho=rho, adaptive=bool(adaptive), eta=float(eta), **base_kwargs))
@@ -88,11 +105,19 @@ class SAM(torch.optim.Optimizer):
         self._ascent: dict[torch.Tensor, torch.Tensor] = {}  # compat="samsung": e, for its restore
         self._perturbed: list[torch.Tensor] | None = None    # between first_step and second_step
         self._bn_saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.accumulation_steps = accumulation_steps
+        self.perturbation = perturbation
+        self._micro = 0                                        # micro-batches of this step so far
+        self._accumulated: dict[torch.Tensor, torch.Tensor] = {}   # their second-pass gradients
+        self._found_inf: torch.Tensor | None = None            # a first pass overflowed (AMP)
+        self._first_grads: dict[torch.Tensor, torch.Tensor] = {}   # GSAM, LookSAM: g at w
 
     # -- the two steps ------------------------------------------------------------------------
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Move every parameter with a gradient to ``w + e``."""
+    def first_step(self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Move every parameter with a gradient to ``w + e``. With AMP, pass the ``GradScaler`` whose
+        scaled loss gave the gradients: they are unscaled inside the norm, and a non-finite one
+        makes ``e = 0`` and the whole step skipped (``second_step``)."""
         if self._perturbed is not None:
             raise RuntimeError("first_step() called twice: second_step() puts the weights back in between")
         groups = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
@@ -101,18 +126,57 @@ class SAM(torch.optim.Optimizer):
             if p not in self._saved:
                 self._saved[p] = torch.empty_like(p)
         self._keep_batchnorm_statistics()
+        self._before_ascent(params)
         if params:
-            self._ascend(groups)
+            self._ascend(groups, self._inverse_scale(scaler))
         self._perturbed = params
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def second_step(self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None,
+                    max_grad_norm: float | None = None) -> None:
         """Put back every parameter ``first_step`` moved (also one without a gradient now), then
-        take the base optimizer's step with the gradient at ``w + e``."""
+        take the base optimizer's step with the gradient at ``w + e`` (with ``accumulation_steps``,
+        on the last micro-batch, with their sum). ``max_grad_norm`` clips it first. With
+        ``scaler``: ``unscale_``, clip, ``scaler.step`` (skipped where a pass overflowed) and
+        ``scaler.update()``, the whole AMP protocol."""
         self._restore()
-        self.base_optimizer.step()
+        self._micro += 1
+        if self._micro < self.accumulation_steps:
+            self._accumulate()
+            return
+        self._micro = 0
+        if self.accumulation_steps > 1:
+            self._accumulate(final=True)
+        self._direction()
+        self._take_step(zero_grad, scaler, max_grad_norm)
+
+    def _before_ascent(self, params: list[torch.Tensor]) -> None:
+        """What a variant keeps of the first pass (SAM: nothing)."""
+
+    def _direction(self) -> None:
+        """The gradient the base optimizer steps with, from the second pass's (SAM: as it is)."""
+
+    def _keep_first_gradients(self, params: list[torch.Tensor]) -> None:
+        """A copy of the first pass's gradients (GSAM, LookSAM), one buffer per parameter, reused."""
+        for p in params:
+            if p not in self._first_grads:
+                self._first_grads[p] = torch.empty_like(p)
+        if params:
+            torch._foreach_copy_([self._first_grads[p] for p in params], [p.grad for p in params])
+
+    def _take_step(self, zero_grad: bool, scaler: torch.amp.GradScaler | None, max_grad_norm: float | None) -> None:
+        if scaler is not None and scaler.is_enabled():
+            self._skip_if_overflowed()
+            scaler.unscale_(self.base_optimizer)
+            self._clip(max_grad_norm)
+            scaler.step(self.base_optimizer)
+            scaler.update()
+        else:
+            self._clip(max_grad_norm)
+            self.base_optimizer.step()
+        self._found_inf = None
         if zero_grad:
             self.zero_grad()
 
@@ -133,6 +197,13 @@ class SAM(torch.optim.Optimizer):
         self.second_step()
         return loss
 
+    def first_pass(self):
+        """The context of the first backward: ``model.no_sync()`` for a DDP model with
+        ``perturbation="replica"`` (each replica's own gradient), else nothing."""
+        if self.perturbation == "replica" and isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
     # -- the ascent and the restore -----------------------------------------------------------
     def _scaled(self, group: dict) -> list[bool]:
         """Whether each parameter of ``group`` is scaled by ``|w| + eta``."""
@@ -146,7 +217,19 @@ class SAM(torch.optim.Optimizer):
                              "(SamsungLabs/ASAM): pass model.named_parameters()")
         return ["weight" in n for n in names]
 
-    def _ascend(self, groups: list) -> None:
+    def _inverse_scale(self, scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
+        """1 / the GradScaler's scale, on its device (no host sync), or None without AMP."""
+        if scaler is None or not scaler.is_enabled():
+            return None
+        if self.compat is not None:
+            raise ValueError(f"compat={self.compat!r} is the public code's arithmetic, which has no GradScaler "
+                             "protocol; use compat=None with AMP")
+        scale = scaler._scale   # the tensor GradScaler.unscale_ divides by (get_scale() would sync)
+        if scale is None:
+            raise RuntimeError("the GradScaler has no scale yet: backward scaler.scale(loss) before first_step")
+        return scale.double().reciprocal()
+
+    def _ascend(self, groups: list, inverse_scale: torch.Tensor | None) -> None:
         if self.compat == "davda54":
             reference.davda54_perturb([(g["rho"], g["adaptive"], ps) for g, ps in groups], self._saved)
             return
@@ -161,10 +244,66 @@ class SAM(torch.optim.Optimizer):
             return
         items = [[fused.Item(p, f[p], g["eta"]) for p in ps] for (g, ps), f in zip(groups, flags)]
         device = self.param_groups[0]["params"][0].device   # as davda54/sam: the first parameter's
-        norm = fused.sq_norm([it for its in items for it in its], device).sqrt()
-        for (group, _), its in zip(groups, items):
+        inverse_scale = None if inverse_scale is None else inverse_scale.to(device)
+        steps = self._step_sizes([g for g, _ in groups], [it for its in items for it in its], device, inverse_scale)
+        for its, s in zip(items, steps):
             if its:
-                fused.perturb(its, self._saved, group["rho"] / (norm + self.eps))
+                fused.perturb(its, self._saved, s)
+
+    def _step_sizes(self, groups: list[dict], items: list, device: torch.device,
+                    inverse_scale: torch.Tensor | None) -> list[torch.Tensor]:
+        """Each group's ``s`` in ``e = T^2 g s``: ``rho / (||T g|| + eps)``. With AMP the gradients
+        are the scaled ones: their norm is unscaled here, ``s`` takes the inverse scale, and an
+        overflow gives ``e = 0`` (and a skipped step)."""
+        norm = fused.sq_norm(items, device).sqrt()
+        if inverse_scale is not None:
+            overflow = self._note_overflow(norm)
+            norm = norm * inverse_scale
+        out = []
+        for group in groups:
+            s = group["rho"] / (norm + self.eps)
+            out.append(s if inverse_scale is None else torch.where(overflow, torch.zeros_like(s), s) * inverse_scale)
+        return out
+
+    def _note_overflow(self, value: torch.Tensor) -> torch.Tensor:
+        overflow = ~torch.isfinite(value)
+        self._found_inf = overflow if self._found_inf is None else self._found_inf | overflow
+        return overflow
+
+    def _skip_if_overflowed(self) -> None:
+        """Where a first pass overflowed, an inf in one gradient makes GradScaler skip the step
+        and lower its scale, as for an overflow in the second pass (no host sync here)."""
+        if self._found_inf is None:
+            return
+        p = next((p for g in self.param_groups for p in g["params"] if p.grad is not None), None)
+        if p is not None:
+            first = p.grad[(0,) * p.grad.dim()]
+            first.copy_(torch.where(self._found_inf.to(first.device), torch.full_like(first, float("inf")), first))
+
+    def _accumulate(self, final: bool = False) -> None:
+        """m-SAM: the micro-batch's second-pass gradients are added to the step's sum (and taken
+        off the parameters, for the next micro-batch's first pass); on the last one the sum is
+        the gradient the base optimizer steps with."""
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for p in params:
+            if p not in self._accumulated:
+                self._accumulated[p] = torch.zeros_like(p)
+        if params:
+            torch._foreach_add_([self._accumulated[p] for p in params], [p.grad for p in params])
+        if not final:
+            for p in params:
+                p.grad = None
+            return
+        for p, total in self._accumulated.items():
+            if p.grad is None:
+                p.grad = total.clone()
+            else:
+                p.grad.copy_(total)
+            total.zero_()
+
+    def _clip(self, max_grad_norm: float | None) -> None:
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], max_grad_norm)
 
     def _restore(self) -> None:
         if self._perturbed is None:

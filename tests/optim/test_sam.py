@@ -315,3 +315,132 @@ def test_bad_arguments_are_refused():
     opt.first_step()
     with pytest.raises(RuntimeError, match="first_step\\(\\) called twice"):
         opt.first_step()
+
+
+# ----------------------------------------------------------------------------- AMP and accumulation
+
+def amp_run(scaler, steps=20, inf_at=None):
+    m = mlp()
+    opt = SAM(m.parameters(), torch.optim.SGD, rho=0.5, adaptive=True, **SGD_KW)
+    x, y = data()
+    history = []
+    for i in range(steps):
+        loss = nn.functional.cross_entropy(m(x), y) * (float("inf") if i == inf_at else 1.0)
+        (scaler.scale(loss) if scaler else loss).backward()
+        opt.first_step(zero_grad=True, scaler=scaler)
+        loss = nn.functional.cross_entropy(m(x), y)
+        (scaler.scale(loss) if scaler else loss).backward()
+        opt.second_step(zero_grad=True, scaler=scaler)
+        history.append(weights(m))
+    return history, scaler
+
+
+def test_amp_a_scaled_loss_gives_the_unscaled_step_bit_for_bit():
+    """The GradScaler protocol: the first pass's gradients are unscaled inside the norm, the
+    second pass's by scaler.step; with a power-of-2 scale both are exact."""
+    unscaled, _ = amp_run(None)
+    scaled, scaler = amp_run(torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000))
+    assert all(torch.equal(a, b) for a, b in zip(unscaled, scaled))
+    assert scaler.get_scale() == 2.0**12
+
+
+def test_amp_an_overflow_in_the_first_pass_skips_the_whole_step():
+    history, scaler = amp_run(torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000), steps=6,
+                              inf_at=3)
+    assert torch.equal(history[3], history[2])   # step 3 skipped: the weights did not move ...
+    assert not torch.equal(history[4], history[3])   # ... and training goes on
+    assert scaler.get_scale() == 2.0**11             # with the scale backed off once
+    assert all(torch.isfinite(h).all() for h in history)
+
+
+def test_accumulation_per_microbatch_is_understanding_sams_m_sam():
+    """Four micro-batches of 16, each with its own perturbation, one base step with the sum of
+    their second-pass gradients: tml-epfl/understanding-sam's loop (its delta subtracted, ours
+    copied back; its norm in float32, ours in float64) to 1e-6."""
+    from tests.optim.public_sam import understanding_sam_step
+    x, y = data()
+    micro = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    loss = nn.CrossEntropyLoss()
+    m = mlp()
+    opt = SAM(m.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, accumulation_steps=4)
+    for _ in range(5):
+        for xb, yb in micro:
+            (loss(m(xb), yb) / 4).backward()
+            opt.first_step(zero_grad=True)
+            (loss(m(xb), yb) / 4).backward()
+            opt.second_step(zero_grad=True)
+    ref = mlp()
+    base = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(5):
+        understanding_sam_step(ref, list(ref.parameters()), base, micro, loss, 0.1)
+    torch.testing.assert_close(weights(m), weights(ref), rtol=1e-6, atol=1e-7)
+
+
+def test_accumulation_global_is_full_batch_sam():
+    """One perturbation for all micro-batches: both passes accumulated as usual around one pair
+    of steps equal SAM on the whole batch."""
+    x, y = data()
+    loss = nn.CrossEntropyLoss()
+    m = mlp()
+    opt = SAM(m.parameters(), torch.optim.SGD, rho=0.1, **SGD_KW)
+    for _ in range(5):
+        for i in range(0, 64, 16):
+            (loss(m(x[i:i + 16]), y[i:i + 16]) / 4).backward()
+        opt.first_step(zero_grad=True)
+        for i in range(0, 64, 16):
+            (loss(m(x[i:i + 16]), y[i:i + 16]) / 4).backward()
+        opt.second_step(zero_grad=True)
+    full = mlp()
+    torch.testing.assert_close(weights(m), train(full, TwoPass(SAM(full.parameters(), torch.optim.SGD, rho=0.1,
+                                                                   **SGD_KW)), steps=5), rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- DDP
+
+def _ddp_worker(rank, world, init_file, perturbation, out):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = nn.parallel.DistributedDataParallel(mlp())
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, model=model,
+                  perturbation=perturbation)
+        x, y = data()
+        xs, ys = x[rank * 32:(rank + 1) * 32], y[rank * 32:(rank + 1) * 32]
+        for _ in range(5):
+            with opt.first_pass():
+                nn.functional.cross_entropy(model(xs), ys).backward()
+            opt.first_step(zero_grad=True)
+            nn.functional.cross_entropy(model(xs), ys).backward()
+            opt.second_step(zero_grad=True)
+        if rank == 0:
+            torch.save(weights(model.module), out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("perturbation", ["replica", "global"])
+def test_ddp_two_processes(tmp_path, perturbation):
+    """Two gloo processes of 32 examples each. "replica": each perturbs with its own gradient and
+    the second passes are averaged, which is m-SAM over the two halves in one process;
+    "global": one perturbation from the averaged gradient, which is SAM on the whole batch."""
+    import torch.multiprocessing as mp
+    out = tmp_path / "w.pt"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), perturbation, str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    x, y = data()
+    m = mlp()
+    loss = nn.CrossEntropyLoss()
+    if perturbation == "replica":
+        opt = SAM(m.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, accumulation_steps=2)
+        for _ in range(5):
+            for i in (0, 32):
+                (loss(m(x[i:i + 32]), y[i:i + 32]) / 2).backward()
+                opt.first_step(zero_grad=True)
+                (loss(m(x[i:i + 32]), y[i:i + 32]) / 2).backward()
+                opt.second_step(zero_grad=True)
+        want = weights(m)
+    else:
+        want = train(m, TwoPass(SAM(m.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)), steps=5)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
