@@ -7,9 +7,13 @@ fused ops, equal to the public code (``compat=``) where it has one.
     loss_fn(model(x), y).backward()
     optimizer.second_step(zero_grad=True)
 """
+from .esam import ESAM
 from .gsam import GSAM, ProportionScheduler
 from .looksam import LookSAM
+from .losses import EMATeacherKL, TrajectoryKL
 from .rsam import RSAM
 from .sam import ASAM, SAM
+from .ssam import SSAM, fisher_scores
 
-__all__ = ["SAM", "ASAM", "GSAM", "ProportionScheduler", "LookSAM", "RSAM"]
+__all__ = ["SAM", "ASAM", "GSAM", "ProportionScheduler", "LookSAM", "SSAM", "fisher_scores", "RSAM", "ESAM",
+           "TrajectoryKL", "EMATeacherKL"]

@@ -155,6 +155,9 @@ class SAM(torch.optim.Optimizer):
     def _before_ascent(self, params: list[torch.Tensor]) -> None:
         """What a variant keeps of the first pass (SAM: nothing)."""
 
+    def _before_perturb(self, items: list) -> None:
+        """What a variant does to the first-pass gradients between the norm and the ascent (SSAM: its mask)."""
+
     def _direction(self) -> None:
         """The gradient the base optimizer steps with, from the second pass's (SAM: as it is)."""
 
@@ -246,6 +249,7 @@ class SAM(torch.optim.Optimizer):
         device = self.param_groups[0]["params"][0].device   # as davda54/sam: the first parameter's
         inverse_scale = None if inverse_scale is None else inverse_scale.to(device)
         steps = self._step_sizes([g for g, _ in groups], [it for its in items for it in its], device, inverse_scale)
+        self._before_perturb([it for its in items for it in its])
         for its, s in zip(items, steps):
             if its:
                 fused.perturb(its, self._saved, s)
