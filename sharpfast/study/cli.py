@@ -83,7 +83,7 @@ def _device(spec: str) -> str:
 
 
 def _zoo_spec(args: argparse.Namespace):
-    from .zoo import DEFAULT_TRAIN, ZOO_PRESETS, ZooSpec
+    from .zoo import DEFAULT_TRAIN, OPTIONAL_TRAIN, ZOO_PRESETS, ZooSpec
 
     if args.grid:
         import yaml
@@ -111,9 +111,10 @@ def _zoo_spec(args: argparse.Namespace):
     if args.seed is not None:
         fixed["seed"] = args.seed
     spec = ZooSpec(spec.factors, fixed)
-    bad = (set(spec.factors) | set(spec.fixed)) - set(DEFAULT_TRAIN)
+    known = set(DEFAULT_TRAIN) | set(OPTIONAL_TRAIN)
+    bad = (set(spec.factors) | set(spec.fixed)) - known
     if bad:
-        raise ConfigError(f"unknown zoo hyperparameter(s) {sorted(bad)}; known: {sorted(DEFAULT_TRAIN)}")
+        raise ConfigError(f"unknown zoo hyperparameter(s) {sorted(bad)}; known: {sorted(known)}")
     for cfg in spec.configs():   # a grid file's counts, as the flags' are checked
         for name in ("epochs", "batch_size", "width", "n_train"):
             v = cfg[name]
@@ -274,7 +275,7 @@ def _add_report_flags(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--target", choices=sorted(TARGETS), default="test_error",
                    help="target of the granulated tau / Psi (default test_error)")
-    p.add_argument("--color-by", help="hyperparameter that colors the scatter plots (default: lr, where it varies)")
+    p.add_argument("--color-by", help="hyperparameter that colors the scatter plots (default: sam_rho, else lr, where it varies)")
     p.add_argument("--n-boot", type=NON_NEGATIVE, default=1000, help="bootstrap resamples for the CIs (0: none)")
     p.add_argument("--max-train-error", type=_number(float, 0),
                    help="only models with train error <= this (the paper's near-minimum selection, e.g. 0.01)")

@@ -34,6 +34,10 @@ TARGETS = {"test_error": "test error", "gap": "gen. gap", "ood_error": "OOD erro
 BASELINES = {"train_loss": "(baseline) train loss", "train_error": "(baseline) train error"}
 
 
+
+# what the scatter plots are coloured by, where it varies: SAM's training radius, then the learning rate
+COLOR_BY_FIRST = ("sam_rho", "lr")
+
 @dataclass
 class Line:
     name: str
@@ -181,8 +185,8 @@ def compute(c: Collected, target: str = "test_error", color_by: str | None = Non
     if n_test is None:
         recorded = {h.get("n_test") for h in hp_all}
         n_test = recorded.pop() if len(recorded) == 1 and isinstance(next(iter(recorded)), int) else None
-    if color_by is None:   # lr where it varies, else the first hyperparameter that does
-        color_by = "lr" if "lr" in factors else (factors[0] if factors else None)
+    if color_by is None:   # SAM's radius where it varies (a SAM zoo), else lr, else the first that varies
+        color_by = next((f for f in COLOR_BY_FIRST if f in factors), factors[0] if factors else None)
     elif color_by not in factors:
         raise ValueError(f"color_by={color_by!r} is not a hyperparameter that varies in this store; "
                          f"those that do: {', '.join(factors) or 'none'}")

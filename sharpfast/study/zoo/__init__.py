@@ -1,6 +1,6 @@
 """The built-in model zoo: small MLPs, CNNs and ViTs trained on scikit-learn digits over a grid of
 hyperparameters (architecture, learning rate, batch size, width, weight decay, augmentation,
-optimizer).
+optimizer, and SAM's radius: ``sam_rho``).
 
 Every model is saved as safetensors, with its initial weights beside it (``init_checkpoint``, for
 distance-to-initialization measures), and a manifest entry (``checkpoints``)
@@ -16,10 +16,10 @@ factorial grids and presets), ``training`` (one model or a stack, and ``build_zo
 user's table of models) and ``hf`` (Hugging Face ``save_pretrained`` folders).
 """
 from .architectures import ARCHS, ViT, build, cnn, mlp, model_kwargs, vit
-from .grid import BASE_LR, DEFAULT_TRAIN, ZOO_PRESETS, ZooSpec, config_id
+from .grid import BASE_LR, DEFAULT_TRAIN, OPTIONAL_TRAIN, ZOO_PRESETS, ZooSpec, config_id
 from .training import (SMALL_LOSS, STACK_FACTORS, ZOO_STACK, build_zoo, data_spec, evaluate, initialized, stack_key,
                        stacks_of, train, train_stack)
 
-__all__ = ["ARCHS", "ViT", "build", "cnn", "mlp", "model_kwargs", "vit", "BASE_LR", "DEFAULT_TRAIN", "ZOO_PRESETS",
+__all__ = ["ARCHS", "ViT", "build", "cnn", "mlp", "model_kwargs", "vit", "BASE_LR", "DEFAULT_TRAIN", "OPTIONAL_TRAIN", "ZOO_PRESETS",
            "ZooSpec", "config_id", "SMALL_LOSS", "STACK_FACTORS", "ZOO_STACK", "build_zoo", "data_spec", "evaluate",
            "initialized", "stack_key", "stacks_of", "train", "train_stack"]

@@ -40,6 +40,11 @@ DEFAULT_TRAIN: dict[str, Any] = {
     "n_test": digits.DEFAULT_N_TEST, "split_seed": digits.DEFAULT_SPLIT_SEED,
 }
 
+#: training settings a configuration holds only where its grid sets them, so the names and digests
+#: of configurations made before they existed stay: SAM's radius (0: plain training; the paper's
+#: zoos were trained with ``--sam_rho``, tml-epfl/sam-low-rank-features) and its |w|-scaled ascent
+OPTIONAL_TRAIN: dict[str, Any] = {"sam_rho": 0.0, "sam_adaptive": False}
+
 ZOO_PRESETS: dict[str, ZooSpec] = {
     # the README's main job: 3 x 2^5 = 96 models (three architectures, five training knobs)
     "default": ZooSpec({"arch": ["mlp", "cnn", "vit"], "lr": [0.5, 2.0], "batch_size": [16, 128],
@@ -49,6 +54,10 @@ ZOO_PRESETS: dict[str, ZooSpec] = {
     "full": ZooSpec({"arch": ["mlp", "cnn", "vit"], "optimizer": ["sgd", "adam"], "lr": [0.5, 2.0],
                      "batch_size": [16, 128], "width": [16, 64], "weight_decay": [0.0, 5e-3],
                      "augment": [False, True]}, {"epochs": 60}),
+    # SAM-trained models beside plain ones: sharpness against the radius they were trained with,
+    # 3 x 4 x 2 x 2 = 48 models (sharpfast.optim.SAM on the stacked trainer)
+    "sam": ZooSpec({"arch": ["mlp", "cnn", "vit"], "sam_rho": [0.0, 0.05, 0.1, 0.2], "lr": [0.5, 2.0],
+                    "batch_size": [16, 128]}, {"optimizer": "sgd", "epochs": 60}),
     # for tests and smoke runs: 8 tiny models, MLPs and ViTs
     "tiny": ZooSpec({"arch": ["mlp", "vit"], "lr": [0.5, 2.0], "batch_size": [32, 128]},
                     {"width": 8, "epochs": 3, "n_train": 256}),
@@ -58,9 +67,12 @@ ZOO_PRESETS: dict[str, ZooSpec] = {
 def config_id(cfg: dict[str, Any]) -> str:
     """A readable, unique, stable name for one training configuration."""
     short = {"arch": "", "optimizer": "", "lr": "lr", "batch_size": "bs", "width": "w",
-             "weight_decay": "wd", "augment": "aug", "epochs": "ep", "seed": "s"}
+             "weight_decay": "wd", "augment": "aug", "epochs": "ep", "seed": "s", "sam_rho": "sam",
+             "sam_adaptive": "asam"}
     parts = []
     for k, p in short.items():
+        if k in OPTIONAL_TRAIN and k not in cfg:
+            continue
         v = cfg[k]
         if isinstance(v, bool):
             v = int(v)

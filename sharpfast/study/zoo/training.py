@@ -12,10 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...optim import SAM
 from . import digits
 from .architectures import ARCHS, build, model_kwargs
 from .checkpoints import MANIFEST_NAME, Manifest, ModelEntry, file_sha256, save_state_dict
-from .grid import BASE_LR, ZooSpec, config_id
+from .grid import BASE_LR, OPTIONAL_TRAIN, ZooSpec, config_id
 
 
 @torch.no_grad()
@@ -42,7 +43,7 @@ def initialized(cfg: dict[str, Any]) -> nn.Module:
 
 
 # the factors models of one stack may differ in; every other training setting they share
-STACK_FACTORS = ("lr", "weight_decay", "augment", "seed")
+STACK_FACTORS = ("lr", "weight_decay", "augment", "seed", "sam_rho")
 ZOO_STACK = 8   # models trained together at most (the default zoo's lr x weight decay x augmentation)
 
 
@@ -62,7 +63,9 @@ def train_stack(cfgs: list[dict[str, Any]]) -> list[tuple[nn.Module, dict[str, f
 
     Each model has its own initialization (its seed), batch order and augmentation (a generator
     seeded ``seed + 1``), learning rate and weight decay (its own parameter group of one
-    ``torch.optim`` optimizer, SGD with momentum 0.9 or AdamW, and a cosine schedule). One step
+    ``torch.optim`` optimizer, SGD with momentum 0.9 or AdamW, and a cosine schedule; with a
+    ``sam_rho``, ``sharpfast.optim.SAM`` around it, one per model: each ascent from its own
+    gradient, ``sam_rho = 0`` the base optimizer's step bit for bit). One step
     is one vmapped forward and backward (``torch.func.functional_call`` over the models' stacked
     parameters) on every model's own batch, which removes per-operation overhead where that
     bounds a step (small batches, narrow models: the default zoo's 96 models took 189 core-seconds
@@ -82,14 +85,20 @@ def train_stack(cfgs: list[dict[str, Any]]) -> list[tuple[nn.Module, dict[str, f
         raise ValueError(f"unknown optimizer {opt_name!r}; expected one of {sorted(BASE_LR)}")
     groups = [dict(params=list(m.parameters()), lr=BASE_LR[opt_name] * float(c["lr"]),
                    weight_decay=c["weight_decay"]) for m, c in zip(models, cfgs)]
-    opt = (torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.9) if opt_name == "sgd" else
-           torch.optim.AdamW(groups, lr=groups[0]["lr"]))
+    base_cls, base_kw = (torch.optim.SGD, dict(momentum=0.9)) if opt_name == "sgd" else (torch.optim.AdamW, {})
+    sam_rhos = [float(c.get("sam_rho", OPTIONAL_TRAIN["sam_rho"])) for c in cfgs]
+    if any(sam_rhos):   # SAM: an optimizer per model, each ascent from its own gradient's norm
+        sams = [SAM(g["params"], base_cls, rho=r, adaptive=bool(cfg0.get("sam_adaptive", False)), lr=g["lr"],
+                    weight_decay=g["weight_decay"], **base_kw) for g, r in zip(groups, sam_rhos)]
+        bases = [o.base_optimizer for o in sams]
+    else:
+        sams, bases = [], [base_cls(groups, lr=groups[0]["lr"], **base_kw)]
     generators = [torch.Generator().manual_seed(c["seed"] + 1) for c in cfgs]
     bs = int(cfg0["batch_size"])
     steps_per_epoch = -(-len(y) // bs)
     total = cfg0["epochs"] * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))  # cosine decay
+    scheds = [torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total))) for opt in bases]  # cosine decay
     shape = models[0]
     names = [n for n, _ in shape.named_parameters()]
     loss_of = vmap(lambda weights, xb, yb: F.cross_entropy(functional_call(shape, weights, (xb,)), yb))
@@ -104,12 +113,25 @@ def train_stack(cfgs: list[dict[str, Any]]) -> list[tuple[nn.Module, dict[str, f
                 idx = perm[i:i + bs]
                 xb.append(digits.augment(x[idx], g) if c["augment"] else x[idx])
                 yb.append(y[idx])
-            weights = {n: torch.stack(ps) for n, ps in zip(names, zip(*(m.parameters() for m in models)))}
-            loss = loss_of(weights, torch.stack(xb), torch.stack(yb)).sum()   # the models' gradients are independent
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            xb, yb = torch.stack(xb), torch.stack(yb)
+
+            def backward():   # the models' gradients are independent
+                weights = {n: torch.stack(ps) for n, ps in zip(names, zip(*(m.parameters() for m in models)))}
+                loss_of(weights, xb, yb).sum().backward()
+
+            for opt in bases:
+                opt.zero_grad(set_to_none=True)
+            backward()
+            if sams:   # SAM's second pass, at each model's w + e
+                for opt in sams:
+                    opt.first_step(zero_grad=True)
+                backward()
+                for opt in sams:
+                    opt.second_step()
+            else:
+                bases[0].step()
+            for sched in scheds:
+                sched.step()
             steps += 1
         for k, m in enumerate(models):
             if steps_to_small_loss[k] is None and evaluate(m, x, y)[1] <= SMALL_LOSS:

@@ -165,3 +165,15 @@ def test_the_report_says_what_it_covers_and_how_many_models_are_far_from_a_minim
     assert "OOD error = the mean error over the zoo's shifted test sets" in text and "lognorm" in text
     filtered = build_report(store, None, n_boot=0, max_train_error=0.01).markdown()
     assert "train error above 1%" not in filtered
+
+
+def test_a_sam_zoos_report_is_coloured_by_the_training_radius(tmp_path):
+    """Where sam_rho varies (the sam zoo preset), the scatter plots show sharpness against it."""
+    models = [(f"m{i}", {"lr": lr, "sam_rho": rho}, {"test_error": 0.1 + 0.01 * i})
+              for i, (lr, rho) in enumerate([(0.5, 0.0), (0.5, 0.1), (2.0, 0.0), (2.0, 0.1)])]
+    store = write_store(tmp_path / "r.db", models, [1.0, 0.5, 2.0, 0.7])
+    r = build_report(store, None, n_boot=0)
+    assert r.color_by == "sam_rho" and "sam_rho" in r.factors
+    assert build_report(write_store(tmp_path / "plain.db", [(m[0], {"lr": m[1]["lr"], "width": i}, m[2])
+                                                          for i, m in enumerate(models)], [1.0, 0.5, 2.0, 0.7]),
+                        None, n_boot=0).color_by == "lr"

@@ -123,8 +123,38 @@ def test_a_stack_trains_each_model_as_if_alone(one_thread, optimizer):
             assert torch.equal(a, b)
         assert metrics == alone_metrics
     assert len({float(m.state_dict()["head.weight"].sum()) for m, _ in together}) == len(cfgs)   # all differ
-    with pytest.raises(ValueError, match="differ only in lr, weight_decay, augment, seed"):
+    with pytest.raises(ValueError, match="differ only in lr, weight_decay, augment, seed, sam_rho"):
         zoo.train_stack([cfgs[0], dict(cfgs[1], batch_size=16)])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_sam_trained_models_in_a_stack_are_as_if_alone(one_thread, optimizer):
+    """sam_rho is a factor of the grid: each model of a stack has its own SAM (its ascent from its
+    own gradient's norm), bit for bit as trained alone; sam_rho = 0 beside SAM models is plain
+    training, bit for bit."""
+    spec = zoo.ZooSpec({"sam_rho": [0.0, 0.05, 0.2], "lr": [0.5, 2.0]},
+                       {"arch": "mlp", "width": 8, "epochs": 2, "n_train": 64, "batch_size": 32, "optimizer": optimizer})
+    cfgs = spec.configs()
+    together = zoo.train_stack(cfgs)
+    for cfg, (model, metrics) in zip(cfgs, together):
+        alone, alone_metrics = zoo.train(cfg)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), alone.state_dict().values()))
+        assert metrics == alone_metrics
+        if cfg["sam_rho"] == 0.0:   # and the plain trainer (a configuration without sam_rho)
+            plain, _ = zoo.train({k: v for k, v in cfg.items() if k != "sam_rho"})
+            assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+    assert len({float(sum(v.double().sum() for v in m.state_dict().values())) for m, _ in together}) == len(cfgs)
+
+
+def test_zoo_names_made_before_sam_rho_stay_and_the_sam_preset_names_it():
+    """Configurations hold sam_rho only where a grid sets it: every built-in preset's names are
+    the ones they had before it existed."""
+    import hashlib
+    ids = [zoo.config_id(c) for p in ("default", "full", "tiny") for c in zoo.ZOO_PRESETS[p].configs()]
+    assert hashlib.sha256(" ".join(ids).encode()).hexdigest()[:16] == "f60076a2b5d2d6ba"
+    sam = zoo.ZOO_PRESETS["sam"].configs()
+    assert len(sam) == 48 and {c["sam_rho"] for c in sam} == {0.0, 0.05, 0.1, 0.2}
+    assert all(f"-sam{c['sam_rho']:g}-" in zoo.config_id(c) for c in sam)
 
 
 def test_stacks_of_the_default_zoo():
