@@ -37,8 +37,8 @@ class ESAM(SAM):
         self.beta, self.gamma = float(beta), float(gamma)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def _step_sizes(self, groups, items, device, inverse_scale):
-        return [s / self.beta for s in super()._step_sizes(groups, items, device, inverse_scale)]
+    def _step_sizes(self, groups, plan, device, inverse_scale):
+        return [s / self.beta for s in super()._step_sizes(groups, plan, device, inverse_scale)]
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, scaler=None) -> None:

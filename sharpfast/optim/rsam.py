@@ -11,7 +11,6 @@ import math
 
 import torch
 
-from . import fused
 from .sam import SAM
 
 RSAM_EPS = 1e-16   # added to S and to P
@@ -28,9 +27,9 @@ class RSAM(SAM):
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
         self.alpha = float(alpha)
 
-    def _step_sizes(self, groups, items, device, inverse_scale):
-        g = [it.param.grad for it in items]
-        s_sq = fused.sq_norm(items, device)
+    def _step_sizes(self, groups, plan, device, inverse_scale):
+        g = [p.grad for p in plan.params]
+        s_sq = plan.sq_norm(device)
         p_sum = torch.stack([x.double().abs().pow(2 * self.alpha).sum().to(device) for x in g]).sum()
         if inverse_scale is not None:   # unscaled: S by 1/scale^2, P by 1/scale^(2 alpha)
             overflow = self._note_overflow(s_sq)

@@ -111,6 +111,7 @@ class SAM(torch.optim.Optimizer):
         self._accumulated: dict[torch.Tensor, torch.Tensor] = {}   # their second-pass gradients
         self._found_inf: torch.Tensor | None = None            # a first pass overflowed (AMP)
         self._first_grads: dict[torch.Tensor, torch.Tensor] = {}   # GSAM, LookSAM: g at w
+        self._plan: tuple | None = None                         # (its key, the fused calls of the last ascent)
 
     # -- the two steps ------------------------------------------------------------------------
     @torch.no_grad()
@@ -122,8 +123,9 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("first_step() called twice: second_step() puts the weights back in between")
         groups = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
         params = [p for _, ps in groups for p in ps]
-        for p in params:
-            if p not in self._saved:
+        for p in params:   # one copy of the parameters, kept from step to step (remade where one moved)
+            kept = self._saved.get(p)
+            if kept is None or kept.device != p.device or kept.dtype != p.dtype or kept.shape != p.shape:
                 self._saved[p] = torch.empty_like(p)
         self._keep_batchnorm_statistics()
         self._before_ascent(params)
@@ -155,7 +157,7 @@ class SAM(torch.optim.Optimizer):
     def _before_ascent(self, params: list[torch.Tensor]) -> None:
         """What a variant keeps of the first pass (SAM: nothing)."""
 
-    def _before_perturb(self, items: list) -> None:
+    def _before_perturb(self, params: list[torch.Tensor]) -> None:
         """What a variant does to the first-pass gradients between the norm and the ascent (SSAM: its mask)."""
 
     def _direction(self) -> None:
@@ -236,8 +238,8 @@ class SAM(torch.optim.Optimizer):
         if self.compat == "davda54":
             reference.davda54_perturb([(g["rho"], g["adaptive"], ps) for g, ps in groups], self._saved)
             return
-        flags = [dict(zip(g["params"], self._scaled(g))) for g, _ in groups]
         if self.compat == "samsung":
+            flags = [dict(zip(g["params"], self._scaled(g))) for g, _ in groups]
             for _, ps in groups:
                 for p in ps:
                     if p not in self._ascent:
@@ -245,21 +247,28 @@ class SAM(torch.optim.Optimizer):
             reference.samsung_perturb([(g["rho"], g["eta"], [(p, f[p]) for p in ps])
                                        for (g, ps), f in zip(groups, flags)], self._saved, self._ascent)
             return
-        items = [[fused.Item(p, f[p], g["eta"]) for p in ps] for (g, ps), f in zip(groups, flags)]
+        # the same parameters step after step: sorted into the ops' calls once
+        # (their storage too: a model moved to another device, or a parameter whose .data was rebound, is re-read)
+        key = (tuple((id(p), p.data_ptr()) for _, ps in groups for p in ps),
+               tuple((g["adaptive"], g["eta"]) for g, _ in groups))
+        if self._plan is None or self._plan[0] != key:
+            flags = [dict(zip(g["params"], self._scaled(g))) for g, _ in groups]
+            items = [[fused.Item(p, f[p], g["eta"]) for p in ps] for (g, ps), f in zip(groups, flags)]
+            self._plan = (key, fused.Plan(items, self._saved))
+        plan = self._plan[1]
+        plan.take_gradients()
         device = self.param_groups[0]["params"][0].device   # as davda54/sam: the first parameter's
         inverse_scale = None if inverse_scale is None else inverse_scale.to(device)
-        steps = self._step_sizes([g for g, _ in groups], [it for its in items for it in its], device, inverse_scale)
-        self._before_perturb([it for its in items for it in its])
-        for its, s in zip(items, steps):
-            if its:
-                fused.perturb(its, self._saved, s)
+        steps = self._step_sizes([g for g, _ in groups], plan, device, inverse_scale)
+        self._before_perturb(plan.params)
+        plan.perturb(steps, self._saved)
 
-    def _step_sizes(self, groups: list[dict], items: list, device: torch.device,
+    def _step_sizes(self, groups: list[dict], plan: fused.Plan, device: torch.device,
                     inverse_scale: torch.Tensor | None) -> list[torch.Tensor]:
         """Each group's ``s`` in ``e = T^2 g s``: ``rho / (||T g|| + eps)``. With AMP the gradients
         are the scaled ones: their norm is unscaled here, ``s`` takes the inverse scale, and an
         overflow gives ``e = 0`` (and a skipped step)."""
-        norm = fused.sq_norm(items, device).sqrt()
+        norm = plan.sq_norm(device).sqrt()
         if inverse_scale is not None:
             overflow = self._note_overflow(norm)
             norm = norm * inverse_scale

@@ -112,10 +112,10 @@ class SSAM(SAM):
             return p.grad.detach().abs().double().flatten().cpu()
         return torch.rand(p.numel(), generator=self.generator, dtype=torch.float64)
 
-    def _before_perturb(self, items) -> None:
+    def _before_perturb(self, params) -> None:
         """e = M (g s), s from the unmasked g's norm: the first-pass gradient is masked in place."""
-        for it in items:
-            it.param.grad.mul_(self.masks[it.param])
+        for p in params:
+            p.grad.mul_(self.masks[p])
 
 
 def fisher_scores(model: torch.nn.Module, examples, loss_fn: Callable | None = None) -> dict:

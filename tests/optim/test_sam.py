@@ -444,3 +444,31 @@ def test_ddp_two_processes(tmp_path, perturbation):
     else:
         want = train(m, TwoPass(SAM(m.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)), steps=5)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_parameters_whose_storage_changes_between_steps_are_read_again():
+    """The fused calls are sorted once per set of parameters; a parameter whose .data is rebound
+    (or a model moved to another dtype) between steps is read where it now lies."""
+    m = mlp()
+    opt = SAM(m.parameters(), torch.optim.SGD, rho=0.5, lr=0.0)
+    x, y = data()
+    for rebind in (False, True):
+        if rebind:
+            with torch.no_grad():
+                m[0].weight.data = m[0].weight.data.clone() * 2   # new storage
+        before = weights(m)
+        nn.functional.cross_entropy(m(x), y).backward()
+        g = torch.cat([p.grad.flatten() for p in m.parameters()])
+        opt.first_step(zero_grad=True)
+        torch.testing.assert_close(weights(m), before + 0.5 * g / g.norm(), rtol=1e-6, atol=1e-7)
+        nn.functional.cross_entropy(m(x), y).backward()
+        opt.second_step(zero_grad=True)
+        assert torch.equal(weights(m), before)
+    m.double()
+    before = weights(m)
+    nn.functional.cross_entropy(m(x.double()), y).backward()
+    opt.first_step(zero_grad=True)
+    assert weights(m).dtype == torch.float64 and not torch.equal(weights(m), before)
+    nn.functional.cross_entropy(m(x.double()), y).backward()
+    opt.second_step(zero_grad=True)
+    assert torch.equal(weights(m), before)
