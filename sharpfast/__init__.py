@@ -21,6 +21,7 @@ _EXPORTS = {
                      "GeodesicSettings"], "geodesic"),
     **dict.fromkeys(["selftest", "SelfTestReport"], "kernel_check"),
     "evaluate_many": "many",
+    **dict.fromkeys(["landscape", "LandscapeResult"], "landscapes"),
     **dict.fromkeys(["LOGIT_NORMALIZATIONS", "map_tensors"], "objective"),
     "SharpnessResult": "result",
     **dict.fromkeys(["NORMS", "WorstCaseSettings", "AverageCaseSettings"], "settings"),

@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "sharpfast"
 CORE = {"settings", "params", "objective", "precision", "philox", "_ops", "result"}
 MEASURES = {"worst_case", "average_case", "geodesic", "curvature"}
 TRAINING = {"optim"}   # sharpness-aware training: the core's ops, no measure
-PUBLIC = {"api", "many", "compat", "kernel_check", "doctor", "__init__"}
+PUBLIC = {"api", "many", "compat", "kernel_check", "doctor", "landscapes", "__init__"}
 ANALYSIS = {"analysis"}   # in sharpfast.study
 
 

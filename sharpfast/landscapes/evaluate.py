@@ -1,0 +1,96 @@
+"""The loss and error at many points ``w + x d1 + y d2`` of the weights, K points per forward.
+
+The fast path (:func:`surface`) never writes into the model: each pass evaluates K points by one
+vmapped ``torch.func.functional_call`` over the points' stacked tensors (the other parameters and
+buffers as they are), and sums each point's ``mean loss * batch size`` and errors over the batches
+in float64 (as the public code sums ``loss.item() * batch_size``). The perturbation is formed
+before it is added to ``w`` (``w + (x d1 + y d2)`` in the tensors' dtype, the public code's order).
+
+The reference (:func:`surface_reference`) is the public code's loop: write each point into the
+model's tensors, evaluate every batch, one point after another; the model is put back bit for bit
+(``ModelGuard``-style, in a ``finally``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from ..objective import Objective, call_model, unwrap_logits
+
+
+def _point_tensors(base: dict, dirs: list[dict], coords: torch.Tensor) -> dict:
+    """``{name: [K, *shape]}``: ``w + sum_a coords[:, a] d_a`` for the K points of ``coords``."""
+    out = {}
+    for n, w in base.items():
+        shape = (-1,) + (1,) * w.dim()
+        step = None
+        for a, d in enumerate(dirs):
+            term = coords[:, a].to(w.dtype).view(shape) * d[n]
+            step = term if step is None else step + term
+        out[n] = w.unsqueeze(0) + step
+    return out
+
+
+def surface(model: nn.Module, batches: list, base: dict, dirs: list[dict], coords: torch.Tensor,
+            objective: Objective, points_per_pass: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The loss (``[P]``, float64) and error (``[P]`` or None) at ``P`` points, ``coords``: ``[P, A]``."""
+    n_points = len(coords)
+    total = torch.zeros(n_points, dtype=torch.float64)
+    errors = torch.zeros(n_points, dtype=torch.float64)
+    x0, y0 = batches[0]   # whether the objective has an error (classification) for these targets
+    has_error = objective.error(unwrap_logits(call_model(model, x0)), y0) is not None
+    n = sum(len(y) for _, y in batches)
+    for start in range(0, n_points, points_per_pass):
+        chunk = coords[start:start + points_per_pass]
+        moved = _point_tensors(base, dirs, chunk)
+
+        def one_point(tensors, x, y):
+            f = unwrap_logits(functional_call(model, tensors, (x,)) if not isinstance(x, dict)
+                              else functional_call(model, tensors, (), x))
+            loss = objective.loss(f, y)
+            err = objective.error(f, y)
+            return loss, (err if err is not None else torch.zeros((), device=loss.device))
+
+        for x, y in batches:
+            b = len(y)
+            if len(chunk) == 1:
+                loss, err = one_point({k: v[0] for k, v in moved.items()}, x, y)
+                loss, err = loss.unsqueeze(0), err.unsqueeze(0)
+            else:
+                loss, err = vmap(one_point, in_dims=(0, None, None))(moved, x, y)
+            total[start:start + len(chunk)] += loss.detach().double().cpu() * b
+            errors[start:start + len(chunk)] += err.detach().double().cpu() * b
+    return total / n, (errors / n if has_error else None)
+
+
+def surface_reference(model: nn.Module, batches: list, base: dict, dirs: list[dict], coords: torch.Tensor,
+                      objective: Objective) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The public code's loop: each point written into the model, every batch evaluated."""
+    tensors = dict(model.state_dict(keep_vars=True))
+    kept = {n: tensors[n].detach().clone() for n in base}
+    loss_out = torch.zeros(len(coords), dtype=torch.float64)
+    err_out = torch.zeros(len(coords), dtype=torch.float64)
+    has_error = True
+    try:
+        with torch.no_grad():
+            for i in range(len(coords)):
+                point = _point_tensors(kept, dirs, coords[i:i + 1])   # from the copy: base views the model
+                for n, t in point.items():
+                    tensors[n].copy_(t[0])
+                total = err = 0.0
+                count = 0
+                for x, y in batches:
+                    f = unwrap_logits(call_model(model, x))
+                    loss = objective.loss(f, y)
+                    e = objective.error(f, y)
+                    total += float(loss) * len(y)
+                    err += 0.0 if e is None else float(e) * len(y)
+                    has_error = has_error and e is not None
+                    count += len(y)
+                loss_out[i], err_out[i] = total / count, err / count
+    finally:
+        with torch.no_grad():
+            for n, t in kept.items():
+                tensors[n].copy_(t)
+    return loss_out, (err_out if has_error else None)
