@@ -7,6 +7,7 @@
     sharpfast report --store results.db --out report
     sharpfast definitions --preset paper          # list a preset's definitions
     sharpfast esd --zoo zoo --out report          # spectral densities of the best and worst checkpoints
+    sharpfast landscape --zoo zoo --out report    # their loss landscapes (then report --out report shows them)
     sharpfast doctor [--device cuda]              # build, devices and the fused ops' self-test
 
 Exit status: 0 done; 2 an error before any work (bad input, a store or zoo that cannot serve);
@@ -323,6 +324,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--zoo", help="the zoo a sweep would measure: the definitions (and keys) it would store, their "
                                  "examples fitted to the zoo's data as the sweep fits them")
 
+    q = sub.add_parser("landscape", help="loss landscapes of chosen checkpoints (shown by `report --out` the same DIR)")
+    q.add_argument("--zoo", required=True, help="zoo folder or manifest.json")
+    q.add_argument("--out", required=True, help="folder for the plots, h5 files and landscapes.json")
+    q.add_argument("--ids", nargs="+", help="checkpoint ids (default: the best and the worst by test error)")
+    q.add_argument("--x", nargs=3, type=float, default=[-1.0, 1.0, 51], metavar=("MIN", "MAX", "NUM"),
+                   help="the first axis (default -1 1 51)")
+    q.add_argument("--y", nargs=3, type=float, metavar=("MIN", "MAX", "NUM"), help="a second axis: a 2-D landscape")
+    q.add_argument("--kind", choices=["random", "hessian"], default="random",
+                   help="random filter-normalized directions, or the top Hessian eigenvectors")
+    q.add_argument("--norm", choices=["auto", "filter", "layer", "weight", "dfilter", "dlayer", "none"], default="auto")
+    q.add_argument("--seed", type=NON_NEGATIVE, default=0, help="the random directions' Philox seed")
+    q.add_argument("--n-examples", type=POSITIVE,
+                   help="examples (a multiple of --m; default 512, or the most a smaller zoo's data hold)")
+    q.add_argument("--m", type=POSITIVE, default=128, help="examples per batch")
+
     q = sub.add_parser("esd", help="eigenvalue spectral densities of chosen checkpoints on one figure")
     q.add_argument("--zoo", required=True, help="zoo folder or manifest.json")
     q.add_argument("--out", required=True, help="folder for esd.png")
@@ -455,6 +471,21 @@ def cmd_esd(args: argparse.Namespace) -> None:
     print(f"esd: wrote {plot_esd(args.zoo, args.out, args.ids, args.n_examples, args.m, args.adaptive, args.curvature)}")
 
 
+def cmd_landscape(args: argparse.Namespace) -> None:
+    from .analysis.landscapes import compute
+
+    axis = lambda a: None if a is None else (a[0], a[1], _grid_points(a[2]))
+    compute(args.zoo, args.out, args.ids, args.n_examples, args.m, axis(args.x), axis(args.y), args.kind,
+            None if args.norm == "none" else args.norm, args.seed)
+    print(f"landscape: `sharpfast report --store STORE --out {args.out}` shows them beside the sharpness values")
+
+
+def _grid_points(num: float) -> int:
+    if num != int(num) or num < 1:
+        raise ConfigError(f"a grid's NUM must be a positive integer, got {num:g}")
+    return int(num)
+
+
 def cmd_doctor(args: argparse.Namespace) -> None:
     from ..doctor import run
 
@@ -478,7 +509,7 @@ def cmd_manifest(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"zoo": cmd_zoo, "sweep": cmd_sweep, "report": cmd_report, "run": cmd_run,
-            "definitions": cmd_definitions, "esd": cmd_esd, "manifest": cmd_manifest, "doctor": cmd_doctor}
+            "definitions": cmd_definitions, "esd": cmd_esd, "landscape": cmd_landscape, "manifest": cmd_manifest, "doctor": cmd_doctor}
 
 
 def _check_out_folder(out: str | None) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from . import report_html
+from . import landscapes, report_html
 from .report_html import signed
 
 
@@ -172,14 +172,17 @@ def write(report, out_dir: str, plots: bool = True) -> list[str]:
             plot_files.append((ln.name, os.path.join("plots", fname)))
             figures.append(report_html.scatter_figure(ln.name, ln.values, ln.ids, metrics, hparams, color_by, ln.taus,
                                                       targets, scatter_markers(hparams)))
+    shapes = landscapes.load(out_dir)   # written by `sharpfast landscape --out` into the same folder
     md_path = os.path.join(out_dir, "report.md")
     with open(md_path, "w", encoding="utf-8") as f:
         f.write("# sharpfast report\n\n" + report.markdown() + "\n")
         for name, rel in plot_files:
             f.write(f"\n![{name}]({rel})\n")
+        if shapes:
+            f.write("\n" + landscapes.markdown(report, shapes) + "\n")
     html_path = os.path.join(out_dir, "report.html")
     with open(html_path, "w", encoding="utf-8") as f:
-        f.write(report_html.page(report, figures))
+        f.write(report_html.page(report, figures, [landscapes.html(report, shapes, out_dir)] if shapes else []))
     csv_path = os.path.join(out_dir, "results.csv")
     metric_names = sorted({k for c in ckpts.values() for k in c["metrics"]})
     with open(csv_path, "w", newline="", encoding="utf-8") as f:

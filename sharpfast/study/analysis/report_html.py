@@ -189,9 +189,9 @@ def scatter_figure(name: str, values: list[float], ids: list[str], metrics: list
     return fig
 
 
-def page(r, figures: list) -> str:
+def page(r, figures: list, sections: list[str] = ()) -> str:
     """The report's HTML: summary, tau tables, then ``figures`` (Plotly figures) with Plotly's
-    JavaScript inlined once."""
+    JavaScript inlined once, then ``sections`` (HTML of their own: the loss landscapes)."""
     body = [_summary(r)]
     if r.lines and r.targets:
         body += [_tau_table(r), _granulated_table(r)]
@@ -202,6 +202,7 @@ def page(r, figures: list) -> str:
         for i, fig in enumerate(figures):
             body.append("<div class='plot'>" + fig.to_html(full_html=False, include_plotlyjs=i == 0,
                                                             config={"displaylogo": False, "responsive": True}) + "</div>")
+    body += list(sections)
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>sharpfast report</title>"
             f"<style>{STYLE}</style></head><body><h1>sharpfast: sharpness vs generalization</h1>"
             + "\n".join(body) + "</body></html>")
