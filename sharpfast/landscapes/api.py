@@ -66,8 +66,9 @@ def landscape(model: nn.Module, data: Iterable, x=(-1.0, 1.0, 51), y=None, kind:
         directions: ``"custom"``: one ``{name: tensor}`` per axis, raw (normalized with ``norm``).
         points_per_pass: grid points per vmapped forward (None: a memory budget; on a CPU, one for
             models whose forward is arithmetic-bound).
-        backend: ``"fused"`` (vmapped points, nothing written into the model) or ``"reference"``
-            (the public code's loop: each point written into the model and put back).
+        backend: ``"fused"`` (K points per vmapped forward; one point per pass written into the
+            model's tensors, without a host sync per batch) or ``"reference"`` (the public code's
+            loop). The model is put back bit for bit either way, also after an exception.
 
     Returns:
         A :class:`LandscapeResult`.
@@ -97,15 +98,18 @@ def landscape(model: nn.Module, data: Iterable, x=(-1.0, 1.0, 51), y=None, kind:
     if backend == "auto":
         backend = "fused"
     k = points_per_pass or _points_per_pass(model, w, batches)
-    with torch.no_grad():   # the fused path writes nothing into the model; the reference puts it back
+    with torch.no_grad():   # the model's tensors are put back bit for bit, also after an exception
         modes = [m.training for m in model.modules()]
         model.eval()
         try:
-            base = surface(model, batches, w, dirs, torch.zeros(1, n_axes, dtype=torch.float64), objective, 1)
             if backend == "fused":
                 loss, err = surface(model, batches, w, dirs, coords, objective, k)
             else:
                 loss, err = surface_reference(model, batches, w, dirs, coords, objective)
+            origin = np.flatnonzero((coords == 0).all(dim=1).numpy())
+            base = ((loss[origin[0]:origin[0] + 1], None if err is None else err[origin[0]:origin[0] + 1])
+                    if len(origin) else
+                    surface(model, batches, w, dirs, torch.zeros(1, n_axes, dtype=torch.float64), objective, 1))
         finally:
             for m, mode in zip(model.modules(), modes):
                 m.training = mode

@@ -34,12 +34,16 @@ def _point_tensors(base: dict, dirs: list[dict], coords: torch.Tensor) -> dict:
 
 def surface(model: nn.Module, batches: list, base: dict, dirs: list[dict], coords: torch.Tensor,
             objective: Objective, points_per_pass: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The loss (``[P]``, float64) and error (``[P]`` or None) at ``P`` points, ``coords``: ``[P, A]``."""
+    """The loss (``[P]``, float64) and error (``[P]`` or None) at ``P`` points, ``coords``: ``[P, A]``.
+    One point per pass is written into the model's tensors (a plain forward, the cheapest where
+    vmapping gains nothing) and the model put back bit for bit; more are vmapped and write nothing."""
+    x0, y0 = batches[0]   # whether the objective has an error (classification) for these targets
+    has_error = objective.error(unwrap_logits(call_model(model, x0)), y0) is not None
+    if points_per_pass == 1:
+        return _one_point_per_pass(model, batches, base, dirs, coords, objective, has_error)
     n_points = len(coords)
     total = torch.zeros(n_points, dtype=torch.float64)
     errors = torch.zeros(n_points, dtype=torch.float64)
-    x0, y0 = batches[0]   # whether the objective has an error (classification) for these targets
-    has_error = objective.error(unwrap_logits(call_model(model, x0)), y0) is not None
     n = sum(len(y) for _, y in batches)
     for start in range(0, n_points, points_per_pass):
         chunk = coords[start:start + points_per_pass]
@@ -62,6 +66,28 @@ def surface(model: nn.Module, batches: list, base: dict, dirs: list[dict], coord
             total[start:start + len(chunk)] += loss.detach().double().cpu() * b
             errors[start:start + len(chunk)] += err.detach().double().cpu() * b
     return total / n, (errors / n if has_error else None)
+
+
+def _one_point_per_pass(model, batches, base, dirs, coords, objective, has_error):
+    tensors = dict(model.state_dict(keep_vars=True))
+    kept = {n: tensors[n].detach().clone() for n in base}
+    device = next(iter(kept.values())).device
+    sums = torch.zeros(len(coords), 2, dtype=torch.float64, device=device)   # per point: loss and errors, x examples
+    n = sum(len(y) for _, y in batches)
+    try:
+        for i in range(len(coords)):
+            for name, t in _point_tensors(kept, dirs, coords[i:i + 1]).items():
+                tensors[name].copy_(t[0])
+            for x, y in batches:
+                f = unwrap_logits(call_model(model, x))
+                sums[i, 0] += objective.loss(f, y).double() * len(y)
+                if has_error:
+                    sums[i, 1] += objective.error(f, y).double() * len(y)
+    finally:
+        for name, t in kept.items():
+            tensors[name].copy_(t)
+    sums = sums.cpu() / n
+    return sums[:, 0], (sums[:, 1] if has_error else None)
 
 
 def surface_reference(model: nn.Module, batches: list, base: dict, dirs: list[dict], coords: torch.Tensor,
