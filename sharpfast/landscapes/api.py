@@ -63,7 +63,8 @@ def landscape(model: nn.Module, data: Iterable, x=(-1.0, 1.0, 51), y=None, kind:
             public code's rule).
         dir_type: ``"weights"`` (the parameters) or ``"states"`` (the floating-point state_dict,
             BatchNorm statistics included: the public code's advice for interpolation).
-        directions: ``"custom"``: one ``{name: tensor}`` per axis, raw (normalized with ``norm``).
+        directions: ``"custom"``: one ``{name: tensor}`` per axis, normalized with ``norm`` and ``ignore``
+            (``norm=None``: used exactly as given).
         points_per_pass: grid points per vmapped forward (None: a memory budget; on a CPU, one for
             models whose forward is arithmetic-bound).
         backend: ``"fused"`` (K points per vmapped forward; one point per pass written into the
@@ -165,7 +166,9 @@ def _directions(kind, model, w, n_axes, seed, norm_of, ignore, dir_type, given, 
         norm = norm_of("filter")
         if given is None or len(given) != n_axes:
             raise ValueError(f"kind='custom' needs directions=, one {{name: tensor}} per axis ({n_axes} here)")
-        dirs = [D.normalized(D.check(d, w, f"directions[{i}]"), w, norm, ignore) for i, d in enumerate(given)]
+        dirs = [D.check(d, w, f"directions[{i}]") for i, d in enumerate(given)]
+        if norm is not None:   # None: exactly as given (e.g. another code's normalized directions)
+            dirs = [D.normalized(d, w, norm, ignore) for d in dirs]
         keys = [None] * n_axes
     elif kind == "interpolate":
         if model2 is None:

@@ -288,3 +288,36 @@ def test_bad_input_is_refused_by_name():
     with pytest.warns(RuntimeWarning, match="running_var"):   # the public rule's NaN, said
         r = sharpfast.landscape(net, data, x=(-1.5, 0, 4), dir_type="states", ignore=None)
     assert np.isnan(r.loss[0]) and np.isfinite(r.loss[-1])
+
+
+def test_custom_directions_without_a_norm_are_used_exactly_as_given():
+    net, data = conv_bn(), images(n=64)
+    given = {n: torch.full_like(p, 0.01) for n, p in net.named_parameters()}
+    r = sharpfast.landscape(net, data, x=[0.0, 1.0], kind="custom", directions=[given], norm=None)
+    assert all(torch.equal(r.directions[0][n], given[n]) for n in given)   # biases and BatchNorm too
+
+
+def test_hessian_directions_of_a_network_are_its_dense_hessians_eigenvectors():
+    """A float64 MLP: the top two eigenpairs of the dense Hessian (torch.autograd.functional), to
+    1e-3 in lambda and |cos| >= 0.99 (their gap is well above 10%)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(64, 4, dtype=torch.float64), torch.randint(0, 3, (64,))
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+    flat0 = torch.cat([p.detach().flatten() for p in net.parameters()])
+
+    def loss_of(flat):
+        tensors, off = {}, 0
+        for n, s in zip(names, shapes):
+            tensors[n] = flat[off:off + s.numel()].view(s)
+            off += s.numel()
+        return nn.functional.cross_entropy(torch.func.functional_call(net, tensors, (x,)), y)
+
+    evals, evecs = torch.linalg.eigh(torch.autograd.functional.hessian(loss_of, flat0))
+    r = sharpfast.landscape(net, [(x, y)], x=(-0.1, 0.1, 3), y=(-0.1, 0.1, 3), kind="hessian")
+    assert (evals[-1] - evals[-2]) / evals[-1] > 0.1
+    for k, i in ((0, -1), (1, -2)):
+        assert r.eigenvalues[k] == pytest.approx(float(evals[i]), rel=1e-3)
+        mine = torch.cat([r.directions[k][n].flatten() for n in names])
+        assert abs(float(mine @ evecs[:, i])) >= 0.99
