@@ -125,7 +125,8 @@ class SAM(torch.optim.Optimizer):
         params = [p for _, ps in groups for p in ps]
         for p in params:   # one copy of the parameters, kept from step to step (remade where one moved)
             kept = self._saved.get(p)
-            if kept is None or kept.device != p.device or kept.dtype != p.dtype or kept.shape != p.shape:
+            if kept is None or (kept.device, kept.dtype, kept.shape, kept.stride()) != (p.device, p.dtype, p.shape,
+                                                                                       p.stride()):
                 self._saved[p] = torch.empty_like(p)
         self._keep_batchnorm_statistics()
         self._before_ascent(params)

@@ -472,3 +472,18 @@ def test_parameters_whose_storage_changes_between_steps_are_read_again():
     nn.functional.cross_entropy(m(x.double()), y).backward()
     opt.second_step(zero_grad=True)
     assert torch.equal(weights(m), before)
+
+
+def test_a_parameter_converted_to_channels_last_between_steps_is_saved_in_its_new_layout():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3)
+    opt = SAM(conv.parameters(), torch.optim.SGD, rho=0.1, lr=0.0)
+    x = torch.randn(2, 3, 6, 6)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        conv.to(memory_format=layout)
+        before = conv.weight.detach().clone()
+        conv(x.contiguous(memory_format=layout)).square().mean().backward()
+        opt.first_step(zero_grad=True)
+        conv(x.contiguous(memory_format=layout)).square().mean().backward()
+        opt.second_step(zero_grad=True)
+        assert torch.equal(conv.weight, before)
