@@ -69,25 +69,33 @@ def surface(model: nn.Module, batches: list, base: dict, dirs: list[dict], coord
 
 
 def _one_point_per_pass(model, batches, base, dirs, coords, objective, has_error):
+    """Each point written into the model's tensors (``w + (x d1 + y d2)``, the public order, through
+    one reused buffer per tensor), every batch's loss and error kept on the device and summed once
+    at the end; the originals put back in a ``finally``."""
     tensors = dict(model.state_dict(keep_vars=True))
     kept = {n: tensors[n].detach().clone() for n in base}
-    device = next(iter(kept.values())).device
-    sums = torch.zeros(len(coords), 2, dtype=torch.float64, device=device)   # per point: loss and errors, x examples
-    n = sum(len(y) for _, y in batches)
+    step = {n: torch.empty_like(t) for n, t in kept.items()}
+    sizes = torch.tensor([float(len(y)) for _, y in batches], dtype=torch.float64)
+    losses, errors = [], []
     try:
-        for i in range(len(coords)):
-            for name, t in _point_tensors(kept, dirs, coords[i:i + 1]).items():
-                tensors[name].copy_(t[0])
+        dtype = next(iter(kept.values())).dtype
+        for at in coords.to(dtype).tolist():   # each coordinate rounded to the tensors' dtype, as in the vmapped path
+            for name, w in kept.items():
+                torch.mul(dirs[0][name], at[0], out=step[name])
+                for a in range(1, len(at)):
+                    step[name].add_(dirs[a][name] * at[a])
+                torch.add(w, step[name], out=tensors[name].detach())
             for x, y in batches:
                 f = unwrap_logits(call_model(model, x))
-                sums[i, 0] += objective.loss(f, y).double() * len(y)
+                losses.append(objective.loss(f, y))
                 if has_error:
-                    sums[i, 1] += objective.error(f, y).double() * len(y)
+                    errors.append(objective.error(f, y))
     finally:
         for name, t in kept.items():
-            tensors[name].copy_(t)
-    sums = sums.cpu() / n
-    return sums[:, 0], (sums[:, 1] if has_error else None)
+            tensors[name].detach().copy_(t)
+    n = float(sizes.sum())
+    per_point = lambda values: (torch.stack(values).detach().double().cpu().view(len(coords), -1) @ sizes) / n
+    return per_point(losses), (per_point(errors) if has_error else None)
 
 
 def surface_reference(model: nn.Module, batches: list, base: dict, dirs: list[dict], coords: torch.Tensor,
