@@ -21,6 +21,76 @@ std::vector<Chunk> chunks_of(at::TensorList w, int64_t size) {
   return out;
 }
 
+// One chunk's sum of (T g)^2 with 8 interleaved float64 accumulators, T by the rule (hoisted out
+// of the loop, so each branch vectorizes). Inlined into AVX2-cloned functions for float and double.
+template <typename S, typename A>
+__attribute__((always_inline)) inline double sq_norm_body(const S* __restrict__ g, const S* __restrict__ w, int64_t n,
+                                                          bool adaptive, A eta) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  auto term = [&](int64_t j) {
+    const A t = derived_scale_rounded<CpuRoundTrip<S>, A>(static_cast<A>(w[j]), eta, adaptive);
+    const double v = static_cast<double>(t * static_cast<A>(g[j]));
+    return v * v;
+  };
+  int64_t j = 0;
+  if (adaptive) {
+    for (; j + 8 <= n; j += 8)
+      for (int u = 0; u < 8; ++u) acc[u] += term(j + u);
+  } else {
+    for (; j + 8 <= n; j += 8)
+      for (int u = 0; u < 8; ++u) {
+        const double v = static_cast<double>(static_cast<A>(g[j + u]));
+        acc[u] += v * v;
+      }
+  }
+  for (; j < n; ++j) acc[0] += term(j);
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// saved = w; w = w + ((T T) g) s over one chunk.
+template <typename S, typename A>
+__attribute__((always_inline)) inline void perturb_body(S* __restrict__ w, S* __restrict__ saved,
+                                                        const S* __restrict__ g, int64_t n, bool adaptive, A eta, A s) {
+  if (adaptive) {
+    for (int64_t j = 0; j < n; ++j) {
+      const S wj = w[j];
+      saved[j] = wj;
+      const A t = derived_scale_rounded<CpuRoundTrip<S>, A>(static_cast<A>(wj), eta, true);
+      w[j] = static_cast<S>(sam_ascent<A>(static_cast<A>(wj), static_cast<A>(g[j]), t, s));
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const S wj = w[j];
+      saved[j] = wj;
+      w[j] = static_cast<S>(sam_ascent<A>(static_cast<A>(wj), static_cast<A>(g[j]), A(1), s));
+    }
+  }
+}
+
+// fp16 / bf16 (computed in float): the portable loops.
+template <typename S, typename A>
+double sq_norm_chunk(const S* g, const S* w, int64_t n, bool adaptive, A eta) {
+  return sq_norm_body<S, A>(g, w, n, adaptive, eta);
+}
+SF_CPU_CLONES double sq_norm_chunk(const float* g, const float* w, int64_t n, bool adaptive, float eta) {
+  return sq_norm_body<float, float>(g, w, n, adaptive, eta);
+}
+SF_CPU_CLONES double sq_norm_chunk(const double* g, const double* w, int64_t n, bool adaptive, double eta) {
+  return sq_norm_body<double, double>(g, w, n, adaptive, eta);
+}
+
+template <typename S, typename A>
+void perturb_chunk(S* w, S* saved, const S* g, int64_t n, bool adaptive, A eta, A s) {
+  perturb_body<S, A>(w, saved, g, n, adaptive, eta, s);
+}
+SF_CPU_CLONES void perturb_chunk(float* w, float* saved, const float* g, int64_t n, bool adaptive, float eta, float s) {
+  perturb_body<float, float>(w, saved, g, n, adaptive, eta, s);
+}
+SF_CPU_CLONES void perturb_chunk(double* w, double* saved, const double* g, int64_t n, bool adaptive, double eta,
+                                 double s) {
+  perturb_body<double, double>(w, saved, g, n, adaptive, eta, s);
+}
+
 at::Tensor sam_sq_norm_cpu(at::TensorList grad, at::TensorList w, bool adaptive, double eta) {
   check_sam(w, nullptr, grad, eta, "sam_sq_norm");
   at::Tensor out = at::zeros({}, at::TensorOptions().dtype(at::kDouble));
@@ -34,22 +104,8 @@ at::Tensor sam_sq_norm_cpu(at::TensorList grad, at::TensorList w, bool adaptive,
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
       for (int64_t k = c0; k < c1; ++k) {
         const Chunk& ch = chunks[static_cast<size_t>(k)];
-        const scalar_t* __restrict__ g = grad[ch.piece].data_ptr<scalar_t>() + ch.begin;
-        const scalar_t* __restrict__ x = w[ch.piece].data_ptr<scalar_t>() + ch.begin;
-        double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int64_t j = 0;
-        for (; j + 8 <= ch.n; j += 8)
-          for (int u = 0; u < 8; ++u) {
-            const A t = derived_scale_rounded<CpuRoundTrip<scalar_t>, A>(static_cast<A>(x[j + u]), e, adaptive);
-            const double v = static_cast<double>(t * static_cast<A>(g[j + u]));
-            acc[u] += v * v;
-          }
-        for (; j < ch.n; ++j) {
-          const A t = derived_scale_rounded<CpuRoundTrip<scalar_t>, A>(static_cast<A>(x[j]), e, adaptive);
-          const double v = static_cast<double>(t * static_cast<A>(g[j]));
-          acc[0] += v * v;
-        }
-        partial[static_cast<size_t>(k)] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        partial[static_cast<size_t>(k)] = sq_norm_chunk(grad[ch.piece].data_ptr<scalar_t>() + ch.begin,
+                                                        w[ch.piece].data_ptr<scalar_t>() + ch.begin, ch.n, adaptive, e);
       }
     });
   });
@@ -74,15 +130,8 @@ void sam_perturb_cpu(at::TensorList w, at::TensorList saved, at::TensorList grad
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
       for (int64_t k = c0; k < c1; ++k) {
         const Chunk& ch = chunks[static_cast<size_t>(k)];
-        scalar_t* __restrict__ x = w[ch.piece].data_ptr<scalar_t>() + ch.begin;
-        scalar_t* __restrict__ keep = saved[ch.piece].data_ptr<scalar_t>() + ch.begin;
-        const scalar_t* __restrict__ g = grad[ch.piece].data_ptr<scalar_t>() + ch.begin;
-        for (int64_t j = 0; j < ch.n; ++j) {
-          const scalar_t wj = x[j];
-          keep[j] = wj;
-          const A t = derived_scale_rounded<CpuRoundTrip<scalar_t>, A>(static_cast<A>(wj), e, adaptive);
-          x[j] = static_cast<scalar_t>(sam_ascent<A>(static_cast<A>(wj), static_cast<A>(g[j]), t, sa));
-        }
+        perturb_chunk(w[ch.piece].data_ptr<scalar_t>() + ch.begin, saved[ch.piece].data_ptr<scalar_t>() + ch.begin,
+                      grad[ch.piece].data_ptr<scalar_t>() + ch.begin, ch.n, adaptive, e, sa);
       }
     });
   });
