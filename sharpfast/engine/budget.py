@@ -16,6 +16,9 @@ TOGETHER_BUFFER_BYTES = 2**30   # ... when their [B, N] buffers fit in this much
 MAX_SAMPLES_PER_PASS = 32           # perturbed copies evaluated in one forward (average case) ...
 SAMPLE_BUFFER_BYTES = 256 * 2**20   # ... within this much memory for the [K, N] buffer
 
+MAX_POINTS_PER_PASS = 256   # loss-landscape grid points in one vmapped forward at most ...
+POINT_BUFFER_BYTES = 256 * 2**20   # ... within this much memory for their weights and activations
+
 MAX_STACK = 64   # models per pass at most (sharpfast.evaluate_many, auto)
 # the memory a stack's [rows, N] buffers may take (auto): per model, its solver's buffers per
 # m-batch and the flat w0 (worst case) or the perturbed copy and w0 (average case)
@@ -46,3 +49,10 @@ def models_per_pass(device_type: str, kind: str, solver: str, n_batches: int, nu
         per_model = 2 * numel * element_size
     budget = STACK_BUFFER_BYTES.get(device_type, STACK_BUFFER_BYTES["cuda"])
     return max(1, min(MAX_STACK, budget // per_model))
+
+
+def points_per_pass(numel: int, element_size: int, activations: int) -> int:
+    """Loss-landscape grid points per vmapped forward: each holds its weights (``numel`` values)
+    and a batch's ``activations`` values."""
+    per_point = (numel + activations) * element_size
+    return min(MAX_POINTS_PER_PASS, max(1, POINT_BUFFER_BYTES // max(1, per_point)))

@@ -134,12 +134,14 @@ def landscape(model: nn.Module, data: Iterable, x=(-1.0, 1.0, 51), y=None, kind:
 
 
 def _points_per_pass(model: nn.Module, w: dict, batches: list) -> int:
-    """The average case's memory budget for K perturbed copies; one on a CPU where the forward is
-    arithmetic-bound (a vmapped forward measured slower there, as for stacked models)."""
+    """The memory budget for K points (their weights and a batch's activations); one on a CPU where
+    the forward is arithmetic-bound (a vmapped forward measured slower there, as for stacked models)."""
     first = next(iter(w.values()))
-    if first.device.type == "cpu" and activations_per_example(model, batches[0]) > CPU_STACK_MAX_ACTIVATIONS:
+    values = activations_per_example(model, batches[0])
+    if first.device.type == "cpu" and values > CPU_STACK_MAX_ACTIVATIONS:
         return 1
-    return budget.samples_per_pass(sum(t.numel() for t in w.values()), first.element_size())
+    return budget.points_per_pass(sum(t.numel() for t in w.values()), first.element_size(),
+                                  values * max(len(y) for _, y in batches))
 
 
 def _directions(kind, model, w, n_axes, seed, norm_of, ignore, dir_type, given, model2, checkpoints, batches,
