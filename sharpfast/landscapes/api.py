@@ -180,7 +180,7 @@ def _directions(kind, model, w, n_axes, seed, norm_of, ignore, dir_type, given, 
             raise TypeError(f"model2 must be a torch.nn.Module, got {type(model2).__name__}")
         if list(w2) != list(w) or any(w2[n].shape != w[n].shape for n in w):
             raise ValueError("model2 is not of model's architecture: their tensors differ in names or shapes")
-        norm = None if norm_of(None) is None else norm_of(None)
+        norm = norm_of(None)
         dirs, keys = [D.target(w, {n: t.to(w[n].device) for n, t in w2.items()})], [None]
         if norm is not None:
             dirs = [D.normalized(dirs[0], w, norm, ignore)]

@@ -36,18 +36,15 @@ def surface(model: nn.Module, batches: list, base: dict, dirs: list[dict], coord
             objective: Objective, points_per_pass: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The loss (``[P]``, float64) and error (``[P]`` or None) at ``P`` points, ``coords``: ``[P, A]``.
     One point per pass is written into the model's tensors (a plain forward, the cheapest where
-    vmapping gains nothing) and the model put back bit for bit; more are vmapped and write nothing."""
+    vmapping gains nothing) and the model put back bit for bit; more are vmapped and write nothing.
+    Either way the values stay on the device until the end (no host sync per batch)."""
     x0, y0 = batches[0]   # whether the objective has an error (classification) for these targets
     has_error = objective.error(unwrap_logits(call_model(model, x0)), y0) is not None
     if points_per_pass == 1:
         return _one_point_per_pass(model, batches, base, dirs, coords, objective, has_error)
-    n_points = len(coords)
-    total = torch.zeros(n_points, dtype=torch.float64)
-    errors = torch.zeros(n_points, dtype=torch.float64)
-    n = sum(len(y) for _, y in batches)
-    for start in range(0, n_points, points_per_pass):
-        chunk = coords[start:start + points_per_pass]
-        moved = _point_tensors(base, dirs, chunk)
+    losses, errors = [], []   # per chunk: [K, n_batches], kept on the device
+    for start in range(0, len(coords), points_per_pass):
+        moved = _point_tensors(base, dirs, coords[start:start + points_per_pass])
 
         def one_point(tensors, x, y):
             f = unwrap_logits(functional_call(model, tensors, (x,)) if not isinstance(x, dict)
@@ -56,16 +53,18 @@ def surface(model: nn.Module, batches: list, base: dict, dirs: list[dict], coord
             err = objective.error(f, y)
             return loss, (err if err is not None else torch.zeros((), device=loss.device))
 
-        for x, y in batches:
-            b = len(y)
-            if len(chunk) == 1:
-                loss, err = one_point({k: v[0] for k, v in moved.items()}, x, y)
-                loss, err = loss.unsqueeze(0), err.unsqueeze(0)
-            else:
-                loss, err = vmap(one_point, in_dims=(0, None, None))(moved, x, y)
-            total[start:start + len(chunk)] += loss.detach().double().cpu() * b
-            errors[start:start + len(chunk)] += err.detach().double().cpu() * b
-    return total / n, (errors / n if has_error else None)
+        per_batch = [vmap(one_point, in_dims=(0, None, None))(moved, x, y) for x, y in batches]
+        losses.append(torch.stack([loss for loss, _ in per_batch], dim=1))
+        errors.append(torch.stack([err for _, err in per_batch], dim=1))
+    return _weighted_mean(torch.cat(losses), batches), (_weighted_mean(torch.cat(errors), batches) if has_error
+                                                        else None)
+
+
+def _weighted_mean(per_batch: torch.Tensor, batches: list) -> torch.Tensor:
+    """Each point's ``sum_b value_b |b| / N`` in float64 (the public code's ``loss.item() * batch_size``
+    sums), from ``[P, n_batches]`` values."""
+    sizes = torch.tensor([float(len(y)) for _, y in batches], dtype=torch.float64)
+    return (per_batch.detach().double().cpu() @ sizes) / float(sizes.sum())
 
 
 def _one_point_per_pass(model, batches, base, dirs, coords, objective, has_error):
@@ -75,7 +74,6 @@ def _one_point_per_pass(model, batches, base, dirs, coords, objective, has_error
     tensors = dict(model.state_dict(keep_vars=True))
     kept = {n: tensors[n].detach().clone() for n in base}
     step = {n: torch.empty_like(t) for n, t in kept.items()}
-    sizes = torch.tensor([float(len(y)) for _, y in batches], dtype=torch.float64)
     losses, errors = [], []
     try:
         dtype = next(iter(kept.values())).dtype
@@ -93,8 +91,7 @@ def _one_point_per_pass(model, batches, base, dirs, coords, objective, has_error
     finally:
         for name, t in kept.items():
             tensors[name].detach().copy_(t)
-    n = float(sizes.sum())
-    per_point = lambda values: (torch.stack(values).detach().double().cpu().view(len(coords), -1) @ sizes) / n
+    per_point = lambda values: _weighted_mean(torch.stack(values).view(len(coords), -1), batches)
     return per_point(losses), (per_point(errors) if has_error else None)
 
 

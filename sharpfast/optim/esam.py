@@ -43,11 +43,8 @@ class ESAM(SAM):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, scaler=None) -> None:
         super().first_step(zero_grad, scaler)
-        for p in self._params():
+        for p in self._parameters():
             p.requires_grad_(True)   # the tensors that sat out the first pass take part in the second
-
-    def _params(self) -> list[torch.Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
 
     def step(self, model: torch.nn.Module, inputs, targets, loss_fn: Callable) -> torch.Tensor:
         """One ESAM step on a batch. ``loss_fn(outputs, targets)`` returns the per-example losses
@@ -71,8 +68,8 @@ class ESAM(SAM):
             raise
         self.second_step(zero_grad=True)
         if self.beta < 1:
-            draws = torch.rand(len(self._params()), generator=self.generator)
-            for p, u in zip(self._params(), draws.tolist()):
+            draws = torch.rand(len(self._parameters()), generator=self.generator)
+            for p, u in zip(self._parameters(), draws.tolist()):
                 if u > self.beta:
                     p.requires_grad_(False)
         return before.detach()

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .sam import SAM
+from .sam import SAM, global_norm
 
 
 class ProportionScheduler:
@@ -70,13 +70,12 @@ class GSAM(SAM):
         self._keep_first_gradients(params)
 
     def _direction(self) -> None:
-        ps = [p for g in self.param_groups for p in g["params"] if p.grad is not None and p in self._first_grads]
+        ps = [p for p in self._parameters(with_grad=True) if p in self._first_grads]
         if not ps:
             return
         g_p, g = [p.grad for p in ps], [self._first_grads[p] for p in ps]
         inner = torch.stack([(a.double() * b.double()).sum() for a, b in zip(g, g_p)]).sum()
-        norm_p = torch.stack([x.double().norm() for x in g_p]).norm()
-        norm_g = torch.stack([x.double().norm() for x in g]).norm()
+        norm_p, norm_g = global_norm(g_p), global_norm(g)
         cosine = inner / (norm_p * norm_g + self.eps)
         coefficient = cosine * norm_g / (norm_p + self.eps)
         vertical = torch._foreach_sub(g, torch._foreach_mul(g_p, coefficient.to(g_p[0].dtype)))

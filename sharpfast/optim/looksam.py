@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .sam import SAM
-
-
-def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([t.double().norm() for t in tensors]).norm()
+from .sam import SAM, global_norm
 
 
 class LookSAM(SAM):
@@ -40,9 +36,9 @@ class LookSAM(SAM):
         if self.needs_second_pass:
             super().first_step(zero_grad, scaler)
             return
-        ps = [p for g in self.param_groups for p in g["params"] if p.grad is not None and p in self._g_v]
+        ps = [p for p in self._parameters(with_grad=True) if p in self._g_v]
         g, g_v = [p.grad for p in ps], [self._g_v[p] for p in ps]
-        ratio = (_norm(g) / _norm(g_v)).to(g[0].dtype)
+        ratio = (global_norm(g) / global_norm(g_v)).to(g[0].dtype)
         torch._foreach_add_(g, torch._foreach_mul(g_v, ratio), alpha=self.alpha)
         self._t += 1
         self._take_step(zero_grad, scaler, max_grad_norm)
@@ -52,27 +48,11 @@ class LookSAM(SAM):
 
     def _direction(self) -> None:
         self._t += 1
-        ps = [p for grp in self.param_groups for p in grp["params"] if p.grad is not None and p in self._first_grads]
+        ps = [p for p in self._parameters(with_grad=True) if p in self._first_grads]
         if not ps:
             return
         g, g_s = [self._first_grads[p] for p in ps], [p.grad for p in ps]
         inner = torch.stack([(a.double() * b.double()).sum() for a, b in zip(g, g_s)]).sum()
-        coefficient = (inner / _norm(g) ** 2).to(g[0].dtype)
+        coefficient = (inner / global_norm(g) ** 2).to(g[0].dtype)
         for p, v in zip(ps, torch._foreach_sub(g_s, torch._foreach_mul(g, coefficient))):
             self._g_v[p] = v
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        if closure is None:
-            raise ValueError("LookSAM.step needs a closure that does a full forward and backward pass")
-        self.first_step(zero_grad=True)
-        if not self.needs_second_pass:
-            return None
-        try:
-            with torch.enable_grad():
-                loss = closure()
-        except BaseException:
-            self._restore()
-            raise
-        self.second_step()
-        return loss

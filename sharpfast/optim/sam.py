@@ -27,6 +27,11 @@ COMPATS = (None, "davda54", "samsung")
 PERTURBATIONS = ("replica", "global")
 
 
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``||(t_1, t_2, ...)||`` in float64 (GSAM's and LookSAM's decompositions)."""
+    return torch.stack([t.double().norm() for t in tensors]).norm()
+
+
 def _check_radius(rho) -> float:
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
         raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
@@ -66,6 +71,7 @@ class SAM(torch.optim.Optimizer):
     """
 
     _scales_by_name = False   # ASAM: only parameters whose name holds "weight" are scaled
+    needs_second_pass = True  # whether the step first_step began needs the second pass (LookSAM: not always)
 
     def __init__(self, params, base_optimizer: Callable[..., torch.optim.Optimizer], rho: float = 0.05,
                  adaptive: bool = False, *, compat: str | None = None, eta: float = 0.0,
@@ -111,7 +117,8 @@ class SAM(torch.optim.Optimizer):
         self._accumulated: dict[torch.Tensor, torch.Tensor] = {}   # their second-pass gradients
         self._found_inf: torch.Tensor | None = None            # a first pass overflowed (AMP)
         self._first_grads: dict[torch.Tensor, torch.Tensor] = {}   # GSAM, LookSAM: g at w
-        self._plan: tuple | None = None                         # (its key, the fused calls of the last ascent)
+        self._key: tuple | None = None                          # the parameters (and storage) of the last step
+        self._plan: fused.Plan | None = None                    # the fused calls for them
 
     # -- the two steps ------------------------------------------------------------------------
     @torch.no_grad()
@@ -123,11 +130,17 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("first_step() called twice: second_step() puts the weights back in between")
         groups = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
         params = [p for _, ps in groups for p in ps]
-        for p in params:   # one copy of the parameters, kept from step to step (remade where one moved)
-            kept = self._saved.get(p)
-            if kept is None or (kept.device, kept.dtype, kept.shape, kept.stride()) != (p.device, p.dtype, p.shape,
-                                                                                       p.stride()):
-                self._saved[p] = torch.empty_like(p)
+        # the same parameters where they lay last step: the saved copies and the fused calls stand;
+        # else (another set, rebound .data, a model moved or converted) they are made again
+        key = (tuple((id(p), p.data_ptr(), p.stride()) for p in params),
+               tuple((g["adaptive"], g["eta"]) for g, _ in groups))
+        if key != self._key:
+            for p in params:
+                kept = self._saved.get(p)
+                if kept is None or (kept.device, kept.dtype, kept.shape, kept.stride()) != (p.device, p.dtype,
+                                                                                           p.shape, p.stride()):
+                    self._saved[p] = torch.empty_like(p)
+            self._key, self._plan = key, None
         self._keep_batchnorm_statistics()
         self._before_ascent(params)
         if params:
@@ -154,6 +167,9 @@ class SAM(torch.optim.Optimizer):
             self._accumulate(final=True)
         self._direction()
         self._take_step(zero_grad, scaler, max_grad_norm)
+
+    def _parameters(self, with_grad: bool = False) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if not with_grad or p.grad is not None]
 
     def _before_ascent(self, params: list[torch.Tensor]) -> None:
         """What a variant keeps of the first pass (SAM: nothing)."""
@@ -190,10 +206,13 @@ class SAM(torch.optim.Optimizer):
     def step(self, closure: Callable | None = None):
         """``first_step(zero_grad=True)``, ``closure()`` (a full forward and backward at ``w + e``),
         ``second_step()``; the caller has done the first forward and backward. Returns the closure's
-        loss. If the closure raises, the weights are put back before the exception propagates."""
+        loss (None where ``first_step`` took the whole step). If the closure raises, the weights are
+        put back before the exception propagates."""
         if closure is None:
-            raise ValueError("SAM.step needs a closure that does a full forward and backward pass")
+            raise ValueError(f"{type(self).__name__}.step needs a closure that does a full forward and backward pass")
         self.first_step(zero_grad=True)
+        if not self.needs_second_pass:   # first_step took the whole step
+            return None
         try:
             with torch.enable_grad():
                 loss = closure()
@@ -248,15 +267,11 @@ class SAM(torch.optim.Optimizer):
             reference.samsung_perturb([(g["rho"], g["eta"], [(p, f[p]) for p in ps])
                                        for (g, ps), f in zip(groups, flags)], self._saved, self._ascent)
             return
-        # the same parameters step after step: sorted into the ops' calls once
-        # (their storage too: a model moved to another device, or a parameter whose .data was rebound, is re-read)
-        key = (tuple((id(p), p.data_ptr()) for _, ps in groups for p in ps),
-               tuple((g["adaptive"], g["eta"]) for g, _ in groups))
-        if self._plan is None or self._plan[0] != key:
+        if self._plan is None:   # sorted into the ops' calls once per set of parameters (first_step's key)
             flags = [dict(zip(g["params"], self._scaled(g))) for g, _ in groups]
             items = [[fused.Item(p, f[p], g["eta"]) for p in ps] for (g, ps), f in zip(groups, flags)]
-            self._plan = (key, fused.Plan(items, self._saved))
-        plan = self._plan[1]
+            self._plan = fused.Plan(items, self._saved)
+        plan = self._plan
         plan.take_gradients()
         device = self.param_groups[0]["params"][0].device   # as davda54/sam: the first parameter's
         inverse_scale = None if inverse_scale is None else inverse_scale.to(device)
@@ -289,7 +304,7 @@ class SAM(torch.optim.Optimizer):
         and lower its scale, as for an overflow in the second pass (no host sync here)."""
         if self._found_inf is None:
             return
-        p = next((p for g in self.param_groups for p in g["params"] if p.grad is not None), None)
+        p = next(iter(self._parameters(with_grad=True)), None)
         if p is not None:
             first = p.grad[(0,) * p.grad.dim()]
             first.copy_(torch.where(self._found_inf.to(first.device), torch.full_like(first, float("inf")), first))
@@ -298,7 +313,7 @@ class SAM(torch.optim.Optimizer):
         """m-SAM: the micro-batch's second-pass gradients are added to the step's sum (and taken
         off the parameters, for the next micro-batch's first pass); on the last one the sum is
         the gradient the base optimizer steps with."""
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        params = self._parameters(with_grad=True)
         for p in params:
             if p not in self._accumulated:
                 self._accumulated[p] = torch.zeros_like(p)
@@ -317,7 +332,7 @@ class SAM(torch.optim.Optimizer):
 
     def _clip(self, max_grad_norm: float | None) -> None:
         if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self._parameters(), max_grad_norm)
 
     def _restore(self) -> None:
         if self._perturbed is None:

@@ -49,15 +49,12 @@ class SSAM(SAM):
         self.T_start, self.T_end = T_start, T_end
         self.generator = torch.Generator().manual_seed(seed)
         self.masks: dict[torch.Tensor, torch.Tensor] = {}
-        params = self._params()
+        params = self._parameters()
         if mask == "fisher":
             self.masks = {p: torch.zeros_like(p, dtype=torch.bool) for p in params}
         else:
             scores = torch.rand(sum(p.numel() for p in params), generator=self.generator, dtype=torch.float64)
             self._set_masks(self._top(scores, len(scores) - math.ceil(len(scores) * self.sparsity)))
-
-    def _params(self) -> list[torch.Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
 
     @staticmethod
     def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -67,7 +64,7 @@ class SSAM(SAM):
 
     def _set_masks(self, flat: torch.Tensor) -> None:
         start = 0
-        for p in self._params():
+        for p in self._parameters():
             self.masks[p] = flat[start:start + p.numel()].reshape(p.shape).to(p.device)
             start += p.numel()
 
@@ -84,7 +81,7 @@ class SSAM(SAM):
         function returning it; :func:`fisher_scores` computes it). SSAM-D: the mask at ``epoch``,
         scored by the gradients the parameters hold now (the public code calls it after the first
         pass)."""
-        params = self._params()
+        params = self._parameters()
         if self.mask_kind == "fisher":
             if fisher is None:
                 raise ValueError("SSAM-F's update_mask needs fisher= (see sharpfast.optim.ssam.fisher_scores)")
